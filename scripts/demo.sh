@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The main job on the embedded default corpus, from a fresh machine: set up .venv, build the Bach-chorale
+# token cache, train a small two-scale DSMR for a few minutes on the CPU, report validation perplexity,
+# and generate a short piece from the trained model.
+# Environment knobs: DSMR_DEMO_DIR (default runs/demo), DSMR_DEMO_STEPS (default 600).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup_env.sh
+DIR="${DSMR_DEMO_DIR:-runs/demo}"
+STEPS="${DSMR_DEMO_STEPS:-600}"
+DSMR=.venv/bin/dsmr
+
+echo "== 1/4 build the Bach chorale cache (music21's bundled corpus) =="
+$DSMR data build --corpus bach --cache "$DIR/cache"
+
+echo "== 2/4 train a small two-scale DSMR ($STEPS steps) =="
+$DSMR train --cache "$DIR/cache" --out "$DIR/run" --steps "$STEPS" --resume
+
+echo "== 3/4 validation perplexity over full pieces =="
+$DSMR eval "$DIR/run" --cache "$DIR/cache" --split validation
+
+echo "== 4/4 generate a piece =="
+$DSMR generate "$DIR/run" --out "$DIR/generated.mid" --max-seconds 30 --seed 0 --pianoroll "$DIR/generated.png"
+echo "MIDI: $DIR/generated.mid   piano roll: $DIR/generated.png"

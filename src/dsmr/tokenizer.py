@@ -1,0 +1,644 @@
+"""MIDI (symusic Score) <-> token ids.
+
+Two encodings behind one interface (`Tokenizer`):
+
+* `PerformanceTokenizer`: the performance encoding of Performance RNN / Music Transformer (Oore et al.
+  2018), the standard for MAESTRO. Ids: PAD=0, BOS=1, EOS=2, then NOTE_ON per pitch, NOTE_OFF per pitch,
+  TIME_SHIFT of 1..max_shift_steps steps of 10 ms, VELOCITY bins (emitted only when the bin changes).
+* `MidiTokTokenizer`: any single-vocabulary miditok tokenizer (REMI, TSD, MIDILike, Structured, ...).
+
+Ids describe the events of a piece without BOS/EOS (the stream adds those). `decode` is total: any
+sequence of in-range ids gives a valid Score, so a model's samples can always be listened to.
+
+Performance encoding rules (where the papers are silent, these are ours):
+
+* All non-drum tracks are merged into one piano part; drum tracks are skipped. Times are in seconds.
+* Sustain (on by default): a note whose key is released while the pedal (CC64 >= 64) is down sounds
+  until the pedal is released; a pedal never released holds to the end of the piece (as magenta does).
+* Notes outside [min_pitch, max_pitch] are dropped.
+* Onsets and offsets are rounded to the nearest 10 ms step. A note shorter than one step after rounding
+  lasts one step. Two notes of one pitch starting at the same step are one note (the longer one).
+  A note still sounding when its pitch is struck again ends there (NOTE_OFF, then NOTE_ON).
+* At one instant: note-offs first (by pitch), then note-ons (by pitch), each note-on preceded by a
+  VELOCITY event when its bin differs from the previous note-on's. Leading silence is kept (as time
+  shifts); the ids end with the last note-off.
+* Velocity bins follow magenta: bin size ceil(127 / bins), bin b holds velocities 1 + b*size ..
+  (b+1)*size; decoding gives the middle of the bin (clipped to 127), so a round trip keeps the bin.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, Sequence, runtime_checkable
+
+import numpy as np
+import symusic
+
+from dsmr.atomic import atomic_path
+from dsmr.errors import DsmrError
+
+if TYPE_CHECKING:
+    import miditok
+
+PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
+SPECIAL_NAMES = ("PAD", "BOS", "EOS")
+STEPS_PER_SECOND = 100  # one TIME_SHIFT step is 10 ms
+SUSTAIN_CC = 64
+# Bump when the performance encoding's rules change, so caches built with the old rules are not reused.
+PERFORMANCE_ENCODING_VERSION = 1
+# Decoded scores: 1 tick = 1 ms (500 ticks per quarter at 120 qpm), so every 10 ms step is exact in ticks.
+DECODE_TPQ = 500
+DECODE_QPM = 120.0
+DEFAULT_VELOCITY = 64  # for NOTE_ONs sampled before any VELOCITY event
+
+
+@runtime_checkable
+class Tokenizer(Protocol):
+    vocab_size: int
+    pad_id: int
+    bos_id: int
+    eos_id: int
+
+    def encode(self, score: symusic.Score) -> np.ndarray: ...
+    def decode(self, ids: Sequence[int]) -> symusic.Score: ...
+    def encode_file(self, path: str | os.PathLike) -> np.ndarray: ...
+    def decode_to_file(self, ids: Sequence[int], path: str | os.PathLike) -> None: ...
+    def config(self) -> dict: ...
+    def config_hash(self) -> str: ...
+    def event_name(self, i: int) -> str: ...
+    def vocabulary(self) -> list[str]: ...
+    def seconds(self, ids: Sequence[int]) -> float: ...
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+
+def load_midi(path: str | os.PathLike) -> symusic.Score:
+    """Read a MIDI file into a Score; DsmrError naming the path when it is missing, empty or unreadable."""
+    path = Path(path)
+    if not path.exists():
+        raise DsmrError(f"MIDI file not found: {path}")
+    if not path.is_file():
+        raise DsmrError(f"not a file: {path}")
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise DsmrError(f"cannot read {path}: {err.strerror or err}") from err
+    if not data:
+        raise DsmrError(f"empty file (0 bytes): {path}")
+    try:
+        # From bytes, not from the path: symusic picks a parser by file extension, we always want MIDI.
+        return symusic.Score.from_midi(data)
+    except Exception as err:  # symusic raises plain RuntimeError/ValueError for corrupt data
+        raise DsmrError(f"not a readable MIDI file: {path} ({err})") from err
+
+
+def write_midi(score: symusic.Score, path: str | os.PathLike) -> None:
+    """Write a Score as a standard MIDI file, atomically."""
+    with atomic_path(path) as tmp:
+        score.dump_midi(tmp)
+
+
+def canonical_hash(cfg: dict) -> str:
+    """sha256 hex of a config's canonical JSON (sorted keys, no spaces)."""
+    text = json.dumps(cfg, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _as_id_array(ids: Sequence[int] | np.ndarray, vocab_size: int) -> np.ndarray:
+    """ids as int64; DsmrError naming the first id outside [0, vocab_size)."""
+    arr = np.asarray(ids)
+    if arr.ndim != 1:
+        raise DsmrError(f"token ids must be a flat sequence, got an array of shape {arr.shape}")
+    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+        raise DsmrError(f"token ids must be integers, got dtype {arr.dtype}")
+    arr = arr.astype(np.int64, copy=False)
+    bad = np.flatnonzero((arr < 0) | (arr >= vocab_size))
+    if bad.size:
+        raise DsmrError(f"token id {int(arr[bad[0]])} at position {int(bad[0])} is out of range [0, {vocab_size})")
+    return arr
+
+
+def sustained_ends(ends: np.ndarray, cc_time: np.ndarray, cc_number: np.ndarray, cc_value: np.ndarray,
+                   piece_end: float) -> np.ndarray:
+    """Note ends after the sustain pedal: an end while CC64 is down (>= 64) moves to the pedal's release.
+
+    Works in any time unit (seconds or ticks). A pedal still down after the last CC64 event is released
+    at `piece_end`. An end exactly at a press is sustained, one exactly at a release is not (magenta's
+    order: pedal events before note-offs at one instant).
+    """
+    is_sustain = cc_number == SUSTAIN_CC
+    if not is_sustain.any() or ends.size == 0:
+        return ends
+    order = np.argsort(cc_time[is_sustain], kind="stable")
+    times = cc_time[is_sustain][order].astype(np.float64)
+    down = cc_value[is_sustain][order] >= 64
+    was_down = np.concatenate([[False], down[:-1]])
+    presses = times[down & ~was_down]
+    releases = times[~down & was_down]
+    if presses.size > releases.size:  # the pedal is never lifted
+        releases = np.append(releases, max(float(piece_end), presses[-1]))
+    if presses.size == 0:
+        return ends
+    k = np.searchsorted(presses, ends, side="right") - 1  # last press at or before each end
+    k_safe = np.maximum(k, 0)
+    held = (k >= 0) & (ends < releases[k_safe])
+    return np.where(held, releases[k_safe], ends)
+
+
+class _TokenizerBase:
+    """What every dsmr tokenizer shares: config hashing and equality, name lookup, file output."""
+
+    vocab_size: int
+    eos_id: int
+
+    def config(self) -> dict:
+        raise NotImplementedError
+
+    def vocabulary(self) -> list[str]:
+        raise NotImplementedError
+
+    def decode(self, ids: Sequence[int]) -> symusic.Score:
+        raise NotImplementedError
+
+    def config_hash(self) -> str:
+        return canonical_hash(self.config())
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and self.config() == other.config()  # type: ignore[attr-defined]
+
+    def __hash__(self) -> int:
+        return hash(self.config_hash())
+
+    def event_id(self, name: str) -> int:
+        """The id of an event name (the inverse of `event_name`)."""
+        if getattr(self, "_ids_by_name", None) is None:
+            self._ids_by_name = {event: i for i, event in enumerate(self.vocabulary())}
+        if name not in self._ids_by_name:
+            raise DsmrError(f"unknown event name {name!r} for {self!r}")
+        return self._ids_by_name[name]
+
+    def decode_to_file(self, ids: Sequence[int], path: str | os.PathLike) -> None:
+        """Decode ids and write them as a standard MIDI file, atomically."""
+        write_midi(self.decode(ids), path)
+
+    def _ids_before_eos(self, ids: Sequence[int]) -> np.ndarray:
+        """ids as int64, checked against the vocabulary, cut at the first EOS."""
+        ids = _as_id_array(ids, self.vocab_size)
+        eos = np.flatnonzero(ids == self.eos_id)
+        return ids[: eos[0]] if eos.size else ids
+
+
+# --------------------------------------------------------------------------------- performance encoding
+
+
+class PerformanceTokenizer(_TokenizerBase):
+    """The MAESTRO performance encoding (Performance RNN / Music Transformer); see the module docstring."""
+
+    kind = "performance"
+
+    def __init__(self, min_pitch: int = 0, max_pitch: int = 127, velocity_bins: int = 32,
+                 max_shift_steps: int = 100, sustain: bool = True):
+        for name, value in (("min_pitch", min_pitch), ("max_pitch", max_pitch),
+                            ("velocity_bins", velocity_bins), ("max_shift_steps", max_shift_steps)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                raise DsmrError(f"PerformanceTokenizer: {name} must be an integer, got {value!r}")
+        if not 0 <= min_pitch <= max_pitch <= 127:
+            raise DsmrError(f"PerformanceTokenizer: need 0 <= min_pitch <= max_pitch <= 127, "
+                            f"got min_pitch={min_pitch}, max_pitch={max_pitch}")
+        if not 1 <= velocity_bins <= 127:
+            raise DsmrError(f"PerformanceTokenizer: velocity_bins must be in 1..127, got {velocity_bins}")
+        if max_shift_steps < 1:
+            raise DsmrError(f"PerformanceTokenizer: max_shift_steps must be >= 1, got {max_shift_steps}")
+        if not isinstance(sustain, bool):
+            raise DsmrError(f"PerformanceTokenizer: sustain must be true or false, got {sustain!r}")
+        self.min_pitch, self.max_pitch = int(min_pitch), int(max_pitch)
+        self.velocity_bins, self.max_shift_steps = int(velocity_bins), int(max_shift_steps)
+        self.sustain = sustain
+
+        self.num_pitches = self.max_pitch - self.min_pitch + 1
+        self.note_on_base = len(SPECIAL_NAMES)
+        self.note_off_base = self.note_on_base + self.num_pitches
+        self.time_shift_base = self.note_off_base + self.num_pitches
+        self.velocity_base = self.time_shift_base + self.max_shift_steps
+        self.vocab_size = self.velocity_base + self.velocity_bins
+        self.pad_id, self.bos_id, self.eos_id = PAD_ID, BOS_ID, EOS_ID
+
+        # magenta's binning: velocity v (1..127) -> bin (v - 1) // size; bin -> middle velocity.
+        self.velocity_bin_size = math.ceil(127 / self.velocity_bins)
+        velocities = np.clip(np.arange(128), 1, 127)
+        self._bin_of_velocity = (velocities - 1) // self.velocity_bin_size
+        lows = 1 + np.arange(self.velocity_bins) * self.velocity_bin_size
+        self._velocity_of_bin = np.minimum(lows + self.velocity_bin_size // 2, 127)
+
+        # For decoding, per id: its kind (0 special, 1 on, 2 off, 3 shift, 4 velocity) and its value
+        # (pitch, steps, or bin).
+        bases = np.array([0, self.note_on_base, self.note_off_base, self.time_shift_base, self.velocity_base])
+        self._kind_of_id = np.searchsorted(bases, np.arange(self.vocab_size), side="right") - 1
+        self._value_of_id = np.arange(self.vocab_size) - bases[self._kind_of_id]
+        self._value_of_id[(self._kind_of_id == 1) | (self._kind_of_id == 2)] += self.min_pitch
+        self._value_of_id[self._kind_of_id == 3] += 1
+
+    # ---- configuration
+
+    def config(self) -> dict:
+        return {"kind": self.kind, "version": PERFORMANCE_ENCODING_VERSION, "min_pitch": self.min_pitch,
+                "max_pitch": self.max_pitch, "velocity_bins": self.velocity_bins,
+                "max_shift_steps": self.max_shift_steps, "sustain": self.sustain}
+
+    def __repr__(self) -> str:
+        return (f"PerformanceTokenizer(min_pitch={self.min_pitch}, max_pitch={self.max_pitch}, "
+                f"velocity_bins={self.velocity_bins}, max_shift_steps={self.max_shift_steps}, "
+                f"sustain={self.sustain})")
+
+    # ---- vocabulary
+
+    def event_name(self, i: int) -> str:
+        i = int(i)
+        if not 0 <= i < self.vocab_size:
+            raise DsmrError(f"token id {i} is out of range [0, {self.vocab_size})")
+        if i < self.note_on_base:
+            return SPECIAL_NAMES[i]
+        if i < self.note_off_base:
+            return f"NOTE_ON_{self.min_pitch + i - self.note_on_base}"
+        if i < self.time_shift_base:
+            return f"NOTE_OFF_{self.min_pitch + i - self.note_off_base}"
+        if i < self.velocity_base:
+            return f"TIME_SHIFT_{(i - self.time_shift_base + 1) * 1000 // STEPS_PER_SECOND}ms"
+        return f"VELOCITY_BIN_{i - self.velocity_base}"
+
+    def vocabulary(self) -> list[str]:
+        return [self.event_name(i) for i in range(self.vocab_size)]
+
+    # ---- encoding
+
+    def _merged_notes(self, score: symusic.Score) -> tuple[np.ndarray, ...]:
+        """(start, end, pitch, velocity) of every non-drum note in seconds, end after sustain."""
+        score = score.to("second")
+        tracks = []
+        for track in score.tracks:
+            if track.is_drum or track.note_num() == 0:
+                continue
+            notes = track.notes.numpy()
+            start = notes["time"].astype(np.float64)
+            tracks.append((track, start, start + notes["duration"], notes["pitch"], notes["velocity"]))
+        if not tracks:
+            empty = np.empty(0, np.float64)
+            return empty, empty, np.empty(0, np.int64), np.empty(0, np.int64)
+        piece_end = max(float(end.max()) for _, _, end, _, _ in tracks)
+        columns: list[list[np.ndarray]] = [[], [], [], []]
+        for track, start, end, pitch, velocity in tracks:
+            if self.sustain and len(track.controls):
+                cc = track.controls.numpy()
+                end = sustained_ends(end, cc["time"], cc["number"], cc["value"], piece_end)
+            for column, values in zip(columns, (start, end, pitch, velocity)):
+                column.append(values)
+        start, end, pitch, velocity = (np.concatenate(c) for c in columns)
+        return start, end, pitch.astype(np.int64), velocity.astype(np.int64)
+
+    def _quantized_notes(self, score: symusic.Score) -> tuple[np.ndarray, ...]:
+        """(onset, offset, pitch, velocity bin) in 10 ms steps after the rules of the module docstring."""
+        start, end, pitch, velocity = self._merged_notes(score)
+        in_range = (pitch >= self.min_pitch) & (pitch <= self.max_pitch)
+        start, end, pitch, velocity = start[in_range], end[in_range], pitch[in_range], velocity[in_range]
+        onset = np.maximum(np.floor(start * STEPS_PER_SECOND + 0.5), 0).astype(np.int64)
+        offset = np.floor(end * STEPS_PER_SECOND + 0.5).astype(np.int64)
+
+        order = np.lexsort((offset, onset, pitch))  # by pitch, then onset, then offset
+        onset, offset, pitch, velocity = onset[order], offset[order], pitch[order], velocity[order]
+        same_pitch_next = pitch[1:] == pitch[:-1]
+        # One note per (pitch, onset): keep the last of each run, which has the latest offset.
+        keep = np.ones(onset.size, bool)
+        keep[:-1] = ~(same_pitch_next & (onset[1:] == onset[:-1]))
+        onset, offset, pitch, velocity = onset[keep], offset[keep], pitch[keep], velocity[keep]
+        same_pitch_next = pitch[1:] == pitch[:-1]
+
+        offset = np.maximum(offset, onset + 1)  # at least one step
+        next_onset = np.full(onset.size, np.iinfo(np.int64).max)
+        next_onset[:-1] = np.where(same_pitch_next, onset[1:], next_onset[:-1])
+        offset = np.minimum(offset, next_onset)  # a re-struck note ends where the next one starts
+        return onset, offset, pitch, self._bin_of_velocity[np.clip(velocity, 0, 127)]
+
+    def encode(self, score: symusic.Score) -> np.ndarray:
+        """Event ids of a Score (any time unit), without BOS/EOS."""
+        onset, offset, pitch, vbin = self._quantized_notes(score)
+        n = onset.size
+        if n == 0:
+            return np.empty(0, np.int64)
+        # One row per note-off and note-on, ordered by (time, off before on, pitch).
+        times = np.concatenate([offset, onset])
+        is_on = np.concatenate([np.zeros(n, bool), np.ones(n, bool)])
+        pitches = np.concatenate([pitch, pitch]) - self.min_pitch
+        bins = np.concatenate([np.full(n, -1), vbin])
+        order = np.lexsort((pitches, is_on, times))
+        times, is_on, pitches, bins = times[order], is_on[order], pitches[order], bins[order]
+        event_ids = np.where(is_on, self.note_on_base, self.note_off_base) + pitches
+
+        on_rows = np.flatnonzero(is_on)
+        bin_changes = np.ones(on_rows.size, bool)
+        bin_changes[1:] = bins[on_rows[1:]] != bins[on_rows[:-1]]
+        has_velocity = np.zeros(times.size, bool)
+        has_velocity[on_rows] = bin_changes
+
+        # Each row becomes: its time shifts (full ones, then the remainder), its VELOCITY, its event.
+        gaps = np.diff(times, prepend=0)
+        full_shifts, remainder = np.divmod(gaps, self.max_shift_steps)
+        shift_count = full_shifts + (remainder > 0)
+        event_pos = np.cumsum(shift_count + has_velocity + 1) - 1
+        out = np.full(int(event_pos[-1]) + 1, self.time_shift_base + self.max_shift_steps - 1, np.int64)
+        out[event_pos] = event_ids
+        out[event_pos[has_velocity] - 1] = self.velocity_base + bins[has_velocity]
+        partial = remainder > 0
+        out[event_pos[partial] - has_velocity[partial] - 1] = self.time_shift_base + remainder[partial] - 1
+        return out
+
+    def encode_file(self, path: str | os.PathLike) -> np.ndarray:
+        """Event ids of a MIDI file; DsmrError naming the path when it is unreadable or has no notes."""
+        ids = self.encode(load_midi(path))
+        if ids.size == 0:
+            raise DsmrError(f"no notes in pitch range {self.min_pitch}-{self.max_pitch}: {path}")
+        return ids
+
+    # ---- decoding
+
+    def decode(self, ids: Sequence[int]) -> symusic.Score:
+        """A one-track piano Score (times in seconds) from ids; total for in-range ids.
+
+        PAD/BOS are ignored and EOS ends decoding. A NOTE_OFF of a silent pitch is ignored; a NOTE_ON of
+        a sounding pitch ends the old note there (or replaces it if it started at the same instant);
+        a note that would last zero time lasts one step; notes still on at the end close at the final
+        time (at least one step after their onset).
+        """
+        ids = self._ids_before_eos(ids)
+        starts, ends, pitches, velocities = [], [], [], []
+        sounding: dict[int, tuple[int, int]] = {}  # pitch -> (onset step, velocity)
+        now, velocity = 0, DEFAULT_VELOCITY
+
+        def close(pitch: int, at: int) -> None:
+            onset, vel = sounding.pop(pitch)
+            starts.append(onset)
+            ends.append(max(at, onset + 1))
+            pitches.append(pitch)
+            velocities.append(vel)
+
+        for kind, value in zip(self._kind_of_id[ids].tolist(), self._value_of_id[ids].tolist()):
+            if kind == 3:
+                now += value
+            elif kind == 1:
+                if value in sounding:
+                    if sounding[value][0] == now:
+                        del sounding[value]  # struck twice at one instant: one note
+                    else:
+                        close(value, now)
+                sounding[value] = (now, velocity)
+            elif kind == 2:
+                if value in sounding:
+                    close(value, now)
+            elif kind == 4:
+                velocity = int(self._velocity_of_bin[value])
+        for pitch in list(sounding):
+            close(pitch, now)
+        return _piano_score(np.array(starts), np.array(ends), np.array(pitches), np.array(velocities))
+
+    def seconds(self, ids: Sequence[int]) -> float:
+        """Seconds of music the ids describe: the sum of their time shifts (up to the first EOS)."""
+        ids = self._ids_before_eos(ids)
+        shifts = ids[(ids >= self.time_shift_base) & (ids < self.velocity_base)]
+        return float((shifts - self.time_shift_base + 1).sum()) / STEPS_PER_SECOND
+
+
+def _piano_score(start_steps: np.ndarray, end_steps: np.ndarray, pitch: np.ndarray,
+                 velocity: np.ndarray) -> symusic.Score:
+    """A Score in seconds with one piano track, a 120 qpm tempo and 4/4, so MIDI tools read it plainly."""
+    score = symusic.Score(DECODE_TPQ, ttype="second")
+    score.tempos.append(symusic.Tempo(0.0, qpm=DECODE_QPM, ttype="second"))
+    score.time_signatures.append(symusic.TimeSignature(0.0, 4, 4, ttype="second"))
+    track = symusic.Track("Piano", program=0, ttype="second")
+    if start_steps.size:
+        order = np.lexsort((pitch, start_steps))
+        start = start_steps[order].astype(np.float64) / STEPS_PER_SECOND
+        duration = (end_steps[order] - start_steps[order]).astype(np.float64) / STEPS_PER_SECOND
+        track.notes = symusic.Note.from_numpy(start.astype(np.float32), duration.astype(np.float32),
+                                              pitch[order].astype(np.int8), velocity[order].astype(np.int8),
+                                              ttype="second")
+    score.tracks.append(track)
+    return score
+
+
+# ------------------------------------------------------------------------------------------ miditok adapter
+
+# Extra make_tokenizer spellings; any miditok class name also works, in any case ("remi", "cpword").
+MIDITOK_ALIASES = {"midi-like": "MIDILike", "midi_like": "MIDILike"}
+# Params that miditok records for provenance but that do not change the tokens; kept out of config().
+_MIDITOK_VERSION_KEYS = ("miditok_version", "symusic_version", "hf_tokenizers_version")
+
+
+def _default_miditok_config(**options: Any) -> "miditok.TokenizerConfig":
+    """A TokenizerConfig for piano performances: PAD/BOS/EOS, 32 velocities, fine time grid."""
+    import miditok
+
+    params: dict[str, Any] = {
+        "pitch_range": (21, 109),
+        "beat_res": {(0, 4): 8, (4, 12): 4},
+        "num_velocities": 32,
+        "special_tokens": ["PAD", "BOS", "EOS"],
+        "use_programs": False,
+    }
+    # TokenizerConfig keeps unknown keywords as "additional params": refuse them here, they are typos.
+    known = set(inspect.signature(miditok.TokenizerConfig).parameters)
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise DsmrError(f"unknown miditok TokenizerConfig option(s) {unknown}")
+    params.update(options)
+    try:
+        return miditok.TokenizerConfig(**params)
+    except (TypeError, ValueError) as err:
+        raise DsmrError(f"bad miditok TokenizerConfig option: {err}") from err
+
+
+class MidiTokTokenizer(_TokenizerBase):
+    """A miditok tokenizer behind the `Tokenizer` interface: one flat id sequence per piece.
+
+    Tracks are merged into one (non-drum) piano part unless the miditok tokenizer already makes one
+    stream for all tracks. With `sustain=True` (the default) note ends are extended by the sustain
+    pedal before miditok sees the score, as for the performance encoding. A trained miditok tokenizer
+    (BPE, ...) works too: wrap it after training, its config() then carries the trained model.
+    """
+
+    kind = "miditok"
+
+    def __init__(self, tokenizer: "miditok.MusicTokenizer", sustain: bool = True):
+        if tokenizer.is_multi_voc:
+            raise DsmrError(f"miditok {type(tokenizer).__name__} uses several vocabularies; dsmr needs "
+                            f"one flat id sequence (use REMI, TSD, MIDILike, Structured, ...)")
+        missing = [t for t in ("PAD_None", "BOS_None", "EOS_None") if t not in tokenizer.vocab]
+        if missing:
+            raise DsmrError(f"miditok {type(tokenizer).__name__} lacks special tokens {missing}: build it "
+                            f"with TokenizerConfig(special_tokens=['PAD', 'BOS', 'EOS'])")
+        self.miditok = tokenizer
+        self.sustain = bool(sustain)
+        self._names: list[str] | None = None
+        self.vocab_size = len(tokenizer)
+        self.pad_id = int(tokenizer.vocab["PAD_None"])
+        self.bos_id = int(tokenizer.vocab["BOS_None"])
+        self.eos_id = int(tokenizer.vocab["EOS_None"])
+
+    @property
+    def tokenization(self) -> str:
+        return type(self.miditok).__name__
+
+    def config(self) -> dict:
+        params = {k: v for k, v in self.miditok.to_dict().items() if k not in _MIDITOK_VERSION_KEYS}
+        # Through JSON once so that config() == json.loads(json.dumps(config())).
+        return json.loads(json.dumps({"kind": self.kind, "sustain": self.sustain, "params": params}))
+
+    def __repr__(self) -> str:
+        return f"MidiTokTokenizer({self.tokenization}, vocab_size={self.vocab_size}, sustain={self.sustain})"
+
+    # ---- vocabulary
+
+    def vocabulary(self) -> list[str]:
+        if self._names is None:
+            if not self.miditok.is_trained:
+                self._names = [self.miditok[i] for i in range(self.vocab_size)]
+            else:  # a trained (BPE/Unigram/WordPiece) id stands for one or several base tokens
+                byte_of_id = {i: byte for byte, i in self.miditok.vocab_model.items()}
+                learned = self.miditok._vocab_learned_bytes_to_tokens  # miditok has no public id -> tokens map
+                self._names = ["+".join(learned[byte_of_id[i]]) for i in range(self.vocab_size)]
+        return list(self._names)
+
+    def event_name(self, i: int) -> str:
+        i = int(i)
+        if not 0 <= i < self.vocab_size:
+            raise DsmrError(f"token id {i} is out of range [0, {self.vocab_size})")
+        if self._names is None:
+            self.vocabulary()
+        return self._names[i]
+
+    # ---- encoding
+
+    def _prepare(self, score: symusic.Score) -> symusic.Score:
+        """A tick-time copy: drums dropped, sustain applied, tracks merged (for per-track tokenizers)."""
+        from miditok.utils import merge_tracks
+
+        score = score.to("tick")  # a new object: the caller's score is never modified
+        score.tracks = [t for t in score.tracks if not t.is_drum and t.note_num() > 0]
+        if self.sustain and score.tracks:
+            piece_end = max(t.end() for t in score.tracks)
+            for track in score.tracks:
+                if len(track.controls):
+                    notes, cc = track.notes.numpy(), track.controls.numpy()
+                    ends = sustained_ends(notes["time"] + notes["duration"], cc["time"], cc["number"],
+                                          cc["value"], piece_end)
+                    track.notes = symusic.Note.from_numpy(
+                        notes["time"], (ends - notes["time"]).astype(np.int32), notes["pitch"],
+                        notes["velocity"], ttype="tick")
+        if len(score.tracks) > 1 and not self.miditok.one_token_stream:
+            merge_tracks(score)
+            score.tracks[0].program, score.tracks[0].name = 0, "Piano"
+        return score
+
+    def encode(self, score: symusic.Score) -> np.ndarray:
+        score = self._prepare(score)
+        if not score.tracks:
+            return np.empty(0, np.int64)
+        tokens = self.miditok.encode(score)
+        if isinstance(tokens, list):
+            tokens = tokens[0] if tokens else None
+        return np.asarray(tokens.ids if tokens is not None else [], dtype=np.int64)
+
+    def encode_file(self, path: str | os.PathLike) -> np.ndarray:
+        ids = self.encode(load_midi(path))
+        if ids.size == 0:
+            raise DsmrError(f"no notes the {self.tokenization} tokenizer can encode: {path}")
+        return ids
+
+    # ---- decoding
+
+    def decode(self, ids: Sequence[int]) -> symusic.Score:
+        """A Score (ticks, with miditok's tempo) from ids; PAD/BOS/EOS handled as for every Tokenizer."""
+        ids = self._ids_before_eos(ids)
+        ids = ids[(ids != self.pad_id) & (ids != self.bos_id)].tolist()
+        if not ids:
+            score = symusic.Score(self.miditok.time_division)
+            score.tracks.append(symusic.Track("Piano", program=0))
+            return score
+        return self.miditok.decode(ids if self.miditok.one_token_stream else [ids])
+
+    def seconds(self, ids: Sequence[int]) -> float:
+        """Seconds of music the ids describe: the end of the decoded score."""
+        return float(self.decode(ids).to("second").end())
+
+
+# ------------------------------------------------------------------------------------------------ factories
+
+
+def _miditok_class(name: str) -> type:
+    import miditok
+
+    classes = {n.lower(): c for n, c in vars(miditok).items()
+               if isinstance(c, type) and issubclass(c, miditok.MusicTokenizer) and c is not miditok.MusicTokenizer}
+    cls = classes.get(MIDITOK_ALIASES.get(name.lower(), name).lower())
+    if cls is None:
+        known = ", ".join(["performance", *sorted(classes)])
+        raise DsmrError(f"unknown tokenizer {name!r} (known: {known})")
+    return cls
+
+
+def make_tokenizer(name: str = "performance", **options: Any) -> Tokenizer:
+    """Build a tokenizer by name: "performance" (options: PerformanceTokenizer's arguments) or a miditok
+    encoding ("remi", "tsd", "midilike", "structured", ...; options: `sustain` and TokenizerConfig fields
+    overriding dsmr's piano defaults)."""
+    if name.lower() == "performance":
+        try:
+            return PerformanceTokenizer(**options)
+        except TypeError as err:
+            raise DsmrError(f"bad option for the performance tokenizer: {err}") from err
+    cls = _miditok_class(name)
+    sustain = options.pop("sustain", True)
+    config = _default_miditok_config(**options)
+    try:
+        tokenizer = cls(config)
+    except Exception as err:  # miditok raises KeyError/ValueError for configs an encoding cannot use
+        raise DsmrError(f"cannot build miditok {cls.__name__} from these options ({type(err).__name__}: "
+                        f"{err}); pass the TokenizerConfig fields it needs as options") from err
+    return MidiTokTokenizer(tokenizer, sustain=sustain)
+
+
+def tokenizer_from_config(cfg: dict) -> Tokenizer:
+    """Rebuild a tokenizer from its `config()` (as saved in cache manifests and checkpoints)."""
+    if not isinstance(cfg, dict) or "kind" not in cfg:
+        raise DsmrError(f"tokenizer config must be a dict with a 'kind', got {cfg!r:.200}")
+    cfg = dict(cfg)
+    kind = cfg.pop("kind")
+    if kind == PerformanceTokenizer.kind:
+        version = cfg.pop("version", PERFORMANCE_ENCODING_VERSION)
+        if version != PERFORMANCE_ENCODING_VERSION:
+            raise DsmrError(f"performance tokenizer config has encoding version {version}; this dsmr "
+                            f"implements version {PERFORMANCE_ENCODING_VERSION} (re-tokenize the data)")
+        try:
+            return PerformanceTokenizer(**cfg)
+        except TypeError as err:
+            raise DsmrError(f"bad performance tokenizer config: {err}") from err
+    if kind == MidiTokTokenizer.kind:
+        params = cfg.get("params")
+        if not isinstance(params, dict) or "tokenization" not in params:
+            raise DsmrError("miditok tokenizer config needs 'params' with a 'tokenization'")
+        cls = _miditok_class(params["tokenization"])
+        # miditok rebuilds a tokenizer (with any trained model) only from a params file.
+        with tempfile.TemporaryDirectory(prefix="dsmr-miditok-") as tmp:
+            params_path = Path(tmp) / "tokenizer.json"
+            params_path.write_text(json.dumps(params))
+            try:
+                tokenizer = cls(params=params_path)
+            except Exception as err:  # miditok raises KeyError/ValueError/TypeError for bad params
+                raise DsmrError(f"bad miditok {cls.__name__} params in tokenizer config "
+                                f"({type(err).__name__}: {err})") from err
+        return MidiTokTokenizer(tokenizer, sustain=cfg.get("sustain", True))
+    raise DsmrError(f"unknown tokenizer kind {kind!r} (known: performance, miditok)")
