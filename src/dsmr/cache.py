@@ -1,0 +1,469 @@
+"""Token cache: tokenize a corpus once, in parallel, into memory-mappable arrays and a manifest.
+
+Layout of one cache folder, `ROOT/{corpus}-{tokenizer kind}-{key}` where `key` hashes the tokenizer
+config hash and the source description (so a changed tokenizer builds a new cache instead of mixing):
+
+    manifest.json             written last: tokenizer config + hash + vocabulary, source, every input
+                              file (name, path, split, size, sha256, tokens), per-split counts, skipped files
+    {split}.tokens            the event ids of all pieces of the split, concatenated (raw uint16, or
+                              uint32 when the vocabulary needs it)
+    {split}.offsets.npy       int64, n_pieces + 1: piece i is tokens[offsets[i]:offsets[i + 1]]
+
+A build writes into a hidden temporary folder beside the cache and renames it into place when
+complete, so an interrupted build never leaves a folder that looks like a finished cache. A rebuild
+reuses the tokens of every file whose content hash is unchanged and tokenizes only the others.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import datetime
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from dsmr import __version__
+from dsmr.atomic import atomic_path, atomic_write_json
+from dsmr.corpora import SPLITS, SourceFile, limit_files, sha256_file
+from dsmr.errors import DsmrError
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+
+
+def default_cache_root() -> Path:
+    """$DSMR_CACHE, or ~/.cache/dsmr."""
+    return Path(os.environ.get("DSMR_CACHE") or "~/.cache/dsmr").expanduser()
+
+
+def default_workers() -> int:
+    """The CPU cores this process may use (at most 8: tokenizing is quick, more mostly adds start-up)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(8, cores))
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
+
+
+def cache_name(tokenizer, source: dict) -> str:
+    """Folder name of the cache for this tokenizer and source: `{corpus}-{kind}-{8 hex digits}`."""
+    key = json.dumps({"tokenizer": tokenizer.config_hash(), "source": source}, sort_keys=True)
+    digest = hashlib.sha256(key.encode("utf-8")).hexdigest()[:8]
+    corpus = re.sub(r"[^A-Za-z0-9_.]+", "_", str(source.get("corpus", "custom"))) or "custom"
+    cfg = tokenizer.config()
+    params = cfg.get("params") if isinstance(cfg.get("params"), dict) else {}
+    kind = str(params.get("tokenization") or cfg.get("kind") or "tokens").lower()  # "remi" beats "miditok"
+    kind = re.sub(r"[^A-Za-z0-9_.]+", "_", kind)
+    return f"{corpus}-{kind}-{digest}"
+
+
+@dataclass
+class CacheSummary:
+    cache: Path
+    pieces: dict[str, int]
+    tokens: dict[str, int]
+    skipped: list[dict]
+    seconds: float = 0.0
+    tokenized: int = 0  # files this build ran the tokenizer on (including ones it then skipped)
+    reused: int = 0  # files whose tokens came from the previous cache
+    workers: int = 1
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["cache"] = str(self.cache)
+        d["seconds"] = round(self.seconds, 3)
+        d.update(d.pop("extra"))
+        return d
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tokenizing one file (in this process or in a pool worker)
+
+_worker_tokenizer = None
+
+
+def _init_worker(tokenizer) -> None:
+    global _worker_tokenizer
+    _worker_tokenizer = tokenizer
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it cancels the pool
+
+
+def _encode(tokenizer, path: str) -> tuple[np.ndarray | None, str | None]:
+    """(ids in the cache dtype, None) or (None, reason the file is skipped). Never raises for bad files."""
+    try:
+        ids = np.asarray(tokenizer.encode_file(path))
+    except DsmrError as err:
+        return None, str(err)
+    except Exception as err:  # a parser bug on a strange file must not stop a build of thousands
+        return None, f"cannot tokenize {path}: {type(err).__name__}: {err}"
+    if ids.size == 0:
+        return None, "no events to encode (the MIDI file has no notes)"
+    if ids.ndim != 1 or ids.min() < 0 or ids.max() >= tokenizer.vocab_size:
+        return None, f"tokenizer returned ids outside 0..{tokenizer.vocab_size - 1} for {path}"
+    return ids.astype(token_dtype(tokenizer.vocab_size)), None
+
+
+def _encode_in_worker(path: str) -> tuple[np.ndarray | None, str | None]:
+    return _encode(_worker_tokenizer, path)
+
+
+def _tokenize(tokenizer, paths: list[str], workers: int, bar) -> list[tuple[np.ndarray | None, str | None]]:
+    """Results for `paths`, in order. One worker runs in this process; more use a process pool."""
+    if workers <= 1 or len(paths) <= 1:
+        results = []
+        for p in paths:
+            results.append(_encode(tokenizer, p))
+            bar.update()
+        return results
+    results: list = [None] * len(paths)
+    # Biggest files first, so that the pool does not wait on one long piece at the end.
+    order = sorted(range(len(paths)), key=lambda i: -_size_or_zero(paths[i]))
+    pool = concurrent.futures.ProcessPoolExecutor(
+        max_workers=min(workers, len(paths)), initializer=_init_worker, initargs=(tokenizer,)
+    )
+    try:
+        futures = {pool.submit(_encode_in_worker, paths[i]): i for i in order}
+        for future in concurrent.futures.as_completed(futures):
+            results[futures[future]] = future.result()
+            bar.update()
+    except concurrent.futures.process.BrokenProcessPool as err:
+        raise DsmrError(f"a tokenizer worker process died ({err}); rerun with --workers 1 to find the file")
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    return results
+
+
+def _size_or_zero(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# Building
+
+
+def _remove_stale_builds(out_root: Path, name: str) -> None:
+    """Delete temporary folders that crashed builds of this cache left behind (their process is gone)."""
+    for tmp in out_root.glob(f".{name}.*-*"):
+        match = re.search(r"\.(?:tmp|old)-(\d+)-", tmp.name)
+        if match and not _pid_alive(int(match.group(1))):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # an earlier build of this same process that failed
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _previous(final: Path) -> TokenCache | None:
+    """The existing cache at `final`, if it is complete and readable."""
+    if not (final / MANIFEST).is_file():
+        return None
+    try:
+        return TokenCache(final)
+    except DsmrError:
+        return None
+
+
+def build_cache(
+    files: Sequence[SourceFile],
+    out_root: str | os.PathLike,
+    tokenizer,
+    workers: int | None = None,
+    limit: int | None = None,
+    progress: bool = True,
+    source: dict | None = None,
+    skipped: Sequence[dict] = (),
+) -> CacheSummary:
+    """Tokenize `files` into a cache folder under `out_root` and return its summary.
+
+    `source` describes the corpus (at least {"corpus": name}); with the tokenizer config it names the
+    folder. `skipped` are files the corpus listing already set aside (reported in the manifest).
+    Unreadable, corrupt, empty and non-MIDI files are skipped with the reason; the build goes on.
+    """
+    from tqdm import tqdm
+
+    start = time.perf_counter()
+    workers = default_workers() if workers is None else max(1, int(workers))
+    source = dict(source or {"corpus": "custom"})
+    files = limit_files(files, limit)
+    if not files:
+        raise DsmrError(f"no files to tokenize for corpus {source.get('corpus', 'custom')!r}")
+    out_root = Path(out_root).expanduser()
+    try:
+        out_root.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise DsmrError(f"cannot create the cache folder {out_root}: {err.strerror or err}")
+    out_root = out_root.resolve()
+    name = cache_name(tokenizer, source)
+    final = out_root / name
+    _remove_stale_builds(out_root, name)
+    previous = _previous(final)
+    reusable = previous.reusable() if previous else {}
+    dtype = token_dtype(tokenizer.vocab_size)
+
+    # Identify every file by its content; unchanged files reuse their tokens (or their skip reason).
+    entries: list[dict] = []
+    all_skipped = [dict(s) for s in skipped]
+    for f in files:
+        try:
+            entry = {"name": f.name, "path": str(f.path), "split": f.split,
+                     "size": f.path.stat().st_size, "sha256": sha256_file(f.path)}
+        except OSError as err:
+            all_skipped.append({"path": str(f.path), "name": f.name, "reason": f"cannot read: {err.strerror or err}"})
+            continue
+        entries.append(entry)
+    todo: dict[str, dict] = {}  # sha256 -> first entry with that content (duplicates tokenize once)
+    for e in entries:
+        if e["sha256"] not in reusable:
+            todo.setdefault(e["sha256"], e)
+    reused = sum(e["sha256"] in reusable for e in entries)
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-{os.getpid()}-", dir=out_root))
+    try:
+        with tqdm(total=reused + len(todo), initial=reused, unit="file", desc=f"tokenize {name}",
+                  file=sys.stderr, disable=not progress) as bar:
+            results = _tokenize(tokenizer, [e["path"] for e in todo.values()], workers, bar)
+        fresh = dict(zip(todo, results))
+
+        pieces: dict[str, list[np.ndarray]] = {}
+        kept: list[dict] = []
+        for e in entries:
+            split_pieces = pieces.setdefault(e["split"], [])
+            if e["sha256"] in fresh:
+                ids, reason = fresh[e["sha256"]]
+            else:
+                ids, reason = previous.reused_piece(reusable[e["sha256"]])
+            if ids is None:
+                all_skipped.append({"path": e["path"], "name": e["name"], "reason": reason, "sha256": e["sha256"]})
+                continue
+            kept.append({**e, "index": len(split_pieces), "tokens": int(ids.size)})
+            split_pieces.append(ids)
+        if not kept:
+            first = all_skipped[0]["reason"] if all_skipped else "no files"
+            raise DsmrError(f"every one of the {len(files)} files was skipped (first: {first})")
+
+        splits = [s for s in SPLITS if s in pieces] + sorted(s for s in pieces if s not in SPLITS)
+        counts = {}
+        for split in splits:
+            counts[split] = _write_split(tmp, split, pieces[split], dtype)
+        manifest = {
+            "format": FORMAT_VERSION,
+            "name": name,
+            "dsmr_version": __version__,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "source": source,
+            "tokenizer": tokenizer.config(),
+            "tokenizer_hash": tokenizer.config_hash(),
+            "vocab_size": int(tokenizer.vocab_size),
+            "vocabulary": list(tokenizer.vocabulary()),
+            "dtype": dtype.name,
+            "limit": limit,
+            "splits": counts,
+            "files": kept,
+            "skipped": all_skipped,
+        }
+        atomic_write_json(tmp / MANIFEST, manifest, indent=1)  # last: its presence marks a complete cache
+        _apply_umask(tmp)
+        _swap_into_place(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    return CacheSummary(
+        cache=final,
+        pieces={s: c["pieces"] for s, c in counts.items()},
+        tokens={s: c["tokens"] for s, c in counts.items()},
+        skipped=[{"path": s["path"], "reason": s["reason"]} for s in all_skipped],
+        seconds=time.perf_counter() - start,
+        tokenized=len(todo),
+        reused=reused,
+        workers=workers,
+    )
+
+
+def _write_split(folder: Path, split: str, pieces: list[np.ndarray], dtype: np.dtype) -> dict:
+    lengths = np.array([len(p) for p in pieces], dtype=np.int64)
+    offsets = np.zeros(len(pieces) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    with atomic_path(folder / f"{split}.tokens") as tmp, open(tmp, "wb") as f:
+        for p in pieces:
+            f.write(np.ascontiguousarray(p, dtype=dtype).tobytes())
+    with atomic_path(folder / f"{split}.offsets.npy") as tmp, open(tmp, "wb") as f:
+        np.save(f, offsets)
+    return {"pieces": len(pieces), "tokens": int(offsets[-1])}
+
+
+def _apply_umask(folder: Path) -> None:
+    """Give the build folder and its files the usual permissions (temp files are created private)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder, 0o777 & ~umask)
+    for p in folder.iterdir():
+        os.chmod(p, 0o666 & ~umask)
+
+
+def _swap_into_place(tmp: Path, final: Path) -> None:
+    """Rename the finished build onto `final`, moving an older cache aside first and then deleting it."""
+    old = None
+    if final.exists():
+        old = final.parent / f".{final.name}.old-{os.getpid()}-{time.monotonic_ns()}"
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reading
+
+
+def resolve_cache_dir(path: str | os.PathLike) -> Path:
+    """A cache folder, or the one cache inside a cache root; DsmrError otherwise."""
+    path = Path(path).expanduser()
+    if (path / MANIFEST).is_file():
+        return path.resolve()
+    if not path.is_dir():
+        raise DsmrError(f"no token cache at {path}: the folder does not exist")
+    caches = sorted(p for p in path.iterdir() if not p.name.startswith(".") and (p / MANIFEST).is_file())
+    if len(caches) == 1:
+        return caches[0].resolve()
+    if not caches:
+        raise DsmrError(f"no token cache at {path}: no {MANIFEST} there or in its subfolders "
+                        "(build one with `dsmr data build`)")
+    raise DsmrError(f"{path} holds {len(caches)} caches ({', '.join(p.name for p in caches)}); name one of them")
+
+
+class TokenCache:
+    """Read a built cache: per-split pieces as memory-mapped arrays of event ids (no BOS/EOS)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = resolve_cache_dir(path)
+        try:
+            self.manifest: dict = json.loads((self.path / MANIFEST).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise DsmrError(f"cannot read the cache manifest {self.path / MANIFEST}: {err}")
+        if self.manifest.get("format") != FORMAT_VERSION:
+            raise DsmrError(f"{self.path / MANIFEST} has format {self.manifest.get('format')!r}; this dsmr "
+                            f"reads format {FORMAT_VERSION}: rebuild the cache with `dsmr data build`")
+        try:
+            self.splits: list[str] = list(self.manifest["splits"])
+            self._dtype = np.dtype(self.manifest["dtype"])
+        except (KeyError, TypeError) as err:
+            raise DsmrError(f"{self.path / MANIFEST} is incomplete (missing {err}); rebuild the cache")
+        self._offsets = {s: self._load_offsets(s) for s in self.splits}
+        self._tokens: dict[str, np.ndarray] = {}
+
+    def _load_offsets(self, split: str) -> np.ndarray:
+        path = self.path / f"{split}.offsets.npy"
+        try:
+            offsets = np.load(path)
+        except (OSError, ValueError) as err:
+            raise DsmrError(f"cannot read {path}: {err}; rebuild the cache")
+        tokens = self.path / f"{split}.tokens"
+        size = tokens.stat().st_size if tokens.is_file() else -1
+        if (offsets.ndim != 1 or len(offsets) < 1 or offsets[0] != 0 or np.any(np.diff(offsets) < 0)
+                or size != int(offsets[-1]) * self._dtype.itemsize):
+            raise DsmrError(f"cache split {split!r} in {self.path} is corrupt ({tokens.name} does not match "
+                            f"{path.name}); rebuild the cache")
+        return offsets
+
+    def _check(self, split: str, i: int | None = None) -> None:
+        if split not in self._offsets:
+            raise DsmrError(f"no split {split!r} in the cache {self.path}; it has {', '.join(self.splits)}")
+        if i is not None and not 0 <= i < self.num_pieces(split):
+            raise DsmrError(f"piece index {i} is out of range for split {split!r} of {self.path} "
+                            f"({self.num_pieces(split)} pieces: 0..{self.num_pieces(split) - 1})")
+
+    def _split_tokens(self, split: str) -> np.ndarray:
+        if split not in self._tokens:
+            n = int(self._offsets[split][-1])
+            self._tokens[split] = (np.memmap(self.path / f"{split}.tokens", dtype=self._dtype, mode="r", shape=(n,))
+                                   if n else np.zeros(0, dtype=self._dtype))
+        return self._tokens[split]
+
+    @cached_property
+    def tokenizer(self):
+        from dsmr.tokenizer import tokenizer_from_config
+
+        return tokenizer_from_config(self.manifest["tokenizer"])
+
+    def num_pieces(self, split: str) -> int:
+        self._check(split)
+        return len(self._offsets[split]) - 1
+
+    def num_tokens(self, split: str) -> int:
+        self._check(split)
+        return int(self._offsets[split][-1])
+
+    def piece(self, split: str, i: int) -> np.ndarray:
+        """Memory-mapped event ids of piece i of `split` (read-only; no BOS/EOS)."""
+        self._check(split, i)
+        offsets = self._offsets[split]
+        return self._split_tokens(split)[offsets[i]:offsets[i + 1]]
+
+    def pieces(self, split: str) -> list[np.ndarray]:
+        return [self.piece(split, i) for i in range(self.num_pieces(split))]
+
+    @cached_property
+    def _names(self) -> dict[str, list[str]]:
+        names: dict[str, list[str]] = {s: [""] * self.num_pieces(s) for s in self.splits}
+        for f in self.manifest.get("files", []):
+            names[f["split"]][f["index"]] = f["name"]
+        return names
+
+    def piece_name(self, split: str, i: int) -> str:
+        self._check(split, i)
+        return self._names[split][i]
+
+    def summary(self) -> dict:
+        return {
+            "pieces": {s: self.num_pieces(s) for s in self.splits},
+            "tokens": {s: self.num_tokens(s) for s in self.splits},
+            "skipped": [{"path": s["path"], "reason": s["reason"]} for s in self.manifest.get("skipped", [])],
+            "cache": str(self.path),
+            "tokenizer": self.manifest["tokenizer"].get("kind"),
+            "vocab_size": self.manifest.get("vocab_size"),
+            "source": self.manifest.get("source"),
+        }
+
+    # Used by build_cache to carry unchanged files over to a rebuild.
+    def reusable(self) -> dict[str, tuple]:
+        """content sha256 -> ("piece", split, index) or ("skipped", reason) for every known file."""
+        known: dict[str, tuple] = {}
+        for s in self.manifest.get("skipped", []):
+            if s.get("sha256"):
+                known[s["sha256"]] = ("skipped", s["reason"])
+        for f in self.manifest.get("files", []):
+            known[f["sha256"]] = ("piece", f["split"], f["index"])
+        return known
+
+    def reused_piece(self, ref: tuple) -> tuple[np.ndarray | None, str | None]:
+        if ref[0] == "skipped":
+            return None, ref[1]
+        return np.array(self.piece(ref[1], ref[2])), None
