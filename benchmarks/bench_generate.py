@@ -1,0 +1,157 @@
+"""Generation speed and memory of the default DSMR model on this machine.
+
+Measures, each in a fresh subprocess (so one run's allocations cannot hide another's):
+  * speed: tokens/s of one-token sampling after a prompt, for each precision x thread count, and the
+    real-time factor (seconds of music generated per second of wall time);
+  * memory: peak resident memory (ru_maxrss, and its rise during generation) after 10k vs 100k generated
+    tokens, with the decoder's state bytes, which must be identical.
+
+Without --checkpoint the model has random weights (the default trainer size: 6 layers, d_model 256,
+4 heads, segment 256, two-scale budget 2560 = 2 x 1024 + 4 x 128). Speed does not depend on the
+weights, but the music a random model writes does not have MAESTRO's density, so the real-time factor
+is computed from MAESTRO's token rate (tokens per second of music, measured on validation pieces when
+the dataset is present). With --checkpoint the generated music's own duration is also reported.
+
+    .venv/bin/python benchmarks/bench_generate.py                 # full run (~6 minutes on 2 cores)
+    .venv/bin/python benchmarks/bench_generate.py --quick         # 2k-token speed runs, 5k vs 20k memory
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+MAESTRO = Path(os.environ.get("DSMR_MAESTRO", REPO.parent / "shared" / "data" / "maestro-v3.0.0"))
+FALLBACK_TOKENS_PER_SECOND = 41.2  # MAESTRO validation, performance encoding (measured, see docs/generation.md)
+
+
+def worker(args) -> dict:
+    """One measurement in this process: build or load the model, generate, report figures as JSON."""
+    import torch
+
+    from dsmr.generate import SamplingConfig, generate, half_weight_model
+    from dsmr.model import DSMR, DSMRConfig
+    from dsmr.tokenizer import make_tokenizer
+
+    torch.set_num_threads(args.threads)
+    if args.checkpoint:
+        from dsmr.checkpoint import load_model
+
+        model, tokenizer, config = load_model(args.checkpoint)
+        segment_len = config["segment_len"]
+        weights = f"checkpoint {args.checkpoint}"
+    else:
+        tokenizer = make_tokenizer("performance")
+        torch.manual_seed(0)
+        model = DSMR(DSMRConfig(vocab_size=tokenizer.vocab_size, n_layers=6, d_model=256, n_heads=4,
+                                horizons=(1024, 1024, 128, 128, 128, 128))).eval()
+        segment_len = 256
+        weights = "random"
+    if args.precision == "float16":
+        model = half_weight_model(model)
+    prompt = torch.randint(3, tokenizer.vocab_size, (args.prompt_tokens,),
+                           generator=torch.Generator().manual_seed(1)).tolist() if args.prompt_tokens else None
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    result = generate(model, tokenizer, segment_len, prompt,
+                      SamplingConfig(seed=0, max_tokens=args.tokens, stop_at_eos=False), progress=False)
+    rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {**result.summary(), "weights": weights, "precision": args.precision, "threads": args.threads,
+            "horizons": list(model.cfg.horizons), "segment_len": segment_len,
+            "prefill_tokens_per_s": round(args.prompt_tokens / max(result.prefill_seconds, 1e-9), 1),
+            "ru_maxrss_bytes": rss_after, "ru_maxrss_rise_bytes": rss_after - rss_before}
+
+
+def spawn(tokens: int, precision: str, threads: int, prompt_tokens: int, checkpoint: str | None) -> dict:
+    cmd = [sys.executable, __file__, "--worker", "--tokens", str(tokens), "--precision", precision,
+           "--threads", str(threads), "--prompt-tokens", str(prompt_tokens)]
+    if checkpoint:
+        cmd += ["--checkpoint", checkpoint]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    if proc.returncode != 0:
+        sys.exit(f"worker failed ({' '.join(cmd)}):\n{proc.stderr}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def maestro_tokens_per_second(pieces: int = 40) -> tuple[float, str]:
+    """Tokens per second of music in MAESTRO validation pieces (performance encoding)."""
+    import csv
+
+    from dsmr.tokenizer import make_tokenizer
+
+    table = MAESTRO / "maestro-v3.0.0.csv"
+    if not table.is_file():
+        return FALLBACK_TOKENS_PER_SECOND, "fallback constant (MAESTRO not found)"
+    tokenizer = make_tokenizer("performance")
+    rows = [r for r in csv.DictReader(table.open()) if r["split"] == "validation"][:pieces]
+    tokens = seconds = 0.0
+    for row in rows:
+        ids = tokenizer.encode_file(MAESTRO / row["midi_filename"])
+        tokens += len(ids)
+        seconds += tokenizer.seconds(ids)
+    return tokens / seconds, f"{len(rows)} MAESTRO validation pieces"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", help="a run folder or .safetensors (default: random weights)")
+    parser.add_argument("--quick", action="store_true", help="short runs (a smoke test of the benchmark)")
+    parser.add_argument("--threads-list", default="1,2", help="thread counts to time (default 1,2)")
+    parser.add_argument("--precisions", default="float32,float16", help="precisions to time")
+    parser.add_argument("--json-out", type=Path, help="also write all figures to this JSON file")
+    # worker mode (internal)
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--tokens", type=int, default=2000, help=argparse.SUPPRESS)
+    parser.add_argument("--precision", default="float16", help=argparse.SUPPRESS)
+    parser.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--prompt-tokens", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return
+
+    speed_tokens, memory_tokens = (2000, (5_000, 20_000)) if args.quick else (4000, (10_000, 100_000))
+    rate, rate_source = maestro_tokens_per_second()
+    print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}; "
+          f"weights: {args.checkpoint or 'random (speed does not depend on them)'}")
+    print(f"MAESTRO density: {rate:.1f} tokens per second of music ({rate_source})\n")
+
+    speed = []
+    print(f"{'precision':>9} {'threads':>7} {'tokens/s':>9} {'x real time':>11} {'prefill tok/s':>13}")
+    for precision in args.precisions.split(","):
+        for threads in (int(t) for t in args.threads_list.split(",")):
+            r = spawn(speed_tokens, precision, threads, 2048, args.checkpoint)
+            r["realtime_factor_maestro"] = round(r["tokens_per_s"] / rate, 2)
+            speed.append(r)
+            print(f"{precision:>9} {threads:>7} {r['tokens_per_s']:>9.0f} {r['realtime_factor_maestro']:>11.1f} "
+                  f"{r['prefill_tokens_per_s']:>13.0f}"
+                  + (f"   (own music: {r['realtime_factor']:.1f}x)" if args.checkpoint else ""))
+
+    best = max(speed, key=lambda r: r["tokens_per_s"])
+    print(f"\nmemory ({best['precision']}, {best['threads']} thread(s)), fresh process per run:")
+    print(f"{'tokens':>8} {'state bytes':>12} {'ru_maxrss MiB':>14} {'rise MiB':>9} {'tokens/s':>9} {'wall s':>7}")
+    memory = []
+    for tokens in memory_tokens:
+        r = spawn(tokens, best["precision"], best["threads"], 0, args.checkpoint)
+        memory.append(r)
+        print(f"{tokens:>8} {r['state_bytes']:>12} {r['ru_maxrss_bytes'] / 2**20:>14.1f} "
+              f"{r['ru_maxrss_rise_bytes'] / 2**20:>9.1f} {r['tokens_per_s']:>9.0f} {r['wall_seconds']:>7.1f}")
+    same_state = memory[0]["state_bytes"] == memory[1]["state_bytes"]
+    print(f"state bytes identical: {same_state}; peak RSS grew by "
+          f"{(memory[1]['ru_maxrss_bytes'] - memory[0]['ru_maxrss_bytes']) / 2**20:.1f} MiB for "
+          f"{memory_tokens[1] - memory_tokens[0]} more tokens (the token list itself is 8 bytes per token)")
+    if args.json_out:
+        from dsmr.atomic import atomic_write_json
+
+        atomic_write_json(args.json_out, {"maestro_tokens_per_second": rate, "speed": speed, "memory": memory,
+                                          "when": time.strftime("%Y-%m-%d %H:%M:%S")})
+
+
+if __name__ == "__main__":
+    main()

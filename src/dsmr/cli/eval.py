@@ -1,0 +1,65 @@
+"""`dsmr eval`: full-piece perplexity of a trained model over a split of a token cache."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "eval", help="full-piece perplexity of a checkpoint on a cache split",
+        description="Stream every piece of a split through the model with its own memory schedule and "
+                    "report perplexity, NLL by position in the piece, tokens/s, peak memory and the "
+                    "recurrent-state size.")
+    p.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT",
+                   help="a run folder, or a .safetensors file with config.json beside it")
+    p.add_argument("--cache", required=True, help="token cache folder (same tokenizer as the run)")
+    p.add_argument("--split", default="validation", help="split to evaluate: validation or test (default validation)")
+    p.add_argument("--which", choices=("best", "latest"), default="best",
+                   help="for a run folder: best validation weights (default) or the latest")
+    p.add_argument("--batch-size", type=int, default=None, help="lanes (default: the run's batch size)")
+    p.add_argument("--segment", type=int, default=None,
+                   help="tokens per segment (default: the run's; a different one changes the context)")
+    p.add_argument("--max-pieces", type=int, default=None, help="evaluate the first N pieces only")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, ... (default auto)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from dsmr.cache import TokenCache
+    from dsmr.checkpoint import check_tokenizer, load_model
+    from dsmr.cli.train import set_threads
+    from dsmr.errors import DsmrError
+    from dsmr.evaluate import evaluate, format_report, resolve_device
+
+    for name in ("batch_size", "segment", "max_pieces"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise DsmrError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    set_threads(args.threads)
+    cache = TokenCache(args.cache)
+    if args.split not in cache.splits:
+        raise DsmrError(f"no split {args.split!r} in the cache {cache.path}; it has {', '.join(cache.splits)}")
+    device = resolve_device(args.device)
+    model, tokenizer, config = load_model(args.checkpoint, device=device, which=args.which)
+    check_tokenizer(config, cache.tokenizer, f"the cache {cache.path}")
+    pieces = cache.pieces(args.split)[: args.max_pieces]
+    if not pieces:
+        raise DsmrError(f"split {args.split!r} of the cache {cache.path} has no pieces")
+    train_cfg = config.get("train", {})
+    result = evaluate(
+        model, pieces,
+        batch_size=args.batch_size or train_cfg.get("eval_batch_size") or train_cfg.get("batch_size") or 8,
+        segment_len=args.segment or config.get("segment_len") or train_cfg.get("segment", 256),
+        pad_id=tokenizer.pad_id, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id,
+        device=device, amp=train_cfg.get("amp", True), progress=args.progress)
+    result.update(split=args.split, checkpoint=str(args.checkpoint))
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(format_report(result, title=f"{args.split} ({args.checkpoint})"))
+    return 0

@@ -1,0 +1,159 @@
+"""`dsmr generate`: continue a MIDI prompt (or start from nothing) with a trained model; MIDI, WAV, PNG out."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "generate", help="generate a piece (optionally continuing a MIDI prompt)",
+        description="Sample a piece from a trained DSMR model with bounded memory: the state per layer never "
+                    "exceeds its horizon plus one segment, however long the piece. Writes MIDI, and "
+                    "optionally a WAV (FluidSynth) and a piano-roll PNG.")
+    parser.add_argument("checkpoint", type=Path, metavar="RUN_OR_CHECKPOINT",
+                        help="a run folder (uses best.safetensors, else model.safetensors) or a .safetensors file")
+    parser.add_argument("--out", type=Path, required=True, help="MIDI file to write")
+    prompt = parser.add_argument_group("prompt")
+    prompt.add_argument("--prompt", type=Path, help="MIDI file to continue (default: start from nothing)")
+    prompt.add_argument("--prompt-seconds", type=float, metavar="S", help="use only the first S seconds of the prompt")
+    length = parser.add_argument_group("length (generation stops at whichever limit comes first, or at the "
+                                       "end-of-piece event)")
+    length.add_argument("--max-tokens", type=int, metavar="N",
+                        help="new events to generate (default 2048 unless --max-seconds is given)")
+    length.add_argument("--max-seconds", type=float, metavar="S",
+                        help="stop when the piece (prompt included) lasts S seconds")
+    length.add_argument("--ignore-eos", action="store_true",
+                        help="never end the piece early: the end-of-piece event is never sampled")
+    sampling = parser.add_argument_group("sampling")
+    sampling.add_argument("--temperature", type=float, default=1.0,
+                          help="higher: more adventurous, lower: safer; 0 picks the most likely event (default 1)")
+    sampling.add_argument("--top-k", type=int, default=0, help="sample among the K most likely events (0: all)")
+    sampling.add_argument("--top-p", type=float, default=1.0,
+                          help="sample among the most likely events that make up probability P (default 1: all)")
+    sampling.add_argument("--seed", type=int, help="random seed: the same seed gives the same piece")
+    sampling.add_argument("--min-pitch", type=int, default=0, help="never start a note below this MIDI pitch")
+    sampling.add_argument("--max-pitch", type=int, default=127, help="never start a note above this MIDI pitch")
+    outputs = parser.add_argument_group("outputs")
+    outputs.add_argument("--wav", type=Path, help="also render a WAV with FluidSynth")
+    outputs.add_argument("--soundfont", type=Path,
+                         help="General MIDI .sf2 for --wav (default $DSMR_SOUNDFONT or a system soundfont)")
+    outputs.add_argument("--pianoroll", type=Path, help="also draw a piano-roll PNG (prompt boundary marked)")
+    outputs.add_argument("--json", action="store_true", help="print one JSON object with the figures on stdout")
+    outputs.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    runtime = parser.add_argument_group("runtime")
+    runtime.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    runtime.add_argument("--precision", choices=("auto", "float32", "float16"), default="auto",
+                         help="float16: projection weights in float16 (about 2x faster on CPU, logits within "
+                              "float16 rounding); auto: float16 on CPU, float32 elsewhere")
+    runtime.add_argument("--threads", type=int, default=1,
+                         help="CPU threads (default 1: one-token steps are too small to share; 0: torch's default)")
+    runtime.add_argument("--weights", choices=("best", "latest"), default="best",
+                         help="which weights of a run folder (default best, else latest)")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from dsmr.errors import DsmrError
+
+    _check_args(args, DsmrError)
+    import resource
+
+    import torch
+
+    from dsmr.checkpoint import load_model
+    from dsmr.evaluate import resolve_device
+    from dsmr.generate import SamplingConfig, generate, half_weight_model, load_prompt, pitch_range_bans
+    from dsmr.render import find_fluidsynth, find_soundfont, plot_pianoroll, render_wav
+
+    if args.wav is not None:  # fail before a long generation, not after it
+        find_fluidsynth()
+        find_soundfont(args.soundfont)
+    device = resolve_device(args.device)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+
+    model, tokenizer, config = load_model(args.checkpoint, device=device, which=args.weights)
+    _check_run_tokenizer(args.checkpoint, config, tokenizer, DsmrError)
+    segment_len = config.get("segment_len") or (config.get("train") or {}).get("segment")
+    if not isinstance(segment_len, int) or segment_len < 1:
+        raise DsmrError(f"{args.checkpoint}: config.json has no segment_len; it is not a dsmr run folder")
+    precision = args.precision if args.precision != "auto" else ("float16" if device.type == "cpu" else "float32")
+    if precision == "float16":
+        model = half_weight_model(model)
+
+    prompt_ids = None if args.prompt is None else load_prompt(args.prompt, tokenizer, args.prompt_seconds)
+    banned = []
+    if (args.min_pitch, args.max_pitch) != (0, 127):
+        banned = pitch_range_bans(tokenizer, args.min_pitch, args.max_pitch)
+    max_tokens = args.max_tokens if args.max_tokens is not None else (None if args.max_seconds else 2048)
+    sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                              max_tokens=max_tokens, max_seconds=args.max_seconds,
+                              stop_at_eos=not args.ignore_eos, banned_ids=tuple(banned))
+
+    result = generate(model, tokenizer, segment_len, prompt_ids, sampling, progress=not args.no_progress,
+                      device=device)
+    tokenizer.decode_to_file(result.ids, args.out)
+    report = {**result.summary(), "out": str(args.out), "precision": precision, "device": str(device),
+              "threads": torch.get_num_threads(), "segment_len": segment_len,
+              "horizons": list(model.cfg.horizons),
+              "max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    if args.wav is not None:
+        report["wav"] = str(render_wav(args.out, args.wav, args.soundfont))
+    if args.pianoroll is not None:
+        boundary = result.prompt_seconds if prompt_ids is not None else None
+        report["pianoroll"] = str(plot_pianoroll(args.out, args.pianoroll, boundary_seconds=boundary,
+                                                 title=args.out.name))
+    if args.json:
+        print(json.dumps(report))
+    else:
+        _print_summary(report)
+    return 0
+
+
+def _check_args(args, DsmrError) -> None:
+    if args.prompt_seconds is not None and args.prompt is None:
+        raise DsmrError("--prompt-seconds needs --prompt (a MIDI file to take the first seconds of)")
+    if args.prompt_seconds is not None and not args.prompt_seconds > 0:
+        raise DsmrError(f"--prompt-seconds must be > 0, got {args.prompt_seconds}")
+    if args.max_tokens is not None and args.max_tokens < 1:
+        raise DsmrError(f"--max-tokens must be >= 1, got {args.max_tokens}")
+    if args.max_seconds is not None and not args.max_seconds > 0:
+        raise DsmrError(f"--max-seconds must be > 0, got {args.max_seconds}")
+    if args.threads < 0:
+        raise DsmrError(f"--threads must be >= 0, got {args.threads}")
+    if args.soundfont is not None and args.wav is None:
+        raise DsmrError("--soundfont is only used with --wav OUT.wav")
+    outputs = [p.resolve() for p in (args.out, args.wav, args.pianoroll) if p is not None]
+    if len(set(outputs)) != len(outputs):
+        raise DsmrError("--out, --wav and --pianoroll must be different files")
+    if args.prompt is not None and args.prompt.resolve() in outputs:
+        raise DsmrError(f"--prompt {args.prompt} is also an output file: it would be overwritten")
+
+
+def _check_run_tokenizer(checkpoint, config: dict, tokenizer, DsmrError) -> None:
+    """The tokenizer rebuilt from config.json must be the one recorded at training time."""
+    want = config.get("tokenizer_hash")
+    have = tokenizer.config_hash()
+    if want is not None and want != have:
+        raise DsmrError(
+            f"{checkpoint}: config.json's tokenizer (hash {have[:12]}) is not the one the model was trained "
+            f"with (hash {want[:12]}): restore the run's original config.json, or retrain with this tokenizer")
+
+
+def _print_summary(report: dict) -> None:
+    lines = [
+        f"wrote {report['out']}: {report['tokens']} new events, {report['music_seconds']:.1f} s of music"
+        + (f" (prompt {report['prompt_seconds']:.1f} s)" if report["prompt_tokens"] else "")
+        + f", stopped at {report['stop_reason'].replace('_', ' ')}, seed {report['seed']}",
+        f"  {report['wall_seconds']:.1f} s wall, {report['tokens_per_s']:.0f} events/s, "
+        f"{report['realtime_factor']:.1f}x real time, state {report['state_bytes'] / 2**20:.2f} MiB",
+    ]
+    for key, what in (("wav", "audio"), ("pianoroll", "piano roll")):
+        if key in report:
+            lines.append(f"  {what}: {report[key]}")
+    print("\n".join(lines))
+    sys.stdout.flush()

@@ -1,0 +1,155 @@
+"""`dsmr train`: train a DSMR model on a token cache into a run folder (see docs/training.md).
+
+Every option defaults to dsmr.train.TrainConfig, so `dsmr train --cache DIR --out RUN` alone trains a
+small two-scale model. With --resume the run's saved config is the base and only the options given on
+the command line change it (dsmr.train refuses changes that would alter what the model computes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from dsmr.cli.schedule import _int_list, add_schedule_arguments
+
+# TrainConfig fields set from options of the same name (argparse dest).
+_FIELDS = (
+    "schedule", "budget", "long_layers", "short", "horizon", "binary_layers", "horizons",
+    "layers", "d_model", "heads", "d_ff", "dropout", "tie_embeddings",
+    "gate", "gate_per_head", "gate_init", "gate_lambda",
+    "segment", "batch_size", "baseline", "context",
+    "lr", "min_lr_ratio", "warmup_steps", "weight_decay", "grad_clip", "grad_accum", "steps", "epochs",
+    "eval_every", "eval_at_start", "val_split", "val_pieces", "eval_batch_size", "log_every", "save_every",
+    "tensorboard", "seed", "device", "amp",
+)
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "train", help="train a DSMR model (full-piece streaming) into a run folder",
+        description="Train a DSMR model on the train split of a token cache, streaming whole pieces "
+                    "segment by segment. Writes config.json, weights (safetensors), a resumable trainer "
+                    "state and metrics.jsonl into --out. Ctrl-C saves a resumable checkpoint.")
+    p.add_argument("--cache", required=True, help="token cache folder (from `dsmr data build`)")
+    p.add_argument("--out", required=True, help="run folder to create (or to continue with --resume)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object (final validation metrics plus steps) on stdout")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+
+    add_schedule_arguments(p)
+    p.add_argument("--binary-layers", dest="memory_layers", type=_int_list, metavar="I,J,...",
+                   help="binary: the layers sharing the budget (same as --memory-layers)")
+    # None marks "not given", so --resume can tell explicit options from defaults (filled from TrainConfig).
+    p.set_defaults(schedule=None, budget=None, long_layers=None, short=None, horizon=None)
+
+    m = p.add_argument_group("model")
+    m.add_argument("--layers", type=int, help="decoder blocks (default 6)")
+    m.add_argument("--d-model", type=int, help="model width (default 256)")
+    m.add_argument("--heads", type=int, help="attention heads (default 4)")
+    m.add_argument("--d-ff", type=int, help="feed-forward width (default 4 x d-model)")
+    m.add_argument("--dropout", type=float, help="dropout (default 0)")
+    m.add_argument("--no-tie-embeddings", dest="tie_embeddings", action="store_const", const=False,
+                   help="separate output head instead of the tied embedding")
+
+    g = p.add_argument_group("learned gates")
+    g.add_argument("--gate", choices=("none", "soft", "ste"), help="gate on memory attention (default none)")
+    g.add_argument("--gate-per-head", action="store_const", const=True, help="one gate per head, not per layer")
+    g.add_argument("--gate-init", type=float, help="initial gate logit (default 3: sigmoid ~ 0.95)")
+    g.add_argument("--gate-lambda", type=float, help="weight of the budget penalty (default 0)")
+
+    d = p.add_argument_group("data")
+    d.add_argument("--segment", type=int, help="tokens per segment (default 256)")
+    d.add_argument("--batch-size", type=int, help="lanes per batch (default 8)")
+    d.add_argument("--baseline", choices=("excerpt",),
+                   help="full-attention reference: no memory, fixed-length excerpts of --context tokens")
+    d.add_argument("--context", type=int, help="excerpt length for --baseline excerpt (default: --segment)")
+
+    o = p.add_argument_group("optimization")
+    o.add_argument("--lr", type=float, help="peak learning rate (default 1e-3)")
+    o.add_argument("--min-lr-ratio", type=float, help="cosine decay floor as a fraction of --lr (default 0.1)")
+    o.add_argument("--warmup-steps", type=int, help="linear warmup steps (default 5%% of the steps, <= 500)")
+    o.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 0.1)")
+    o.add_argument("--grad-clip", type=float, help="gradient norm clip, 0 = off (default 1.0)")
+    o.add_argument("--grad-accum", type=int, help="segment batches per optimizer step (default 1)")
+    length = o.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=int, help="optimizer steps (default 1000)")
+    length.add_argument("--epochs", type=int, help="passes over every training piece")
+
+    e = p.add_argument_group("evaluation and logging")
+    e.add_argument("--eval-every", type=int, help="steps between full-piece validations, 0 = end only (default 250)")
+    e.add_argument("--eval-at-start", action="store_const", const=True, help="also validate at step 0")
+    e.add_argument("--val-split", help="split to validate on (default validation)")
+    e.add_argument("--val-pieces", type=int, help="validate on the first N pieces only (default all)")
+    e.add_argument("--eval-batch-size", type=int, help="lanes for validation (default --batch-size)")
+    e.add_argument("--log-every", type=int, help="steps between metrics.jsonl records (default 10)")
+    e.add_argument("--save-every", type=int, help="steps between checkpoint saves (default --eval-every)")
+    e.add_argument("--no-tensorboard", dest="tensorboard", action="store_const", const=False,
+                   help="no TensorBoard logs even when tensorboard is installed")
+
+    r = p.add_argument_group("runtime")
+    r.add_argument("--seed", type=int, help="seed for initialization and data order (default 0)")
+    r.add_argument("--device", help="auto, cpu, cuda, cuda:1, ... (default auto)")
+    r.add_argument("--no-amp", dest="amp", action="store_const", const=False, help="no bf16 autocast on CUDA")
+    r.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: torch's choice; 1 is fastest for small models "
+                        "on a busy machine)")
+    p.set_defaults(func=run)
+
+
+def _explicit_options(args: argparse.Namespace) -> dict:
+    given = {name: getattr(args, name) for name in _FIELDS
+             if name != "binary_layers" and getattr(args, name, None) is not None}
+    if args.memory_layers is not None:
+        given["binary_layers"] = tuple(args.memory_layers)
+    if "horizons" in given:
+        given["horizons"] = tuple(given["horizons"])
+        given.setdefault("schedule", "explicit")
+    if "binary_layers" in given:
+        given.setdefault("schedule", "binary")
+    return given
+
+
+def set_threads(threads: int | None) -> None:
+    from dsmr.errors import DsmrError
+
+    if threads is not None:
+        if threads < 1:
+            raise DsmrError(f"--threads must be >= 1, got {threads}")
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def run(args: argparse.Namespace) -> int:
+    import dataclasses
+    from pathlib import Path
+
+    from dsmr.cache import TokenCache
+    from dsmr.checkpoint import read_config
+    from dsmr.evaluate import format_report
+    from dsmr.train import TrainConfig, train
+
+    set_threads(args.threads)
+    cache = TokenCache(args.cache)
+    given = _explicit_options(args)
+    if args.resume:
+        base = TrainConfig.from_dict(read_config(Path(args.out))["train"])
+        cfg = dataclasses.replace(base, **given)
+    else:
+        cfg = TrainConfig(**given)
+    result = train(cfg, cache, args.out, progress=args.progress, resume=args.resume)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        if result["ppl"] is not None:
+            print(format_report(result, title=f"validation after {result['steps']} steps"))
+        print(f"train: loss {result['train_loss']:.4f}, {result['train_tokens_per_s']:.0f} tokens/s"
+              if result["train_loss"] is not None else f"train: {result['steps']} steps")
+        print(f"run folder: {result['run_dir']}")
+    if result["interrupted"]:
+        print(f"dsmr train: interrupted at step {result['steps']}; continue with: dsmr train --cache "
+              f"{args.cache} --out {args.out} --resume", file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,491 @@
+"""Bounded-memory generation of whole pieces (DESIGN §1, Generation).
+
+`IncrementalDecoder` decodes with exactly the semantics of training-time streaming: the sequence is cut
+into segments of `segment_len` tokens at absolute positions 0, T, 2T, ...; in layer `l` a token attends
+to the last `h_l` positions before its segment plus the tokens of its segment up to itself. Each layer
+owns one preallocated key/value buffer of `h_l + T` positions: memory at the front, the current segment
+after it. When a segment is complete the last `h_l` positions move to the front, so the state never
+grows, however long the piece.
+
+`generate` samples a piece from BOS (and an optional prompt) with temperature / top-k / top-p, a seed,
+token and duration limits, EOS handling and banned events.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import re
+import time
+from array import array
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dsmr.errors import DsmrError
+
+# Names of the events that start a note, per encoding: performance NOTE_ON_60, miditok Pitch_60 / NoteOn_60.
+_PITCH_EVENT = re.compile(r"^(?:NOTE_ON|Pitch|NoteOn)_(\d+)$")
+
+
+class IncrementalDecoder:
+    """Feeds tokens one at a time (or in chunks) through a DSMR model with fixed-size per-layer buffers.
+
+    All `batch_size` lanes advance together (same positions). Logits equal those of `DSMR.forward`
+    streamed segment by segment from position 0 with a fresh state.
+    """
+
+    def __init__(self, model, segment_len: int, batch_size: int = 1, device=None):
+        if not isinstance(segment_len, int) or segment_len < 1:
+            raise DsmrError(f"segment_len must be a positive integer, got {segment_len!r}")
+        if batch_size < 1:
+            raise DsmrError(f"batch_size must be >= 1, got {batch_size}")
+        cfg = model.cfg
+        param = model.embedding.weight
+        self.model = model
+        self.device = param.device if device is None else torch.device(device)
+        self.dtype = param.dtype
+        self.segment_len = segment_len
+        self.batch_size = batch_size
+        self.horizons = tuple(cfg.horizons)
+        self.n_heads, self.head_dim, self.d_model = cfg.n_heads, cfg.head_dim, cfg.d_model
+        self.scale = 1.0 / math.sqrt(cfg.head_dim)
+        shape = lambda h: (batch_size, cfg.n_heads, h + segment_len, cfg.head_dim)  # noqa: E731
+        self.keys = [torch.zeros(shape(h), device=self.device, dtype=self.dtype) for h in self.horizons]
+        self.values = [torch.zeros(shape(h), device=self.device, dtype=self.dtype) for h in self.horizons]
+        # Gates are constant at inference: their memory logit becomes a fixed additive mask over the
+        # memory slots ([1, heads or 1, 1, h + T]); None for layers without a gate.
+        self._gate_bias: list[Optional[Tensor]] = []
+        self._gate_mask: list[Optional[Tensor]] = []
+        with torch.no_grad():
+            for block, h in zip(model.blocks, self.horizons):
+                bias = block.attn.memory_bias()
+                if bias is None or h == 0:
+                    self._gate_bias.append(None)
+                    self._gate_mask.append(None)
+                else:
+                    bias = bias.detach().to(self.device, self.dtype).view(1, -1, 1, 1)
+                    self._gate_bias.append(bias)
+                    self._gate_mask.append(torch.zeros(1, bias.shape[1], 1, h + segment_len,
+                                                       device=self.device, dtype=self.dtype))
+        self.reset()
+
+    # ---- state
+
+    def reset(self) -> None:
+        """Start a new piece: empty memory, position 0."""
+        self.position = 0  # absolute position of the next token
+        self.seg_fill = 0  # tokens of the current segment already in the buffers
+        self.memory_fill = [0] * len(self.horizons)
+        self._rope = self._segment_rope(0)
+        self._refresh_gate_masks()
+
+    def state_bytes(self) -> int:
+        """Bytes held by the key/value buffers: constant for the decoder's lifetime."""
+        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+
+    def filled(self) -> list[int]:
+        """Positions in use per layer (memory + current segment); never more than h_l + T."""
+        return [m + self.seg_fill for m in self.memory_fill]
+
+    def _segment_rope(self, start: int) -> tuple[Tensor, Tensor]:
+        # One rotary table per segment instead of one per token: cos/sin [1, 1, T, head_dim].
+        positions = torch.arange(start, start + self.segment_len, device=self.device)[None]
+        return self.model.rotary(positions)
+
+    def _refresh_gate_masks(self) -> None:
+        for layer, mask in enumerate(self._gate_mask):
+            if mask is not None:
+                mask.zero_()
+                mask[..., : self.memory_fill[layer]] = self._gate_bias[layer]
+
+    def _next_segment(self) -> None:
+        """Keep the last h_l positions of (memory + finished segment) at the front of each buffer."""
+        for layer, h in enumerate(self.horizons):
+            n = self.memory_fill[layer] + self.seg_fill
+            keep = min(h, n)
+            if keep and keep < n:  # clone: source and destination may overlap
+                for buf in (self.keys[layer], self.values[layer]):
+                    buf[:, :, :keep] = buf[:, :, n - keep : n].clone()
+            self.memory_fill[layer] = keep
+        self.seg_fill = 0
+        self._rope = self._segment_rope(self.position)
+        self._refresh_gate_masks()
+
+    # ---- decoding
+
+    @torch.inference_mode()
+    def step(self, ids: Tensor) -> Tensor:
+        """Feed one token per lane (ids [B] long); returns the next-token logits [B, vocab]."""
+        return self.feed(ids.view(self.batch_size, 1))[:, -1]
+
+    @torch.inference_mode()
+    def feed(self, ids: Tensor) -> Tensor:
+        """Feed a chunk of tokens per lane (ids [B, n] long); returns logits [B, n, vocab] for each.
+
+        Used for prompts: the chunk is split at segment boundaries and each piece is attended in one go.
+        """
+        if ids.dim() != 2 or ids.shape[0] != self.batch_size or ids.shape[1] == 0:
+            raise DsmrError(f"IncrementalDecoder.feed: ids must be [{self.batch_size}, n>0], got {tuple(ids.shape)}")
+        ids = ids.to(self.device)
+        outputs = []
+        start = 0
+        while start < ids.shape[1]:
+            if self.seg_fill == self.segment_len:
+                self._next_segment()
+            n = min(ids.shape[1] - start, self.segment_len - self.seg_fill)
+            outputs.append(self._feed_in_segment(ids[:, start : start + n]))
+            start += n
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
+
+    def _feed_in_segment(self, ids: Tensor) -> Tensor:
+        B, n = ids.shape
+        t = self.seg_fill
+        cos, sin = self._rope
+        rope = (cos[:, :, t : t + n], sin[:, :, t : t + n])
+        x = self.model.embed(ids)
+        for layer, block in enumerate(self.model.blocks):
+            attn = block.attn
+            q, k, v = attn.qkv(block.norm1(x), rope=rope)
+            start = self.memory_fill[layer] + t
+            end = start + n
+            self.keys[layer][:, :, start:end] = k
+            self.values[layer][:, :, start:end] = v
+            mask = self._mask(layer, t, n, end)
+            out = F.scaled_dot_product_attention(q, self.keys[layer][:, :, :end], self.values[layer][:, :, :end],
+                                                 attn_mask=mask, scale=self.scale)
+            x = x + attn.out_proj(out.transpose(1, 2).reshape(B, n, self.d_model))
+            x = block.feed_forward(x)
+        self.seg_fill += n
+        self.position += n
+        return self.model.output(x)
+
+    def _mask(self, layer: int, t: int, n: int, end: int) -> Optional[Tensor]:
+        """Additive mask for n queries at segment offsets t..t+n-1 over buffer slots [0, end)."""
+        gate_mask = self._gate_mask[layer]
+        if n == 1:  # one query sees every filled slot: only a gate changes anything
+            return None if gate_mask is None else gate_mask[..., :end]
+        m = self.memory_fill[layer]
+        causal = torch.ones(n, t + n, dtype=torch.bool, device=self.device).tril(diagonal=t)
+        allowed = torch.cat([torch.ones(n, m, dtype=torch.bool, device=self.device), causal], dim=1)
+        mask = torch.zeros(n, end, device=self.device, dtype=self.dtype).masked_fill_(~allowed, float("-inf"))
+        mask = mask[None, None]
+        if gate_mask is not None:
+            mask = mask + gate_mask[..., :end]
+        return mask
+
+
+class HalfWeightLinear(nn.Module):
+    """A bias-free Linear whose weight is kept in float16; activations stay float32 around it.
+
+    One-token decoding on a CPU is bound by reading the weights from memory for every token: half the
+    bytes, about twice the speed (fp16 GEMV is also well supported by the CPU BLAS, unlike bf16).
+    """
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        if linear.bias is not None:
+            raise DsmrError("HalfWeightLinear: linear layers with a bias are not supported")
+        self.register_buffer("weight", linear.weight.detach().to(torch.float16))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x.to(torch.float16), self.weight).to(x.dtype)
+
+
+def half_weight_model(model):
+    """A copy of `model` for fast CPU decoding: every Linear (projections, MLP, output head) keeps float16
+    weights; embeddings, norms, attention and the key/value memory stay float32. Logits differ from the
+    float32 model by float16 rounding (~1e-3 relative), which does not matter for sampling."""
+    model = copy.deepcopy(model).eval()
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, nn.Linear):
+                setattr(module, name, HalfWeightLinear(child))
+    return model
+
+
+# ------------------------------------------------------------------------------------------------ sampling
+
+
+@dataclass
+class SamplingConfig:
+    temperature: float = 1.0       # 0: greedy (always the most likely event)
+    top_k: int = 0                 # keep the k most likely events (0: all)
+    top_p: float = 1.0             # keep the smallest set of events whose probability reaches p
+    seed: Optional[int] = None     # None: a fresh random seed (reported in the result)
+    max_tokens: Optional[int] = 2048   # new events after the prompt (None: no limit)
+    max_seconds: Optional[float] = None  # stop once the piece (prompt included) is this long
+    stop_at_eos: bool = True       # False: EOS is banned and the piece goes on until a limit
+    banned_ids: Sequence[int] = ()  # events never sampled (BOS and PAD never are)
+
+    def validate(self, vocab_size: Optional[int] = None) -> None:
+        problems = []
+        if not self.temperature >= 0 or not math.isfinite(self.temperature):
+            problems.append(f"temperature must be >= 0, got {self.temperature}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            problems.append(f"top_k must be an integer >= 0, got {self.top_k!r}")
+        if not 0 < self.top_p <= 1:
+            problems.append(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
+            problems.append(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
+        if self.max_seconds is not None and not self.max_seconds > 0:
+            problems.append(f"max_seconds must be > 0, got {self.max_seconds}")
+        if self.max_tokens is None and self.max_seconds is None:
+            problems.append("give max_tokens or max_seconds (or both): a piece needs a limit")
+        if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 2**63):
+            problems.append(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
+        if vocab_size is not None:
+            bad = [i for i in self.banned_ids if not 0 <= int(i) < vocab_size]
+            if bad:
+                problems.append(f"banned ids {bad[:5]} are outside the vocabulary [0, {vocab_size})")
+        if problems:
+            raise DsmrError("sampling: " + "; ".join(problems))
+
+
+def banned_mask(tokenizer, sampling: SamplingConfig, device=None) -> Tensor:
+    """Bool [vocab] of events that are never sampled: PAD, BOS, the banned ids, EOS when ignored."""
+    mask = torch.zeros(tokenizer.vocab_size, dtype=torch.bool, device=device)
+    banned = [tokenizer.pad_id, tokenizer.bos_id, *map(int, sampling.banned_ids)]
+    if not sampling.stop_at_eos:
+        banned.append(tokenizer.eos_id)
+    mask[banned] = True
+    if bool(mask.all()):
+        raise DsmrError("sampling: every event is banned, nothing can be generated")
+    return mask
+
+
+def pitch_range_bans(tokenizer, min_pitch: int = 0, max_pitch: int = 127) -> list[int]:
+    """Ids of the note-starting events whose pitch lies outside [min_pitch, max_pitch]."""
+    if not 0 <= min_pitch <= max_pitch <= 127:
+        raise DsmrError(f"pitch range: need 0 <= min pitch <= max pitch <= 127, got {min_pitch}..{max_pitch}")
+    banned, seen = [], 0
+    for i, name in enumerate(tokenizer.vocabulary()):
+        match = _PITCH_EVENT.match(name)
+        if match:
+            seen += 1
+            if not min_pitch <= int(match.group(1)) <= max_pitch:
+                banned.append(i)
+    if not seen:
+        raise DsmrError(f"pitch range: {tokenizer!r} has no NOTE_ON/Pitch events to restrict")
+    if len(banned) == seen:
+        raise DsmrError(f"pitch range {min_pitch}..{max_pitch} excludes every pitch the tokenizer can play")
+    return banned
+
+
+def sample_next(logits: Tensor, sampling: SamplingConfig, generator: torch.Generator,
+                banned: Optional[Tensor] = None) -> Tensor:
+    """One event per lane from next-token logits [B, vocab]: ban, temperature, top-k, top-p, sample."""
+    logits = logits.float()
+    if banned is not None:
+        logits = logits.masked_fill(banned, float("-inf"))
+    if sampling.temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / sampling.temperature
+    if 0 < sampling.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, sampling.top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if sampling.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        # drop an event when the more likely ones already reach top_p (the most likely always stays)
+        drop = (probs.cumsum(dim=-1) - probs) >= sampling.top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+# ------------------------------------------------------------------------------------------------ prompts
+
+
+def crop_seconds(score, seconds: float):
+    """The first `seconds` of a Score (in seconds): notes starting later are dropped, notes sounding at
+    the cut end there, and controls (the sustain pedal) after the cut are dropped."""
+    import symusic
+
+    if not seconds > 0:
+        raise DsmrError(f"prompt seconds must be > 0, got {seconds}")
+    cropped = score.to("second").clip(0.0, float(seconds), clip_end=False)
+    for track in cropped.tracks:
+        if len(track.notes):
+            notes = track.notes.numpy()
+            duration = np.minimum(notes["duration"], np.float32(seconds) - notes["time"])
+            track.notes = symusic.Note.from_numpy(notes["time"], duration.astype(np.float32), notes["pitch"],
+                                                  notes["velocity"], ttype="second")
+    return cropped
+
+
+def load_prompt(path, tokenizer, seconds: Optional[float] = None) -> np.ndarray:
+    """Event ids of a MIDI prompt (optionally only its first `seconds`); DsmrError when it is missing,
+    not MIDI, or has nothing the tokenizer can encode."""
+    from dsmr.tokenizer import load_midi
+
+    score = load_midi(path)
+    where = f"prompt {path}"
+    if seconds is not None:
+        score = crop_seconds(score, seconds)
+        where += f" (first {seconds:g} s)"
+    ids = tokenizer.encode(score)
+    if len(ids) == 0:
+        raise DsmrError(f"{where} has no notes the tokenizer can encode: give a MIDI file with notes"
+                        + (" or a longer --prompt-seconds" if seconds is not None else ""))
+    return np.asarray(ids, dtype=np.int64)
+
+
+class MusicClock:
+    """Seconds of music of a growing id sequence, cheaply. The performance encoding's duration is the sum
+    of its time shifts, so a per-id table suffices; other tokenizers re-measure every `every` events."""
+
+    def __init__(self, tokenizer, ids: Sequence[int] = (), every: int = 64):
+        self.tokenizer = tokenizer
+        self.every = every
+        self._table = None
+        if getattr(tokenizer, "kind", None) == "performance":
+            self._table = [tokenizer.seconds([i]) if i != tokenizer.eos_id else 0.0
+                           for i in range(tokenizer.vocab_size)]
+        self.seconds = float(tokenizer.seconds(list(ids))) if len(ids) else 0.0
+        self._since = 0
+
+    def add(self, token: int, ids: Sequence[int]) -> float:
+        """Account for `token`, just appended to `ids` (the whole sequence so far); returns the seconds."""
+        if self._table is not None:
+            self.seconds += self._table[token]
+        else:
+            self._since += 1
+            if self._since >= self.every:
+                self.seconds = float(self.tokenizer.seconds(ids))
+                self._since = 0
+        return self.seconds
+
+
+# ---------------------------------------------------------------------------------------------- generation
+
+
+@dataclass
+class GenerationResult:
+    ids: np.ndarray              # events of the piece: prompt then continuation (no BOS/EOS)
+    prompt_tokens: int
+    new_tokens: int
+    prompt_seconds: float
+    music_seconds: float         # whole piece, prompt included
+    stop_reason: str             # "eos" | "max_tokens" | "max_seconds"
+    wall_seconds: float          # prompt + sampling
+    prefill_seconds: float       # the prompt alone
+    state_bytes: int             # the decoder's key/value buffers (constant)
+    peak_memory_bytes: int
+    memory_method: str
+    seed: int
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def tokens_per_s(self) -> float:
+        """New events per second of sampling (prompt excluded)."""
+        return self.new_tokens / max(self.wall_seconds - self.prefill_seconds, 1e-9)
+
+    @property
+    def realtime_factor(self) -> float:
+        """Seconds of new music per second of sampling."""
+        return (self.music_seconds - self.prompt_seconds) / max(self.wall_seconds - self.prefill_seconds, 1e-9)
+
+    def summary(self) -> dict:
+        return {
+            "tokens": self.new_tokens, "prompt_tokens": self.prompt_tokens,
+            "music_seconds": round(self.music_seconds, 3), "prompt_seconds": round(self.prompt_seconds, 3),
+            "wall_seconds": round(self.wall_seconds, 3), "tokens_per_s": round(self.tokens_per_s, 1),
+            "realtime_factor": round(self.realtime_factor, 2), "state_bytes": self.state_bytes,
+            "peak_memory_bytes": self.peak_memory_bytes, "memory_method": self.memory_method,
+            "stop_reason": self.stop_reason, "seed": self.seed,
+        }
+
+
+def generate(model, tokenizer, segment_len: int, prompt_ids: Optional[Sequence[int]] = None,
+             sampling: SamplingConfig = SamplingConfig(), progress: bool = True,
+             device=None) -> GenerationResult:
+    """Sample one piece: BOS, the prompt's events, then new events until EOS or a limit.
+
+    The model is put in eval mode. The same seed on the same device gives the same piece.
+    """
+    from dsmr.evaluate import PeakMemory
+
+    if model.cfg.vocab_size != tokenizer.vocab_size:
+        raise DsmrError(f"model vocabulary {model.cfg.vocab_size} != tokenizer vocabulary {tokenizer.vocab_size}: "
+                        f"use the tokenizer the model was trained with")
+    sampling.validate(tokenizer.vocab_size)
+    prompt = np.asarray([] if prompt_ids is None else prompt_ids, dtype=np.int64)
+    if prompt.ndim != 1 or (prompt.size and (prompt.min() < 0 or prompt.max() >= tokenizer.vocab_size)):
+        raise DsmrError(f"prompt ids must be a flat sequence of ids in [0, {tokenizer.vocab_size})")
+    device = model.embedding.weight.device if device is None else torch.device(device)
+    model.eval()
+    seed = sampling.seed if sampling.seed is not None else int.from_bytes(os.urandom(7), "little")
+    generator = torch.Generator(device=device).manual_seed(seed)
+    banned = banned_mask(tokenizer, sampling, device=device)[None]
+
+    ids = array("q", prompt.tolist())  # 8 bytes per event: the only thing that grows with the piece
+    clock = MusicClock(tokenizer, ids)
+    prompt_seconds = clock.seconds
+    limit_tokens = sampling.max_tokens
+    bar = _progress_bar(progress, sampling, prompt_seconds)
+    stop_reason = "max_tokens"
+    with PeakMemory(device) as meter, torch.inference_mode():
+        start = time.perf_counter()
+        decoder = IncrementalDecoder(model, segment_len, batch_size=1, device=device)
+        first = torch.tensor([[tokenizer.bos_id, *prompt.tolist()]], dtype=torch.long, device=device)
+        logits = decoder.feed(first)[:, -1]
+        prefill = time.perf_counter() - start
+        step_input = torch.zeros(1, dtype=torch.long, device=device)
+        new = 0
+        while True:
+            token = int(sample_next(logits, sampling, generator, banned))
+            if token == tokenizer.eos_id:  # only reachable with stop_at_eos (else EOS is banned)
+                stop_reason = "eos"
+                break
+            ids.append(token)
+            new += 1
+            before = clock.seconds
+            seconds = clock.add(token, ids)
+            if bar is not None:
+                if limit_tokens is not None:
+                    bar.update(1)
+                else:  # the bar counts seconds of music; never past its total
+                    bar.update(min(seconds, bar.total) - min(before, bar.total))
+                if new % 64 == 0:
+                    bar.set_postfix_str(_postfix(new, seconds, limit_tokens), refresh=False)
+            if limit_tokens is not None and new >= limit_tokens:
+                stop_reason = "max_tokens"
+                break
+            if sampling.max_seconds is not None and seconds >= sampling.max_seconds:
+                stop_reason = "max_seconds"
+                break
+            step_input.fill_(token)
+            logits = decoder.step(step_input)
+        wall = time.perf_counter() - start
+    if bar is not None:
+        bar.set_postfix_str(_postfix(new, clock.seconds, limit_tokens))
+        bar.close()
+    out = np.frombuffer(ids, dtype=np.int64).copy()
+    return GenerationResult(
+        ids=out, prompt_tokens=int(prompt.size), new_tokens=new, prompt_seconds=prompt_seconds,
+        music_seconds=float(tokenizer.seconds(out)) if out.size else 0.0, stop_reason=stop_reason,
+        wall_seconds=wall, prefill_seconds=prefill, state_bytes=decoder.state_bytes(),
+        peak_memory_bytes=meter.peak_bytes, memory_method=meter.method, seed=seed)
+
+
+def _progress_bar(progress: bool, sampling: SamplingConfig, prompt_seconds: float):
+    if not progress:
+        return None
+    from tqdm import tqdm
+
+    if sampling.max_tokens is not None:
+        return tqdm(total=sampling.max_tokens, unit="tok", desc="generating", dynamic_ncols=True)
+    # Only a duration limit: the bar counts seconds of music.
+    return tqdm(total=round(sampling.max_seconds, 2), initial=round(min(prompt_seconds, sampling.max_seconds), 2),
+                unit="s", desc="generating", dynamic_ncols=True,
+                bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} s of music [{elapsed}{postfix}]")
+
+
+def _postfix(tokens: int, seconds: float, limit_tokens: Optional[int]) -> str:
+    return f"{seconds:.1f} s of music" if limit_tokens is not None else f"{tokens} tokens"

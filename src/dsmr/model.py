@@ -1,0 +1,454 @@
+"""The DSMR network: a pre-norm decoder-only Transformer that reads a piece segment by segment and keeps,
+per layer `l`, the detached keys/values of at most `h_l` past positions (DESIGN §1).
+
+For segment `s` in layer `l`:  K = concat(mem_K[l], k_s), V likewise; token i attends to every valid
+memory entry of its lane and to segment tokens j <= i; the new memory is the last h_l positions of
+concat(mem, kv_s), detached. Keys are cached after the rotary embedding, so they keep absolute positions.
+
+Building blocks an incremental decoder reuses (see docs/architecture.md, model.py):
+`RotaryEmbedding` (cos/sin for any absolute positions), `MemoryAttention.qkv` (projections + RoPE for a
+chunk) and `MemoryAttention.attend` (SDPA over caller-provided keys/values, gates included),
+`attention_mask`, `Block.feed_forward`, `DSMR.embed` / `DSMR.output`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dsmr.errors import DsmrError
+
+GATES = ("none", "soft", "ste")
+NORMS = ("layernorm", "rmsnorm")
+# Bias of a hard-closed STE gate: exp(-1000) underflows to exactly 0, so the memory is dropped, yet the
+# value stays finite (an -inf key component would give 0 * inf = NaN in the attention backward).
+CLOSED_GATE_BIAS = -1000.0
+
+
+@dataclass
+class DSMRConfig:
+    vocab_size: int
+    n_layers: int = 6
+    d_model: int = 256
+    n_heads: int = 4
+    d_ff: Optional[int] = None  # None: 4 * d_model
+    dropout: float = 0.0
+    rope_base: float = 10000.0
+    tie_embeddings: bool = True
+    horizons: Optional[tuple[int, ...]] = None  # None: (0,) * n_layers; usually Schedule.horizons
+    gate: str = "none"  # "none" | "soft" | "ste"
+    gate_per_head: bool = False
+    gate_init: float = 3.0  # theta at init: sigmoid(3) ~ 0.95, memory open
+    norm: str = "layernorm"  # "layernorm" | "rmsnorm"
+
+    def __post_init__(self) -> None:
+        if self.horizons is None:
+            self.horizons = (0,) * self.n_layers
+        self.horizons = tuple(int(h) for h in self.horizons)
+        problems = []
+        for name in ("vocab_size", "n_layers", "d_model", "n_heads"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                problems.append(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if not problems and self.d_model % self.n_heads:
+            problems.append(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
+        elif not problems and (self.d_model // self.n_heads) % 2:
+            problems.append(f"head dim {self.d_model // self.n_heads} must be even for the rotary embedding")
+        if self.d_ff is not None and (not isinstance(self.d_ff, int) or self.d_ff < 1):
+            problems.append(f"d_ff must be a positive integer or None, got {self.d_ff!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            problems.append(f"dropout must be in [0, 1), got {self.dropout}")
+        if isinstance(self.n_layers, int) and len(self.horizons) != self.n_layers:
+            problems.append(f"{len(self.horizons)} horizons for {self.n_layers} layers")
+        if any(h < 0 for h in self.horizons):
+            problems.append(f"horizons must be >= 0, got {list(self.horizons)}")
+        if self.gate not in GATES:
+            problems.append(f"gate must be one of {GATES}, got {self.gate!r}")
+        if self.norm not in NORMS:
+            problems.append(f"norm must be one of {NORMS}, got {self.norm!r}")
+        if problems:
+            raise DsmrError("model config: " + "; ".join(problems))
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def ff_dim(self) -> int:
+        return self.d_ff if self.d_ff is not None else 4 * self.d_model
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["horizons"] = list(self.horizons)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DSMRConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise DsmrError(f"model config: unknown keys {unknown}")
+        if "vocab_size" not in d:
+            raise DsmrError("model config: missing vocab_size")
+        return cls(**d)
+
+
+@dataclass
+class LayerMemory:
+    """Detached keys/values of the last <= h_l positions before the segment, left-aligned by time."""
+
+    k: Tensor  # [B, n_heads, M, head_dim], after RoPE
+    v: Tensor  # [B, n_heads, M, head_dim]
+    valid: Tensor  # [B, M] bool: False for empty slots, padding, and positions of a previous piece
+
+    @property
+    def size(self) -> int:
+        return self.k.shape[2]
+
+
+State = list[LayerMemory]
+
+
+def state_nbytes(state: State) -> int:
+    """Bytes held by the keys and values of a state (what the schedule's state_bytes budgets)."""
+    return sum(m.k.nbytes + m.v.nbytes for m in state)
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding (RoPE) for arbitrary absolute positions, one per token and lane."""
+
+    def __init__(self, head_dim: int, base: float = 10000.0):
+        super().__init__()
+        self.head_dim = head_dim
+        # float64 so that angles stay exact at the positions of long pieces (~1e5); not in checkpoints
+        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """positions [B, T] long -> (cos, sin), each [B, 1, T, head_dim] float32 (broadcast over heads)."""
+        wide = torch.float32 if positions.device.type == "mps" else torch.float64
+        angles = positions.to(wide)[..., None] * self.inv_freq.to(wide)  # [B, T, head_dim / 2]
+        angles = torch.cat([angles, angles], dim=-1)[:, None]
+        return angles.cos().float(), angles.sin().float()
+
+    @staticmethod
+    def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        """Apply the rotation to x [B, H, T, D] (rotate-half convention)."""
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        x1, x2 = x.chunk(2, dim=-1)
+        return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+def attention_mask(memory_valid: Tensor, token_mask: Optional[Tensor], seg_len: int, dtype: torch.dtype) -> Tensor:
+    """Additive mask [B, 1, T, M + T]: 0 where allowed, -inf elsewhere.
+
+    Query i sees every valid memory slot and segment keys j <= i that are real tokens; it always sees
+    itself, so no row is fully masked (padding queries get finite, meaningless outputs).
+    """
+    B, M = memory_valid.shape
+    device = memory_valid.device
+    causal = torch.ones(seg_len, seg_len, dtype=torch.bool, device=device).tril()
+    if token_mask is None:
+        seg = causal.expand(B, seg_len, seg_len)
+    else:
+        eye = torch.eye(seg_len, dtype=torch.bool, device=device)
+        seg = causal & (token_mask[:, None, :] | eye)
+    allowed = torch.cat([memory_valid[:, None, :].expand(B, seg_len, M), seg], dim=-1)
+    mask = torch.zeros(B, 1, seg_len, M + seg_len, dtype=dtype, device=device)
+    return mask.masked_fill_(~allowed[:, None], float("-inf"))
+
+
+class MemoryAttention(nn.Module):
+    """Causal self-attention over [memory; segment], with an optional learned gate on the memory."""
+
+    def __init__(self, cfg: DSMRConfig, layer: int):
+        super().__init__()
+        self.n_heads, self.head_dim = cfg.n_heads, cfg.head_dim
+        self.horizon = cfg.horizons[layer]
+        self.dropout = cfg.dropout
+        self.gate_kind = cfg.gate
+        self.qkv_proj = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
+        self.out_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_base)
+        if cfg.gate != "none":
+            n_gates = cfg.n_heads if cfg.gate_per_head else 1
+            self.gate_logit = nn.Parameter(torch.full((n_gates,), float(cfg.gate_init)))
+        else:
+            self.gate_logit = None
+
+    def qkv(self, x: Tensor, positions: Optional[Tensor] = None, *, rope: Optional[tuple[Tensor, Tensor]] = None):
+        """Queries, keys, values [B, H, T, D] of a chunk x [B, T, d_model]; q and k rotated to their
+        absolute positions (pass `positions` [B, T], or `rope` = RotaryEmbedding(positions) to share it)."""
+        if rope is None:
+            if positions is None:
+                raise ValueError("qkv needs positions or rope")
+            rope = self.rotary(positions)
+        B, T, _ = x.shape
+        q, k, v = self.qkv_proj(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        cos, sin = rope
+        return RotaryEmbedding.rotate(q, cos, sin), RotaryEmbedding.rotate(k, cos, sin), v
+
+    def gate(self) -> Optional[Tensor]:
+        """sigmoid(theta): [1] per layer or [n_heads] per head; None without gates."""
+        return None if self.gate_logit is None else torch.sigmoid(self.gate_logit)
+
+    def memory_bias(self) -> Optional[Tensor]:
+        """The additive logit of memory positions, [1] or [n_heads]: log g (soft), or the hard gate with
+        the soft gate's gradient (STE: 0 when g > 0.5, else CLOSED_GATE_BIAS); None without gates.
+
+        With STE a closed gate's memory gets zero attention weight, so it receives no task gradient
+        (only the budget penalty's): a closed STE gate stays closed."""
+        if self.gate_logit is None:
+            return None
+        soft = F.logsigmoid(self.gate_logit)
+        if self.gate_kind == "soft":
+            return soft
+        hard = torch.where(self.gate_logit > 0, 0.0, CLOSED_GATE_BIAS).to(soft.dtype)
+        return soft + (hard - soft).detach()
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], n_memory: int = 0) -> Tensor:
+        """Attention of q [B, H, T, D] over k, v [B, H, N, D] whose first `n_memory` positions are memory
+        (they get the gate bias); mask [B, 1|H, T, N] additive (or bool, True = attend), or None for plain
+        causal attention, which needs N == T. Returns the projected output [B, T, d_model]."""
+        B, H, T, D = q.shape
+        if mask is None and k.shape[2] != T:
+            raise ValueError(f"attend: without a mask keys must match the queries ({k.shape[2]} != {T})")
+        bias = self.memory_bias() if n_memory else None
+        if bias is not None:
+            q, k, v = _with_gate_column(q, k, v, n_memory, bias)
+        out = F.scaled_dot_product_attention(
+            q, k, v,
+            attn_mask=mask,
+            is_causal=mask is None,
+            dropout_p=self.dropout if self.training else 0.0,
+            scale=1.0 / math.sqrt(D),
+        )
+        if bias is not None:
+            out = out[..., :D]
+        return self.out_proj(out.transpose(1, 2).reshape(B, T, H * D))
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], memory: LayerMemory, seg: "_Segment"):
+        q, k, v = self.qkv(x, rope=rope)
+        view = seg.memory_view(memory, self.horizon, q.dtype)
+        first = view.first
+        if view.size:
+            # the state may come from an autocast run of another dtype: match the segment's
+            keys = torch.cat([memory.k[:, :, first:].to(k.dtype), k], dim=2)
+            values = torch.cat([memory.v[:, :, first:].to(v.dtype), v], dim=2)
+        else:
+            keys, values = k, v
+        out = self.attend(q, keys, values, view.mask, n_memory=view.size)
+        return out, self._next_memory(keys, values, view.next_valid)
+
+    def _next_memory(self, keys: Tensor, values: Tensor, next_valid: Tensor) -> LayerMemory:
+        h = self.horizon
+        if h == 0:  # fresh empty tensors: an empty slice would keep the whole segment's storage alive
+            empty = keys.new_zeros(keys.shape[0], keys.shape[1], 0, keys.shape[3])
+            return LayerMemory(empty, empty, next_valid)
+        # slicing then .contiguous() copies only when it trims, so the state holds <= h positions
+        k = keys[:, :, max(keys.shape[2] - h, 0):].detach().contiguous()
+        v = values[:, :, max(values.shape[2] - h, 0):].detach().contiguous()
+        return LayerMemory(k, v, next_valid)
+
+
+def _with_gate_column(q: Tensor, k: Tensor, v: Tensor, n_memory: int, bias: Tensor):
+    """Fold the memory bias into the scores through an extra head dimension: q gets a 1, memory keys get
+    bias * sqrt(D), segment keys 0 (padded to a multiple of 8 for the fused kernels; v gets zeros).
+
+    Passing the bias through a float attn_mask that requires grad would force PyTorch's slow math
+    backend; through the keys, the fused SDPA kernels compute the gate's gradient."""
+    B, H, T, D = q.shape
+    N = k.shape[2]
+    extra = 8 - D % 8
+    column = (bias.to(k.dtype) * math.sqrt(D)).view(1, -1, 1, 1).expand(B, H, n_memory, 1)
+    k_gate = torch.cat([column, k.new_zeros(B, H, N - n_memory, 1)], dim=2)
+    q = torch.cat([q, q.new_ones(B, H, T, 1), q.new_zeros(B, H, T, extra - 1)], dim=-1)
+    k = torch.cat([k, k_gate, k.new_zeros(B, H, N, extra - 1)], dim=-1)
+    v = F.pad(v, (0, extra))
+    return q, k, v
+
+
+class Block(nn.Module):
+    """Pre-norm decoder block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
+
+    def __init__(self, cfg: DSMRConfig, layer: int):
+        super().__init__()
+        Norm = nn.LayerNorm if cfg.norm == "layernorm" else nn.RMSNorm
+        self.norm1 = Norm(cfg.d_model)
+        self.attn = MemoryAttention(cfg, layer)
+        self.norm2 = Norm(cfg.d_model)
+        self.mlp = nn.Sequential(
+            nn.Linear(cfg.d_model, cfg.ff_dim, bias=False),
+            nn.GELU(),
+            nn.Linear(cfg.ff_dim, cfg.d_model, bias=False),
+        )
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+
+    def feed_forward(self, x: Tensor) -> Tensor:
+        """The second half of the block: x + mlp(norm2(x))."""
+        return x + self.resid_dropout(self.mlp(self.norm2(x)))
+
+    def forward(self, x: Tensor, rope, memory: LayerMemory, seg: "_Segment") -> tuple[Tensor, LayerMemory]:
+        attn_out, new_memory = self.attn(self.norm1(x), rope, memory, seg)
+        return self.feed_forward(x + self.resid_dropout(attn_out)), new_memory
+
+
+@dataclass
+class _MemoryView:
+    first: int  # leading memory slots skipped: invalid in every lane
+    size: int  # memory slots attended to (M - first)
+    mask: Optional[Tensor]  # additive [B, 1, T, size + T]; None: plain causal
+    next_valid: Tensor  # validity of the layer's next memory
+
+
+class _Segment:
+    """Per-forward bookkeeping shared by the layers: masks and next-memory validity are computed once per
+    (memory validity, horizon); layers of equal horizon share validity tensors, hence their masks."""
+
+    def __init__(self, reset: Optional[Tensor], token_mask: Optional[Tensor], seg_len: int, batch: int, device):
+        self.reset, self.seg_len = reset, seg_len
+        self.token_mask = token_mask
+        self.all_real = token_mask is None or bool(token_mask.all())
+        self.real = token_mask if token_mask is not None else torch.ones(batch, seg_len, dtype=torch.bool, device=device)
+        self._views: dict = {}
+
+    def memory_view(self, memory: LayerMemory, horizon: int, dtype: torch.dtype) -> _MemoryView:
+        key = (id(memory.valid), memory.size, horizon, dtype)
+        view = self._views.get(key)
+        if view is None:
+            view = self._views[key] = self._make_view(memory.valid, horizon, dtype)
+        return view
+
+    def _make_view(self, valid: Tensor, horizon: int, dtype: torch.dtype) -> _MemoryView:
+        if self.reset is not None and valid.shape[1]:
+            valid = valid & ~self.reset[:, None]
+        first = valid.shape[1]
+        if first:
+            seen = valid.any(dim=0).nonzero()
+            first = int(seen[0]) if len(seen) else valid.shape[1]
+        valid = valid[:, first:]
+        size = valid.shape[1]
+        if size == 0 and self.all_real:
+            mask = None
+        else:
+            mask = attention_mask(valid, None if self.all_real else self.token_mask, self.seg_len, dtype)
+        combined = torch.cat([valid, self.real], dim=1) if size else self.real
+        next_valid = combined[:, max(combined.shape[1] - horizon, 0):].contiguous()
+        return _MemoryView(first, size, mask, next_valid)
+
+
+class DSMR(nn.Module):
+    """Depth-Structured Music Recurrence: the decoder stack with a per-layer budgeted KV memory."""
+
+    def __init__(self, cfg: DSMRConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embedding = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_base)
+        self.blocks = nn.ModuleList(Block(cfg, layer) for layer in range(cfg.n_layers))
+        self.norm = nn.LayerNorm(cfg.d_model) if cfg.norm == "layernorm" else nn.RMSNorm(cfg.d_model)
+        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.apply(self._init_weights)
+        if cfg.tie_embeddings:
+            self.head.weight = self.embedding.weight
+        # GPT-2: scale the residual projections so the residual stream's variance does not grow with depth
+        for block in self.blocks:
+            for proj in (block.attn.out_proj, block.mlp[2]):
+                nn.init.normal_(proj.weight, std=0.02 / math.sqrt(2 * cfg.n_layers))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+
+    @property
+    def horizons(self) -> tuple[int, ...]:
+        return self.cfg.horizons
+
+    def init_state(self, batch_size: int, device=None, dtype=None) -> State:
+        """Empty memory (M = 0) for every layer."""
+        param = self.embedding.weight
+        device = param.device if device is None else device
+        dtype = param.dtype if dtype is None else dtype
+        shape = (batch_size, self.cfg.n_heads, 0, self.cfg.head_dim)
+        empty = torch.zeros(shape, device=device, dtype=dtype)
+        valid = torch.zeros(batch_size, 0, dtype=torch.bool, device=device)
+        return [LayerMemory(empty, empty, valid) for _ in self.blocks]
+
+    def embed(self, ids: Tensor) -> Tensor:
+        """Token embeddings [B, T, d_model] (the residual stream entering block 0)."""
+        return self.dropout(self.embedding(ids))
+
+    def output(self, x: Tensor) -> Tensor:
+        """Final norm and head: residual stream [B, T, d_model] -> logits [B, T, vocab]."""
+        return self.head(self.norm(x))
+
+    def forward(
+        self,
+        ids: Tensor,
+        positions: Tensor,
+        reset: Optional[Tensor] = None,
+        state: Optional[State] = None,
+        token_mask: Optional[Tensor] = None,
+    ) -> tuple[Tensor, State]:
+        """One segment: ids/positions [B, T] long, reset [B] bool, token_mask [B, T] bool (False: padding).
+        Returns logits [B, T, vocab] and the next detached state (<= h_l positions per layer)."""
+        self._check_inputs(ids, positions, reset, state, token_mask)
+        B, T = ids.shape
+        if state is None:
+            state = self.init_state(B, device=ids.device)
+        seg = _Segment(reset, token_mask, T, B, ids.device)
+        rope = self.rotary(positions)
+        x = self.embed(ids)
+        new_state: State = []
+        for block, memory in zip(self.blocks, state):
+            x, memory = block(x, rope, memory, seg)
+            new_state.append(memory)
+        return self.output(x), new_state
+
+    def _check_inputs(self, ids, positions, reset, state, token_mask) -> None:
+        if ids.dim() != 2:
+            raise DsmrError(f"DSMR.forward: ids must be [batch, time], got shape {tuple(ids.shape)}")
+        B, T = ids.shape
+        if T == 0:
+            raise DsmrError("DSMR.forward: empty segment (time dimension 0)")
+        if positions.shape != ids.shape:
+            raise DsmrError(f"DSMR.forward: positions shape {tuple(positions.shape)} != ids shape {tuple(ids.shape)}")
+        if reset is not None and (reset.shape != (B,) or reset.dtype != torch.bool):
+            raise DsmrError(f"DSMR.forward: reset must be a bool tensor of shape ({B},), got {reset.dtype} {tuple(reset.shape)}")
+        if token_mask is not None and (token_mask.shape != ids.shape or token_mask.dtype != torch.bool):
+            raise DsmrError(f"DSMR.forward: token_mask must be a bool tensor of shape {tuple(ids.shape)}, "
+                            f"got {token_mask.dtype} {tuple(token_mask.shape)}")
+        if state is not None:
+            if len(state) != self.cfg.n_layers:
+                raise DsmrError(f"DSMR.forward: state has {len(state)} layers, the model {self.cfg.n_layers}")
+            for layer, m in enumerate(state):
+                if m.k.shape[0] != B or m.valid.shape != (B, m.k.shape[2]):
+                    raise DsmrError(f"DSMR.forward: state of layer {layer} is for batch {m.k.shape[0]} "
+                                    f"(valid {tuple(m.valid.shape)}), the segment has batch {B}")
+
+    def gate_values(self) -> Optional[Tensor]:
+        """sigmoid(theta) per layer [n_layers], or per head [n_layers, n_heads]; None without gates."""
+        if self.cfg.gate == "none":
+            return None
+        g = torch.stack([block.attn.gate() for block in self.blocks]).detach()
+        return g if self.cfg.gate_per_head else g[:, 0]
+
+    def gate_penalty(self) -> Tensor:
+        """sum_l g_l * h_l / B (g_l averaged over heads): the budget the gates keep, as a fraction of B.
+        0 without gates or with an empty budget. Multiply by lambda in the loss."""
+        budget = sum(self.cfg.horizons)
+        device = self.embedding.weight.device
+        if self.cfg.gate == "none" or budget == 0:
+            return torch.zeros((), device=device)
+        total = sum(block.attn.gate().mean() * block.attn.horizon for block in self.blocks)
+        return total / budget
+
+    def num_parameters(self) -> int:
+        """Trainable parameters, a tied embedding counted once."""
+        return sum(p.numel() for p in self.parameters())

@@ -1,0 +1,220 @@
+"""The streaming trainer and run folders: learning, exact resume, Ctrl-C, checkpoints, isolation, baseline."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+
+import numpy as np
+import pytest
+import torch
+from fixtures import bach_cache, single_thread  # noqa: F401  (fixtures)
+from safetensors.torch import load_file
+
+from dsmr.checkpoint import check_tokenizer, load_model, load_trainer_state, read_config, save_weights
+from dsmr.errors import DsmrError
+from dsmr.model import DSMR, DSMRConfig
+from dsmr.stream import IGNORE_INDEX, PieceStream
+from dsmr.tokenizer import PerformanceTokenizer
+from dsmr.train import TrainConfig, train
+
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def tiny(**overrides) -> TrainConfig:
+    base = dict(layers=2, d_model=32, heads=2, segment=32, batch_size=3, schedule="two-scale", budget=96,
+                long_layers=1, short=32, lr=3e-3, warmup_steps=2, steps=8, eval_every=0, log_every=1,
+                val_pieces=1, tensorboard=False)
+    base.update(overrides)
+    return TrainConfig(**base)
+
+
+def losses(run_dir) -> dict[int, float]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+def interrupt_at(monkeypatch, call: int, action):
+    """Run `action` inside the `call`-th training step (in gradient clipping, after the backward pass)."""
+    real = torch.nn.utils.clip_grad_norm_
+    calls = {"n": 0}
+
+    def clip(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == call:
+            action()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
+
+
+def test_validation_ppl_drops_on_chorales(bach_cache, tmp_path):
+    cfg = tiny(d_model=64, segment=64, batch_size=4, budget=192, short=64, steps=40, warmup_steps=4,
+               eval_at_start=True, val_pieces=None, log_every=10)
+    result = train(cfg, bach_cache, tmp_path / "run", progress=False)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    start = next(r for r in records if r["step"] == 0 and "val_ppl" in r)["val_ppl"]
+    assert start > 200  # an untrained model is close to uniform over 391 ids
+    assert result["ppl"] < start / 4, (start, result["ppl"])
+    assert result["steps"] == 40 and not result["interrupted"]
+    assert result["tokens"] == sum(len(p) + 1 for p in bach_cache.pieces("validation"))
+    for name in ("config.json", "model.safetensors", "best.safetensors", "trainer_state.pt"):
+        assert (tmp_path / "run" / name).is_file()
+    model, tokenizer, config = load_model(tmp_path / "run")
+    assert config["model"]["horizons"] == [128, 64] and tokenizer.vocab_size == model.cfg.vocab_size
+
+
+# dropout and soft gates make the RNG and gate parameters part of what a resume must restore;
+# accumulation over 2 segments checks that the stream and state rewind together.
+RESUME_CFG = dict(dropout=0.1, gate="soft", gate_lambda=0.01, grad_accum=2, steps=10)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(bach_cache, tmp_path_factory):
+    run = tmp_path_factory.mktemp("uninterrupted") / "run"
+    train(tiny(**RESUME_CFG), bach_cache, run, progress=False)
+    return run
+
+
+def assert_same_run(a, b):
+    assert losses(a) == losses(b) and len(losses(a)) == 10
+    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_keyboard_interrupt_saves_and_resume_is_exact(bach_cache, uninterrupted, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+
+    def ctrl_c():
+        raise KeyboardInterrupt
+
+    interrupt_at(monkeypatch, 5, ctrl_c)  # inside step 5: rewinds to the end of step 4
+    result = train(tiny(**RESUME_CFG), bach_cache, run, progress=False)
+    assert result["interrupted"] and result["steps"] == 4
+    assert load_trainer_state(run)["step"] == 4
+    monkeypatch.undo()
+    resumed = train(tiny(**RESUME_CFG), bach_cache, run, progress=False, resume=True)
+    assert resumed["steps"] == 10 and not resumed["interrupted"]
+    assert_same_run(uninterrupted, run)
+    gates = [json.loads(line)["gates"] for line in (run / "metrics.jsonl").read_text().splitlines()
+             if "loss" in line]
+    assert all(len(g) == 2 for g in gates) and gates[0] != gates[-1]  # per-layer gate values, learning
+
+
+def test_sigint_stops_at_a_step_boundary(bach_cache, uninterrupted, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    interrupt_at(monkeypatch, 3, lambda: os.kill(os.getpid(), signal.SIGINT))
+    result = train(tiny(**RESUME_CFG), bach_cache, run, progress=False)
+    assert result["interrupted"] and result["steps"] == 3  # the signalled step finished, then it stopped
+    monkeypatch.undo()
+    train(tiny(**RESUME_CFG), bach_cache, run, progress=False, resume=True)
+    assert_same_run(uninterrupted, run)
+
+
+def test_resume_refuses_another_config_and_fresh_run_refuses_a_used_folder(bach_cache, uninterrupted, tmp_path):
+    run = tmp_path / "copy"
+    shutil.copytree(uninterrupted, run)
+    with pytest.raises(DsmrError, match="d_model: run 32, now 64"):
+        train(tiny(**dict(RESUME_CFG, d_model=64)), bach_cache, run, progress=False, resume=True)
+    with pytest.raises(DsmrError, match="already holds a run"):
+        train(tiny(**RESUME_CFG), bach_cache, run, progress=False)
+    with pytest.raises(DsmrError, match="nothing to resume|not a dsmr run"):
+        train(tiny(), bach_cache, tmp_path / "empty", progress=False, resume=True)
+    # more steps is an allowed change: the run continues from step 10
+    more = train(tiny(**dict(RESUME_CFG, steps=12)), bach_cache, run, progress=False, resume=True)
+    assert more["steps"] == 12 and max(losses(run)) == 12
+
+
+def test_checkpoint_of_another_config_is_a_clear_error(bach_cache, uninterrupted, tmp_path):
+    run = tmp_path / "copy"
+    shutil.copytree(uninterrupted, run)
+    config = read_config(run)
+    config["model"]["d_model"] = 64
+    (run / "config.json").write_text(json.dumps(config))
+    with pytest.raises(DsmrError, match=r"embedding.weight: checkpoint \(391, 32\), model \(391, 64\)"):
+        load_model(run)
+    other = PerformanceTokenizer(velocity_bins=16)
+    with pytest.raises(DsmrError, match="vocab 375"):
+        check_tokenizer(read_config(uninterrupted), other, "the cache X")
+    check_tokenizer(read_config(uninterrupted), bach_cache.tokenizer, "the cache")  # same: no error
+    with pytest.raises(DsmrError, match="checkpoint not found"):
+        load_model(tmp_path / "nope.safetensors")
+    (tmp_path / "bad.safetensors").write_bytes(b"not safetensors")
+    (tmp_path / "config.json").write_text(json.dumps(read_config(uninterrupted)))
+    with pytest.raises(DsmrError, match="not a readable safetensors"):
+        load_model(tmp_path / "bad.safetensors")
+    # weights saved after the trainer state (an interrupted save) are refused on resume
+    model, _, _ = load_model(uninterrupted)
+    save_weights(model, run / "model.safetensors", step=3)
+    with pytest.raises(DsmrError, match="disagree"):
+        load_trainer_state(run)
+
+
+def test_streamed_lanes_are_isolated_and_padding_changes_nothing():
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    pieces = [rng.integers(10, 50, size=n) for n in (70, 5, 33, 120, 16)]
+    for i, p in enumerate(pieces):
+        p[0] = 3 + i  # the first event names the piece
+    model = DSMR(DSMRConfig(vocab_size=50, n_layers=3, d_model=32, n_heads=2, horizons=(40, 16, 0))).eval()
+
+    def per_piece(batch_size, scramble_padding=False):
+        """Logits of each piece (keyed by its first event) and the summed NLL, streamed in `batch_size` lanes."""
+        stream = PieceStream(pieces, batch_size, 16, bos_id=1, eos_id=2, pad_id=0, shuffle=False)
+        current, key, done, state, nll = {}, {}, {}, None, 0.0
+        with torch.no_grad():
+            for b in stream.epoch_batches():
+                ids = b.ids.clone()
+                if scramble_padding:
+                    ids[~b.token_mask] = torch.randint(10, 50, (int((~b.token_mask).sum()),))
+                logits, state = model(ids, b.positions, b.reset, state, b.token_mask)
+                nll += float(torch.nn.functional.cross_entropy(
+                    logits.flatten(0, 1), b.targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"))
+                for lane in range(batch_size):
+                    n = int(b.token_mask[lane].sum())
+                    if n == 0:
+                        continue
+                    if b.reset[lane]:
+                        current[lane], key[lane] = [], int(b.targets[lane, 0])
+                    current[lane].append(logits[lane, :n])
+                    if b.targets[lane, n - 1] == 2:  # EOS: the piece is complete
+                        done[key[lane]] = torch.cat(current[lane])
+        return done, nll
+
+    alone, nll_alone = per_piece(1)
+    together, nll_together = per_piece(3)
+    scrambled, nll_scrambled = per_piece(3, scramble_padding=True)
+    assert sorted(alone) == sorted(together) == list(range(3, 3 + len(pieces)))
+    for k in alone:
+        assert together[k].shape == (len(pieces[k - 3]) + 1, 50)
+        torch.testing.assert_close(together[k], alone[k], atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(scrambled[k], together[k], atol=2e-5, rtol=1e-4)
+    assert nll_together == pytest.approx(nll_alone, rel=1e-5)
+    assert nll_scrambled == pytest.approx(nll_together, rel=1e-6)
+
+
+def test_excerpt_baseline_trains_without_memory(bach_cache, tmp_path):
+    cfg = tiny(baseline="excerpt", context=48, steps=4, schedule="two-scale")
+    result = train(cfg, bach_cache, tmp_path / "run", progress=False)
+    config = read_config(tmp_path / "run")
+    assert config["model"]["horizons"] == [0, 0] and config["segment_len"] == 48
+    assert result["state_bytes"] == 0 and result["ppl"] is not None and result["steps"] == 4
+
+
+def test_epochs_mode_runs_whole_epochs(bach_cache, tmp_path):
+    cfg = tiny(steps=None, epochs=1, segment=256, batch_size=8, budget=320, short=64, val_pieces=1)
+    stream = PieceStream(bach_cache.pieces("train"), 8, 256, 1, 2, 0, seed=0)
+    result = train(cfg, bach_cache, tmp_path / "run", progress=False)
+    assert result["steps"] == stream.count_batches(0) and result["epoch"] == 1
+
+
+def test_bad_config_is_a_clear_error(bach_cache, tmp_path):
+    with pytest.raises(DsmrError, match="give steps or epochs"):
+        train(tiny(epochs=1), bach_cache, tmp_path / "a", progress=False)
+    with pytest.raises(DsmrError, match="two-scale"):
+        train(tiny(budget=40), bach_cache, tmp_path / "b", progress=False)
+    with pytest.raises(DsmrError, match="grad_accum"):
+        train(tiny(grad_accum=0), bach_cache, tmp_path / "c", progress=False)
