@@ -14,7 +14,11 @@ echo "== 1/4 build the Bach chorale cache (music21's bundled corpus) =="
 $DSMR data build --corpus bach --cache "$DIR/cache"
 
 echo "== 2/4 train a small two-scale DSMR ($STEPS steps) =="
-$DSMR train --cache "$DIR/cache" --out "$DIR/run" --steps "$STEPS" --resume
+# A laptop-sized model: 4 layers of width 128; the lowest layer keeps 448 past positions, the others 64.
+RESUME=(); [ -f "$DIR/run/config.json" ] && RESUME=(--resume)   # a rerun continues (or finds it done)
+$DSMR train --cache "$DIR/cache" --out "$DIR/run" --steps "$STEPS" "${RESUME[@]}" \
+    --layers 4 --d-model 128 --heads 4 --segment 128 --batch-size 8 \
+    --schedule two-scale --budget 640 --long-layers 1 --short 64 --eval-every 200
 
 echo "== 3/4 validation perplexity over full pieces =="
 $DSMR eval "$DIR/run" --cache "$DIR/cache" --split validation
