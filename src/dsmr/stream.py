@@ -41,6 +41,11 @@ class SegmentBatch:
         return SegmentBatch(*(t.to(device, non_blocking=non_blocking) for t in
                               (self.ids, self.targets, self.positions, self.reset, self.token_mask)))
 
+    def pin_memory(self) -> "SegmentBatch":
+        """A copy in page-locked host memory, so that `to(cuda, non_blocking=True)` is asynchronous."""
+        return SegmentBatch(*(t.pin_memory() for t in
+                              (self.ids, self.targets, self.positions, self.reset, self.token_mask)))
+
     @property
     def num_targets(self) -> int:
         """Tokens that count in the loss."""

@@ -16,10 +16,14 @@ metrics.jsonl, and TensorBoard logs in tb/ when the tensorboard package is insta
 Ctrl-C: the first one finishes the current step, saves a resumable checkpoint and returns
 (`interrupted: True`); a KeyboardInterrupt raised inside a step (a second Ctrl-C, or a library caller's)
 rewinds to the last finished step and saves that.
+
+Several processes (torchrun, see dsmr.distributed and docs/distributed.md): DistributedDataParallel over
+one shared lane assignment; rank 0 writes; the checkpoint holds every rank's recurrent state and RNG.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -39,8 +43,9 @@ from dsmr import __version__
 from dsmr.atomic import atomic_write_text
 from dsmr.checkpoint import (CONFIG_FILE, LATEST_FILE, METRICS_FILE, TRAINER_STATE_FILE, load_trainer_state,
                              load_weights, read_config, save_checkpoint)
+from dsmr.distributed import DistContext, init_distributed, reduce_evaluation, split_pieces, wrap_model
 from dsmr.errors import DsmrError
-from dsmr.evaluate import PeakMemory, autocast, evaluate, resolve_device, state_bytes
+from dsmr.evaluate import NLL_BUCKETS, PeakMemory, autocast, evaluate, resolve_device, state_bytes
 from dsmr.model import DSMR, GATES, DSMRConfig, LayerMemory
 from dsmr.schedule import Schedule, make_schedule
 from dsmr.stream import IGNORE_INDEX, ExcerptStream, PieceStream
@@ -48,7 +53,7 @@ from dsmr.stream import IGNORE_INDEX, ExcerptStream, PieceStream
 DEFAULT_STEPS = 1000  # when neither steps nor epochs is given
 # Options that may change when a run is resumed: they do not change what the model computes.
 RESUMABLE_CHANGES = ("steps", "epochs", "eval_every", "eval_at_start", "val_pieces", "eval_batch_size",
-                     "log_every", "save_every", "device", "tensorboard")
+                     "log_every", "save_every", "device", "tensorboard", "compile")
 
 
 @dataclass
@@ -101,6 +106,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     amp: bool = True                  # bf16 autocast on CUDA (CPU stays fp32)
+    compile: bool = False             # torch.compile the training step (the model, under DDP when distributed)
 
     def __post_init__(self) -> None:
         for name in ("binary_layers", "horizons", "betas"):
@@ -239,14 +245,19 @@ def _state_from_cpu(saved, device) -> list[LayerMemory] | None:
 
 
 class _StopRequest:
-    """The first SIGINT asks the loop to stop at the next step boundary; a second one interrupts at once."""
+    """The first SIGINT asks the loop to stop at the next step boundary; a second one interrupts at once.
 
-    def __init__(self):
+    Distributed, repeats are ignored: torchrun forwards the terminal's SIGINT to its workers, so each
+    gets it twice, and the ranks must stop together (they vote at every step) to save a checkpoint.
+    torchrun kills workers that have not exited after its grace period."""
+
+    def __init__(self, distributed: bool = False):
         self.requested = False
+        self.distributed = distributed
         self._previous = None
 
     def _handle(self, signum, frame):
-        if self.requested:
+        if self.requested and not self.distributed:
             raise KeyboardInterrupt
         self.requested = True
 
@@ -263,8 +274,9 @@ class _StopRequest:
 class _Metrics:
     """metrics.jsonl: records kept in memory, the file rewritten atomically (at saves, or every 30 s)."""
 
-    def __init__(self, path: Path, keep_until_step: int | None = None):
+    def __init__(self, path: Path, keep_until_step: int | None = None, write: bool = True):
         self.path = path
+        self.write = write  # False on ranks other than 0: records are kept, nothing is written
         self.records: list[dict] = []
         if keep_until_step is not None and path.is_file():  # resume: drop what came after the checkpoint
             for line in path.read_text().splitlines():
@@ -296,12 +308,16 @@ class _Metrics:
             self.flush()
 
     def flush(self) -> None:
+        if not self.write:
+            return
         atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.records))
         if self._writer is not None:
             self._writer.flush()
         self._flushed = time.monotonic()
 
     def close(self) -> None:
+        if not self.write:
+            return
         self.flush()
         if self._writer is not None:
             self._writer.close()
@@ -346,17 +362,68 @@ def total_steps(cfg: TrainConfig, stream) -> int:
     return DEFAULT_STEPS
 
 
+class TrainStep(torch.nn.Module):
+    """What one training forward computes: logits, the next state and, when weighted, the gate penalty.
+
+    The penalty is computed inside the forward so that DistributedDataParallel sees every gradient path
+    to the gate parameters (a gradient reaching a parameter outside DDP's forward breaks its reducer)."""
+
+    def __init__(self, model: DSMR, with_penalty: bool):
+        super().__init__()
+        self.model = model
+        self.with_penalty = with_penalty
+
+    def forward(self, ids, positions, reset, state, token_mask):
+        logits, new_state = self.model(ids, positions, reset, state, token_mask)
+        return logits, new_state, self.model.gate_penalty() if self.with_penalty else None
+
+
+def _to_device(batch, device: torch.device):
+    """Host-to-device copy; on CUDA from pinned memory, so the copy is asynchronous."""
+    if device.type == "cuda":
+        return batch.pin_memory().to(device, non_blocking=True)
+    return batch.to(device)
+
+
 def train(cfg: TrainConfig, cache, out_dir, progress: bool = True, resume: bool = False) -> dict:
     """Train a DSMR model on the train split of `cache` (a TokenCache) into the run folder `out_dir`.
 
     Returns the final validation result of dsmr.evaluate.evaluate (ppl, nll, tokens, pieces, tokens_per_s,
     peak_memory_bytes, state_bytes, nll_by_position; None values when the cache has no validation
     pieces) plus steps, epoch, train_loss (mean NLL of the last logged interval), train_tokens_per_s,
-    train_peak_memory_bytes, train_state_bytes, best_val_nll, interrupted and run_dir.
+    train_peak_memory_bytes, train_state_bytes, best_val_nll, interrupted, world_size and run_dir.
+
+    Under torchrun (or in a process group the caller initialized) every process calls this with the same
+    arguments; each trains its share of the lanes (dsmr.distributed) and all return the same result.
     """
     cfg.validate()
-    run_dir = Path(out_dir)
-    device = resolve_device(cfg.device)
+    ctx = init_distributed(resolve_device(cfg.device))
+    try:
+        return _train(cfg, cache, Path(out_dir), progress, resume, ctx)
+    finally:
+        ctx.close()
+
+
+def _prepare_run(run_dir: Path, config: dict, resume: bool, world_size: int) -> dict | None:
+    """Rank 0's checks before training: the saved trainer state to resume from, or None for a fresh run."""
+    if not resume:
+        if (run_dir / CONFIG_FILE).exists() or (run_dir / TRAINER_STATE_FILE).exists():
+            raise DsmrError(f"{run_dir} already holds a run: resume it (--resume) or choose another --out")
+        return None
+    _check_resume(run_dir, config)
+    saved = load_trainer_state(run_dir)
+    saved_world = int(saved.get("world_size", 1))
+    if saved_world != world_size:
+        raise DsmrError(
+            f"cannot resume {run_dir} with {world_size} process{'es' if world_size > 1 else ''}: it was "
+            f"trained with {saved_world}, and its data order and recurrent state belong to that many ranks; "
+            f"resume with {saved_world} (dsmr train --nproc {saved_world} ..., or torchrun with "
+            f"{saved_world} processes in all)")
+    return saved
+
+
+def _train(cfg: TrainConfig, cache, run_dir: Path, progress: bool, resume: bool, ctx: DistContext) -> dict:
+    device = ctx.device
     use_amp = cfg.amp and device.type == "cuda"
     tokenizer = cache.tokenizer
     if "train" not in cache.splits or cache.num_pieces("train") == 0:
@@ -365,68 +432,91 @@ def train(cfg: TrainConfig, cache, out_dir, progress: bool = True, resume: bool 
     val_pieces = _val_pieces(cfg, cache)
     model_cfg = make_model_config(cfg, tokenizer.vocab_size)
     config = run_config(cfg, model_cfg, tokenizer, cache)
+    main = ctx.is_main
 
-    if resume:
-        _check_resume(run_dir, config)
-        saved = load_trainer_state(run_dir)
-    else:
-        if (run_dir / CONFIG_FILE).exists() or (run_dir / TRAINER_STATE_FILE).exists():
-            raise DsmrError(f"{run_dir} already holds a run: resume it (--resume) or choose another --out")
-        saved = None
+    saved = ctx.from_main(lambda: _prepare_run(run_dir, config, resume, ctx.world_size))
 
     _seed_everything(cfg.seed)
     model = DSMR(model_cfg).to(device)
+    if ctx.enabled:  # same initial weights (DDP broadcasts rank 0's anyway), different dropout draws
+        torch.manual_seed(int(np.random.SeedSequence([cfg.seed, ctx.rank]).generate_state(1)[0]))
     optimizer = make_optimizer(model, cfg, device)
     stream_cls = ExcerptStream if cfg.baseline else PieceStream
     stream = stream_cls(train_pieces, cfg.batch_size, cfg.segment_len, tokenizer.bos_id, tokenizer.eos_id,
-                        tokenizer.pad_id, shuffle=True, seed=cfg.seed)
+                        tokenizer.pad_id, shuffle=True, seed=cfg.seed, rank=ctx.rank, world_size=ctx.world_size)
     total = total_steps(cfg, stream)
+    ctx.check_same("the run config and training data",
+                   (config["train"], config["tokenizer_hash"], len(train_pieces),
+                    int(stream.inputs_per_piece.sum()), len(val_pieces), total))
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else min(500, total // 20)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, total, warmup, cfg.min_lr_ratio))
 
     step, best_nll, state = 0, math.inf, None
     if saved is not None:
-        load_weights(model, run_dir / LATEST_FILE, device=str(device))
+        # rank 0 loads the weights; DistributedDataParallel hands them to the other ranks
+        ctx.from_main(lambda: load_weights(model, run_dir / LATEST_FILE, device=str(device)))
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
-        stream.load_state_dict(saved["stream"])
-        _set_rng_state(saved["rng"])
-        state = _state_from_cpu(saved["memory"], device)
+        stream.load_state_dict(saved["stream"])  # the shared lane assignment: the same on every rank
+        mine = saved["ranks"][ctx.rank] if ctx.enabled else saved
+        _set_rng_state(mine["rng"])
+        state = _state_from_cpu(mine["memory"], device)
         step, best_nll = int(saved["step"]), float(saved["best_val_nll"])
 
-    metrics = _Metrics(run_dir / METRICS_FILE, keep_until_step=step if saved is not None else None)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.tensorboard:
-        metrics.open_tensorboard(run_dir / "tb")
+    with_penalty = bool(cfg.gate_lambda) and cfg.gate != "none"
+    ddp = wrap_model(TrainStep(model, with_penalty), ctx, find_unused=cfg.gate != "none")
+    forward = torch.compile(ddp) if cfg.compile else ddp
+
+    metrics = _Metrics(run_dir / METRICS_FILE, keep_until_step=step if saved is not None else None, write=main)
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if cfg.tensorboard:
+            metrics.open_tensorboard(run_dir / "tb")
     eval_batch = cfg.eval_batch_size or cfg.batch_size
     special = dict(pad_id=tokenizer.pad_id, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id)
     save_every = cfg.save_every or cfg.eval_every or None
+    val_share = [val_pieces[i] for i in split_pieces([len(p) for p in val_pieces], ctx.world_size)[ctx.rank]]
 
-    def trainer_state() -> dict:
-        return {"step": step, "best_val_nll": best_nll, "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "stream": stream.state_dict(), "rng": _rng_state(),
-                "memory": _state_to_cpu(state), "config": config["train"]}
+    def trainer_state() -> dict | None:
+        """The resumable state (rank 0; None elsewhere). Distributed, every rank's recurrent state and
+        RNG go into "ranks" (a collective: every rank calls this at the same step)."""
+        mine = {"rng": _rng_state(), "memory": _state_to_cpu(state)}
+        ranks = ctx.gather_to_main(mine)
+        if not main:
+            return None
+        saved_state = {"step": step, "best_val_nll": best_nll, "optimizer": optimizer.state_dict(),
+                       "scheduler": scheduler.state_dict(), "stream": stream.state_dict(), **mine,
+                       "config": config["train"], "world_size": ctx.world_size}
+        if ctx.enabled:
+            saved_state["ranks"] = [mine] + ranks[1:]
+        return saved_state
 
     def save_latest() -> None:
-        save_checkpoint(run_dir, model, config, trainer_state())
-        metrics.flush()
+        saved_state = trainer_state()
+        if main:
+            save_checkpoint(run_dir, model, config, saved_state)
+            metrics.flush()
 
     def validate() -> dict | None:
         nonlocal best_nll
         if not val_pieces:
             return None
-        result = evaluate(model, val_pieces, eval_batch, cfg.segment_len, device=device, amp=cfg.amp, **special)
+        result = (evaluate(model, val_share, eval_batch, cfg.segment_len, device=device, amp=cfg.amp, **special)
+                  if val_share else None)
+        result = reduce_evaluation(result, ctx, len(NLL_BUCKETS))
         metrics.log({"step": step, "val_nll": result["nll"], "val_ppl": result["ppl"],
                      "val_tokens_per_s": result["tokens_per_s"]})
         if result["nll"] < best_nll:
             best_nll = result["nll"]
-            save_checkpoint(run_dir, model, config, {"step": step}, best=True)
+            if main:
+                save_checkpoint(run_dir, model, config, {"step": step}, best=True)
         return dict(result, step=step)
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total, initial=step, disable=not progress, unit="step", desc="train", dynamic_ncols=True)
+    bar = tqdm(total=total, initial=step, disable=not (progress and main), unit="step", desc="train",
+               dynamic_ncols=True)
     last_eval = validate() if cfg.eval_at_start and step == 0 and saved is None else None
     batches = iter(stream)
     interval = {"nll": 0.0, "targets": 0, "seconds": 0.0}
@@ -434,9 +524,9 @@ def train(cfg: TrainConfig, cache, out_dir, progress: bool = True, resume: bool 
     saved_step = step if saved is not None else None
     bpv = 2 if use_amp else 4
     model.train()
-    with _StopRequest() as stop, PeakMemory(device) as train_memory:
+    with _StopRequest(distributed=ctx.enabled) as stop, PeakMemory(device) as train_memory:
         while step < total:
-            if stop.requested:
+            if stop.requested and not ctx.enabled:
                 interrupted = True
                 break
             rewind = (stream.state_dict(), state, _rng_state())  # where a KeyboardInterrupt goes back to
@@ -444,23 +534,38 @@ def train(cfg: TrainConfig, cache, out_dir, progress: bool = True, resume: bool 
             try:
                 micro = [next(batches) for _ in range(cfg.grad_accum)]
                 n_targets = sum(b.num_targets for b in micro)
+                if ctx.enabled:  # the loss divides by the targets of all ranks; ranks stop together
+                    n_all, stops = ctx.all_sum([n_targets, stop.requested])
+                    if stops:
+                        stream.load_state_dict(rewind[0])
+                        interrupted = True
+                        break
+                    n_targets = int(n_all)
                 optimizer.zero_grad(set_to_none=True)
                 nll_total = 0.0
-                for batch in micro:
-                    batch = batch.to(device, non_blocking=True)
-                    with autocast(device, use_amp):
-                        logits, new_state = model(batch.ids, batch.positions, batch.reset, state, batch.token_mask)
-                    nll = F.cross_entropy(logits.float().flatten(0, 1), batch.targets.flatten(),
-                                          ignore_index=IGNORE_INDEX, reduction="sum")
-                    loss = nll / max(n_targets, 1)
-                    if cfg.gate_lambda and cfg.gate != "none":
-                        loss = loss + cfg.gate_lambda * model.gate_penalty() / cfg.grad_accum
-                    loss.backward()
+                for i, batch in enumerate(micro):
+                    batch = _to_device(batch, device)
+                    # gradients are all-reduced once per optimizer step, after the last micro-batch
+                    last = i == len(micro) - 1
+                    with (ddp.no_sync() if ctx.enabled and not last else contextlib.nullcontext()):
+                        with autocast(device, use_amp):
+                            logits, new_state, penalty = forward(batch.ids, batch.positions, batch.reset, state,
+                                                                 batch.token_mask)
+                        nll = F.cross_entropy(logits.float().flatten(0, 1), batch.targets.flatten(),
+                                              ignore_index=IGNORE_INDEX, reduction="sum")
+                        loss = nll / max(n_targets, 1)
+                        if ctx.enabled:
+                            loss = loss * ctx.world_size  # DDP averages gradients over ranks
+                        if penalty is not None:
+                            loss = loss + cfg.gate_lambda * penalty / cfg.grad_accum
+                        loss.backward()
                     state = [LayerMemory(m.k.detach(), m.v.detach(), m.valid) for m in new_state]
                     nll_total += float(nll.detach())
                 if cfg.grad_clip:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             except KeyboardInterrupt:
+                if ctx.enabled:  # other ranks may be inside a collective: no way to save together
+                    raise
                 stream.load_state_dict(rewind[0])
                 state = rewind[1]
                 _set_rng_state(rewind[2])  # dropout may have drawn numbers in the unfinished step
@@ -479,7 +584,8 @@ def train(cfg: TrainConfig, cache, out_dir, progress: bool = True, resume: bool 
 
             if step % cfg.log_every == 0 or step == total:
                 elapsed = interval["seconds"]
-                last_loss = interval["nll"] / max(interval["targets"], 1)
+                interval_nll = ctx.all_sum([interval["nll"]])[0]  # targets are already global
+                last_loss = interval_nll / max(interval["targets"], 1)
                 gates = model.gate_values()
                 record = {"step": step, "epoch": stream.epoch, "loss": last_loss,
                           "lr": scheduler.get_last_lr()[0], "tokens": interval["targets"],
@@ -490,7 +596,7 @@ def train(cfg: TrainConfig, cache, out_dir, progress: bool = True, resume: bool 
                 interval = {"nll": 0.0, "targets": 0, "seconds": 0.0}
             if cfg.eval_every and step % cfg.eval_every == 0 and val_pieces:
                 last_eval = validate()
-                if progress:
+                if progress and main:
                     bar.write(f"step {step}: val ppl {last_eval['ppl']:.3f} (nll {last_eval['nll']:.4f})",
                               file=sys.stderr)
             if save_every and step % save_every == 0:
@@ -504,6 +610,8 @@ def train(cfg: TrainConfig, cache, out_dir, progress: bool = True, resume: bool 
     if saved_step != step:
         save_latest()
     metrics.close()
+    # the slowest rank sets the pace; peak memory is per process (the largest of any rank)
+    train_seconds, train_peak = ctx.all_max([train_seconds, train_memory.peak_bytes])
     eval_fields = dict.fromkeys(("ppl", "nll", "tokens", "pieces", "tokens_per_s", "peak_memory_bytes",
                                  "nll_by_position"))
     eval_fields["state_bytes"] = state_bytes(model, 1, bpv)
@@ -514,10 +622,11 @@ def train(cfg: TrainConfig, cache, out_dir, progress: bool = True, resume: bool 
         "epoch": stream.epoch,
         "train_loss": last_loss,
         "train_tokens_per_s": train_targets / train_seconds if train_seconds else None,
-        "train_peak_memory_bytes": train_memory.peak_bytes,
+        "train_peak_memory_bytes": int(train_peak),
         "train_memory_method": train_memory.method,
         "train_state_bytes": make_run_schedule(cfg).state_bytes(cfg.d_model, bpv, cfg.batch_size),
         "best_val_nll": best_nll if math.isfinite(best_nll) else None,
         "interrupted": interrupted,
+        "world_size": ctx.world_size,
         "run_dir": str(run_dir),
     }

@@ -3,12 +3,16 @@
 Every option defaults to dsmr.train.TrainConfig, so `dsmr train --cache DIR --out RUN` alone trains a
 small two-scale model. With --resume the run's saved config is the base and only the options given on
 the command line change it (dsmr.train refuses changes that would alter what the model computes).
+
+`--nproc N` re-launches the same command through torch.distributed.run (torchrun) with N processes
+per node (DistributedDataParallel, see docs/distributed.md); `torchrun ... -m dsmr train ...` works too.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from dsmr.cli.schedule import _int_list, add_schedule_arguments
@@ -21,8 +25,11 @@ _FIELDS = (
     "segment", "batch_size", "baseline", "context",
     "lr", "min_lr_ratio", "warmup_steps", "weight_decay", "grad_clip", "grad_accum", "steps", "epochs",
     "eval_every", "eval_at_start", "val_split", "val_pieces", "eval_batch_size", "log_every", "save_every",
-    "tensorboard", "seed", "device", "amp",
+    "tensorboard", "seed", "device", "amp", "compile",
 )
+# Options of the launcher itself: not passed on to the processes it starts.
+_LAUNCH_OPTIONS = ("nproc", "nnodes", "node_rank", "master_addr", "master_port")
+_PARSER: argparse.ArgumentParser | None = None  # the train parser, to rebuild a command line from args
 
 
 def register(subparsers) -> None:
@@ -95,7 +102,19 @@ def register(subparsers) -> None:
     r.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch (default: torch's choice; 1 is fastest for small models "
                         "on a busy machine)")
+    r.add_argument("--compile", action="store_const", const=True,
+                   help="torch.compile the model for training (worth it on GPUs for long runs)")
+
+    n = p.add_argument_group("several processes (DistributedDataParallel; see docs/distributed.md)")
+    n.add_argument("--nproc", type=int, help="start N training processes on this machine through torchrun "
+                   "(one per GPU; gloo on CPU); resume with the same total")
+    n.add_argument("--nnodes", help="with --nproc: number of machines (each runs the same command)")
+    n.add_argument("--node-rank", type=int, help="with --nnodes: this machine's index, 0 .. nnodes-1")
+    n.add_argument("--master-addr", help="with --nnodes: address of the node-rank 0 machine")
+    n.add_argument("--master-port", type=int, help="with --nnodes: its port (default 29500)")
     p.set_defaults(func=run)
+    global _PARSER
+    _PARSER = p
 
 
 def _explicit_options(args: argparse.Namespace) -> dict:
@@ -122,6 +141,38 @@ def set_threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
+def relaunch_argv(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> list[str]:
+    """`train ...` options that reproduce `args`, without the launcher's own options."""
+    parser = parser or _PARSER
+    argv, seen = ["train"], set()
+    for action in parser._actions:
+        if not action.option_strings or action.dest in seen or action.dest in _LAUNCH_OPTIONS + ("help",):
+            continue
+        seen.add(action.dest)
+        value = getattr(args, action.dest, action.default)
+        if value == action.default:
+            continue
+        option = action.option_strings[-1] if action.option_strings[-1].startswith("--") else action.option_strings[0]
+        if action.nargs == 0:  # store_const / store_true / store_false
+            argv.append(option)
+        elif isinstance(value, (list, tuple)):
+            argv.append(f"{option}={','.join(str(v) for v in value)}")
+        else:
+            argv.append(f"{option}={value}")
+    return argv
+
+
+def _launch(args: argparse.Namespace) -> int:
+    from dsmr.distributed import launch, launched_by_torchrun, torchrun_command
+    from dsmr.errors import DsmrError
+
+    if launched_by_torchrun():
+        raise DsmrError("--nproc starts torchrun itself; under torchrun give the process count to torchrun")
+    cmd = torchrun_command(args.nproc, relaunch_argv(args), nnodes=args.nnodes, node_rank=args.node_rank,
+                           master_addr=args.master_addr, master_port=args.master_port)
+    return launch(cmd)
+
+
 def run(args: argparse.Namespace) -> int:
     import dataclasses
     from pathlib import Path
@@ -131,6 +182,12 @@ def run(args: argparse.Namespace) -> int:
     from dsmr.evaluate import format_report
     from dsmr.train import TrainConfig, train
 
+    if args.nproc is not None:
+        return _launch(args)
+    if args.nnodes is not None:
+        from dsmr.errors import DsmrError
+
+        raise DsmrError("--nnodes needs --nproc (processes per machine)")
     set_threads(args.threads)
     cache = TokenCache(args.cache)
     given = _explicit_options(args)
@@ -140,6 +197,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         cfg = TrainConfig(**given)
     result = train(cfg, cache, args.out, progress=args.progress, resume=args.resume)
+    if result["world_size"] > 1 and int(os.environ.get("RANK", "0")) != 0:
+        return 130 if result["interrupted"] else 0  # rank 0 reports for all
     if args.json:
         print(json.dumps(result))
     else:
@@ -149,7 +208,8 @@ def run(args: argparse.Namespace) -> int:
               if result["train_loss"] is not None else f"train: {result['steps']} steps")
         print(f"run folder: {result['run_dir']}")
     if result["interrupted"]:
-        print(f"dsmr train: interrupted at step {result['steps']}; continue with: dsmr train --cache "
+        nproc = f" --nproc {result['world_size']}" if result["world_size"] > 1 else ""
+        print(f"dsmr train: interrupted at step {result['steps']}; continue with: dsmr train{nproc} --cache "
               f"{args.cache} --out {args.out} --resume", file=sys.stderr)
         return 130
     return 0
