@@ -3,8 +3,9 @@
 Measures, each in a fresh subprocess (so one run's allocations cannot hide another's):
   * speed: tokens/s of one-token sampling after a prompt, for each precision x thread count, and the
     real-time factor (seconds of music generated per second of wall time);
-  * memory: peak resident memory (ru_maxrss, and its rise during generation) after 10k vs 100k generated
-    tokens, with the decoder's state bytes, which must be identical.
+  * memory: peak resident memory during generation (ru_maxrss) and its rise above the resident size at
+    the start of generation, after 10k vs 100k generated tokens, with the decoder's state bytes, which
+    must be identical.
 
 Without --checkpoint the model has random weights (the default trainer size: 6 layers, d_model 256,
 4 heads, segment 256, two-scale budget 2560 = 2 x 1024 + 4 x 128). Speed does not depend on the
@@ -12,8 +13,9 @@ weights, but the music a random model writes does not have MAESTRO's density, so
 is computed from MAESTRO's token rate (tokens per second of music, measured on validation pieces when
 the dataset is present). With --checkpoint the generated music's own duration is also reported.
 
-    .venv/bin/python benchmarks/bench_generate.py                 # full run (~6 minutes on 2 cores)
+    .venv/bin/python benchmarks/bench_generate.py                 # full run (~8 minutes on 2 cores)
     .venv/bin/python benchmarks/bench_generate.py --quick         # 2k-token speed runs, 5k vs 20k memory
+    .venv/bin/python benchmarks/bench_generate.py --threads-list 1,2 --speed-only
 """
 
 from __future__ import annotations
@@ -58,14 +60,18 @@ def worker(args) -> dict:
         model = half_weight_model(model)
     prompt = torch.randint(3, tokenizer.vocab_size, (args.prompt_tokens,),
                            generator=torch.Generator().manual_seed(1)).tolist() if args.prompt_tokens else None
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     result = generate(model, tokenizer, segment_len, prompt,
                       SamplingConfig(seed=0, max_tokens=args.tokens, stop_at_eos=False), progress=False)
-    rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    # generate's meter resets the kernel's high-water mark as it starts (Linux), so ru_maxrss now is the
+    # peak resident size *during* generation: interpreter, libraries and model included.
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {**result.summary(), "weights": weights, "precision": args.precision, "threads": args.threads,
             "horizons": list(model.cfg.horizons), "segment_len": segment_len,
             "prefill_tokens_per_s": round(args.prompt_tokens / max(result.prefill_seconds, 1e-9), 1),
-            "ru_maxrss_bytes": rss_after, "ru_maxrss_rise_bytes": rss_after - rss_before}
+            # per CPU second instead of per wall second: what the process does with a core to itself,
+            # when other work on the machine takes part of its time
+            "tokens_per_cpu_s": round(result.new_tokens / max(result.sampling_cpu_seconds, 1e-9), 1),
+            "ru_maxrss_bytes": peak_rss}
 
 
 def spawn(tokens: int, precision: str, threads: int, prompt_tokens: int, checkpoint: str | None) -> dict:
@@ -102,7 +108,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", help="a run folder or .safetensors (default: random weights)")
     parser.add_argument("--quick", action="store_true", help="short runs (a smoke test of the benchmark)")
-    parser.add_argument("--threads-list", default="1,2", help="thread counts to time (default 1,2)")
+    parser.add_argument("--threads-list", default="1", help="thread counts to time, e.g. 1,2 (default 1)")
+    parser.add_argument("--speed-only", action="store_true", help="skip the 10k vs 100k memory runs")
     parser.add_argument("--precisions", default="float32,float16", help="precisions to time")
     parser.add_argument("--json-out", type=Path, help="also write all figures to this JSON file")
     # worker mode (internal)
@@ -123,34 +130,45 @@ def main() -> None:
     print(f"MAESTRO density: {rate:.1f} tokens per second of music ({rate_source})\n")
 
     speed = []
-    print(f"{'precision':>9} {'threads':>7} {'tokens/s':>9} {'x real time':>11} {'prefill tok/s':>13}")
+    print(f"{'precision':>9} {'threads':>7} {'tokens/s':>9} {'x real time':>11} {'prefill tok/s':>13} {'load':>5}"
+          f" {'tokens/CPU-s':>12} {'x real time/CPU-s':>17}")
     for precision in args.precisions.split(","):
         for threads in (int(t) for t in args.threads_list.split(",")):
             r = spawn(speed_tokens, precision, threads, 2048, args.checkpoint)
             r["realtime_factor_maestro"] = round(r["tokens_per_s"] / rate, 2)
+            r["load_average"] = round(os.getloadavg()[0], 2)  # other work on the machine slows this down
             speed.append(r)
             print(f"{precision:>9} {threads:>7} {r['tokens_per_s']:>9.0f} {r['realtime_factor_maestro']:>11.1f} "
-                  f"{r['prefill_tokens_per_s']:>13.0f}"
+                  f"{r['prefill_tokens_per_s']:>13.0f} {r['load_average']:>5.1f} {r['tokens_per_cpu_s']:>12.0f}"
+                  f" {r['tokens_per_cpu_s'] / rate:>17.1f}"
                   + (f"   (own music: {r['realtime_factor']:.1f}x)" if args.checkpoint else ""))
 
+    if args.speed_only:
+        _write(args.json_out, rate, speed, [])
+        return
     best = max(speed, key=lambda r: r["tokens_per_s"])
     print(f"\nmemory ({best['precision']}, {best['threads']} thread(s)), fresh process per run:")
-    print(f"{'tokens':>8} {'state bytes':>12} {'ru_maxrss MiB':>14} {'rise MiB':>9} {'tokens/s':>9} {'wall s':>7}")
+    print(f"{'tokens':>8} {'state bytes':>12} {'peak RSS MiB':>13} {'rise MiB':>9} {'tokens/s':>9} {'wall s':>7}")
     memory = []
     for tokens in memory_tokens:
         r = spawn(tokens, best["precision"], best["threads"], 0, args.checkpoint)
         memory.append(r)
-        print(f"{tokens:>8} {r['state_bytes']:>12} {r['ru_maxrss_bytes'] / 2**20:>14.1f} "
-              f"{r['ru_maxrss_rise_bytes'] / 2**20:>9.1f} {r['tokens_per_s']:>9.0f} {r['wall_seconds']:>7.1f}")
+        print(f"{tokens:>8} {r['state_bytes']:>12} {r['ru_maxrss_bytes'] / 2**20:>13.1f} "
+              f"{r['peak_memory_bytes'] / 2**20:>9.2f} {r['tokens_per_s']:>9.0f} {r['wall_seconds']:>7.1f}")
     same_state = memory[0]["state_bytes"] == memory[1]["state_bytes"]
     print(f"state bytes identical: {same_state}; peak RSS grew by "
           f"{(memory[1]['ru_maxrss_bytes'] - memory[0]['ru_maxrss_bytes']) / 2**20:.1f} MiB for "
           f"{memory_tokens[1] - memory_tokens[0]} more tokens (the token list itself is 8 bytes per token)")
-    if args.json_out:
-        from dsmr.atomic import atomic_write_json
+    _write(args.json_out, rate, speed, memory)
 
-        atomic_write_json(args.json_out, {"maestro_tokens_per_second": rate, "speed": speed, "memory": memory,
-                                          "when": time.strftime("%Y-%m-%d %H:%M:%S")})
+
+def _write(path: Path | None, rate: float, speed: list, memory: list) -> None:
+    if path is None:
+        return
+    from dsmr.atomic import atomic_write_json
+
+    atomic_write_json(path, {"maestro_tokens_per_second": rate, "speed": speed, "memory": memory,
+                             "load_average": os.getloadavg()[0], "when": time.strftime("%Y-%m-%d %H:%M:%S")})
 
 
 if __name__ == "__main__":

@@ -24,5 +24,7 @@ echo "== 3/4 validation perplexity over full pieces =="
 $DSMR eval "$DIR/run" --cache "$DIR/cache" --split validation
 
 echo "== 4/4 generate a piece =="
-$DSMR generate "$DIR/run" --out "$DIR/generated.mid" --max-seconds 30 --seed 0 --pianoroll "$DIR/generated.png"
-echo "MIDI: $DIR/generated.mid   piano roll: $DIR/generated.png"
+# A WAV too when FluidSynth is installed (apt-get install fluidsynth fluid-soundfont-gm; brew install fluid-synth)
+WAV=(); command -v fluidsynth >/dev/null && WAV=(--wav "$DIR/generated.wav")
+$DSMR generate "$DIR/run" --out "$DIR/generated.mid" --max-seconds 30 --seed 0 --pianoroll "$DIR/generated.png" "${WAV[@]}"
+echo "MIDI: $DIR/generated.mid   piano roll: $DIR/generated.png${WAV:+   audio: $DIR/generated.wav}"

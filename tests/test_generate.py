@@ -87,6 +87,11 @@ def test_decoder_logits_equal_streaming_forward(gate, per_head):
     chunks = [decoder.feed(ids[:, a:b]) for a, b in [(0, 11), (11, 12), (12, 40), (40, 45)]]
     torch.testing.assert_close(torch.cat(chunks, dim=1), expected, rtol=0, atol=2e-5)
 
+    decoder.reset()  # a prompt fed whole, only its last logits kept; then steps continue the piece
+    torch.testing.assert_close(decoder.feed(ids[:, :30], last_only=True), expected[:, 29], rtol=0, atol=2e-5)
+    tail = torch.stack([decoder.step(ids[:, i]) for i in range(30, 45)], dim=1)
+    torch.testing.assert_close(tail, expected[:, 30:], rtol=0, atol=2e-5)
+
 
 def test_decoder_state_is_only_its_horizon_plus_the_segment():
     model = tiny_model(horizons=(0, 3, 8, 13))
@@ -118,10 +123,13 @@ def test_half_weight_model_is_close_to_float32():
     assert model.blocks[0].attn.qkv_proj.weight.dtype == torch.float32  # the original is untouched
     ids = torch.randint(3, 391, (1, 40), generator=torch.Generator().manual_seed(3))
     a = IncrementalDecoder(model, SEG).feed(ids)
-    b = IncrementalDecoder(half, SEG).feed(ids)
-    assert b.dtype == torch.float32
-    assert (a - b).abs().max() < 2e-2 * a.abs().max()
-    assert not torch.equal(a, b)  # it really computes in float16
+    chunked = IncrementalDecoder(half, SEG).feed(ids)  # chunks of 8 rows: float32 products of fp16 weights
+    decoder = IncrementalDecoder(half, SEG)
+    stepped = torch.stack([decoder.step(ids[:, i]) for i in range(ids.shape[1])], dim=1)  # float16 GEMV
+    for b in (chunked, stepped):
+        assert b.dtype == torch.float32
+        assert (a - b).abs().max() < 2e-2 * a.abs().max()
+        assert not torch.equal(a, b)  # the weights really are float16
 
 
 # ----------------------------------------------------------------------------------------- bounded state

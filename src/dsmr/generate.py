@@ -19,7 +19,7 @@ import os
 import re
 import time
 from array import array
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import numpy as np
@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dsmr.errors import DsmrError
+from dsmr.model import RotaryEmbedding
 
 # Names of the events that start a note, per encoding: performance NOTE_ON_60, miditok Pitch_60 / NoteOn_60.
 _PITCH_EVENT = re.compile(r"^(?:NOTE_ON|Pitch|NoteOn)_(\d+)$")
@@ -47,8 +48,12 @@ class IncrementalDecoder:
             raise DsmrError(f"batch_size must be >= 1, got {batch_size}")
         cfg = model.cfg
         param = model.embedding.weight
+        if device is not None and torch.device(device) != param.device:
+            raise DsmrError(f"IncrementalDecoder: the model is on {param.device}, not {device}: move it first")
+        if model.training and cfg.dropout > 0:
+            raise DsmrError("IncrementalDecoder: the model is in training mode with dropout: call model.eval()")
         self.model = model
-        self.device = param.device if device is None else torch.device(device)
+        self.device = param.device
         self.dtype = param.dtype
         self.segment_len = segment_len
         self.batch_size = batch_size
@@ -125,8 +130,9 @@ class IncrementalDecoder:
         return self.feed(ids.view(self.batch_size, 1))[:, -1]
 
     @torch.inference_mode()
-    def feed(self, ids: Tensor) -> Tensor:
-        """Feed a chunk of tokens per lane (ids [B, n] long); returns logits [B, n, vocab] for each.
+    def feed(self, ids: Tensor, last_only: bool = False) -> Tensor:
+        """Feed a chunk of tokens per lane (ids [B, n] long); returns logits [B, n, vocab] for each, or
+        only the last position's [B, vocab] with `last_only` (a long prompt then costs no logits memory).
 
         Used for prompts: the chunk is split at segment boundaries and each piece is attended in one go.
         """
@@ -134,36 +140,44 @@ class IncrementalDecoder:
             raise DsmrError(f"IncrementalDecoder.feed: ids must be [{self.batch_size}, n>0], got {tuple(ids.shape)}")
         ids = ids.to(self.device)
         outputs = []
-        start = 0
-        while start < ids.shape[1]:
+        start, total = 0, ids.shape[1]
+        while start < total:
             if self.seg_fill == self.segment_len:
                 self._next_segment()
-            n = min(ids.shape[1] - start, self.segment_len - self.seg_fill)
-            outputs.append(self._feed_in_segment(ids[:, start : start + n]))
+            n = min(total - start, self.segment_len - self.seg_fill)
+            x = self._feed_in_segment(ids[:, start : start + n])
             start += n
+            if not last_only:
+                outputs.append(self.model.output(x))
+            elif start == total:
+                return self.model.output(x[:, -1])
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
 
     def _feed_in_segment(self, ids: Tensor) -> Tensor:
+        """Run a chunk within the current segment through the blocks; returns the final residual stream."""
         B, n = ids.shape
         t = self.seg_fill
         cos, sin = self._rope
-        rope = (cos[:, :, t : t + n], sin[:, :, t : t + n])
+        cos, sin = cos.narrow(2, t, n), sin.narrow(2, t, n)
         x = self.model.embed(ids)
         for layer, block in enumerate(self.model.blocks):
             attn = block.attn
-            q, k, v = attn.qkv(block.norm1(x), rope=rope)
+            # MemoryAttention.qkv, with q and k rotated in one call: a step is a few hundred tiny ops, so
+            # their count, not arithmetic, sets the speed (the equivalence test guards this copy)
+            qkv = attn.qkv_proj(block.norm1(x)).view(B, n, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+            q, k = RotaryEmbedding.rotate(qkv[:2], cos, sin)
             start = self.memory_fill[layer] + t
             end = start + n
-            self.keys[layer][:, :, start:end] = k
-            self.values[layer][:, :, start:end] = v
-            mask = self._mask(layer, t, n, end)
-            out = F.scaled_dot_product_attention(q, self.keys[layer][:, :, :end], self.values[layer][:, :, :end],
-                                                 attn_mask=mask, scale=self.scale)
+            self.keys[layer].narrow(2, start, n).copy_(k)
+            self.values[layer].narrow(2, start, n).copy_(qkv[2])
+            out = F.scaled_dot_product_attention(q, self.keys[layer].narrow(2, 0, end),
+                                                 self.values[layer].narrow(2, 0, end),
+                                                 attn_mask=self._mask(layer, t, n, end), scale=self.scale)
             x = x + attn.out_proj(out.transpose(1, 2).reshape(B, n, self.d_model))
             x = block.feed_forward(x)
         self.seg_fill += n
         self.position += n
-        return self.model.output(x)
+        return x
 
     def _mask(self, layer: int, t: int, n: int, end: int) -> Optional[Tensor]:
         """Additive mask for n queries at segment offsets t..t+n-1 over buffer slots [0, end)."""
@@ -185,7 +199,11 @@ class HalfWeightLinear(nn.Module):
 
     One-token decoding on a CPU is bound by reading the weights from memory for every token: half the
     bytes, about twice the speed (fp16 GEMV is also well supported by the CPU BLAS, unlike bf16).
+    Chunks of many tokens (a prompt) are compute-bound instead, and CPUs multiply float32 faster: there
+    the weight is widened to float32 once per call, which is exact.
     """
+
+    MATRIX_ROWS = 8  # from this many tokens per call on, multiply in float32
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
@@ -194,6 +212,8 @@ class HalfWeightLinear(nn.Module):
         self.register_buffer("weight", linear.weight.detach().to(torch.float16))
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.device.type == "cpu" and x.numel() >= self.MATRIX_ROWS * x.shape[-1]:
+            return F.linear(x, self.weight.to(x.dtype))
         return F.linear(x.to(torch.float16), self.weight).to(x.dtype)
 
 
@@ -285,7 +305,8 @@ def sample_next(logits: Tensor, sampling: SamplingConfig, generator: torch.Gener
         logits = logits.masked_fill(banned, float("-inf"))
     if sampling.temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits / sampling.temperature
+    if sampling.temperature != 1.0:
+        logits = logits / sampling.temperature
     if 0 < sampling.top_k < logits.shape[-1]:
         kth = torch.topk(logits, sampling.top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -375,11 +396,11 @@ class GenerationResult:
     stop_reason: str             # "eos" | "max_tokens" | "max_seconds"
     wall_seconds: float          # prompt + sampling
     prefill_seconds: float       # the prompt alone
+    sampling_cpu_seconds: float  # CPU time of this process while sampling (prompt excluded)
     state_bytes: int             # the decoder's key/value buffers (constant)
     peak_memory_bytes: int
     memory_method: str
     seed: int
-    extra: dict = field(default_factory=dict)
 
     @property
     def tokens_per_s(self) -> float:
@@ -403,11 +424,11 @@ class GenerationResult:
 
 
 def generate(model, tokenizer, segment_len: int, prompt_ids: Optional[Sequence[int]] = None,
-             sampling: SamplingConfig = SamplingConfig(), progress: bool = True,
-             device=None) -> GenerationResult:
+             sampling: SamplingConfig = SamplingConfig(), progress: bool = True) -> GenerationResult:
     """Sample one piece: BOS, the prompt's events, then new events until EOS or a limit.
 
-    The model is put in eval mode. The same seed on the same device gives the same piece.
+    Runs where the model is; the model is put in eval mode. The same seed on the same device gives the
+    same piece.
     """
     from dsmr.evaluate import PeakMemory
 
@@ -418,7 +439,7 @@ def generate(model, tokenizer, segment_len: int, prompt_ids: Optional[Sequence[i
     prompt = np.asarray([] if prompt_ids is None else prompt_ids, dtype=np.int64)
     if prompt.ndim != 1 or (prompt.size and (prompt.min() < 0 or prompt.max() >= tokenizer.vocab_size)):
         raise DsmrError(f"prompt ids must be a flat sequence of ids in [0, {tokenizer.vocab_size})")
-    device = model.embedding.weight.device if device is None else torch.device(device)
+    device = model.embedding.weight.device
     model.eval()
     seed = sampling.seed if sampling.seed is not None else int.from_bytes(os.urandom(7), "little")
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -434,8 +455,9 @@ def generate(model, tokenizer, segment_len: int, prompt_ids: Optional[Sequence[i
         start = time.perf_counter()
         decoder = IncrementalDecoder(model, segment_len, batch_size=1, device=device)
         first = torch.tensor([[tokenizer.bos_id, *prompt.tolist()]], dtype=torch.long, device=device)
-        logits = decoder.feed(first)[:, -1]
+        logits = decoder.feed(first, last_only=True)
         prefill = time.perf_counter() - start
+        cpu_start = time.process_time()
         step_input = torch.zeros(1, dtype=torch.long, device=device)
         new = 0
         while True:
@@ -463,6 +485,7 @@ def generate(model, tokenizer, segment_len: int, prompt_ids: Optional[Sequence[i
             step_input.fill_(token)
             logits = decoder.step(step_input)
         wall = time.perf_counter() - start
+        cpu = time.process_time() - cpu_start
     if bar is not None:
         bar.set_postfix_str(_postfix(new, clock.seconds, limit_tokens))
         bar.close()
@@ -470,7 +493,8 @@ def generate(model, tokenizer, segment_len: int, prompt_ids: Optional[Sequence[i
     return GenerationResult(
         ids=out, prompt_tokens=int(prompt.size), new_tokens=new, prompt_seconds=prompt_seconds,
         music_seconds=float(tokenizer.seconds(out)) if out.size else 0.0, stop_reason=stop_reason,
-        wall_seconds=wall, prefill_seconds=prefill, state_bytes=decoder.state_bytes(),
+        wall_seconds=wall, prefill_seconds=prefill, sampling_cpu_seconds=cpu,
+        state_bytes=decoder.state_bytes(),
         peak_memory_bytes=meter.peak_bytes, memory_method=meter.method, seed=seed)
 
 

@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from dsmr.errors import DsmrError  # standard library only: keeps `dsmr --help` fast
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
@@ -16,9 +18,9 @@ def register(subparsers) -> None:
                     "optionally a WAV (FluidSynth) and a piano-roll PNG.")
     parser.add_argument("checkpoint", type=Path, metavar="RUN_OR_CHECKPOINT",
                         help="a run folder (uses best.safetensors, else model.safetensors) or a .safetensors file")
-    parser.add_argument("--out", type=Path, required=True, help="MIDI file to write")
+    parser.add_argument("--out", type=Path, required=True, metavar="FILE.mid", help="MIDI file to write")
     prompt = parser.add_argument_group("prompt")
-    prompt.add_argument("--prompt", type=Path, help="MIDI file to continue (default: start from nothing)")
+    prompt.add_argument("--prompt", type=Path, metavar="FILE.mid", help="MIDI file to continue (default: start from nothing)")
     prompt.add_argument("--prompt-seconds", type=float, metavar="S", help="use only the first S seconds of the prompt")
     length = parser.add_argument_group("length (generation stops at whichever limit comes first, or at the "
                                        "end-of-piece event)")
@@ -29,19 +31,19 @@ def register(subparsers) -> None:
     length.add_argument("--ignore-eos", action="store_true",
                         help="never end the piece early: the end-of-piece event is never sampled")
     sampling = parser.add_argument_group("sampling")
-    sampling.add_argument("--temperature", type=float, default=1.0,
+    sampling.add_argument("--temperature", type=float, default=1.0, metavar="T",
                           help="higher: more adventurous, lower: safer; 0 picks the most likely event (default 1)")
-    sampling.add_argument("--top-k", type=int, default=0, help="sample among the K most likely events (0: all)")
-    sampling.add_argument("--top-p", type=float, default=1.0,
+    sampling.add_argument("--top-k", type=int, default=0, metavar="K", help="sample among the K most likely events (0: all)")
+    sampling.add_argument("--top-p", type=float, default=1.0, metavar="P",
                           help="sample among the most likely events that make up probability P (default 1: all)")
-    sampling.add_argument("--seed", type=int, help="random seed: the same seed gives the same piece")
-    sampling.add_argument("--min-pitch", type=int, default=0, help="never start a note below this MIDI pitch")
-    sampling.add_argument("--max-pitch", type=int, default=127, help="never start a note above this MIDI pitch")
+    sampling.add_argument("--seed", type=int, metavar="N", help="random seed: the same seed gives the same piece")
+    sampling.add_argument("--min-pitch", type=int, default=0, metavar="PITCH", help="never start a note below this MIDI pitch")
+    sampling.add_argument("--max-pitch", type=int, default=127, metavar="PITCH", help="never start a note above this MIDI pitch")
     outputs = parser.add_argument_group("outputs")
-    outputs.add_argument("--wav", type=Path, help="also render a WAV with FluidSynth")
-    outputs.add_argument("--soundfont", type=Path,
+    outputs.add_argument("--wav", type=Path, metavar="FILE.wav", help="also render a WAV with FluidSynth")
+    outputs.add_argument("--soundfont", type=Path, metavar="FILE.sf2",
                          help="General MIDI .sf2 for --wav (default $DSMR_SOUNDFONT or a system soundfont)")
-    outputs.add_argument("--pianoroll", type=Path, help="also draw a piano-roll PNG (prompt boundary marked)")
+    outputs.add_argument("--pianoroll", type=Path, metavar="FILE.png", help="also draw a piano-roll PNG (prompt boundary marked)")
     outputs.add_argument("--json", action="store_true", help="print one JSON object with the figures on stdout")
     outputs.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     runtime = parser.add_argument_group("runtime")
@@ -49,7 +51,7 @@ def register(subparsers) -> None:
     runtime.add_argument("--precision", choices=("auto", "float32", "float16"), default="auto",
                          help="float16: projection weights in float16 (about 2x faster on CPU, logits within "
                               "float16 rounding); auto: float16 on CPU, float32 elsewhere")
-    runtime.add_argument("--threads", type=int, default=1,
+    runtime.add_argument("--threads", type=int, default=1, metavar="N",
                          help="CPU threads (default 1: one-token steps are too small to share; 0: torch's default)")
     runtime.add_argument("--weights", choices=("best", "latest"), default="best",
                          help="which weights of a run folder (default best, else latest)")
@@ -57,10 +59,8 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dsmr.errors import DsmrError
-
-    _check_args(args, DsmrError)
-    import resource
+    _check_args(args)
+    import dataclasses
 
     import torch
 
@@ -69,6 +69,10 @@ def run(args: argparse.Namespace) -> int:
     from dsmr.generate import SamplingConfig, generate, half_weight_model, load_prompt, pitch_range_bans
     from dsmr.render import find_fluidsynth, find_soundfont, plot_pianoroll, render_wav
 
+    max_tokens = args.max_tokens if args.max_tokens is not None else (None if args.max_seconds else 2048)
+    sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                              max_tokens=max_tokens, max_seconds=args.max_seconds, stop_at_eos=not args.ignore_eos)
+    sampling.validate()
     if args.wav is not None:  # fail before a long generation, not after it
         find_fluidsynth()
         find_soundfont(args.soundfont)
@@ -77,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
 
     model, tokenizer, config = load_model(args.checkpoint, device=device, which=args.weights)
-    _check_run_tokenizer(args.checkpoint, config, tokenizer, DsmrError)
+    _check_run_tokenizer(args.checkpoint, config, tokenizer)
     segment_len = config.get("segment_len") or (config.get("train") or {}).get("segment")
     if not isinstance(segment_len, int) or segment_len < 1:
         raise DsmrError(f"{args.checkpoint}: config.json has no segment_len; it is not a dsmr run folder")
@@ -86,21 +90,15 @@ def run(args: argparse.Namespace) -> int:
         model = half_weight_model(model)
 
     prompt_ids = None if args.prompt is None else load_prompt(args.prompt, tokenizer, args.prompt_seconds)
-    banned = []
     if (args.min_pitch, args.max_pitch) != (0, 127):
         banned = pitch_range_bans(tokenizer, args.min_pitch, args.max_pitch)
-    max_tokens = args.max_tokens if args.max_tokens is not None else (None if args.max_seconds else 2048)
-    sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                              max_tokens=max_tokens, max_seconds=args.max_seconds,
-                              stop_at_eos=not args.ignore_eos, banned_ids=tuple(banned))
+        sampling = dataclasses.replace(sampling, banned_ids=tuple(banned))
 
-    result = generate(model, tokenizer, segment_len, prompt_ids, sampling, progress=not args.no_progress,
-                      device=device)
+    result = generate(model, tokenizer, segment_len, prompt_ids, sampling, progress=not args.no_progress)
     tokenizer.decode_to_file(result.ids, args.out)
     report = {**result.summary(), "out": str(args.out), "precision": precision, "device": str(device),
               "threads": torch.get_num_threads(), "segment_len": segment_len,
-              "horizons": list(model.cfg.horizons),
-              "max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+              "horizons": list(model.cfg.horizons)}
     if args.wav is not None:
         report["wav"] = str(render_wav(args.out, args.wav, args.soundfont))
     if args.pianoroll is not None:
@@ -114,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_args(args, DsmrError) -> None:
+def _check_args(args) -> None:
     if args.prompt_seconds is not None and args.prompt is None:
         raise DsmrError("--prompt-seconds needs --prompt (a MIDI file to take the first seconds of)")
     if args.prompt_seconds is not None and not args.prompt_seconds > 0:
@@ -134,7 +132,7 @@ def _check_args(args, DsmrError) -> None:
         raise DsmrError(f"--prompt {args.prompt} is also an output file: it would be overwritten")
 
 
-def _check_run_tokenizer(checkpoint, config: dict, tokenizer, DsmrError) -> None:
+def _check_run_tokenizer(checkpoint, config: dict, tokenizer) -> None:
     """The tokenizer rebuilt from config.json must be the one recorded at training time."""
     want = config.get("tokenizer_hash")
     have = tokenizer.config_hash()
