@@ -25,6 +25,11 @@ $DSMR eval "$DIR/run" --cache "$DIR/cache" --split validation
 
 echo "== 4/4 generate a piece =="
 # A WAV too when FluidSynth is installed (apt-get install fluidsynth fluid-soundfont-gm; brew install fluid-synth)
-WAV=(); command -v fluidsynth >/dev/null && WAV=(--wav "$DIR/generated.wav")
+WAV=()
+if .venv/bin/python -c "from dsmr.render import find_fluidsynth, find_soundfont; find_fluidsynth(); find_soundfont()" 2>/dev/null; then
+    WAV=(--wav "$DIR/generated.wav")
+else
+    echo "(no WAV: FluidSynth or a General MIDI soundfont is missing; apt-get install fluidsynth fluid-soundfont-gm)"
+fi
 $DSMR generate "$DIR/run" --out "$DIR/generated.mid" --max-seconds 30 --seed 0 --pianoroll "$DIR/generated.png" "${WAV[@]}"
 echo "MIDI: $DIR/generated.mid   piano roll: $DIR/generated.png${WAV:+   audio: $DIR/generated.wav}"

@@ -7,6 +7,11 @@ from pathlib import Path
 
 import pytest
 
+# The suite's models are tiny and CI has 2 shared cores: one torch thread per process is many times faster
+# than two threads contending (measured 85 s vs 12 s for the trainer tests). The environment variable also
+# reaches the CLI subprocesses that tests start.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 REPO = Path(__file__).resolve().parents[1]
 # The MAESTRO copy lives in shared/ beside the repository (DSMR_MAESTRO overrides); a user's fresh clone
 # does not have it, so tests that need it skip with this reason.
@@ -19,3 +24,10 @@ def maestro_root() -> Path:
     if not (MAESTRO_ROOT / "maestro-v3.0.0.csv").exists() and not (MAESTRO_ROOT / "maestro-v3.0.0.json").exists():
         pytest.skip(MAESTRO_SKIP_REASON)
     return MAESTRO_ROOT
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread():
+    import torch
+
+    torch.set_num_threads(1)
