@@ -110,21 +110,48 @@ def _epoch_rng(seed: int, epoch: int) -> np.random.Generator:
     return np.random.default_rng([seed, epoch])
 
 
-class PieceStream:
-    """Full-piece lanes: deterministic for a seed, resumable at the exact next segment."""
+class _Stream:
+    """What both streams share: settings, epoch-by-epoch iteration, and the fingerprint a resume checks."""
 
     def __init__(self, pieces: Sequence[np.ndarray], batch_size: int, segment_len: int, bos_id: int,
-                 eos_id: int, pad_id: int, shuffle: bool = True, seed: int = 0, rank: int = 0,
-                 world_size: int = 1):
-        _check_common(pieces, batch_size, segment_len, rank, world_size, "PieceStream")
+                 eos_id: int, pad_id: int, shuffle: bool, seed: int, rank: int, world_size: int):
+        _check_common(pieces, batch_size, segment_len, rank, world_size, type(self).__name__)
         self.pieces = pieces
         self.batch_size, self.segment_len = batch_size, segment_len
         self.bos_id, self.eos_id, self.pad_id = bos_id, eos_id, pad_id
         self.shuffle, self.seed = shuffle, seed
         self.rank, self.world_size = rank, world_size
-        self.n_lanes = batch_size * world_size  # lanes of all ranks, assigned together
         self.inputs_per_piece = np.array([len(p) + 1 for p in pieces], dtype=np.int64)
         self.epoch = 0
+
+    def __iter__(self) -> Iterator[SegmentBatch]:
+        """Epoch after epoch, forever (`epoch` counts finished epochs as they roll over)."""
+        while True:
+            yield from self.epoch_batches()
+
+    def epoch_batches(self) -> Iterator[SegmentBatch]:
+        """The rest of the current epoch, from the current position."""
+        epoch = self.epoch
+        while self.epoch == epoch:
+            yield self._next_batch()
+
+    def _next_batch(self) -> SegmentBatch:
+        raise NotImplementedError
+
+    def _fingerprint(self) -> dict:
+        return {"n_pieces": len(self.pieces), "tokens": int(self.inputs_per_piece.sum()),
+                "batch_size": self.batch_size, "segment_len": self.segment_len,
+                "world_size": self.world_size, "shuffle": self.shuffle, "seed": self.seed}
+
+
+class PieceStream(_Stream):
+    """Full-piece lanes: deterministic for a seed, resumable at the exact next segment."""
+
+    def __init__(self, pieces: Sequence[np.ndarray], batch_size: int, segment_len: int, bos_id: int,
+                 eos_id: int, pad_id: int, shuffle: bool = True, seed: int = 0, rank: int = 0,
+                 world_size: int = 1):
+        super().__init__(pieces, batch_size, segment_len, bos_id, eos_id, pad_id, shuffle, seed, rank, world_size)
+        self.n_lanes = batch_size * world_size  # lanes of all ranks, assigned together
         self._start_epoch(0)
 
     # ----- epoch plan -----
@@ -161,17 +188,6 @@ class PieceStream:
         return end
 
     # ----- iteration -----
-    def __iter__(self) -> Iterator[SegmentBatch]:
-        """Epoch after epoch, forever (`epoch` counts finished epochs as they roll over)."""
-        while True:
-            yield from self.epoch_batches()
-
-    def epoch_batches(self) -> Iterator[SegmentBatch]:
-        """The rest of the current epoch, from the current position."""
-        epoch = self.epoch
-        while self.epoch == epoch:
-            yield self._next_batch()
-
     def _next_batch(self) -> SegmentBatch:
         order = self._order_cache
         T = self.segment_len
@@ -201,11 +217,6 @@ class PieceStream:
         return writer.batch()
 
     # ----- resume -----
-    def _fingerprint(self) -> dict:
-        return {"n_pieces": len(self.pieces), "tokens": int(self.inputs_per_piece.sum()),
-                "batch_size": self.batch_size, "segment_len": self.segment_len,
-                "world_size": self.world_size, "shuffle": self.shuffle, "seed": self.seed}
-
     def state_dict(self) -> dict:
         return {"kind": "pieces", **self._fingerprint(), "epoch": self.epoch, "next": self._next,
                 "lane_piece": self._lane_piece.tolist(), "lane_offset": self._lane_offset.tolist(),
@@ -226,7 +237,7 @@ def _check_fingerprint(state: dict, expected: dict, what: str) -> None:
         raise DsmrError(f"{what}: cannot resume a stream over different data or settings ({'; '.join(diffs)})")
 
 
-class ExcerptStream:
+class ExcerptStream(_Stream):
     """Fixed-length excerpts for the full-attention reference: every row is its own sequence (reset).
 
     Each epoch tiles every piece's input positions with windows of `context` tokens at a random phase
@@ -238,14 +249,7 @@ class ExcerptStream:
     def __init__(self, pieces: Sequence[np.ndarray], batch_size: int, context: int, bos_id: int,
                  eos_id: int, pad_id: int, shuffle: bool = True, seed: int = 0, rank: int = 0,
                  world_size: int = 1):
-        _check_common(pieces, batch_size, context, rank, world_size, "ExcerptStream")
-        self.pieces = pieces
-        self.batch_size, self.segment_len = batch_size, context
-        self.bos_id, self.eos_id, self.pad_id = bos_id, eos_id, pad_id
-        self.shuffle, self.seed = shuffle, seed
-        self.rank, self.world_size = rank, world_size
-        self.inputs_per_piece = np.array([len(p) + 1 for p in pieces], dtype=np.int64)
-        self.epoch = 0
+        super().__init__(pieces, batch_size, context, bos_id, eos_id, pad_id, shuffle, seed, rank, world_size)
         self.batches_in_epoch = 0
         self._windows = self._plan(0)
 
@@ -272,15 +276,6 @@ class ExcerptStream:
         windows = self._windows if epoch is None or epoch == self.epoch else self._plan(epoch)
         return -(-len(windows) // self.batch_size)
 
-    def __iter__(self) -> Iterator[SegmentBatch]:
-        while True:
-            yield from self.epoch_batches()
-
-    def epoch_batches(self) -> Iterator[SegmentBatch]:
-        epoch = self.epoch
-        while self.epoch == epoch:
-            yield self._next_batch()
-
     def _next_batch(self) -> SegmentBatch:
         B = self.batch_size
         chunk = self._windows[self.batches_in_epoch * B:(self.batches_in_epoch + 1) * B]
@@ -294,11 +289,6 @@ class ExcerptStream:
             self.batches_in_epoch = 0
             self._windows = self._plan(self.epoch)
         return writer.batch()
-
-    def _fingerprint(self) -> dict:
-        return {"n_pieces": len(self.pieces), "tokens": int(self.inputs_per_piece.sum()),
-                "batch_size": self.batch_size, "segment_len": self.segment_len,
-                "world_size": self.world_size, "shuffle": self.shuffle, "seed": self.seed}
 
     def state_dict(self) -> dict:
         return {"kind": "excerpts", **self._fingerprint(), "epoch": self.epoch,
