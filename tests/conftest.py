@@ -26,6 +26,23 @@ def maestro_root() -> Path:
     return MAESTRO_ROOT
 
 
+@pytest.fixture(scope="session")
+def bach_cache(request, tmp_path_factory):
+    """A token cache of a few dozen Bach chorales (music21's bundled corpus, performance encoding).
+
+    The chorale -> MIDI conversion is the slow part (~0.2 s a work); its output is kept in pytest's cache
+    folder (.pytest_cache), so only the first run on a machine pays for it."""
+    from dsmr.cache import TokenCache, build_cache
+    from dsmr.corpora import corpus_files
+    from dsmr.tokenizer import make_tokenizer
+
+    midi_dir = request.config.cache.mkdir("dsmr-bach-midi")
+    files, _ = corpus_files("bach", midi_dir, limit=48, progress=False)
+    summary = build_cache(files, tmp_path_factory.mktemp("bach-cache"), make_tokenizer("performance"),
+                          workers=1, progress=False, source={"corpus": "bach"})
+    return TokenCache(summary.cache)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _one_torch_thread():
     import torch

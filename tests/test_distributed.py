@@ -19,13 +19,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-from fixtures import bach_cache, single_thread  # noqa: F401  (fixtures)
 
 from dsmr.distributed import split_pieces, torchrun_command
 from dsmr.errors import DsmrError
 from dsmr.train import TrainConfig, train
 
-pytestmark = pytest.mark.usefixtures("single_thread")
 
 LANES = 2  # per rank
 # gates on a layer with h = 0 never get a gradient: DDP must cope (find_unused_parameters)

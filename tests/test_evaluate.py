@@ -9,13 +9,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from fixtures import bach_cache, single_thread  # noqa: F401  (fixtures)
 
 from dsmr.cli import main
 from dsmr.evaluate import PeakMemory, evaluate
 from dsmr.model import DSMR, DSMRConfig
 
-pytestmark = pytest.mark.usefixtures("single_thread")
 
 PAD, BOS, EOS = 0, 1, 2
 REQUIRED = {"ppl", "nll", "tokens", "pieces", "tokens_per_s", "peak_memory_bytes", "state_bytes"}

@@ -10,7 +10,6 @@ import subprocess
 import sys
 
 import pytest
-from fixtures import bach_cache, single_thread  # noqa: F401  (fixtures)
 
 from dsmr import study
 from dsmr.cli import main as cli_main
@@ -18,7 +17,6 @@ from dsmr.errors import DsmrError
 from dsmr.study import StudyConfig, default_variants
 from dsmr.train import make_run_schedule
 
-pytestmark = pytest.mark.usefixtures("single_thread")
 
 # A study small enough for the test suite: every variant trains a few steps of a 2-layer model.
 TINY = dict(layers=2, d_model=32, heads=2, segment=32, batch_size=2, horizon=64, budget=80, long_layers=1,

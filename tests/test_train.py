@@ -10,7 +10,6 @@ import signal
 import numpy as np
 import pytest
 import torch
-from fixtures import bach_cache, single_thread  # noqa: F401  (fixtures)
 from safetensors.torch import load_file
 
 from dsmr.checkpoint import check_tokenizer, load_model, load_trainer_state, read_config, save_weights
@@ -19,9 +18,6 @@ from dsmr.model import DSMR, DSMRConfig
 from dsmr.stream import IGNORE_INDEX, PieceStream
 from dsmr.tokenizer import PerformanceTokenizer
 from dsmr.train import TrainConfig, train
-
-
-pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def tiny(**overrides) -> TrainConfig:

@@ -14,13 +14,14 @@ chunk) and `MemoryAttention.attend` (SDPA over caller-provided keys/values, gate
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dsmr.configs import dataclass_from_dict
 from dsmr.errors import DsmrError
 
 GATES = ("none", "soft", "ste")
@@ -88,13 +89,7 @@ class DSMRConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "DSMRConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise DsmrError(f"model config: unknown keys {unknown}")
-        if "vocab_size" not in d:
-            raise DsmrError("model config: missing vocab_size")
-        return cls(**d)
+        return dataclass_from_dict(cls, d, "model config")
 
 
 @dataclass

@@ -35,6 +35,7 @@ from pathlib import Path
 
 from dsmr import __version__
 from dsmr.atomic import atomic_path, atomic_write_json, atomic_write_text
+from dsmr.configs import dataclass_from_dict
 from dsmr.errors import DsmrError
 
 STUDY_FILE = "study.json"
@@ -94,11 +95,7 @@ class StudyConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "StudyConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise DsmrError(f"study config: unknown options {unknown}")
-        return cls(**d)
+        return dataclass_from_dict(cls, d, "study config")
 
     @property
     def excerpt_context(self) -> int:

@@ -44,6 +44,7 @@ from dsmr.atomic import atomic_write_text
 from dsmr.checkpoint import (CONFIG_FILE, LATEST_FILE, METRICS_FILE, TRAINER_STATE_FILE, load_trainer_state,
                              load_weights, read_config, save_checkpoint)
 from dsmr.distributed import DistContext, init_distributed, reduce_evaluation, split_pieces, wrap_model
+from dsmr.configs import dataclass_from_dict
 from dsmr.errors import DsmrError
 from dsmr.evaluate import NLL_BUCKETS, PeakMemory, autocast, evaluate, resolve_device, state_bytes
 from dsmr.model import DSMR, GATES, DSMRConfig, LayerMemory
@@ -150,11 +151,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise DsmrError(f"train config: unknown options {unknown}")
-        return cls(**d)
+        return dataclass_from_dict(cls, d, "train config")
 
     @property
     def segment_len(self) -> int:
