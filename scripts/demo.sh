@@ -2,12 +2,12 @@
 # The main job on the embedded default corpus, from a fresh machine: set up .venv, build the Bach-chorale
 # token cache, train a small two-scale DSMR for a few minutes on the CPU, report validation perplexity,
 # and generate a short piece from the trained model.
-# Environment knobs: DSMR_DEMO_DIR (default runs/demo), DSMR_DEMO_STEPS (default 600).
+# Environment knobs: DSMR_DEMO_DIR (default runs/demo), DSMR_DEMO_STEPS (default 2000).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
 DIR="${DSMR_DEMO_DIR:-runs/demo}"
-STEPS="${DSMR_DEMO_STEPS:-600}"
+STEPS="${DSMR_DEMO_STEPS:-2000}"
 DSMR=.venv/bin/dsmr
 
 echo "== 1/4 build the Bach chorale cache (music21's bundled corpus) =="
