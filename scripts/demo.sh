@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job on the embedded default corpus, from a fresh machine: set up .venv, build the Bach-chorale
 # token cache, train a small two-scale DSMR for a few minutes on the CPU, report validation perplexity,
-# and generate a short piece from the trained model.
+# and continue a held-out chorale with the trained model (MIDI, piano roll, WAV with FluidSynth).
 # Environment knobs: DSMR_DEMO_DIR (default runs/demo), DSMR_DEMO_STEPS (default 2000).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,7 +23,9 @@ $DSMR train --cache "$DIR/cache" --out "$DIR/run" --steps "$STEPS" "${RESUME[@]}
 echo "== 3/4 validation perplexity over full pieces =="
 $DSMR eval "$DIR/run" --cache "$DIR/cache" --split validation
 
-echo "== 4/4 generate a piece =="
+echo "== 4/4 continue a chorale the model has not trained on =="
+# The prompt: the first 8 s of the first validation chorale, decoded from the cache back to MIDI.
+$DSMR data decode "$DIR/cache" --split validation --index 0 --out "$DIR/prompt.mid"
 # A WAV too when FluidSynth is installed (apt-get install fluidsynth fluid-soundfont-gm; brew install fluid-synth)
 WAV=()
 if .venv/bin/python -c "from dsmr.render import find_fluidsynth, find_soundfont; find_fluidsynth(); find_soundfont()" 2>/dev/null; then
@@ -31,5 +33,7 @@ if .venv/bin/python -c "from dsmr.render import find_fluidsynth, find_soundfont;
 else
     echo "(no WAV: FluidSynth or a General MIDI soundfont is missing; apt-get install fluidsynth fluid-soundfont-gm)"
 fi
-$DSMR generate "$DIR/run" --out "$DIR/generated.mid" --max-seconds 30 --seed 0 --pianoroll "$DIR/generated.png" "${WAV[@]}"
+# --ignore-eos: write the full 40 s even where the model would end the chorale sooner
+$DSMR generate "$DIR/run" --prompt "$DIR/prompt.mid" --prompt-seconds 8 --max-seconds 40 --ignore-eos --seed 0 \
+    --out "$DIR/generated.mid" --pianoroll "$DIR/generated.png" "${WAV[@]}"
 echo "MIDI: $DIR/generated.mid   piano roll: $DIR/generated.png${WAV:+   audio: $DIR/generated.wav}"
