@@ -51,6 +51,13 @@ def write_midi_file(path: str | Path, notes: Iterable[Note] = (), pedals: Iterab
     return path
 
 
+def tiny_midi(path: str | Path, pitch: int = 60, n: int = 4) -> Path:
+    """A small one-track MIDI file of n quarter-second notes from `pitch` (another pitch: other content)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return write_midi_file(path, [(i * 0.5, i * 0.5 + 0.4, pitch + i % 3, 80) for i in range(n)])
+
+
 def score_notes(score: symusic.Score) -> list[Note]:
     """All notes of a Score as (start, end, pitch, velocity) in seconds, sorted."""
     out = []

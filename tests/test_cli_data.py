@@ -11,17 +11,7 @@ import pytest
 import symusic
 
 from dsmr.cli import main
-
-
-def tiny_midi(path: Path, pitch: int = 60, n: int = 8) -> Path:
-    score = symusic.Score(480)
-    track = symusic.Track("piano", program=0)
-    for i in range(n):
-        track.notes.append(symusic.Note(i * 240, 200, pitch + i % 5, 70))
-    score.tracks.append(track)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    score.dump_midi(str(path))
-    return path
+from midi_factory import tiny_midi
 
 
 @pytest.fixture()

@@ -31,20 +31,9 @@ from dsmr.corpora import (
     split_counts,
 )
 from dsmr.errors import DsmrError
+from midi_factory import tiny_midi
 
 COLUMNS = ["canonical_composer", "canonical_title", "split", "year", "midi_filename", "audio_filename", "duration"]
-
-
-def tiny_midi(path: Path, pitch: int = 60, n: int = 4) -> Path:
-    """A small one-track MIDI file written with symusic (different pitch -> different content)."""
-    score = symusic.Score(480)
-    track = symusic.Track("piano", program=0)
-    for i in range(n):
-        track.notes.append(symusic.Note(i * 480, 400, pitch + i % 3, 80))
-    score.tracks.append(track)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    score.dump_midi(str(path))
-    return path
 
 
 def fake_maestro(root: Path, version: int = 3, fmt: str = "csv", splits=("train", "train", "validation", "test"),
