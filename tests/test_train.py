@@ -124,6 +124,31 @@ def test_resume_refuses_another_config_and_fresh_run_refuses_a_used_folder(bach_
     assert more["steps"] == 12 and max(losses(run)) == 12
 
 
+def test_a_run_that_died_before_its_first_save_can_be_resumed(bach_cache, uninterrupted, tmp_path, monkeypatch):
+    # a validation at step 2 writes config.json and best.safetensors; the first resumable save would be at 100
+    cfg = tiny(**dict(RESUME_CFG, eval_every=2, save_every=100))
+    run = tmp_path / "died"
+    import dsmr.train as train_module
+
+    real_log = train_module._Metrics.log
+
+    def crash_at_step_3(self, record):
+        if record.get("step") == 3:
+            raise RuntimeError("simulated crash")
+        return real_log(self, record)
+
+    monkeypatch.setattr(train_module._Metrics, "log", crash_at_step_3)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(cfg, bach_cache, run, progress=False)
+    monkeypatch.undo()
+    assert (run / "config.json").exists() and not (run / "trainer_state.pt").exists()
+    with pytest.raises(DsmrError, match="already holds a run: resume it"):
+        train(cfg, bach_cache, run, progress=False)
+    # --resume starts it again from step 0 and gives the run an uninterrupted training gives
+    train(cfg, bach_cache, run, progress=False, resume=True)
+    assert losses(run) == losses(uninterrupted) and (run / "trainer_state.pt").exists()
+
+
 def test_checkpoint_of_another_config_is_a_clear_error(bach_cache, uninterrupted, tmp_path):
     run = tmp_path / "copy"
     shutil.copytree(uninterrupted, run)

@@ -408,6 +408,12 @@ def _prepare_run(run_dir: Path, config: dict, resume: bool, world_size: int) -> 
             raise DsmrError(f"{run_dir} already holds a run: resume it (--resume) or choose another --out")
         return None
     _check_resume(run_dir, config)
+    if not (run_dir / TRAINER_STATE_FILE).exists():
+        # The run stopped before its first resumable save (a validation may have written config.json and
+        # best.safetensors): nothing to continue from, so train it again from step 0.
+        print(f"dsmr train: {run_dir} has no {TRAINER_STATE_FILE} (the run stopped before its first save); "
+              f"starting it again from step 0", file=sys.stderr)
+        return None
     saved = load_trainer_state(run_dir)
     saved_world = int(saved.get("world_size", 1))
     if saved_world != world_size:
@@ -460,6 +466,8 @@ def _train(cfg: TrainConfig, cache, run_dir: Path, progress: bool, resume: bool,
         _set_rng_state(mine["rng"])
         state = _state_from_cpu(mine["memory"], device)
         step, best_nll = int(saved["step"]), float(saved["best_val_nll"])
+        if saved.get("config", {}).get("val_pieces", cfg.val_pieces) != cfg.val_pieces:
+            best_nll = math.inf  # measured on other validation pieces: not comparable with what follows
 
     with_penalty = bool(cfg.gate_lambda) and cfg.gate != "none"
     ddp = wrap_model(TrainStep(model, with_penalty), ctx, find_unused=cfg.gate != "none")
