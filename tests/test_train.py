@@ -174,6 +174,25 @@ def test_checkpoint_of_another_config_is_a_clear_error(bach_cache, uninterrupted
         load_trainer_state(run)
 
 
+def test_a_failed_save_leaves_the_previous_resumable_pair(uninterrupted, tmp_path, monkeypatch):
+    import dsmr.checkpoint as checkpoint
+
+    run = tmp_path / "copy"
+    shutil.copytree(uninterrupted, run)
+    before = load_trainer_state(run)["step"]
+    model, _, config = load_model(run, which="latest")
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint.torch, "save", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        checkpoint.save_checkpoint(run, model, config, {"step": before + 5})
+    monkeypatch.undo()
+    assert load_trainer_state(run)["step"] == before  # weights and state still agree: resumable
+    assert sorted(p.name for p in run.iterdir() if p.name.endswith(".tmp")) == []
+
+
 def test_streamed_lanes_are_isolated_and_padding_changes_nothing():
     torch.manual_seed(0)
     rng = np.random.default_rng(0)

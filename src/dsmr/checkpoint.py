@@ -9,7 +9,8 @@ A run folder holds
     metrics.jsonl        one JSON object per logged step / evaluation
 
 Every file is written atomically (dsmr.atomic), so an interrupted save leaves the previous version.
-`model.safetensors` and `trainer_state.pt` both carry the step; a resume refuses a pair that disagrees.
+`model.safetensors` and `trainer_state.pt` are both written before either is renamed into place, and both
+carry the step; a resume refuses a pair that disagrees.
 """
 
 from __future__ import annotations
@@ -41,18 +42,26 @@ def save_checkpoint(run_dir, model: torch.nn.Module, config: dict, trainer_state
     atomic_write_json(run_dir / CONFIG_FILE, config)
     step = None if trainer_state is None else trainer_state.get("step")
     weights = run_dir / (BEST_FILE if best else LATEST_FILE)
-    save_weights(model, weights, step=step)
     if trainer_state is not None and not best:
-        with atomic_path(run_dir / TRAINER_STATE_FILE) as tmp:
-            torch.save(trainer_state, tmp)
+        # Both files are written in full before either is renamed into place (the renames are
+        # microseconds apart), so a crash while saving leaves the previous consistent pair.
+        with atomic_path(weights) as weights_tmp, atomic_path(run_dir / TRAINER_STATE_FILE) as state_tmp:
+            _write_weights(model, weights_tmp, step)
+            torch.save(trainer_state, state_tmp)
+    else:
+        save_weights(model, weights, step=step)
     return weights
 
 
 def save_weights(model: torch.nn.Module, path, step: int | None = None) -> None:
+    with atomic_path(path) as tmp:
+        _write_weights(model, tmp, step)
+
+
+def _write_weights(model: torch.nn.Module, path, step: int | None) -> None:
     # save_model (not save_file) drops the aliases of tied tensors (embedding = output head).
     metadata = {"format": "dsmr"} if step is None else {"format": "dsmr", "step": str(step)}
-    with atomic_path(path) as tmp:
-        _st_save_model(model, str(tmp), metadata=metadata)
+    _st_save_model(model, str(path), metadata=metadata)
 
 
 def weights_step(path) -> int | None:
