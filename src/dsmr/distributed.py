@@ -53,17 +53,17 @@ class DistContext:
 
     def all_sum(self, values: Sequence[float]) -> list[float]:
         """Element-wise sum over ranks (float64); the values themselves when single-process."""
-        if not self.enabled:
-            return [float(v) for v in values]
-        t = torch.tensor(list(values), dtype=torch.float64, device=self._comm_device)
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        return t.tolist()
+        return self._all_reduce(values, dist.ReduceOp.SUM)
 
     def all_max(self, values: Sequence[float]) -> list[float]:
+        """Element-wise maximum over ranks (float64); the values themselves when single-process."""
+        return self._all_reduce(values, dist.ReduceOp.MAX)
+
+    def _all_reduce(self, values: Sequence[float], op) -> list[float]:
         if not self.enabled:
             return [float(v) for v in values]
         t = torch.tensor(list(values), dtype=torch.float64, device=self._comm_device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        dist.all_reduce(t, op=op)
         return t.tolist()
 
     def gather_to_main(self, obj) -> list | None:
