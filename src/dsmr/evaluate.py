@@ -29,7 +29,6 @@ import torch
 import torch.nn.functional as F
 
 from dsmr.errors import DsmrError
-from dsmr.schedule import Schedule
 from dsmr.stream import IGNORE_INDEX, PieceStream
 
 # Left edges of the position-in-piece buckets; the last bucket is open-ended.
@@ -141,7 +140,7 @@ def state_bytes(model, batch: int = 1, bytes_per_value: int | None = None) -> in
     """Bytes of the model's recurrent state for `batch` lanes (its schedule at the parameters' dtype)."""
     if bytes_per_value is None:
         bytes_per_value = next(model.parameters()).element_size()
-    return Schedule("model", tuple(model.cfg.horizons)).state_bytes(model.cfg.d_model, bytes_per_value, batch)
+    return model.cfg.state_bytes(batch, bytes_per_value)
 
 
 @torch.no_grad()

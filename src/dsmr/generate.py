@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dsmr.errors import DsmrError
-from dsmr.model import RotaryEmbedding
+from dsmr.model import attention_mask
 
 # Names of the events that start a note, per encoding: performance NOTE_ON_60, miditok Pitch_60 / NoteOn_60.
 _PITCH_EVENT = re.compile(r"^(?:NOTE_ON|Pitch|NoteOn)_(\d+)$")
@@ -58,26 +58,9 @@ class IncrementalDecoder:
         self.segment_len = segment_len
         self.batch_size = batch_size
         self.horizons = tuple(cfg.horizons)
-        self.n_heads, self.head_dim, self.d_model = cfg.n_heads, cfg.head_dim, cfg.d_model
-        self.scale = 1.0 / math.sqrt(cfg.head_dim)
         shape = lambda h: (batch_size, cfg.n_heads, h + segment_len, cfg.head_dim)  # noqa: E731
         self.keys = [torch.zeros(shape(h), device=self.device, dtype=self.dtype) for h in self.horizons]
         self.values = [torch.zeros(shape(h), device=self.device, dtype=self.dtype) for h in self.horizons]
-        # Gates are constant at inference: their memory logit becomes a fixed additive mask over the
-        # memory slots ([1, heads or 1, 1, h + T]); None for layers without a gate.
-        self._gate_bias: list[Optional[Tensor]] = []
-        self._gate_mask: list[Optional[Tensor]] = []
-        with torch.no_grad():
-            for block, h in zip(model.blocks, self.horizons):
-                bias = block.attn.memory_bias()
-                if bias is None or h == 0:
-                    self._gate_bias.append(None)
-                    self._gate_mask.append(None)
-                else:
-                    bias = bias.detach().to(self.device, self.dtype).view(1, -1, 1, 1)
-                    self._gate_bias.append(bias)
-                    self._gate_mask.append(torch.zeros(1, bias.shape[1], 1, h + segment_len,
-                                                       device=self.device, dtype=self.dtype))
         self.reset()
 
     # ---- state
@@ -88,7 +71,6 @@ class IncrementalDecoder:
         self.seg_fill = 0  # tokens of the current segment already in the buffers
         self.memory_fill = [0] * len(self.horizons)
         self._rope = self._segment_rope(0)
-        self._refresh_gate_masks()
 
     def state_bytes(self) -> int:
         """Bytes held by the key/value buffers: constant for the decoder's lifetime."""
@@ -103,12 +85,6 @@ class IncrementalDecoder:
         positions = torch.arange(start, start + self.segment_len, device=self.device)[None]
         return self.model.rotary(positions)
 
-    def _refresh_gate_masks(self) -> None:
-        for layer, mask in enumerate(self._gate_mask):
-            if mask is not None:
-                mask.zero_()
-                mask[..., : self.memory_fill[layer]] = self._gate_bias[layer]
-
     def _next_segment(self) -> None:
         """Keep the last h_l positions of (memory + finished segment) at the front of each buffer."""
         for layer, h in enumerate(self.horizons):
@@ -120,7 +96,6 @@ class IncrementalDecoder:
             self.memory_fill[layer] = keep
         self.seg_fill = 0
         self._rope = self._segment_rope(self.position)
-        self._refresh_gate_masks()
 
     # ---- decoding
 
@@ -161,37 +136,26 @@ class IncrementalDecoder:
         cos, sin = cos.narrow(2, t, n), sin.narrow(2, t, n)
         x = self.model.embed(ids)
         for layer, block in enumerate(self.model.blocks):
-            attn = block.attn
-            # MemoryAttention.qkv, with q and k rotated in one call: a step is a few hundred tiny ops, so
-            # their count, not arithmetic, sets the speed (the equivalence test guards this copy)
-            qkv = attn.qkv_proj(block.norm1(x)).view(B, n, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-            q, k = RotaryEmbedding.rotate(qkv[:2], cos, sin)
-            start = self.memory_fill[layer] + t
+            # the model's own attention (MemoryAttention.qkv / attend) over this layer's buffers
+            q, k, v = block.attn.qkv(block.norm1(x), rope=(cos, sin))
+            memory = self.memory_fill[layer]
+            start = memory + t
             end = start + n
             self.keys[layer].narrow(2, start, n).copy_(k)
-            self.values[layer].narrow(2, start, n).copy_(qkv[2])
-            out = F.scaled_dot_product_attention(q, self.keys[layer].narrow(2, 0, end),
-                                                 self.values[layer].narrow(2, 0, end),
-                                                 attn_mask=self._mask(layer, t, n, end), scale=self.scale)
-            x = x + attn.out_proj(out.transpose(1, 2).reshape(B, n, self.d_model))
+            self.values[layer].narrow(2, start, n).copy_(v)
+            mask = None if n == 1 else self._mask(memory, t, n)
+            x = x + block.attn.attend(q, self.keys[layer].narrow(2, 0, end), self.values[layer].narrow(2, 0, end),
+                                      mask, n_memory=memory)
             x = block.feed_forward(x)
         self.seg_fill += n
         self.position += n
         return x
 
-    def _mask(self, layer: int, t: int, n: int, end: int) -> Optional[Tensor]:
-        """Additive mask for n queries at segment offsets t..t+n-1 over buffer slots [0, end)."""
-        gate_mask = self._gate_mask[layer]
-        if n == 1:  # one query sees every filled slot: only a gate changes anything
-            return None if gate_mask is None else gate_mask[..., :end]
-        m = self.memory_fill[layer]
-        causal = torch.ones(n, t + n, dtype=torch.bool, device=self.device).tril(diagonal=t)
-        allowed = torch.cat([torch.ones(n, m, dtype=torch.bool, device=self.device), causal], dim=1)
-        mask = torch.zeros(n, end, device=self.device, dtype=self.dtype).masked_fill_(~allowed, float("-inf"))
-        mask = mask[None, None]
-        if gate_mask is not None:
-            mask = mask + gate_mask[..., :end]
-        return mask
+    def _mask(self, memory: int, t: int, n: int) -> Tensor:
+        """Additive mask [1, 1, n, memory + t + n] for n queries at segment offsets t..t+n-1: the rows t..
+        of a full segment's mask (one query alone sees every filled slot and needs none)."""
+        valid = torch.ones(1, memory, dtype=torch.bool, device=self.device)
+        return attention_mask(valid, None, t + n, self.dtype)[:, :, t:]
 
 
 class HalfWeightLinear(nn.Module):

@@ -26,6 +26,7 @@ from dsmr.errors import DsmrError
 
 GATES = ("none", "soft", "ste")
 NORMS = ("layernorm", "rmsnorm")
+MEMORIES = ("kv", "hidden")
 # Bias of a hard-closed STE gate: exp(-1000) underflows to exactly 0, so the memory is dropped, yet the
 # value stays finite (an -inf key component would give 0 * inf = NaN in the attention backward).
 CLOSED_GATE_BIAS = -1000.0
@@ -46,6 +47,11 @@ class DSMRConfig:
     gate_per_head: bool = False
     gate_init: float = 3.0  # theta at init: sigmoid(3) ~ 0.95, memory open
     norm: str = "layernorm"  # "layernorm" | "rmsnorm"
+    # Fields added later: their defaults reproduce models saved before them.
+    head_dim: Optional[int] = None  # None: d_model // n_heads; attention width = n_heads * head_dim
+    rotary_fraction: float = 1.0  # share of each head's dims that the rotary embedding rotates
+    init_std: float = 0.02  # std of the initial weights (residual projections: / sqrt(2 n_layers))
+    memory: str = "kv"  # what the state holds in training: "kv" keys/values, "hidden" layer inputs
 
     def __post_init__(self) -> None:
         if self.horizons is None:
@@ -55,10 +61,21 @@ class DSMRConfig:
         for name in ("vocab_size", "n_layers", "d_model", "n_heads"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 problems.append(f"{name} must be a positive integer, got {getattr(self, name)!r}")
-        if not problems and self.d_model % self.n_heads:
-            problems.append(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
-        elif not problems and (self.d_model // self.n_heads) % 2:
-            problems.append(f"head dim {self.d_model // self.n_heads} must be even for the rotary embedding")
+        if not problems and self.head_dim is None:
+            if self.d_model % self.n_heads:
+                problems.append(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads} "
+                                f"(or give head_dim)")
+            else:
+                self.head_dim = self.d_model // self.n_heads
+        if not problems and (not isinstance(self.head_dim, int) or self.head_dim < 2 or self.head_dim % 2):
+            problems.append(f"head dim must be an even integer >= 2 for the rotary embedding, got {self.head_dim!r}")
+        if not (0.0 < self.rotary_fraction <= 1.0) or (isinstance(self.head_dim, int) and self.rotary_dims < 2):
+            problems.append(f"rotary_fraction must be in (0, 1] and rotate at least 2 dims of each head, "
+                            f"got {self.rotary_fraction}")
+        if not (self.init_std > 0 and math.isfinite(self.init_std)):
+            problems.append(f"init_std must be > 0, got {self.init_std}")
+        if self.memory not in MEMORIES:
+            problems.append(f"memory must be one of {MEMORIES}, got {self.memory!r}")
         if self.d_ff is not None and (not isinstance(self.d_ff, int) or self.d_ff < 1):
             problems.append(f"d_ff must be a positive integer or None, got {self.d_ff!r}")
         if not 0.0 <= self.dropout < 1.0:
@@ -75,8 +92,24 @@ class DSMRConfig:
             raise DsmrError("model config: " + "; ".join(problems))
 
     @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+    def attn_dim(self) -> int:
+        """Width of the queries, keys and values of all heads together."""
+        return self.n_heads * self.head_dim
+
+    @property
+    def rotary_dims(self) -> int:
+        """Dims of each head that are rotated (even; the rest carry no position)."""
+        return int(self.head_dim * self.rotary_fraction) // 2 * 2
+
+    @property
+    def state_width(self) -> int:
+        """Values stored per memory position and layer in training: keys and values, or the layer input."""
+        return 2 * self.attn_dim if self.memory == "kv" else self.d_model
+
+    def state_bytes(self, batch: int = 1, bytes_per_value: int = 4) -> int:
+        """Bytes of the recurrent state of `batch` lanes: budget x state_width x bytes per value.
+        (Decoding always keeps keys/values: IncrementalDecoder.state_bytes.)"""
+        return sum(self.horizons) * self.state_width * bytes_per_value * batch
 
     @property
     def ff_dim(self) -> int:
@@ -94,46 +127,67 @@ class DSMRConfig:
 
 @dataclass
 class LayerMemory:
-    """Detached keys/values of the last <= h_l positions before the segment, left-aligned by time."""
+    """The detached state of one layer: the last <= h_l positions before the segment, left-aligned by time.
 
-    k: Tensor  # [B, n_heads, M, head_dim], after RoPE
-    v: Tensor  # [B, n_heads, M, head_dim]
+    With `memory="kv"` it holds keys (after RoPE) and values; with `memory="hidden"` the residual stream
+    entering the layer (`k` is [B, 1, M, d_model], `v` is None), projected again by each segment."""
+
+    k: Tensor  # [B, n_heads, M, head_dim] keys after RoPE; hidden: [B, 1, M, d_model]
+    v: Optional[Tensor]  # [B, n_heads, M, head_dim]; None for hidden memory
     valid: Tensor  # [B, M] bool: False for empty slots, padding, and positions of a previous piece
 
     @property
     def size(self) -> int:
         return self.k.shape[2]
 
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + (self.v.nbytes if self.v is not None else 0)
+
+    def detached(self) -> "LayerMemory":
+        return LayerMemory(self.k.detach(), None if self.v is None else self.v.detach(), self.valid)
+
+    def to(self, device) -> "LayerMemory":
+        return LayerMemory(self.k.to(device), None if self.v is None else self.v.to(device), self.valid.to(device))
+
 
 State = list[LayerMemory]
 
 
 def state_nbytes(state: State) -> int:
-    """Bytes held by the keys and values of a state (what the schedule's state_bytes budgets)."""
-    return sum(m.k.nbytes + m.v.nbytes for m in state)
+    """Bytes held by a state (what DSMRConfig.state_bytes budgets)."""
+    return sum(m.nbytes for m in state)
 
 
 class RotaryEmbedding(nn.Module):
-    """Rotary position embedding (RoPE) for arbitrary absolute positions, one per token and lane."""
+    """Rotary position embedding (RoPE) for arbitrary absolute positions, one per token and lane.
 
-    def __init__(self, head_dim: int, base: float = 10000.0):
+    `rotary_dims` < head_dim rotates only the first rotary_dims dims of each head (partial rotary); the
+    others carry content without position."""
+
+    def __init__(self, head_dim: int, base: float = 10000.0, rotary_dims: Optional[int] = None):
         super().__init__()
         self.head_dim = head_dim
+        self.rotary_dims = head_dim if rotary_dims is None else rotary_dims
+        dims = self.rotary_dims
         # float64 so that angles stay exact at the positions of long pieces (~1e5); not in checkpoints
-        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+        inv_freq = 1.0 / (base ** (torch.arange(0, dims, 2, dtype=torch.float64) / dims))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def forward(self, positions: Tensor) -> tuple[Tensor, Tensor]:
-        """positions [B, T] long -> (cos, sin), each [B, 1, T, head_dim] float32 (broadcast over heads)."""
+        """positions [B, T] long -> (cos, sin), each [B, 1, T, rotary_dims] float32 (broadcast over heads)."""
         wide = torch.float32 if positions.device.type == "mps" else torch.float64
-        angles = positions.to(wide)[..., None] * self.inv_freq.to(wide)  # [B, T, head_dim / 2]
+        angles = positions.to(wide)[..., None] * self.inv_freq.to(wide)  # [B, T, rotary_dims / 2]
         angles = torch.cat([angles, angles], dim=-1)[:, None]
         return angles.cos().float(), angles.sin().float()
 
     @staticmethod
     def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        """Apply the rotation to x [B, H, T, D] (rotate-half convention)."""
+        """Apply the rotation to x [..., D] (rotate-half convention) on its first cos.shape[-1] dims."""
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        r = cos.shape[-1]
+        if r < x.shape[-1]:
+            return torch.cat([RotaryEmbedding.rotate(x[..., :r], cos, sin), x[..., r:]], dim=-1)
         x1, x2 = x.chunk(2, dim=-1)
         return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
@@ -158,7 +212,10 @@ def attention_mask(memory_valid: Tensor, token_mask: Optional[Tensor], seg_len: 
 
 
 class MemoryAttention(nn.Module):
-    """Causal self-attention over [memory; segment], with an optional learned gate on the memory."""
+    """Causal self-attention over [memory; segment], with an optional learned gate on the memory.
+
+    The one implementation of attention: training and evaluation call `forward`; the incremental decoder
+    (dsmr.generate) calls `qkv` and `attend` on its own key/value buffers."""
 
     def __init__(self, cfg: DSMRConfig, layer: int):
         super().__init__()
@@ -166,9 +223,10 @@ class MemoryAttention(nn.Module):
         self.horizon = cfg.horizons[layer]
         self.dropout = cfg.dropout
         self.gate_kind = cfg.gate
-        self.qkv_proj = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
-        self.out_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
-        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_base)
+        self.hidden_memory = cfg.memory == "hidden"
+        self.qkv_proj = nn.Linear(cfg.d_model, 3 * cfg.attn_dim, bias=False)
+        self.out_proj = nn.Linear(cfg.attn_dim, cfg.d_model, bias=False)
+        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_base, cfg.rotary_dims)
         if cfg.gate != "none":
             n_gates = cfg.n_heads if cfg.gate_per_head else 1
             self.gate_logit = nn.Parameter(torch.full((n_gates,), float(cfg.gate_init)))
@@ -176,16 +234,26 @@ class MemoryAttention(nn.Module):
             self.gate_logit = None
 
     def qkv(self, x: Tensor, positions: Optional[Tensor] = None, *, rope: Optional[tuple[Tensor, Tensor]] = None):
-        """Queries, keys, values [B, H, T, D] of a chunk x [B, T, d_model]; q and k rotated to their
-        absolute positions (pass `positions` [B, T], or `rope` = RotaryEmbedding(positions) to share it)."""
+        """Queries, keys, values [B, H, T, D] of a chunk x [B, T, d_model] (already normalised); q and k
+        rotated to their absolute positions (pass `positions` [B, T], or `rope` = RotaryEmbedding(positions)
+        to share it)."""
         if rope is None:
             if positions is None:
                 raise ValueError("qkv needs positions or rope")
             rope = self.rotary(positions)
         B, T, _ = x.shape
-        q, k, v = self.qkv_proj(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        cos, sin = rope
-        return RotaryEmbedding.rotate(q, cos, sin), RotaryEmbedding.rotate(k, cos, sin), v
+        qkv = self.qkv_proj(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        qk = RotaryEmbedding.rotate(qkv[:2], *rope)  # q and k in one call: fewer ops when decoding
+        return qk[0], qk[1], qkv[2]
+
+    def kv(self, x: Tensor, rope: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        """Keys (rotated) and values [B, H, M, D] of normalised layer inputs x [B, M, d_model]: what hidden
+        memory recomputes with the current weights each segment."""
+        B, M, _ = x.shape
+        w = self.qkv_proj.weight
+        d = self.n_heads * self.head_dim
+        kv = F.linear(x, w[d:].to(x.dtype)).view(B, M, 2, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        return RotaryEmbedding.rotate(kv[0], *rope), kv[1]
 
     def gate(self) -> Optional[Tensor]:
         """sigmoid(theta): [1] per layer or [n_heads] per head; None without gates."""
@@ -207,47 +275,60 @@ class MemoryAttention(nn.Module):
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], n_memory: int = 0) -> Tensor:
         """Attention of q [B, H, T, D] over k, v [B, H, N, D] whose first `n_memory` positions are memory
-        (they get the gate bias); mask [B, 1|H, T, N] additive (or bool, True = attend), or None for plain
-        causal attention, which needs N == T. Returns the projected output [B, T, d_model]."""
+        (they get the gate bias); mask [B|1, 1|H, T, N] additive, or None for plain causal attention (N == T)
+        or for one query that sees every key. Returns the projected output [B, T, d_model]."""
         B, H, T, D = q.shape
-        if mask is None and k.shape[2] != T:
+        if mask is None and k.shape[2] != T and T != 1:
             raise ValueError(f"attend: without a mask keys must match the queries ({k.shape[2]} != {T})")
         bias = self.memory_bias() if n_memory else None
-        if bias is not None:
+        if bias is not None and bias.requires_grad:
             q, k, v = _with_gate_column(q, k, v, n_memory, bias)
+        elif bias is not None:  # inference: the gate is a constant, an additive mask is cheaper
+            gate = torch.zeros(1, bias.shape[0], 1, k.shape[2], dtype=q.dtype, device=q.device)
+            gate[..., :n_memory] = bias.to(q.dtype).view(1, -1, 1, 1)
+            mask = gate if mask is None else mask + gate
         out = F.scaled_dot_product_attention(
             q, k, v,
             attn_mask=mask,
-            is_causal=mask is None,
+            is_causal=mask is None and T > 1,
             dropout_p=self.dropout if self.training else 0.0,
             scale=1.0 / math.sqrt(D),
         )
-        if bias is not None:
+        if out.shape[-1] != D:
             out = out[..., :D]
         return self.out_proj(out.transpose(1, 2).reshape(B, T, H * D))
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], memory: LayerMemory, seg: "_Segment"):
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], memory: LayerMemory, seg: "_Segment",
+                residual: Optional[Tensor] = None, norm: Optional[nn.Module] = None):
+        """x: the normalised segment [B, T, d_model]; `residual` (its input before `norm`) is what hidden
+        memory stores. Returns the output and the layer's next memory."""
         q, k, v = self.qkv(x, rope=rope)
         view = seg.memory_view(memory, self.horizon, q.dtype)
         first = view.first
+        if view.size and self.hidden_memory:
+            mem_k, mem_v = self.kv(norm(memory.k[:, 0, first:].to(x.dtype)), seg.memory_rope(view.size, self.rotary))
+        elif view.size:  # the state may come from an autocast run of another dtype: match the segment's
+            mem_k, mem_v = memory.k[:, :, first:].to(k.dtype), memory.v[:, :, first:].to(v.dtype)
         if view.size:
-            # the state may come from an autocast run of another dtype: match the segment's
-            keys = torch.cat([memory.k[:, :, first:].to(k.dtype), k], dim=2)
-            values = torch.cat([memory.v[:, :, first:].to(v.dtype), v], dim=2)
+            keys, values = torch.cat([mem_k, k], dim=2), torch.cat([mem_v, v], dim=2)
         else:
             keys, values = k, v
         out = self.attend(q, keys, values, view.mask, n_memory=view.size)
-        return out, self._next_memory(keys, values, view.next_valid)
+        if self.hidden_memory:
+            stored = residual[:, None]
+            if view.size:
+                stored = torch.cat([memory.k[:, :, first:].to(stored.dtype), stored], dim=2)
+            return out, LayerMemory(_last(stored, self.horizon), None, view.next_valid)
+        return out, LayerMemory(_last(keys, self.horizon), _last(values, self.horizon), view.next_valid)
 
-    def _next_memory(self, keys: Tensor, values: Tensor, next_valid: Tensor) -> LayerMemory:
-        h = self.horizon
-        if h == 0:  # fresh empty tensors: an empty slice would keep the whole segment's storage alive
-            empty = keys.new_zeros(keys.shape[0], keys.shape[1], 0, keys.shape[3])
-            return LayerMemory(empty, empty, next_valid)
-        # slicing then .contiguous() copies only when it trims, so the state holds <= h positions
-        k = keys[:, :, max(keys.shape[2] - h, 0):].detach().contiguous()
-        v = values[:, :, max(values.shape[2] - h, 0):].detach().contiguous()
-        return LayerMemory(k, v, next_valid)
+
+def _last(x: Tensor, h: int) -> Tensor:
+    """The last h positions of x [B, H, N, D], detached, in storage of their own: the next memory.
+    Fresh (empty) storage for h == 0: an empty slice would keep the whole segment's storage alive, and
+    .contiguous() copies only when it trims, so a state holds <= h positions."""
+    if h == 0:
+        return x.new_zeros(x.shape[0], x.shape[1], 0, x.shape[3])
+    return x[:, :, max(x.shape[2] - h, 0):].detach().contiguous()
 
 
 def _with_gate_column(q: Tensor, k: Tensor, v: Tensor, n_memory: int, bias: Tensor):
@@ -288,7 +369,7 @@ class Block(nn.Module):
         return x + self.resid_dropout(self.mlp(self.norm2(x)))
 
     def forward(self, x: Tensor, rope, memory: LayerMemory, seg: "_Segment") -> tuple[Tensor, LayerMemory]:
-        attn_out, new_memory = self.attn(self.norm1(x), rope, memory, seg)
+        attn_out, new_memory = self.attn(self.norm1(x), rope, memory, seg, residual=x, norm=self.norm1)
         return self.feed_forward(x + self.resid_dropout(attn_out)), new_memory
 
 
@@ -304,12 +385,16 @@ class _Segment:
     """Per-forward bookkeeping shared by the layers: masks and next-memory validity are computed once per
     (memory validity, horizon); layers of equal horizon share validity tensors, hence their masks."""
 
-    def __init__(self, reset: Optional[Tensor], token_mask: Optional[Tensor], seg_len: int, batch: int, device):
-        self.reset, self.seg_len = reset, seg_len
+    def __init__(self, reset: Optional[Tensor], token_mask: Optional[Tensor], positions: Tensor):
+        batch, seg_len = positions.shape
+        self.reset, self.seg_len, self.positions = reset, seg_len, positions
         self.token_mask = token_mask
+        # token_mask.all() syncs with the device; one call per segment
         self.all_real = token_mask is None or bool(token_mask.all())
-        self.real = token_mask if token_mask is not None else torch.ones(batch, seg_len, dtype=torch.bool, device=device)
+        self.real = token_mask if token_mask is not None else torch.ones(batch, seg_len, dtype=torch.bool,
+                                                                         device=positions.device)
         self._views: dict = {}
+        self._ropes: dict = {}
 
     def memory_view(self, memory: LayerMemory, horizon: int, dtype: torch.dtype) -> _MemoryView:
         key = (id(memory.valid), memory.size, horizon, dtype)
@@ -318,7 +403,19 @@ class _Segment:
             view = self._views[key] = self._make_view(memory.valid, horizon, dtype)
         return view
 
+    def memory_rope(self, size: int, rotary: RotaryEmbedding) -> tuple[Tensor, Tensor]:
+        """cos/sin of the `size` memory slots before the segment. Valid slots always hold the positions
+        just before the segment's first (memory is reset with each piece, and padding only ends one), so
+        slot j of `size` is at position start - size + j; invalid slots are masked, their angle is moot."""
+        rope = self._ropes.get(size)
+        if rope is None:
+            offsets = torch.arange(-size, 0, device=self.positions.device)
+            rope = self._ropes[size] = rotary((self.positions[:, :1] + offsets).clamp_min(0))
+        return rope
+
     def _make_view(self, valid: Tensor, horizon: int, dtype: torch.dtype) -> _MemoryView:
+        """Which memory slots to attend to, the mask, and the validity of the next memory: the last
+        `horizon` of (memory slots, segment tokens) — the one home of the memory rule."""
         if self.reset is not None and valid.shape[1]:
             valid = valid & ~self.reset[:, None]
         first = valid.shape[1]
@@ -344,7 +441,7 @@ class DSMR(nn.Module):
         self.cfg = cfg
         self.embedding = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.dropout = nn.Dropout(cfg.dropout)
-        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_base)
+        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_base, cfg.rotary_dims)
         self.blocks = nn.ModuleList(Block(cfg, layer) for layer in range(cfg.n_layers))
         self.norm = nn.LayerNorm(cfg.d_model) if cfg.norm == "layernorm" else nn.RMSNorm(cfg.d_model)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
@@ -354,25 +451,34 @@ class DSMR(nn.Module):
         # GPT-2: scale the residual projections so the residual stream's variance does not grow with depth
         for block in self.blocks:
             for proj in (block.attn.out_proj, block.mlp[2]):
-                nn.init.normal_(proj.weight, std=0.02 / math.sqrt(2 * cfg.n_layers))
+                nn.init.normal_(proj.weight, std=cfg.init_std / math.sqrt(2 * cfg.n_layers))
 
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
+    def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, std=0.02)
+            nn.init.normal_(module.weight, std=self.cfg.init_std)
 
-    @property
-    def horizons(self) -> tuple[int, ...]:
-        return self.cfg.horizons
+    def active_horizons(self) -> tuple[int, ...]:
+        """The horizons in use (cfg.horizons unless a training curriculum set others)."""
+        return tuple(block.attn.horizon for block in self.blocks)
+
+    def set_horizons(self, horizons) -> None:
+        """Use other horizons (a curriculum during training); a memory longer than its new horizon is cut
+        to it at the next segment."""
+        if len(horizons) != len(self.blocks):
+            raise DsmrError(f"set_horizons: {len(horizons)} horizons for {len(self.blocks)} layers")
+        for block, h in zip(self.blocks, horizons):
+            block.attn.horizon = int(h)
 
     def init_state(self, batch_size: int, device=None, dtype=None) -> State:
         """Empty memory (M = 0) for every layer."""
         param = self.embedding.weight
         device = param.device if device is None else device
         dtype = param.dtype if dtype is None else dtype
-        shape = (batch_size, self.cfg.n_heads, 0, self.cfg.head_dim)
-        empty = torch.zeros(shape, device=device, dtype=dtype)
         valid = torch.zeros(batch_size, 0, dtype=torch.bool, device=device)
+        if self.cfg.memory == "hidden":
+            empty = torch.zeros(batch_size, 1, 0, self.cfg.d_model, device=device, dtype=dtype)
+            return [LayerMemory(empty, None, valid) for _ in self.blocks]
+        empty = torch.zeros(batch_size, self.cfg.n_heads, 0, self.cfg.head_dim, device=device, dtype=dtype)
         return [LayerMemory(empty, empty, valid) for _ in self.blocks]
 
     def embed(self, ids: Tensor) -> Tensor:
@@ -397,7 +503,7 @@ class DSMR(nn.Module):
         B, T = ids.shape
         if state is None:
             state = self.init_state(B, device=ids.device)
-        seg = _Segment(reset, token_mask, T, B, ids.device)
+        seg = _Segment(reset, token_mask, positions)
         rope = self.rotary(positions)
         x = self.embed(ids)
         new_state: State = []

@@ -57,6 +57,11 @@ RESUMABLE_CHANGES = ("steps", "epochs", "eval_every", "eval_at_start", "val_piec
                      "log_every", "save_every", "device", "tensorboard", "compile")
 
 
+# Values that reproduce runs saved before an option existed (config.json files without its key).
+LEGACY_DEFAULTS = {"head_dim": None, "rotary_fraction": 1.0, "norm": "layernorm", "init_std": 0.02, "memory": "kv",
+                   "horizon_warmup": 0, "embedding_decay": True}
+
+
 @dataclass
 class TrainConfig:
     # model
@@ -66,6 +71,11 @@ class TrainConfig:
     d_ff: int | None = None           # None: 4 * d_model
     dropout: float = 0.0
     tie_embeddings: bool = True
+    head_dim: int | None = None       # None: d_model / heads
+    rotary_fraction: float = 1.0      # share of each head's dims that RoPE rotates
+    norm: str = "layernorm"           # "layernorm" | "rmsnorm"
+    init_std: float = 0.02            # std of the initial weights
+    memory: str = "kv"                # what the state holds in training: "kv" or "hidden" (re-projected)
     # memory schedule (dsmr.schedule.make_schedule): two-scale 2 x 1024 + 4 x 128 = 2560 by default
     schedule: str = "two-scale"
     budget: int | None = 2560         # uniform, two-scale, binary
@@ -79,6 +89,7 @@ class TrainConfig:
     gate_per_head: bool = False
     gate_init: float = 3.0
     gate_lambda: float = 0.0          # weight of the budget penalty
+    horizon_warmup: int = 0           # steps over which every horizon grows linearly from 0 to its schedule
     # data
     segment: int = 256
     batch_size: int = 8               # lanes
@@ -89,6 +100,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.1         # cosine decay ends at lr * min_lr_ratio
     warmup_steps: int | None = None   # None: 5% of the steps, at most 500
     weight_decay: float = 0.1
+    embedding_decay: bool = True      # weight decay on the embedding too (norms and gates never)
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 1.0            # 0: no clipping
     grad_accum: int = 1
@@ -143,6 +155,12 @@ class TrainConfig:
                 problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.warmup_steps is not None and self.warmup_steps < 0:
             problems.append(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if not isinstance(self.horizon_warmup, int) or self.horizon_warmup < 0:
+            problems.append(f"horizon_warmup must be an integer >= 0, got {self.horizon_warmup!r}")
+        if self.baseline and self.memory != "kv":
+            problems.append("the excerpt baseline has no memory, so no memory representation")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            problems.append(f"betas must be two numbers in [0, 1), got {self.betas}")
         if problems:
             raise DsmrError("train config: " + "; ".join(problems))
 
@@ -151,7 +169,8 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
-        return dataclass_from_dict(cls, d, "train config")
+        """From a config.json "train" section; keys it lacks (older runs) take their LEGACY_DEFAULTS."""
+        return dataclass_from_dict(cls, {**LEGACY_DEFAULTS, **d}, "train config")
 
     @property
     def segment_len(self) -> int:
@@ -171,7 +190,8 @@ def make_model_config(cfg: TrainConfig, vocab_size: int) -> DSMRConfig:
     return DSMRConfig(vocab_size=vocab_size, n_layers=cfg.layers, d_model=cfg.d_model, n_heads=cfg.heads,
                       d_ff=cfg.d_ff, dropout=cfg.dropout, tie_embeddings=cfg.tie_embeddings,
                       horizons=make_run_schedule(cfg).horizons, gate=cfg.gate, gate_per_head=cfg.gate_per_head,
-                      gate_init=cfg.gate_init)
+                      gate_init=cfg.gate_init, norm=cfg.norm, head_dim=cfg.head_dim,
+                      rotary_fraction=cfg.rotary_fraction, init_std=cfg.init_std, memory=cfg.memory)
 
 
 def run_config(cfg: TrainConfig, model_cfg: DSMRConfig, tokenizer, cache) -> dict:
@@ -197,10 +217,19 @@ def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def horizons_at(step: int, horizons: tuple[int, ...], warmup: int) -> tuple[int, ...]:
+    """The horizon curriculum: each layer's horizon grows linearly from 0 at step 0 to its schedule at
+    step `warmup` (and stays there); no warmup: the schedule itself."""
+    if step >= warmup:
+        return tuple(horizons)
+    return tuple(h * step // warmup for h in horizons)
+
+
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    # weight decay on matrices (and the embedding) only; norms and gates are left alone
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    # weight decay on matrices (and the embedding unless embedding_decay is off); norms and gates never
+    embedding = {id(model.embedding.weight)} if not cfg.embedding_decay else set()
+    decay = [p for p in model.parameters() if p.dim() >= 2 and id(p) not in embedding]
+    no_decay = [p for p in model.parameters() if p.dim() < 2 or id(p) in embedding]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=device.type == "cuda")
 
@@ -232,13 +261,13 @@ def _seed_everything(seed: int) -> None:
 def _state_to_cpu(state) -> list[dict] | None:
     if state is None:
         return None
-    return [{"k": m.k.cpu(), "v": m.v.cpu(), "valid": m.valid.cpu()} for m in state]
+    return [{"k": m.k.cpu(), "v": None if m.v is None else m.v.cpu(), "valid": m.valid.cpu()} for m in state]
 
 
 def _state_from_cpu(saved, device) -> list[LayerMemory] | None:
     if saved is None:
         return None
-    return [LayerMemory(m["k"].to(device), m["v"].to(device), m["valid"].to(device)) for m in saved]
+    return [LayerMemory(m["k"], m["v"], m["valid"]).to(device) for m in saved]
 
 
 class _StopRequest:
@@ -324,14 +353,16 @@ def _check_resume(run_dir: Path, new: dict) -> dict:
     """The saved config.json of `run_dir`; DsmrError when the new run config differs where it matters."""
     old = read_config(run_dir)
     diffs = []
-    old_train, new_train = old.get("train", {}), new["train"]
+    old_train = TrainConfig.from_dict(old.get("train", {})).to_dict() if "train" in old else {}
+    new_train = new["train"]
     for key in sorted(set(old_train) | set(new_train)):
         if key not in RESUMABLE_CHANGES and old_train.get(key) != new_train.get(key):
             diffs.append(f"{key}: run {old_train.get(key)!r}, now {new_train.get(key)!r}")
     if old.get("tokenizer_hash") != new["tokenizer_hash"]:
         diffs.append(f"tokenizer: run {old['tokenizer'].get('kind')} ({str(old.get('tokenizer_hash'))[:12]}), "
                      f"cache {new['tokenizer'].get('kind')} ({new['tokenizer_hash'][:12]})")
-    if old.get("model") != new["model"] and not diffs:
+    old_model = DSMRConfig.from_dict(old["model"]).to_dict() if "model" in old else None
+    if old_model != new["model"] and not diffs:
         diffs.append("model config differs")
     if diffs:
         raise DsmrError(f"cannot resume {run_dir} with a different config: " + "; ".join(diffs))
@@ -507,8 +538,11 @@ def _train(cfg: TrainConfig, cache, run_dir: Path, progress: bool, resume: bool,
         nonlocal best_nll
         if not val_pieces:
             return None
+        training_horizons = model.active_horizons()
+        model.set_horizons(model_cfg.horizons)  # evaluated with the full schedule, curriculum or not
         result = (evaluate(model, val_share, eval_batch, cfg.segment_len, device=device, amp=cfg.amp, **special)
                   if val_share else None)
+        model.set_horizons(training_horizons)
         result = reduce_evaluation(result, ctx, len(NLL_BUCKETS))
         metrics.log({"step": step, "val_nll": result["nll"], "val_ppl": result["ppl"],
                      "val_tokens_per_s": result["tokens_per_s"]})
@@ -536,6 +570,8 @@ def _train(cfg: TrainConfig, cache, run_dir: Path, progress: bool, resume: bool,
                 break
             rewind = (stream.state_dict(), state, _rng_state())  # where a KeyboardInterrupt goes back to
             step_start = time.perf_counter()
+            if cfg.horizon_warmup:
+                model.set_horizons(horizons_at(step, model_cfg.horizons, cfg.horizon_warmup))
             try:
                 micro = [next(batches) for _ in range(cfg.grad_accum)]
                 n_targets = sum(b.num_targets for b in micro)
@@ -564,7 +600,7 @@ def _train(cfg: TrainConfig, cache, run_dir: Path, progress: bool, resume: bool,
                         if penalty is not None:
                             loss = loss + cfg.gate_lambda * penalty / cfg.grad_accum
                         loss.backward()
-                    state = [LayerMemory(m.k.detach(), m.v.detach(), m.valid) for m in new_state]
+                    state = [m.detached() for m in new_state]
                     nll_total += float(nll.detach())
                 if cfg.grad_clip:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -596,8 +632,12 @@ def _train(cfg: TrainConfig, cache, run_dir: Path, progress: bool, resume: bool,
                           "lr": scheduler.get_last_lr()[0], "tokens": interval["targets"],
                           "tokens_per_s": interval["targets"] / elapsed if elapsed > 0 else None,
                           "gates": gates.cpu().tolist() if gates is not None else None}
+                postfix = dict(loss=f"{last_loss:.3f}", tok_s=f"{record['tokens_per_s'] or 0:.0f}")
+                if cfg.horizon_warmup:
+                    record["horizons"] = list(model.active_horizons())
+                    postfix["mem"] = "/".join(map(str, record["horizons"]))
                 metrics.log(record)
-                bar.set_postfix(loss=f"{last_loss:.3f}", tok_s=f"{record['tokens_per_s'] or 0:.0f}")
+                bar.set_postfix(**postfix)
                 interval = {"nll": 0.0, "targets": 0, "seconds": 0.0}
             if cfg.eval_every and step % cfg.eval_every == 0 and val_pieces:
                 last_eval = validate()
@@ -608,6 +648,7 @@ def _train(cfg: TrainConfig, cache, run_dir: Path, progress: bool, resume: bool,
                 save_latest()
                 saved_step = step
     bar.close()
+    model.set_horizons(model_cfg.horizons)
 
     if not interrupted and val_pieces and (last_eval is None or last_eval["step"] != step):
         last_eval = validate()
@@ -629,7 +670,7 @@ def _train(cfg: TrainConfig, cache, run_dir: Path, progress: bool, resume: bool,
         "train_tokens_per_s": train_targets / train_seconds if train_seconds else None,
         "train_peak_memory_bytes": int(train_peak),
         "train_memory_method": train_memory.method,
-        "train_state_bytes": make_run_schedule(cfg).state_bytes(cfg.d_model, bpv, cfg.batch_size),
+        "train_state_bytes": model_cfg.state_bytes(cfg.batch_size, bpv),
         "best_val_nll": best_nll if math.isfinite(best_nll) else None,
         "interrupted": interrupted,
         "world_size": ctx.world_size,

@@ -17,10 +17,21 @@ import sys
 
 from dsmr.cli.schedule import _int_list, add_schedule_arguments
 
+
+def _float_pair(text: str) -> tuple[float, float]:
+    try:
+        values = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 2:
+        raise argparse.ArgumentTypeError(f"expected two numbers like 0.9,0.95, got {text!r}")
+    return values
+
 # TrainConfig fields set from options of the same name (argparse dest).
 _FIELDS = (
     "schedule", "budget", "long_layers", "short", "horizon", "binary_layers", "horizons",
     "layers", "d_model", "heads", "d_ff", "dropout", "tie_embeddings",
+    "head_dim", "rotary_fraction", "norm", "init_std", "memory", "horizon_warmup", "embedding_decay", "betas",
     "gate", "gate_per_head", "gate_init", "gate_lambda",
     "segment", "batch_size", "baseline", "context",
     "lr", "min_lr_ratio", "warmup_steps", "weight_decay", "grad_clip", "grad_accum", "steps", "epochs",
@@ -59,6 +70,16 @@ def register(subparsers) -> None:
     m.add_argument("--dropout", type=float, help="dropout (default 0)")
     m.add_argument("--no-tie-embeddings", dest="tie_embeddings", action="store_const", const=False,
                    help="separate output head instead of the tied embedding")
+    m.add_argument("--head-dim", type=int, help="width of each attention head (default d-model / heads)")
+    m.add_argument("--rotary-fraction", type=float, help="share of each head's dims rotated by RoPE (default 1)")
+    m.add_argument("--norm", choices=("layernorm", "rmsnorm"), help="normalization layers (default layernorm)")
+    m.add_argument("--init-std", type=float, help="std of the initial weights (default 0.02)")
+    m.add_argument("--memory", choices=("kv", "hidden"),
+                   help="what the memory holds in training: kv = detached keys/values (default); hidden = "
+                        "detached layer inputs, projected with the current weights every segment")
+    m.add_argument("--horizon-warmup", type=int, metavar="STEPS",
+                   help="horizon curriculum: every layer's horizon grows linearly from 0 to its schedule "
+                        "over the first STEPS steps (default 0: the full schedule from the start)")
 
     g = p.add_argument_group("learned gates")
     g.add_argument("--gate", choices=("none", "soft", "ste"), help="gate on memory attention (default none)")
@@ -78,6 +99,9 @@ def register(subparsers) -> None:
     o.add_argument("--min-lr-ratio", type=float, help="cosine decay floor as a fraction of --lr (default 0.1)")
     o.add_argument("--warmup-steps", type=int, help="linear warmup steps (default 5%% of the steps, <= 500)")
     o.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 0.1)")
+    o.add_argument("--no-embedding-decay", dest="embedding_decay", action="store_const", const=False,
+                   help="no weight decay on the token embedding (matrices of the blocks keep it)")
+    o.add_argument("--betas", type=_float_pair, metavar="B1,B2", help="AdamW betas (default 0.9,0.95)")
     o.add_argument("--grad-clip", type=float, help="gradient norm clip, 0 = off (default 1.0)")
     o.add_argument("--grad-accum", type=int, help="segment batches per optimizer step (default 1)")
     length = o.add_mutually_exclusive_group()
