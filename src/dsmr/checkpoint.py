@@ -155,14 +155,16 @@ def resolve_weights(path, which: str = "best") -> tuple[Path, Path]:
 
 
 def load_model(path, device="cpu", which: str = "best"):
-    """(model in eval mode, tokenizer, run config) from a run folder or a .safetensors checkpoint.
+    """(model in eval mode, tokenizer, run config) from a run folder, an exported model folder (dsmr.hub),
+    a .safetensors checkpoint, or a Hugging Face Hub repo id (owner/name, through huggingface_hub's cache).
 
     `which="best"` takes best.safetensors when the run has one, else the latest weights.
     """
+    from dsmr.hub import resolve_model_ref
     from dsmr.model import DSMR
     from dsmr.tokenizer import tokenizer_from_config
 
-    weights, run_dir = resolve_weights(path, which)
+    weights, run_dir = resolve_weights(resolve_model_ref(path), which)
     config = read_config(run_dir)
     try:
         model = DSMR(model_config_from(config))

@@ -13,7 +13,8 @@ def register(subparsers) -> None:
                     "report perplexity, NLL by position in the piece, tokens/s, peak memory and the "
                     "recurrent-state size.")
     p.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT",
-                   help="a run folder, or a .safetensors file with config.json beside it")
+                   help="a run folder, an exported model folder (dsmr export), a Hub repo id "
+                        "(owner/name), or a .safetensors file with config.json beside it")
     p.add_argument("--cache", required=True, help="token cache folder (same tokenizer as the run)")
     p.add_argument("--split", default="validation", help="split to evaluate: validation or test (default validation)")
     p.add_argument("--which", choices=("best", "latest"), default="best",

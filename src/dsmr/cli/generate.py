@@ -17,7 +17,8 @@ def register(subparsers) -> None:
                     "exceeds its horizon plus one segment, however long the piece. Writes MIDI, and "
                     "optionally a WAV (FluidSynth) and a piano-roll PNG.")
     parser.add_argument("checkpoint", type=Path, metavar="RUN_OR_CHECKPOINT",
-                        help="a run folder (uses best.safetensors, else model.safetensors) or a .safetensors file")
+                        help="a run folder (uses best.safetensors, else model.safetensors), an exported "
+                        "model folder (dsmr export), a Hub repo id (owner/name) or a .safetensors file")
     parser.add_argument("--out", type=Path, required=True, metavar="FILE.mid", help="MIDI file to write")
     prompt = parser.add_argument_group("prompt")
     prompt.add_argument("--prompt", type=Path, metavar="FILE.mid", help="MIDI file to continue (default: start from nothing)")
