@@ -150,7 +150,7 @@ def test_unreadable_folder_file_is_skipped(tmp_path):
     (tmp_path / "dangling.mid").symlink_to(tmp_path / "gone.mid")
     files, skipped = folder_listing(tmp_path)
     assert [f.name for f in files] == ["good.mid"]
-    assert skipped[0]["path"].endswith("dangling.mid") and "cannot read" in skipped[0]["reason"]
+    assert skipped[0]["path"].endswith("dangling.mid") and "broken symbolic link" in skipped[0]["reason"]
 
 
 def test_limit_keeps_every_split():

@@ -349,7 +349,7 @@ def test_encode_file_errors_name_the_path(tmp_path):
         with pytest.raises(DsmrError) as err:
             TOK.encode_file(path)
         assert str(path) in str(err.value), name
-    with pytest.raises(DsmrError, match="not a file"):
+    with pytest.raises(DsmrError, match="is a folder, not a regular file"):
         TOK.encode_file(tmp_path)
     # Outside the pitch range is as good as empty.
     with pytest.raises(DsmrError, match="no notes in pitch range 21-108"):

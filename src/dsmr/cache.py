@@ -4,7 +4,8 @@ Layout of one cache folder, `ROOT/{corpus}-{tokenizer kind}-{key}` where `key` h
 config hash and the source description (so a changed tokenizer builds a new cache instead of mixing):
 
     manifest.json             written last: tokenizer config + hash + vocabulary, source, every input
-                              file (name, path, split, size, sha256, tokens), per-split counts, skipped files
+                              file (name, path, split, size, sha256, tokens), per-split counts, skipped files,
+                              the per-file limits of the build, and the SHA-256 of every file below
     {split}.tokens            the event ids of all pieces of the split, concatenated (raw uint16, or
                               uint32 when the vocabulary needs it)
     {split}.offsets.npy       int64, n_pieces + 1: piece i is tokens[offsets[i]:offsets[i + 1]]
@@ -12,13 +13,21 @@ config hash and the source description (so a changed tokenizer builds a new cach
 A build writes into a hidden temporary folder beside the cache and renames it into place when
 complete, so an interrupted build never leaves a folder that looks like a finished cache. A rebuild
 reuses the tokens of every file whose content hash is unchanged and tokenizes only the others.
+
+Opening a cache checks its structure (cheap: the manifest's types, offsets against token file sizes,
+token ids against the vocabulary when a split is first read, the tokenizer against the recorded
+vocabulary); `TokenCache.verify()` (`dsmr data info --verify`, and the start of training) also checks
+every file against the checksum recorded when it was written. A damaged cache is a DsmrError that names
+the file; `dsmr data build` with the same options rebuilds it.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import datetime
+import errno
 import hashlib
+import inspect
 import json
 import os
 import re
@@ -38,6 +47,8 @@ from dsmr import __version__
 from dsmr.atomic import atomic_path, atomic_write_json
 from dsmr.corpora import SPLITS, SourceFile, limit_files, sha256_file
 from dsmr.errors import DsmrError
+from dsmr.files import MAX_FILE_BYTES
+from dsmr.files import MAX_PIECE_SECONDS as DEFAULT_MAX_SECONDS
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -97,46 +108,69 @@ class CacheSummary:
 # Tokenizing one file (in this process or in a pool worker)
 
 _worker_tokenizer = None
+_worker_limits: dict = {}
 
 
-def _init_worker(tokenizer) -> None:
-    global _worker_tokenizer
-    _worker_tokenizer = tokenizer
+def _init_worker(tokenizer, limits: dict) -> None:
+    global _worker_tokenizer, _worker_limits
+    _worker_tokenizer, _worker_limits = tokenizer, limits
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it cancels the pool
 
 
-def _encode(tokenizer, path: str) -> tuple[np.ndarray | None, str | None]:
+def default_limits() -> dict:
+    """Per-file limits of a build: the longest piece (seconds) and the largest file (bytes) accepted."""
+    return {"max_seconds": DEFAULT_MAX_SECONDS, "max_file_bytes": MAX_FILE_BYTES}
+
+
+def _encode(tokenizer, path: str, limits: dict | None = None) -> tuple[np.ndarray | None, str | None]:
     """(ids in the cache dtype, None) or (None, reason the file is skipped). Never raises for bad files."""
+    limits = limits or default_limits()
     try:
-        ids = np.asarray(tokenizer.encode_file(path))
+        if _takes_limits(tokenizer):
+            ids = np.asarray(tokenizer.encode_file(path, max_seconds=limits["max_seconds"],
+                                                   max_bytes=limits["max_file_bytes"]))
+        else:  # a tokenizer written for the older interface: encode_file(path)
+            ids = np.asarray(tokenizer.encode_file(path))
+        if ids.size == 0:
+            return None, f"no events to encode (the MIDI file has no notes): {path}"
+        if ids.ndim != 1 or ids.min() < 0 or ids.max() >= tokenizer.vocab_size:
+            return None, f"tokenizer returned ids outside 0..{tokenizer.vocab_size - 1} for {path}"
+        return ids.astype(token_dtype(tokenizer.vocab_size)), None
     except DsmrError as err:
         return None, str(err)
+    except MemoryError:
+        return None, f"out of memory while tokenizing {path}"
     except Exception as err:  # a parser bug on a strange file must not stop a build of thousands
         return None, f"cannot tokenize {path}: {type(err).__name__}: {err}"
-    if ids.size == 0:
-        return None, "no events to encode (the MIDI file has no notes)"
-    if ids.ndim != 1 or ids.min() < 0 or ids.max() >= tokenizer.vocab_size:
-        return None, f"tokenizer returned ids outside 0..{tokenizer.vocab_size - 1} for {path}"
-    return ids.astype(token_dtype(tokenizer.vocab_size)), None
+
+
+def _takes_limits(tokenizer) -> bool:
+    try:
+        params = inspect.signature(tokenizer.encode_file).parameters
+    except (TypeError, ValueError):
+        return False
+    return "max_seconds" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
 def _encode_in_worker(path: str) -> tuple[np.ndarray | None, str | None]:
-    return _encode(_worker_tokenizer, path)
+    return _encode(_worker_tokenizer, path, _worker_limits)
 
 
-def _tokenize(tokenizer, paths: list[str], workers: int, bar) -> list[tuple[np.ndarray | None, str | None]]:
+def _tokenize(tokenizer, paths: list[str], workers: int, bar,
+              limits: dict | None = None) -> list[tuple[np.ndarray | None, str | None]]:
     """Results for `paths`, in order. One worker runs in this process; more use a process pool."""
+    limits = limits or default_limits()
     if workers <= 1 or len(paths) <= 1:
         results = []
         for p in paths:
-            results.append(_encode(tokenizer, p))
+            results.append(_encode(tokenizer, p, limits))
             bar.update()
         return results
     results: list = [None] * len(paths)
     # Biggest files first, so that the pool does not wait on one long piece at the end.
     order = sorted(range(len(paths)), key=lambda i: -_size_or_zero(paths[i]))
     pool = concurrent.futures.ProcessPoolExecutor(
-        max_workers=min(workers, len(paths)), initializer=_init_worker, initargs=(tokenizer,)
+        max_workers=min(workers, len(paths)), initializer=_init_worker, initargs=(tokenizer, limits)
     )
     try:
         futures = {pool.submit(_encode_in_worker, paths[i]): i for i in order}
@@ -181,12 +215,18 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _previous(final: Path) -> TokenCache | None:
-    """The existing cache at `final`, if it is complete and readable."""
+def _previous(final: Path, limits: dict) -> TokenCache | None:
+    """The existing cache at `final`, if it is complete, undamaged and built with the same limits."""
     if not (final / MANIFEST).is_file():
         return None
     try:
-        return TokenCache(final)
+        cache = TokenCache(final)
+        if cache.manifest.get("limits") != limits:
+            return None  # a file skipped (or kept) under other limits must be looked at again
+        cache.verify()
+        for split in cache.splits:
+            cache._split_tokens(split)  # ids checked against the vocabulary
+        return cache
     except DsmrError:
         return None
 
@@ -200,16 +240,26 @@ def build_cache(
     progress: bool = True,
     source: dict | None = None,
     skipped: Sequence[dict] = (),
+    max_seconds: float | None = DEFAULT_MAX_SECONDS,
+    max_file_bytes: int | None = MAX_FILE_BYTES,
 ) -> CacheSummary:
     """Tokenize `files` into a cache folder under `out_root` and return its summary.
 
     `source` describes the corpus (at least {"corpus": name}); with the tokenizer config it names the
     folder. `skipped` are files the corpus listing already set aside (reported in the manifest).
-    Unreadable, corrupt, empty and non-MIDI files are skipped with the reason; the build goes on.
+    Unreadable, corrupt, empty and non-MIDI files are skipped with the reason; the build goes on. So are
+    files that are not regular files (FIFOs, devices), larger than `max_file_bytes`, or whose piece lasts
+    longer than `max_seconds` (a tiny file can describe thousands of hours: bounded before encoding).
     """
     from tqdm import tqdm
 
     start = time.perf_counter()
+    limits = {"max_seconds": None if max_seconds is None else float(max_seconds),
+              "max_file_bytes": None if max_file_bytes is None else int(max_file_bytes)}
+    if limits["max_seconds"] is not None and not (0 < limits["max_seconds"] < float("inf")):
+        raise DsmrError(f"max_seconds must be a positive number of seconds, got {max_seconds!r}")
+    if limits["max_file_bytes"] is not None and limits["max_file_bytes"] < 1:
+        raise DsmrError(f"max_file_bytes must be a positive number of bytes, got {max_file_bytes!r}")
     workers = default_workers() if workers is None else max(1, int(workers))
     source = dict(source or {"corpus": "custom"})
     files = limit_files(files, limit)
@@ -224,7 +274,7 @@ def build_cache(
     name = cache_name(tokenizer, source)
     final = out_root / name
     _remove_stale_builds(out_root, name)
-    previous = _previous(final)
+    previous = _previous(final, limits)
     reusable = previous.reusable() if previous else {}
     dtype = token_dtype(tokenizer.vocab_size)
 
@@ -234,9 +284,13 @@ def build_cache(
     for f in files:
         try:
             entry = {"name": f.name, "path": str(f.path), "split": f.split,
-                     "size": f.path.stat().st_size, "sha256": sha256_file(f.path)}
+                     "size": f.path.stat().st_size, "sha256": sha256_file(f.path, limits["max_file_bytes"])}
+        except DsmrError as err:  # a FIFO, a device, a link loop, too large
+            all_skipped.append({"path": str(f.path), "name": f.name, "reason": str(err)})
+            continue
         except OSError as err:
-            all_skipped.append({"path": str(f.path), "name": f.name, "reason": f"cannot read: {err.strerror or err}"})
+            all_skipped.append({"path": str(f.path), "name": f.name,
+                                "reason": f"cannot read {f.path}: {err.strerror or err}"})
             continue
         entries.append(entry)
     todo: dict[str, dict] = {}  # sha256 -> first entry with that content (duplicates tokenize once)
@@ -249,18 +303,21 @@ def build_cache(
     try:
         with tqdm(total=reused + len(todo), initial=reused, unit="file", desc=f"tokenize {name}",
                   file=sys.stderr, disable=not progress) as bar:
-            results = _tokenize(tokenizer, [e["path"] for e in todo.values()], workers, bar)
-        fresh = dict(zip(todo, results))
+            results = _tokenize(tokenizer, [e["path"] for e in todo.values()], workers, bar, limits)
+        fresh = {sha: (ids, reason, todo[sha]["path"]) for sha, (ids, reason) in zip(todo, results)}
 
         pieces: dict[str, list[np.ndarray]] = {}
         kept: list[dict] = []
         for e in entries:
             split_pieces = pieces.setdefault(e["split"], [])
             if e["sha256"] in fresh:
-                ids, reason = fresh[e["sha256"]]
+                ids, reason, reason_path = fresh[e["sha256"]]
             else:
-                ids, reason = previous.reused_piece(reusable[e["sha256"]])
+                ids, reason, reason_path = previous.reused_piece(reusable[e["sha256"]])
             if ids is None:
+                # the reason was found on the first file with this content: name this one
+                if reason_path and reason_path != e["path"]:
+                    reason = reason.replace(reason_path, e["path"])
                 all_skipped.append({"path": e["path"], "name": e["name"], "reason": reason, "sha256": e["sha256"]})
                 continue
             kept.append({**e, "index": len(split_pieces), "tokens": int(ids.size)})
@@ -270,9 +327,11 @@ def build_cache(
             raise DsmrError(f"every one of the {len(files)} files was skipped (first: {first})")
 
         splits = [s for s in SPLITS if s in pieces] + sorted(s for s in pieces if s not in SPLITS)
-        counts = {}
+        counts, checksums = {}, {}
         for split in splits:
             counts[split] = _write_split(tmp, split, pieces[split], dtype)
+            for name in (f"{split}.tokens", f"{split}.offsets.npy"):
+                checksums[name] = sha256_file(tmp / name)
         manifest = {
             "format": FORMAT_VERSION,
             "name": name,
@@ -285,7 +344,9 @@ def build_cache(
             "vocabulary": list(tokenizer.vocabulary()),
             "dtype": dtype.name,
             "limit": limit,
+            "limits": limits,
             "splits": counts,
+            "checksums": checksums,
             "files": kept,
             "skipped": all_skipped,
         }
@@ -349,7 +410,16 @@ def resolve_cache_dir(path: str | os.PathLike) -> Path:
     if (path / MANIFEST).is_file():
         return path.resolve()
     if not path.is_dir():
-        raise DsmrError(f"no token cache at {path}: the folder does not exist")
+        try:
+            os.stat(path)
+        except OSError as err:
+            if err.errno == errno.ELOOP:
+                raise DsmrError(f"no token cache at {path}: it is a symbolic link loop") from None
+            if os.path.islink(path):
+                raise DsmrError(f"no token cache at {path}: it is a broken symbolic link") from None
+            raise DsmrError(f"no token cache at {path}: the folder does not exist") from None
+        raise DsmrError(f"no token cache at {path}: it is a file, not a cache folder (give the folder "
+                        f"that holds {MANIFEST}, or the cache root)")
     caches = sorted(p for p in path.iterdir() if not p.name.startswith(".") and (p / MANIFEST).is_file())
     if len(caches) == 1:
         return caches[0].resolve()
@@ -359,39 +429,121 @@ def resolve_cache_dir(path: str | os.PathLike) -> Path:
     raise DsmrError(f"{path} holds {len(caches)} caches ({', '.join(p.name for p in caches)}); name one of them")
 
 
+_REBUILD = "rebuild it with `dsmr data build` (the same options)"
+_SPLIT_NAME = re.compile(r"[A-Za-z0-9_-]+")
+
+
 class TokenCache:
-    """Read a built cache: per-split pieces as memory-mapped arrays of event ids (no BOS/EOS)."""
+    """Read a built cache: per-split pieces as memory-mapped arrays of event ids (no BOS/EOS).
+
+    Opening checks the structure (manifest types, offsets against the token files); the ids of a split
+    are checked against the vocabulary when the split is first read, the tokenizer against the recorded
+    vocabulary when it is first built; `verify()` checks the recorded checksums. Any damage is a
+    DsmrError naming the file."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = resolve_cache_dir(path)
+        manifest_path = self.path / MANIFEST
         try:
-            self.manifest: dict = json.loads((self.path / MANIFEST).read_text(encoding="utf-8"))
+            self.manifest: dict = json.loads(manifest_path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise DsmrError(f"cannot read the cache manifest {self.path / MANIFEST}: {err}")
+            raise DsmrError(f"cannot read the cache manifest {manifest_path}: {err}; {_REBUILD}")
+        if not isinstance(self.manifest, dict):
+            raise DsmrError(f"the cache manifest {manifest_path} is corrupt (not a JSON object); {_REBUILD}")
         if self.manifest.get("format") != FORMAT_VERSION:
-            raise DsmrError(f"{self.path / MANIFEST} has format {self.manifest.get('format')!r}; this dsmr "
+            raise DsmrError(f"{manifest_path} has format {self.manifest.get('format')!r}; this dsmr "
                             f"reads format {FORMAT_VERSION}: rebuild the cache with `dsmr data build`")
-        try:
-            self.splits: list[str] = list(self.manifest["splits"])
-            self._dtype = np.dtype(self.manifest["dtype"])
-        except (KeyError, TypeError) as err:
-            raise DsmrError(f"{self.path / MANIFEST} is incomplete (missing {err}); rebuild the cache")
+        self._check_manifest(manifest_path)
+        self.splits: list[str] = list(self.manifest["splits"])
+        self._dtype = np.dtype(self.manifest["dtype"])
         self._offsets = {s: self._load_offsets(s) for s in self.splits}
         self._tokens: dict[str, np.ndarray] = {}
+
+    def _check_manifest(self, manifest_path: Path) -> None:
+        m = self.manifest
+        problems = []
+        splits = m.get("splits")
+        if not isinstance(splits, dict) or not splits:
+            problems.append("'splits' is not a non-empty object")
+        else:
+            for name, counts in splits.items():
+                if not _SPLIT_NAME.fullmatch(name):
+                    problems.append(f"split name {name!r} is not a plain name")
+                elif not (isinstance(counts, dict) and all(isinstance(counts.get(k), int) and counts[k] >= 0
+                                                            for k in ("pieces", "tokens"))):
+                    problems.append(f"split {name!r} has no integer 'pieces' and 'tokens' counts")
+        if m.get("dtype") not in ("uint16", "uint32"):
+            problems.append(f"'dtype' is {m.get('dtype')!r}, not uint16 or uint32")
+        vocab = m.get("vocab_size")
+        if isinstance(vocab, bool) or not isinstance(vocab, int) or vocab < 1:
+            problems.append(f"'vocab_size' is {vocab!r}, not a positive integer")
+        elif m.get("dtype") in ("uint16", "uint32") and token_dtype(vocab) != np.dtype(m["dtype"]):
+            problems.append(f"'dtype' {m['dtype']} does not fit 'vocab_size' {vocab}")
+        if not isinstance(m.get("tokenizer"), dict) or not isinstance(m["tokenizer"].get("kind"), str):
+            problems.append("'tokenizer' is not a tokenizer config (an object with a 'kind')")
+        if "vocabulary" in m and not (isinstance(m["vocabulary"], list) and len(m["vocabulary"]) == vocab):
+            problems.append(f"'vocabulary' is not a list of {vocab} names")
+        if not isinstance(m.get("files", []), list) or not isinstance(m.get("skipped", []), list):
+            problems.append("'files' and 'skipped' must be lists")
+        elif isinstance(splits, dict):
+            for f in m.get("files", []):
+                if not (isinstance(f, dict) and f.get("split") in splits and isinstance(f.get("index"), int)
+                        and 0 <= f["index"] < (splits[f["split"]] or {}).get("pieces", 0)
+                        and isinstance(f.get("sha256"), str)):
+                    problems.append(f"a 'files' entry is corrupt ({str(f)[:120]})")
+                    break
+            for f in m.get("skipped", []):
+                if not (isinstance(f, dict) and isinstance(f.get("reason"), str) and "path" in f):
+                    problems.append(f"a 'skipped' entry is corrupt ({str(f)[:120]})")
+                    break
+        if "checksums" in m and not (isinstance(m["checksums"], dict)
+                                     and all(isinstance(v, str) for v in m["checksums"].values())):
+            problems.append("'checksums' is not an object of file name -> SHA-256")
+        if problems:
+            raise DsmrError(f"the cache manifest {manifest_path} is corrupt: {'; '.join(problems[:4])}; {_REBUILD}")
 
     def _load_offsets(self, split: str) -> np.ndarray:
         path = self.path / f"{split}.offsets.npy"
         try:
-            offsets = np.load(path)
-        except (OSError, ValueError) as err:
-            raise DsmrError(f"cannot read {path}: {err}; rebuild the cache")
+            offsets = np.load(path, allow_pickle=False)
+        except (OSError, ValueError, EOFError) as err:
+            raise DsmrError(f"cannot read {path}: {err}; the cache is corrupt, {_REBUILD}")
+        if not isinstance(offsets, np.ndarray) or offsets.dtype != np.int64 or offsets.ndim != 1:
+            raise DsmrError(f"{path} is corrupt (expected a 1-D int64 array, got "
+                            f"{getattr(offsets, 'dtype', type(offsets).__name__)} of shape "
+                            f"{getattr(offsets, 'shape', '?')}); {_REBUILD}")
         tokens = self.path / f"{split}.tokens"
         size = tokens.stat().st_size if tokens.is_file() else -1
-        if (offsets.ndim != 1 or len(offsets) < 1 or offsets[0] != 0 or np.any(np.diff(offsets) < 0)
-                or size != int(offsets[-1]) * self._dtype.itemsize):
-            raise DsmrError(f"cache split {split!r} in {self.path} is corrupt ({tokens.name} does not match "
-                            f"{path.name}); rebuild the cache")
+        counts = self.manifest["splits"][split]
+        if (len(offsets) < 1 or offsets[0] != 0 or np.any(np.diff(offsets) < 0)
+                or size != int(offsets[-1]) * self._dtype.itemsize
+                or len(offsets) - 1 != counts["pieces"] or int(offsets[-1]) != counts["tokens"]):
+            raise DsmrError(f"cache split {split!r} in {self.path} is corrupt ({tokens.name} and "
+                            f"{path.name} do not match each other or the manifest); {_REBUILD}")
         return offsets
+
+    def verify(self) -> dict:
+        """Check every file of the cache against the SHA-256 recorded when it was written, and every
+        token id against the vocabulary. Returns {"verified": [file names]}; DsmrError naming the damaged
+        files, or saying the cache has no checksums (built by an older dsmr)."""
+        checksums = self.manifest.get("checksums")
+        if checksums is None:
+            raise DsmrError(f"the cache {self.path} has no recorded checksums (built by an older dsmr); "
+                            f"{_REBUILD}")
+        expected = {name for s in self.splits for name in (f"{s}.tokens", f"{s}.offsets.npy")}
+        damaged = sorted(expected - set(checksums))
+        for name in sorted(set(checksums) & expected):
+            try:
+                if sha256_file(self.path / name) != checksums[name]:
+                    damaged.append(name)
+            except (OSError, DsmrError):
+                damaged.append(name)
+        if damaged:
+            raise DsmrError(f"the cache {self.path} is corrupt: {', '.join(damaged)} no longer "
+                            f"match{'es' if len(damaged) == 1 else ''} what was written; {_REBUILD}")
+        for split in self.splits:
+            self._split_tokens(split)
+        return {"verified": sorted(expected)}
 
     def _check(self, split: str, i: int | None = None) -> None:
         if split not in self._offsets:
@@ -403,15 +555,36 @@ class TokenCache:
     def _split_tokens(self, split: str) -> np.ndarray:
         if split not in self._tokens:
             n = int(self._offsets[split][-1])
-            self._tokens[split] = (np.memmap(self.path / f"{split}.tokens", dtype=self._dtype, mode="r", shape=(n,))
-                                   if n else np.zeros(0, dtype=self._dtype))
+            path = self.path / f"{split}.tokens"
+            try:
+                tokens = (np.memmap(path, dtype=self._dtype, mode="r", shape=(n,))
+                          if n else np.zeros(0, dtype=self._dtype))
+            except (OSError, ValueError) as err:
+                raise DsmrError(f"cannot read {path}: {err}; {_REBUILD}")
+            vocab = int(self.manifest["vocab_size"])
+            if n and int(tokens.max()) >= vocab:  # one pass over the split, once
+                raise DsmrError(f"{path} is corrupt: it holds token id {int(tokens.max())}, outside the "
+                                f"vocabulary of {vocab}; {_REBUILD}")
+            self._tokens[split] = tokens
         return self._tokens[split]
 
     @cached_property
     def tokenizer(self):
         from dsmr.tokenizer import tokenizer_from_config
 
-        return tokenizer_from_config(self.manifest["tokenizer"])
+        where = self.path / MANIFEST
+        tokenizer = tokenizer_from_config(self.manifest["tokenizer"])
+        problems = []
+        if tokenizer.vocab_size != self.manifest["vocab_size"]:
+            problems.append(f"its tokenizer has {tokenizer.vocab_size} ids but 'vocab_size' is "
+                            f"{self.manifest['vocab_size']}")
+        elif "vocabulary" in self.manifest and list(tokenizer.vocabulary()) != self.manifest["vocabulary"]:
+            problems.append("its tokenizer's event names differ from the recorded 'vocabulary'")
+        if "tokenizer_hash" in self.manifest and tokenizer.config_hash() != self.manifest["tokenizer_hash"]:
+            problems.append("its tokenizer config does not match the recorded 'tokenizer_hash'")
+        if problems:
+            raise DsmrError(f"the cache manifest {where} is corrupt: {'; '.join(problems)}; {_REBUILD}")
+        return tokenizer
 
     def num_pieces(self, split: str) -> int:
         self._check(split)
@@ -434,7 +607,7 @@ class TokenCache:
     def _names(self) -> dict[str, list[str]]:
         names: dict[str, list[str]] = {s: [""] * self.num_pieces(s) for s in self.splits}
         for f in self.manifest.get("files", []):
-            names[f["split"]][f["index"]] = f["name"]
+            names[f["split"]][f["index"]] = str(f.get("name", ""))
         return names
 
     def piece_name(self, split: str, i: int) -> str:
@@ -454,16 +627,17 @@ class TokenCache:
 
     # Used by build_cache to carry unchanged files over to a rebuild.
     def reusable(self) -> dict[str, tuple]:
-        """content sha256 -> ("piece", split, index) or ("skipped", reason) for every known file."""
+        """content sha256 -> ("piece", split, index) or ("skipped", reason, path) for every known file."""
         known: dict[str, tuple] = {}
         for s in self.manifest.get("skipped", []):
             if s.get("sha256"):
-                known[s["sha256"]] = ("skipped", s["reason"])
+                known[s["sha256"]] = ("skipped", s["reason"], str(s.get("path", "")))
         for f in self.manifest.get("files", []):
             known[f["sha256"]] = ("piece", f["split"], f["index"])
         return known
 
-    def reused_piece(self, ref: tuple) -> tuple[np.ndarray | None, str | None]:
+    def reused_piece(self, ref: tuple) -> tuple[np.ndarray | None, str | None, str | None]:
+        """(ids, None, None) or (None, skip reason, the path the reason names)."""
         if ref[0] == "skipped":
-            return None, ref[1]
-        return np.array(self.piece(ref[1], ref[2])), None
+            return None, ref[1], ref[2]
+        return np.array(self.piece(ref[1], ref[2])), None, None

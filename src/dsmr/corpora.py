@@ -18,8 +18,10 @@ import concurrent.futures
 import csv
 import hashlib
 import json
+import math
 import os
 import shutil
+import stat
 import sys
 import tempfile
 import urllib.parse
@@ -30,6 +32,7 @@ from typing import Iterable, Sequence
 
 from dsmr.atomic import atomic_path
 from dsmr.errors import DsmrError
+from dsmr.files import MAX_FILE_BYTES, open_regular
 
 SPLITS = ("train", "validation", "test")
 CORPORA = ("maestro", "folder", "bach")
@@ -52,10 +55,14 @@ class SourceFile:
     name: str  # stable id, relative to the corpus root (used in manifests and logs)
 
 
-def sha256_file(path: str | os.PathLike) -> str:
-    """Hex SHA-256 of a file's content, read in chunks."""
+def sha256_file(path: str | os.PathLike, max_bytes: int | None = None) -> str:
+    """Hex SHA-256 of a regular file's content, read in chunks; DsmrError for a FIFO, a device, a link
+    loop (which would hang or never end) or a file larger than `max_bytes`."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
+        size = os.fstat(f.fileno()).st_size
+        if max_bytes is not None and size > max_bytes:
+            raise DsmrError(f"file {path} is {size:,} bytes, more than the limit of {max_bytes:,} bytes")
         while chunk := f.read(_HASH_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
@@ -71,10 +78,11 @@ def check_fractions(fractions: Sequence[float]) -> tuple[float, float, float]:
         values = tuple(float(x) for x in fractions)
     except (TypeError, ValueError):
         raise DsmrError(f"split fractions must be three numbers (train, validation, test), got {fractions!r}")
-    if len(values) != 3 or any(x < 0 for x in values) or abs(sum(values) - 1.0) > 1e-6:
+    if (len(values) != 3 or not all(math.isfinite(x) and x >= 0 for x in values)
+            or abs(sum(values) - 1.0) > 1e-6):
         raise DsmrError(
-            f"split fractions must be three non-negative numbers summing to 1 (train, validation, test), "
-            f"got {fractions!r}"
+            f"split fractions must be three finite non-negative numbers summing to 1 (train, validation, "
+            f"test), got {fractions!r}"
         )
     return values  # type: ignore[return-value]
 
@@ -245,9 +253,16 @@ def download_maestro(
                 members = zf.infolist()
                 for member in members:  # check every entry before writing any
                     _zip_member_target(member.filename, workdir)
+                    kind = (member.external_attr >> 16) & 0o170000
+                    if kind and kind not in (stat.S_IFREG, stat.S_IFDIR):
+                        raise DsmrError(f"refusing zip entry {member.filename!r} of {url}: it is a symbolic link "
+                                        f"or special file, not a regular file or folder")
                 zf.extractall(workdir)
         except zipfile.BadZipFile as err:
             raise DsmrError(f"{url} is not a valid zip archive: {err}")
+        except OSError as err:
+            raise DsmrError(f"cannot extract {url} into {dest}: {err.strerror or err} "
+                            f"({err.filename or 'an entry'})") from None
         tops = list(workdir.iterdir())
         if len(tops) == 1 and tops[0].is_dir():
             source, final = tops[0], dest / tops[0].name
@@ -278,9 +293,10 @@ def _midi_paths(root: Path) -> list[Path]:
 
 
 def folder_listing(
-    root: str | os.PathLike, fractions: Sequence[float] = (0.9, 0.05, 0.05)
+    root: str | os.PathLike, fractions: Sequence[float] = (0.9, 0.05, 0.05), max_bytes: int | None = MAX_FILE_BYTES
 ) -> tuple[list[SourceFile], list[dict]]:
-    """MIDI files under `root`, split by content hash: (files, [{"path", "reason"}] for unreadable ones)."""
+    """MIDI files under `root`, split by content hash: (files, [{"path", "reason"}] for the unreadable
+    ones, those that are not regular files (FIFOs, devices, link loops) and those over `max_bytes`)."""
     fractions = check_fractions(fractions)
     root = Path(root).expanduser()
     if not root.is_dir():
@@ -290,12 +306,14 @@ def folder_listing(
     if not paths:
         raise DsmrError(f"no .mid or .midi files under {root}")
     readable, digests, skipped = [], [], []
-    for path in paths:
+    for path in paths:  # only regular files (links followed) of at most max_bytes are listed
         try:
-            digests.append(sha256_file(path))
+            digests.append(sha256_file(path, max_bytes))
             readable.append(path)
+        except DsmrError as err:
+            skipped.append({"path": str(path), "reason": str(err)})
         except OSError as err:
-            skipped.append({"path": str(path), "reason": f"cannot read: {err.strerror or err}"})
+            skipped.append({"path": str(path), "reason": f"cannot read {path}: {err.strerror or err}"})
     splits = split_by_hash(digests, fractions)
     files = [
         SourceFile(path=p, split=s, name=p.relative_to(root).as_posix()) for p, s in zip(readable, splits)
@@ -414,6 +432,7 @@ def corpus_files(
     limit: int | None = None,
     workers: int = 1,
     progress: bool = True,
+    max_bytes: int | None = MAX_FILE_BYTES,
 ) -> tuple[list[SourceFile], list[dict]]:
     """Files of a named corpus and the files skipped while listing it.
 
@@ -429,7 +448,7 @@ def corpus_files(
     if corpus == "maestro":
         files, skipped = maestro_listing(root)
     elif corpus == "folder":
-        files, skipped = folder_listing(root, fractions)
+        files, skipped = folder_listing(root, fractions, max_bytes)
     else:
         files, skipped = bach_files(root, limit=limit, workers=workers, progress=progress, fractions=fractions)
     return limit_files(files, limit), skipped

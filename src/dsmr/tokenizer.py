@@ -42,6 +42,7 @@ import symusic
 
 from dsmr.atomic import atomic_path
 from dsmr.errors import DsmrError
+from dsmr.files import MAX_FILE_BYTES, MAX_PIECE_SECONDS, read_regular
 
 if TYPE_CHECKING:
     import miditok
@@ -56,6 +57,7 @@ PERFORMANCE_ENCODING_VERSION = 1
 DECODE_TPQ = 500
 DECODE_QPM = 120.0
 DEFAULT_VELOCITY = 64  # for NOTE_ONs sampled before any VELOCITY event
+DEFAULT_MAX_SECONDS = MAX_PIECE_SECONDS  # longest piece encode_file accepts
 
 
 @runtime_checkable
@@ -67,7 +69,8 @@ class Tokenizer(Protocol):
 
     def encode(self, score: symusic.Score) -> np.ndarray: ...
     def decode(self, ids: Sequence[int]) -> symusic.Score: ...
-    def encode_file(self, path: str | os.PathLike) -> np.ndarray: ...
+    def encode_file(self, path: str | os.PathLike, *, max_seconds: float | None = ...,
+                    max_bytes: int | None = ...) -> np.ndarray: ...
     def decode_to_file(self, ids: Sequence[int], path: str | os.PathLike) -> None: ...
     def config(self) -> dict: ...
     def config_hash(self) -> str: ...
@@ -79,17 +82,11 @@ class Tokenizer(Protocol):
 # ----------------------------------------------------------------------------------------------- helpers
 
 
-def load_midi(path: str | os.PathLike) -> symusic.Score:
-    """Read a MIDI file into a Score; DsmrError naming the path when it is missing, empty or unreadable."""
+def load_midi(path: str | os.PathLike, max_bytes: int | None = MAX_FILE_BYTES) -> symusic.Score:
+    """Read a MIDI file into a Score; DsmrError naming the path when it is missing, not a regular file
+    (a FIFO, a device, a link loop), larger than `max_bytes`, empty or unreadable."""
     path = Path(path)
-    if not path.exists():
-        raise DsmrError(f"MIDI file not found: {path}")
-    if not path.is_file():
-        raise DsmrError(f"not a file: {path}")
-    try:
-        data = path.read_bytes()
-    except OSError as err:
-        raise DsmrError(f"cannot read {path}: {err.strerror or err}") from err
+    data = read_regular(path, max_bytes, what="MIDI file")
     if not data:
         raise DsmrError(f"empty file (0 bytes): {path}")
     try:
@@ -97,6 +94,39 @@ def load_midi(path: str | os.PathLike) -> symusic.Score:
         return symusic.Score.from_midi(data)
     except Exception as err:  # symusic raises plain RuntimeError/ValueError for corrupt data
         raise DsmrError(f"not a readable MIDI file: {path} ({err})") from err
+
+
+def check_piece_bounds(score: symusic.Score, path, max_seconds: float | None = DEFAULT_MAX_SECONDS) -> None:
+    """DsmrError when a Score cannot be real music or would expand into too many events: a header
+    division (ticks per quarter) that is not positive, times that are not finite, or a piece lasting
+    longer than `max_seconds` (a few bytes with a huge delta time, or `division = 1`, make a piece of
+    thousands of hours, i.e. hundreds of millions of time-shift tokens)."""
+    tpq = int(score.ticks_per_quarter)
+    if tpq <= 0:
+        raise DsmrError(f"{path}: the MIDI header's division is {tpq} ticks per quarter note (must be positive)")
+    end_ticks = int(score.end()) if score.tracks else 0
+    if max_seconds is None or end_ticks == 0:
+        return
+    # Bound the length in quarter notes first: it needs no tempo map, and it is what bar/beat-based
+    # tokenizers (REMI, ...) expand; 16 quarters a second is far beyond any notated tempo.
+    if end_ticks / tpq > max_seconds * 16:
+        raise DsmrError(f"{path}: piece is {end_ticks / tpq:,.0f} quarter notes long (over "
+                        f"{_duration_words(end_ticks / tpq / 16)} even at 16 quarter notes a second); the "
+                        f"limit is {_duration_words(max_seconds)} (max_seconds)")
+    seconds = float(score.to("second").end())
+    if not math.isfinite(seconds):
+        raise DsmrError(f"{path}: note times are not finite numbers after the tempo map (corrupt tempo events)")
+    if seconds > max_seconds:
+        raise DsmrError(f"{path}: piece lasts {_duration_words(seconds)}; the limit is "
+                        f"{_duration_words(max_seconds)} (max_seconds)")
+
+
+def _duration_words(seconds: float) -> str:
+    if seconds >= 2 * 3600:
+        return f"{seconds / 3600:,.0f} hours"
+    if seconds >= 600:
+        return f"{seconds / 60:,.0f} minutes"
+    return f"{seconds:,.0f} seconds"
 
 
 def write_midi(score: symusic.Score, path: str | os.PathLike) -> None:
@@ -183,6 +213,33 @@ class _TokenizerBase:
         if name not in self._ids_by_name:
             raise DsmrError(f"unknown event name {name!r} for {self!r}")
         return self._ids_by_name[name]
+
+    def encode_file(self, path: str | os.PathLike, *, max_seconds: float | None = DEFAULT_MAX_SECONDS,
+                    max_bytes: int | None = MAX_FILE_BYTES) -> np.ndarray:
+        """Event ids of a MIDI file. Every failure is a DsmrError that names the path and says what is
+        wrong: not a regular file, larger than `max_bytes`, not MIDI, a piece longer than `max_seconds`
+        (None: no limit), or no notes to encode."""
+        score = load_midi(path, max_bytes)
+        check_piece_bounds(score, path, max_seconds)
+        try:
+            ids = self.encode(score)
+        except DsmrError:
+            raise
+        except MemoryError:
+            raise DsmrError(f"{path}: out of memory while encoding the piece") from None
+        except Exception as err:  # a parser or tokenizer bug on a strange file: still the user's file
+            raise DsmrError(f"{path}: cannot encode the piece ({type(err).__name__}: {err})") from err
+        ids = np.asarray(ids)
+        if ids.ndim != 1 or (ids.size and not np.issubdtype(ids.dtype, np.integer)):
+            raise DsmrError(f"{path}: the tokenizer returned an array of shape {ids.shape} and dtype {ids.dtype}")
+        if ids.size == 0:
+            raise DsmrError(self._no_notes_message(path))
+        if ids.min() < 0 or ids.max() >= self.vocab_size:
+            raise DsmrError(f"{path}: the tokenizer returned ids outside 0..{self.vocab_size - 1}")
+        return ids.astype(np.int64, copy=False)
+
+    def _no_notes_message(self, path) -> str:
+        return f"no notes to encode: {path}"
 
     def decode_to_file(self, ids: Sequence[int], path: str | os.PathLike) -> None:
         """Decode ids and write them as a standard MIDI file, atomically."""
@@ -358,12 +415,8 @@ class PerformanceTokenizer(_TokenizerBase):
         out[event_pos[partial] - has_velocity[partial] - 1] = self.time_shift_base + remainder[partial] - 1
         return out
 
-    def encode_file(self, path: str | os.PathLike) -> np.ndarray:
-        """Event ids of a MIDI file; DsmrError naming the path when it is unreadable or has no notes."""
-        ids = self.encode(load_midi(path))
-        if ids.size == 0:
-            raise DsmrError(f"no notes in pitch range {self.min_pitch}-{self.max_pitch}: {path}")
-        return ids
+    def _no_notes_message(self, path) -> str:
+        return f"no notes in pitch range {self.min_pitch}-{self.max_pitch}: {path}"
 
     # ---- decoding
 
@@ -553,11 +606,8 @@ class MidiTokTokenizer(_TokenizerBase):
             tokens = tokens[0] if tokens else None
         return np.asarray(tokens.ids if tokens is not None else [], dtype=np.int64)
 
-    def encode_file(self, path: str | os.PathLike) -> np.ndarray:
-        ids = self.encode(load_midi(path))
-        if ids.size == 0:
-            raise DsmrError(f"no notes the {self.tokenization} tokenizer can encode: {path}")
-        return ids
+    def _no_notes_message(self, path) -> str:
+        return f"no notes the {self.tokenization} tokenizer can encode: {path}"
 
     # ---- decoding
 

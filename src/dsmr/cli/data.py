@@ -35,6 +35,11 @@ def register(subparsers) -> None:
                        help="performance (default) or a miditok encoding: remi, tsd, midilike, ...")
     build.add_argument("--fractions", default="0.9,0.05,0.05",
                        help="train,validation,test fractions for folder and bach (default 0.9,0.05,0.05)")
+    build.add_argument("--max-seconds", type=_positive_float, default=None, metavar="S",
+                       help="skip pieces longer than S seconds (default 21600 = 6 hours): a few bytes of "
+                            "MIDI can describe thousands of hours")
+    build.add_argument("--max-file-mb", type=_positive_float, default=None, metavar="MB",
+                       help="skip files larger than MB megabytes (default 64)")
     build.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     build.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     build.set_defaults(func=_build)
@@ -42,6 +47,9 @@ def register(subparsers) -> None:
     info = actions.add_parser("info", help="summary of a built cache",
                               description="Pieces and tokens per split and skipped files of a cache.")
     info.add_argument("cache", type=Path, help="a cache folder, or a cache root holding exactly one cache")
+    info.add_argument("--verify", action="store_true",
+                      help="also check every cache file against the checksum recorded when it was built "
+                           "(exit 2 naming the damaged files)")
     info.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     info.set_defaults(func=_info)
 
@@ -84,6 +92,18 @@ def _stdout_to_stderr(enabled: bool):
         os.close(saved)
 
 
+def _positive_float(text: str) -> float:
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number above 0, got {text!r}")
+    return value
+
+
 def _parse_fractions(text: str) -> tuple[float, ...]:
     from dsmr.errors import DsmrError
 
@@ -94,7 +114,7 @@ def _parse_fractions(text: str) -> tuple[float, ...]:
 
 
 def _build(args: argparse.Namespace) -> int:
-    from dsmr.cache import build_cache, default_cache_root, default_workers
+    from dsmr.cache import build_cache, default_cache_root, default_limits, default_workers
     from dsmr.corpora import check_fractions, corpus_files
     from dsmr.errors import DsmrError
     from dsmr.tokenizer import make_tokenizer
@@ -115,13 +135,19 @@ def _build(args: argparse.Namespace) -> int:
     with _stdout_to_stderr(args.json):
         tokenizer = make_tokenizer(args.tokenizer)
         workers = args.workers or default_workers()
+        limits = default_limits()
+        if args.max_seconds is not None:
+            limits["max_seconds"] = args.max_seconds
+        if args.max_file_mb is not None:
+            limits["max_file_bytes"] = int(args.max_file_mb * (1 << 20))
         files, skipped = corpus_files(args.corpus, root, fractions=fractions, limit=args.limit,
-                                      workers=workers, progress=progress)
+                                      workers=workers, progress=progress, max_bytes=limits["max_file_bytes"])
         source = {"corpus": args.corpus, "root": str(Path(root).expanduser().resolve())}
         if args.corpus != "maestro":
             source["fractions"] = list(fractions)
         summary = build_cache(files, cache_root, tokenizer, workers=workers, limit=args.limit,
-                              progress=progress, source=source, skipped=skipped)
+                              progress=progress, source=source, skipped=skipped,
+                              max_seconds=limits["max_seconds"], max_file_bytes=limits["max_file_bytes"])
     result = {**summary.to_dict(), "corpus": args.corpus, "tokenizer": args.tokenizer}
     if args.json:
         print(json.dumps(result))
@@ -135,8 +161,13 @@ def _build(args: argparse.Namespace) -> int:
 def _info(args: argparse.Namespace) -> int:
     from dsmr.cache import TokenCache
 
-    summary = TokenCache(args.cache).summary()
+    cache = TokenCache(args.cache)
+    summary = cache.summary()
+    if args.verify:
+        summary["verified"] = cache.verify()["verified"]
     print(json.dumps(summary) if args.json else format_summary(summary))
+    if args.verify and not args.json:
+        print(f"verified   {len(summary['verified'])} file(s) match their checksums")
     return 0
 
 
@@ -145,6 +176,7 @@ def _decode(args: argparse.Namespace) -> int:
 
     from dsmr.cache import TokenCache
 
+    check_output_file(args.out, "--out")
     cache = TokenCache(args.cache)
     ids = np.asarray(cache.piece(args.split, args.index), dtype=np.int64)
     name = cache.piece_name(args.split, args.index)
@@ -173,9 +205,29 @@ def _download(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_output_file(path: Path, option: str) -> None:
+    """DsmrError naming the user's path when an output file cannot be written there: it is a folder,
+    its folder is a file or is not writable."""
+    from dsmr.errors import DsmrError
+
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise DsmrError(f"{option} {path} is a folder; give a file name (e.g. {path / 'out.mid'})")
+    parent = path.parent if str(path.parent) else Path(".")
+    existing = parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        raise DsmrError(f"{option} {path}: {existing} is a file, not a folder")
+    if existing.is_dir() and not os.access(existing, os.W_OK | os.X_OK):
+        raise DsmrError(f"{option} {path}: the folder {existing} is not writable")
+
+
 def format_summary(summary: dict) -> str:
     """A readable table of pieces and tokens per split, then the skipped files (at most 20)."""
-    lines = [f"cache      {summary['cache']}"]
+    from dsmr.files import printable
+
+    lines = [printable(f"cache      {summary['cache']}")]
     if summary.get("tokenizer"):
         lines.append(f"tokenizer  {summary['tokenizer']}")
     splits = list(summary["pieces"])
@@ -188,7 +240,7 @@ def format_summary(summary: dict) -> str:
     skipped = summary.get("skipped", [])
     lines.append(f"skipped    {len(skipped)} file(s)")
     for s in skipped[:20]:
-        lines.append(f"  {s['path']}: {s['reason']}")
+        lines.append(printable(f"  {s['path']}: {s['reason']}"))
     if len(skipped) > 20:
         lines.append(f"  ... and {len(skipped) - 20} more (see manifest.json)")
     return "\n".join(lines)
