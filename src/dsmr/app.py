@@ -1,0 +1,285 @@
+"""`dsmr app`: generate and listen in the browser (Gradio).
+
+The page's work is done by plain functions (`load`, `generate_variations`, `cache_prompt`) that the tests
+call directly; `build_app` wires them to Gradio components and `serve` runs the server (localhost unless
+told otherwise). Gradio is an optional extra: `pip install "dsmr[app]"`.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from dsmr.errors import DsmrError
+
+INSTALL_HINT = 'the web app needs Gradio: pip install "dsmr[app]" (or: pip install gradio)'
+MAX_SECONDS = 300.0          # longest piece the page will write
+MAX_PROMPT_SECONDS = 120.0
+MAX_VARIATIONS = 4
+DEFAULT_MODEL_DIRS = ("models/maestro-small",)  # the model the project ships, when it ships one
+NO_MODEL_HELP = ("No model loaded. Give one: `dsmr app RUN_OR_MODEL_FOLDER` (a run folder from `dsmr train`, "
+                 "a folder from `dsmr export`, or a Hub repo id), or type its path in the Model box. To train "
+                 "a small one in a few minutes: `bash scripts/demo.sh` (see README).")
+
+
+def default_model() -> Path | None:
+    """The shipped model: models/maestro-small under the current folder or the repository, when present."""
+    repo = Path(__file__).resolve().parents[2]
+    for base in (Path.cwd(), repo):
+        for rel in DEFAULT_MODEL_DIRS:
+            if (base / rel / "config.json").is_file():
+                return base / rel
+    return None
+
+
+@dataclass
+class Loaded:
+    ref: str
+    model: object
+    tokenizer: object
+    config: dict
+    segment_len: int
+
+
+class ModelStore:
+    """Loads each model once; one generation at a time (CPU-bound: parallel requests only slow each other)."""
+
+    def __init__(self, device: str = "cpu"):
+        self.device = device
+        self._models: dict[str, Loaded] = {}
+        self.lock = threading.Lock()
+
+    def load(self, ref) -> Loaded:
+        ref = str(ref or "").strip()
+        if not ref:
+            raise DsmrError(NO_MODEL_HELP)
+        if ref not in self._models:
+            from dsmr.checkpoint import load_model
+            from dsmr.generate import half_weight_model
+
+            model, tokenizer, config = load_model(ref, device=self.device)
+            segment_len = config.get("segment_len") or (config.get("train") or {}).get("segment")
+            if not isinstance(segment_len, int) or segment_len < 1:
+                raise DsmrError(f"{ref}: config.json has no segment_len")
+            if self.device == "cpu":
+                model = half_weight_model(model)
+            self._models[ref] = Loaded(ref, model, tokenizer, config, segment_len)
+        return self._models[ref]
+
+
+def cache_pieces(cache, split: str = "validation", limit: int = 200) -> list[str]:
+    """Names of the first `limit` pieces of a cache split (the page's prompt list)."""
+    if cache is None or split not in cache.splits:
+        return []
+    return [cache.piece_name(split, i) for i in range(min(cache.num_pieces(split), limit))]
+
+
+def cache_prompt(cache, name: str, out_dir, split: str = "validation") -> Path:
+    """Write the cache piece `name` as a MIDI file (to use it as a prompt)."""
+    names = cache_pieces(cache, split, limit=10**9)
+    if name not in names:
+        raise DsmrError(f"no piece {name!r} in the {split} split")
+    out = Path(out_dir) / "prompt.mid"
+    cache.tokenizer.decode_to_file(cache.piece(split, names.index(name)), out)
+    return out
+
+
+def check_request(prompt_seconds, seconds, temperature, top_p, variations, min_pitch, max_pitch) -> None:
+    """DsmrError with a readable message for a setting out of range."""
+    if not (seconds is not None and 0 < seconds <= MAX_SECONDS):
+        raise DsmrError(f"length must be between 0 and {MAX_SECONDS:g} seconds, got {seconds}")
+    if prompt_seconds is not None and not 0 < prompt_seconds <= MAX_PROMPT_SECONDS:
+        raise DsmrError(f"prompt seconds must be between 0 and {MAX_PROMPT_SECONDS:g}, got {prompt_seconds}")
+    if prompt_seconds is not None and prompt_seconds >= seconds:
+        raise DsmrError(f"the length ({seconds:g} s) must be longer than the prompt kept ({prompt_seconds:g} s)")
+    if not (temperature is not None and 0 <= temperature <= 5):
+        raise DsmrError(f"temperature must be between 0 and 5, got {temperature}")
+    if not (top_p is not None and 0 < top_p <= 1):
+        raise DsmrError(f"top-p must be in (0, 1], got {top_p}")
+    if variations not in range(1, MAX_VARIATIONS + 1):
+        raise DsmrError(f"variations must be 1 to {MAX_VARIATIONS}, got {variations}")
+    if not (0 <= min_pitch <= max_pitch <= 127):
+        raise DsmrError(f"pitch range must satisfy 0 <= lowest <= highest <= 127, got {min_pitch}..{max_pitch}")
+
+
+def generate_variations(loaded: Loaded, prompt_path, out_dir, *, prompt_seconds: float | None = 10.0,
+                        seconds: float = 30.0, temperature: float = 1.0, top_p: float = 0.95,
+                        seed: int | None = None, variations: int = 1, min_pitch: int = 0, max_pitch: int = 127,
+                        render_audio: bool = True, progress=None) -> list[dict]:
+    """Continue `prompt_path` (None: start from nothing) `variations` times (seeds seed, seed + 1, ...).
+
+    Each result: {"midi", "pianoroll", "wav" (None without FluidSynth), "audio_note", and the generation
+    summary}. DsmrError for bad input (non-MIDI prompt, no notes, settings out of range)."""
+    import dataclasses
+    import random
+
+    from dsmr.generate import SamplingConfig, generate, load_prompt, pitch_range_bans
+    from dsmr.render import find_fluidsynth, find_soundfont, plot_pianoroll, render_wav
+
+    variations = int(variations)
+    min_pitch, max_pitch = int(min_pitch), int(max_pitch)
+    if prompt_path is None:
+        prompt_seconds = None
+    check_request(prompt_seconds, seconds, temperature, top_p, variations, min_pitch, max_pitch)
+    tokenizer = loaded.tokenizer
+    prompt = None
+    if prompt_path is not None:
+        prompt = load_prompt(prompt_path, tokenizer, prompt_seconds)
+    audio_note = None
+    if render_audio:
+        try:
+            find_fluidsynth()
+            find_soundfont()
+        except DsmrError as err:
+            audio_note = str(err)
+    else:
+        audio_note = "audio rendering is off"
+    seed = random.randrange(2**31) if seed is None else int(seed)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = []
+    for k in range(variations):
+        sampling = SamplingConfig(temperature=float(temperature), top_p=float(top_p), seed=seed + k,
+                                  max_seconds=float(seconds), max_tokens=None, stop_at_eos=False)
+        if (min_pitch, max_pitch) != (0, 127):
+            sampling = dataclasses.replace(sampling, banned_ids=tuple(pitch_range_bans(tokenizer, min_pitch,
+                                                                                        max_pitch)))
+        if progress is not None:
+            progress(k / variations, f"variation {k + 1} of {variations}: generating")
+        result = generate(loaded.model, tokenizer, loaded.segment_len, prompt, sampling, progress=False)
+        midi = out_dir / f"variation-{k + 1}-seed{seed + k}.mid"
+        tokenizer.decode_to_file(result.ids, midi)
+        boundary = result.prompt_seconds if prompt is not None else None
+        if progress is not None:
+            progress((k + 0.8) / variations, f"variation {k + 1} of {variations}: drawing and rendering")
+        png = plot_pianoroll(midi, midi.with_suffix(".png"), boundary_seconds=boundary,
+                             title=f"variation {k + 1} (seed {seed + k})")
+        wav = None
+        if audio_note is None:
+            wav = render_wav(midi, midi.with_suffix(".wav"))
+        results.append({**result.summary(), "midi": str(midi), "pianoroll": str(png),
+                        "wav": None if wav is None else str(wav), "audio_note": audio_note})
+    return results
+
+
+def summary_text(results: list[dict], loaded: Loaded) -> str:
+    lines = [f"**Done**: {len(results)} variation(s) with `{loaded.ref}`."]
+    for i, r in enumerate(results):
+        lines.append(f"- variation {i + 1}: seed {r['seed']}, {r['music_seconds']:.1f} s of music "
+                     f"({r['prompt_seconds']:.1f} s prompt), {r['tokens']} new events, "
+                     f"{r['tokens_per_s']:.0f} events/s")
+    if results and results[0]["audio_note"]:
+        lines.append(f"\n**No audio**: {results[0]['audio_note']}")
+    return "\n".join(lines)
+
+
+# -------------------------------------------------------------------------------------------------- page
+
+
+def _gradio():
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home
+    try:
+        import gradio as gr
+    except ImportError as err:
+        raise DsmrError(INSTALL_HINT) from err
+    return gr
+
+
+def build_app(model=None, cache=None, device: str = "cpu", out_root=None, render_audio: bool = True):
+    """The Gradio Blocks of the page. `model`: the initial model reference; `cache`: a TokenCache whose
+    validation pieces the page offers as prompts."""
+    gr = _gradio()
+    store = ModelStore(device)
+    out_root = Path(out_root or tempfile.mkdtemp(prefix="dsmr-app-"))
+    model = model if model is not None else default_model()
+    pieces = cache_pieces(cache)
+
+    def run(model_ref, upload, piece, prompt_seconds, seconds, temperature, top_p, seed, variations,
+            min_pitch, max_pitch, progress=gr.Progress()):
+        hidden = [gr.update(visible=False)] * MAX_VARIATIONS
+        empty = ([None] * MAX_VARIATIONS) * 3
+        try:
+            with store.lock:
+                progress(0, "loading the model")
+                loaded = store.load(model_ref)
+                out_dir = Path(tempfile.mkdtemp(dir=out_root))
+                prompt = None
+                if upload:
+                    prompt = upload if isinstance(upload, str) else getattr(upload, "name", upload)
+                elif piece:
+                    prompt = cache_prompt(cache, piece, out_dir)
+                results = generate_variations(
+                    loaded, prompt, out_dir, prompt_seconds=_num(prompt_seconds), seconds=_num(seconds),
+                    temperature=_num(temperature), top_p=_num(top_p),
+                    seed=None if seed in (None, "") else int(seed), variations=int(variations or 1),
+                    min_pitch=int(min_pitch), max_pitch=int(max_pitch), render_audio=render_audio,
+                    progress=progress)
+        except DsmrError as err:
+            return [f"**Error**: {err}"] + hidden + empty
+        except Exception as err:  # the server keeps serving; say what happened
+            return [f"**Error**: {type(err).__name__}: {err}"] + hidden + empty
+        groups = [gr.update(visible=i < len(results)) for i in range(MAX_VARIATIONS)]
+        pad = [None] * (MAX_VARIATIONS - len(results))
+        audio = [r["wav"] for r in results] + pad
+        rolls = [r["pianoroll"] for r in results] + pad
+        midis = [r["midi"] for r in results] + pad
+        return [summary_text(results, loaded)] + groups + audio + rolls + midis
+
+    with gr.Blocks(title="dsmr: continue a piece") as demo:
+        gr.Markdown("# dsmr: continue a piece of music\nUpload a MIDI file (or pick a piece), choose how "
+                    "much of it to keep and how long the result should be, and press **Generate**.")
+        with gr.Row():
+            with gr.Column(scale=1):
+                model_box = gr.Textbox(label="Model (run folder, exported folder or Hub repo id)",
+                                       value=str(model) if model else "", placeholder=NO_MODEL_HELP)
+                upload = gr.File(label="Prompt: a MIDI file (optional)", file_types=[".mid", ".midi"],
+                                 type="filepath", elem_id="prompt-upload")
+                piece = gr.Dropdown(choices=pieces, value=None, label="...or a piece of the validation split",
+                                    visible=bool(pieces), allow_custom_value=False)
+                prompt_seconds = gr.Slider(1, MAX_PROMPT_SECONDS, value=10, step=1,
+                                           label="Seconds of the prompt to keep")
+                seconds = gr.Slider(2, MAX_SECONDS, value=30, step=1, label="Length of the piece (seconds)")
+                with gr.Row():
+                    temperature = gr.Slider(0, 2, value=1.0, step=0.05, label="Temperature")
+                    top_p = gr.Slider(0.05, 1, value=0.95, step=0.01, label="Top-p")
+                with gr.Row():
+                    seed = gr.Number(value=0, precision=0, label="Seed (same seed: same piece)")
+                    variations = gr.Slider(1, MAX_VARIATIONS, value=1, step=1, label="Variations")
+                with gr.Row():
+                    min_pitch = gr.Slider(0, 127, value=21, step=1, label="Lowest pitch")
+                    max_pitch = gr.Slider(0, 127, value=108, step=1, label="Highest pitch")
+                button = gr.Button("Generate", variant="primary", elem_id="generate")
+            with gr.Column(scale=2):
+                status = gr.Markdown(NO_MODEL_HELP if not model else "Ready.", elem_id="status")
+                groups, audios, rolls, files = [], [], [], []
+                for i in range(MAX_VARIATIONS):
+                    with gr.Group(visible=False) as group:
+                        audios.append(gr.Audio(label=f"Variation {i + 1}", type="filepath",
+                                               elem_id=f"audio-{i + 1}"))
+                        rolls.append(gr.Image(label="Piano roll (dashed line: end of the prompt)",
+                                              type="filepath", elem_id=f"roll-{i + 1}"))
+                        files.append(gr.File(label="MIDI", elem_id=f"midi-{i + 1}"))
+                    groups.append(group)
+        button.click(run, inputs=[model_box, upload, piece, prompt_seconds, seconds, temperature, top_p, seed,
+                                  variations, min_pitch, max_pitch],
+                     outputs=[status] + groups + audios + rolls + files, api_name="generate",
+                     concurrency_limit=1)
+    demo.dsmr_out_root = out_root
+    return demo
+
+
+def _num(value):
+    return None if value is None else float(value)
+
+
+def serve(model=None, host: str = "127.0.0.1", port: int = 7860, cache=None, device: str = "cpu",
+          block: bool = True, render_audio: bool = True):
+    """Build the page and launch it; returns the Blocks (with `block=False` the server runs in a thread)."""
+    demo = build_app(model, cache=cache, device=device, render_audio=render_audio)
+    demo.queue(default_concurrency_limit=1)
+    demo.launch(server_name=host, server_port=port, prevent_thread_lock=not block, inbrowser=False,
+                share=False, show_error=True, allowed_paths=[str(demo.dsmr_out_root)], quiet=not block)
+    return demo

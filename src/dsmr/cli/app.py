@@ -1,0 +1,55 @@
+"""`dsmr app`: a local web page to generate, listen to and download music (Gradio, optional extra)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from dsmr.errors import DsmrError
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "app", help="web page to continue MIDI prompts, listen and download (needs dsmr[app])",
+        description="Open a local web page (Gradio) where you upload a MIDI prompt, set the length, "
+                    "temperature, top-p, seed and pitch range, generate several variations, listen to "
+                    "them, see their piano rolls and download the MIDI. Listens on 127.0.0.1 unless "
+                    "--host says otherwise. Needs `pip install \"dsmr[app]\"`.")
+    p.add_argument("model", nargs="?", metavar="MODEL",
+                   help="run folder, exported model folder or Hub repo id (default: models/maestro-small "
+                        "when the project ships it)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 exposes the "
+                        "page to the network)")
+    p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    p.add_argument("--cache", metavar="CACHE", help="token cache whose validation pieces the page offers as prompts")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, ... (default cpu)")
+    p.add_argument("--no-audio", dest="audio", action="store_false", help="do not render WAV (FluidSynth)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if not 0 < args.port < 65536:
+        raise DsmrError(f"--port must be 1..65535, got {args.port}")
+    from dsmr.app import _gradio, default_model, serve
+
+    _gradio()  # says how to install Gradio before anything else
+    cache = None
+    if args.cache:
+        from dsmr.cache import TokenCache
+
+        cache = TokenCache(args.cache)
+    model = args.model or default_model()
+    if model is not None:
+        from dsmr.app import ModelStore
+
+        ModelStore(args.device).load(model)  # a wrong model path fails here, not in the page
+    if args.host not in LOOPBACK:
+        print(f"dsmr app: listening on {args.host}: anyone who can reach this machine can use the page",
+              file=sys.stderr)
+    print(f"dsmr app: http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}/ "
+          f"(Ctrl-C stops)", file=sys.stderr)
+    serve(model, host=args.host, port=args.port, cache=cache, device=args.device, render_audio=args.audio)
+    return 0
