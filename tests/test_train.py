@@ -167,8 +167,17 @@ def test_checkpoint_of_another_config_is_a_clear_error(bach_cache, uninterrupted
     (tmp_path / "config.json").write_text(json.dumps(read_config(uninterrupted)))
     with pytest.raises(DsmrError, match="not a readable safetensors"):
         load_model(tmp_path / "bad.safetensors")
-    # weights saved after the trainer state (an interrupted save) are refused on resume
+    # weights of another step than the trainer state (a kill between the renames of a save): the state
+    # holds its own weights, so it resumes, and model.safetensors is rewritten from it
     model, _, _ = load_model(uninterrupted)
+    save_weights(model, run / "model.safetensors", step=3)
+    state = load_trainer_state(run)
+    from dsmr.checkpoint import resume_weights, weights_step
+    resume_weights(model, run, state)
+    assert weights_step(run / "model.safetensors") == state["step"]
+    # a trainer state saved before states held weights must agree with model.safetensors
+    del state["model"]
+    torch.save(state, run / "trainer_state.pt")
     save_weights(model, run / "model.safetensors", step=3)
     with pytest.raises(DsmrError, match="disagree"):
         load_trainer_state(run)

@@ -1,7 +1,8 @@
 """Atomic file writes: write to a temporary name in the same folder, fsync, then rename.
 
 A reader never sees a half-written file, and an interrupted or failed write (Ctrl-C, full disk) leaves
-the previous version in place and removes the temporary file.
+the previous version in place and removes the temporary file. A process killed outright (kill -9, power
+loss) can leave a temporary file `.NAME.XXXX.tmp`; `remove_stale_temporaries` deletes those.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tmp)
     try:
         yield tmp
+        # again: some writers (safetensors) replace the file we made, with a private mode
+        os.chmod(tmp, 0o666 & ~umask)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -50,3 +53,20 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 def atomic_write_json(path: str | os.PathLike, obj, indent: int | None = 2) -> None:
     atomic_write_text(path, json.dumps(obj, indent=indent, sort_keys=False) + "\n")
+
+
+def temporary_names(name: str) -> str:
+    """The glob pattern of the temporary files `atomic_path` makes for a file called `name`."""
+    return f".{name}.*.tmp"
+
+
+def remove_stale_temporaries(folder: str | os.PathLike, names) -> list[Path]:
+    """Delete the temporary files that killed writers of `names` (files of `folder`) left behind; only
+    call it when no other process is writing those files. Returns what was removed."""
+    removed = []
+    for name in names:
+        for tmp in Path(folder).glob(temporary_names(name)):
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+                removed.append(tmp)
+    return removed

@@ -9,13 +9,21 @@ A run folder holds
     metrics.jsonl        one JSON object per logged step / evaluation
 
 Every file is written atomically (dsmr.atomic), so an interrupted save leaves the previous version.
-`model.safetensors` and `trainer_state.pt` are both written before either is renamed into place, and both
-carry the step; a resume refuses a pair that disagrees.
+`trainer_state.pt` is the resumable unit: it holds a copy of the weights of its step, so a resume never
+depends on two files being renamed together. A save writes both files in full, then renames
+`trainer_state.pt` and then `model.safetensors`; a kill between the two renames leaves weights one save
+behind, which the next resume rewrites from the trainer state. Temporary files of killed saves are deleted
+when the run is resumed.
+
+Loading checks what it reads: weights must fit the model and be finite, the trainer state must have its
+keys, a numeric step and an optimizer state of this model's shapes; anything else is a DsmrError naming
+the file (and never suggests unpickling it).
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -23,7 +31,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model as _st_load_model
 from safetensors.torch import save_model as _st_save_model
 
-from dsmr.atomic import atomic_path, atomic_write_json
+from dsmr.atomic import atomic_path, atomic_write_json, remove_stale_temporaries
 from dsmr.errors import DsmrError
 
 CONFIG_FILE = "config.json"
@@ -31,6 +39,10 @@ LATEST_FILE = "model.safetensors"
 BEST_FILE = "best.safetensors"
 TRAINER_STATE_FILE = "trainer_state.pt"
 METRICS_FILE = "metrics.jsonl"
+RUN_FILES = (CONFIG_FILE, LATEST_FILE, BEST_FILE, TRAINER_STATE_FILE, METRICS_FILE)
+# A float weight this large is a damaged file (a flipped exponent bit), never a trained network.
+MAX_ABS_WEIGHT = 1e8
+TRAINER_STATE_KEYS = ("step", "best_val_nll", "optimizer", "scheduler", "stream")
 
 
 def save_checkpoint(run_dir, model: torch.nn.Module, config: dict, trainer_state: dict | None = None,
@@ -43,11 +55,14 @@ def save_checkpoint(run_dir, model: torch.nn.Module, config: dict, trainer_state
     step = None if trainer_state is None else trainer_state.get("step")
     weights = run_dir / (BEST_FILE if best else LATEST_FILE)
     if trainer_state is not None and not best:
-        # Both files are written in full before either is renamed into place (the renames are
-        # microseconds apart), so a crash while saving leaves the previous consistent pair.
+        # The trainer state carries its own copy of the weights, so it is resumable on its own. Both files
+        # are written in full first; the state is renamed before the weights (the inner context exits
+        # first), so a kill between the renames leaves a state one save ahead of model.safetensors, which
+        # resume_weights repairs.
+        unit = dict(trainer_state, model={k: v.detach().cpu() for k, v in model.state_dict().items()})
         with atomic_path(weights) as weights_tmp, atomic_path(run_dir / TRAINER_STATE_FILE) as state_tmp:
             _write_weights(model, weights_tmp, step)
-            torch.save(trainer_state, state_tmp)
+            torch.save(unit, state_tmp)
     else:
         save_weights(model, weights, step=step)
     return weights
@@ -71,7 +86,26 @@ def weights_step(path) -> int | None:
             step = (f.metadata() or {}).get("step")
     except (SafetensorError, OSError) as err:
         raise DsmrError(f"{path}: not a readable safetensors file ({err})") from err
-    return None if step is None else int(step)
+    if step is None:
+        return None
+    try:
+        return int(step)
+    except ValueError:
+        raise DsmrError(f"{path} is damaged: its metadata step {step!r:.40} is not a number") from None
+
+
+def check_finite(tensors: dict, path) -> None:
+    """DsmrError naming the file and the tensor when a float tensor holds NaN, infinity, or values no
+    trained network has (|x| > MAX_ABS_WEIGHT: a flipped exponent bit)."""
+    for name, t in tensors.items():
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel():
+            if not bool(torch.isfinite(t).all()):
+                raise DsmrError(f"{path} is damaged: tensor {name} holds NaN or infinite values; use another "
+                                f"checkpoint (best.safetensors, or resume from an earlier copy of the run)")
+            top = float(t.detach().abs().max())
+            if top > MAX_ABS_WEIGHT:
+                raise DsmrError(f"{path} is damaged: tensor {name} holds a value of magnitude {top:.3g}, "
+                                f"far beyond any trained weight; use another checkpoint")
 
 
 def load_weights(model: torch.nn.Module, path, device="cpu") -> None:
@@ -95,6 +129,9 @@ def load_weights(model: torch.nn.Module, path, device="cpu") -> None:
         _st_load_model(model, str(path), strict=True, device=str(device))
     except RuntimeError as err:  # a tensor missing from the file (tied aliases are handled by safetensors)
         raise DsmrError(f"{path} does not fit this model config: {err}") from err
+    except (SafetensorError, OSError, ValueError) as err:  # a truncated or damaged data section
+        raise DsmrError(f"{path} is damaged: {err}") from err
+    check_finite(model.state_dict(), path)
 
 
 def read_config(run_dir) -> dict:
@@ -112,7 +149,8 @@ def read_config(run_dir) -> dict:
 
 
 def load_trainer_state(run_dir) -> dict:
-    """The resumable state of a run, checked against the latest weights (same step)."""
+    """The resumable state of a run, checked: its keys, a numeric step, finite weights of its own (or, for
+    runs saved before the state held weights, latest weights of the same step)."""
     run_dir = Path(run_dir)
     path = run_dir / TRAINER_STATE_FILE
     if not path.is_file():
@@ -120,7 +158,30 @@ def load_trainer_state(run_dir) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for a corrupt or foreign pickle
-        raise DsmrError(f"{path}: unreadable trainer state ({err})") from err
+        raise DsmrError(f"{path} is damaged or not a dsmr trainer state ({_first_line(err)})") from None
+    if not isinstance(state, dict):
+        raise DsmrError(f"{path} is damaged: it holds a {type(state).__name__}, not a trainer state")
+    missing = [k for k in TRAINER_STATE_KEYS if k not in state]
+    if "rng" not in state and "ranks" not in state:
+        missing.append("rng")
+    if missing:
+        raise DsmrError(f"{path} is damaged: it lacks {', '.join(missing)}")
+    step = state["step"]
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise DsmrError(f"{path} is damaged: its step {step!r:.40} is not a whole number >= 0")
+    best = state["best_val_nll"]
+    if isinstance(best, bool) or not isinstance(best, (int, float)) or math.isnan(best):
+        raise DsmrError(f"{path} is damaged: best_val_nll {best!r:.40} is not a number")
+    optimizer = state["optimizer"]
+    if not (isinstance(optimizer, dict) and isinstance(optimizer.get("state"), dict)
+            and isinstance(optimizer.get("param_groups"), list)):
+        raise DsmrError(f"{path} is damaged: its optimizer state is not an optimizer state dict")
+    if "model" in state:
+        if not isinstance(state["model"], dict):
+            raise DsmrError(f"{path} is damaged: its weights are not a dict of tensors")
+        check_finite(state["model"], path)
+        return state
+    # saved before the trainer state held the weights: the latest weights must be of the same step
     latest = run_dir / LATEST_FILE
     if not latest.is_file():
         raise DsmrError(f"{run_dir}: {TRAINER_STATE_FILE} without {LATEST_FILE}")
@@ -128,6 +189,72 @@ def load_trainer_state(run_dir) -> dict:
         raise DsmrError(f"{run_dir}: {LATEST_FILE} (step {weights_step(latest)}) and {TRAINER_STATE_FILE} "
                         f"(step {state.get('step')}) disagree; the last save was interrupted")
     return state
+
+
+def _first_line(err: Exception) -> str:
+    """An exception's first line, without torch's advice to unpickle an untrusted file."""
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if "weights_only" in str(err) or "Weights only load failed" in text:
+        return "it holds objects other than tensors and plain values, which dsmr does not load"
+    return f"{type(err).__name__}: {text[:200]}"
+
+
+def resume_weights(model: torch.nn.Module, run_dir, state: dict, device="cpu") -> None:
+    """Load the weights of a resume into `model`: the trainer state's own copy (then model.safetensors is
+    rewritten when a kill left it one save behind), or for older runs model.safetensors."""
+    run_dir = Path(run_dir)
+    weights = state.get("model")
+    if weights is None:
+        load_weights(model, run_dir / LATEST_FILE, device=device)
+        return
+    path = run_dir / TRAINER_STATE_FILE
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    saved = {k: tuple(v.shape) for k, v in weights.items() if isinstance(v, torch.Tensor)}
+    if saved != expected:
+        problems = [f"{k}: saved {saved.get(k)}, model {v}" for k, v in expected.items() if saved.get(k) != v]
+        problems += [f"unexpected tensor {k}" for k in saved if k not in expected]
+        raise DsmrError(f"{path} does not fit this model config: " + "; ".join(problems[:6]))
+    model.load_state_dict(weights)
+    latest = run_dir / LATEST_FILE
+    try:
+        current = weights_step(latest) if latest.is_file() else None
+    except DsmrError:
+        current = None
+    if current != state["step"]:
+        save_weights(model, latest, step=state["step"])
+
+
+def check_optimizer_state(saved: dict, optimizer: torch.optim.Optimizer, path) -> None:
+    """DsmrError naming `path` when a saved optimizer state does not belong to this model's parameters
+    (other groups, other shapes) or holds non-finite moments."""
+    groups = optimizer.param_groups
+    saved_groups = saved["param_groups"]
+    if len(saved_groups) != len(groups) or any(
+            not isinstance(g, dict) or len(g.get("params", ())) != len(h["params"])
+            for g, h in zip(saved_groups, groups)):
+        raise DsmrError(f"{path} is damaged or from another model: its optimizer has other parameter groups")
+    params = [p for h in groups for p in h["params"]]
+    ids = [i for g in saved_groups for i in g["params"]]
+    for index, param in zip(ids, params):
+        entry = saved["state"].get(index)
+        if entry is None:
+            continue
+        if not isinstance(entry, dict):
+            raise DsmrError(f"{path} is damaged: optimizer state {index} is not a dict")
+        for key, value in entry.items():
+            if not isinstance(value, torch.Tensor):
+                continue
+            if key != "step" and tuple(value.shape) != tuple(param.shape):
+                raise DsmrError(f"{path} is damaged or from another model: optimizer {key} of parameter "
+                                f"{index} has shape {tuple(value.shape)}, the parameter {tuple(param.shape)}")
+            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                raise DsmrError(f"{path} is damaged: optimizer {key} of parameter {index} holds NaN or "
+                                f"infinite values")
+
+
+def remove_run_temporaries(run_dir) -> list[Path]:
+    """Delete the temporary files that a killed save left in a run folder (call before resuming it)."""
+    return remove_stale_temporaries(run_dir, RUN_FILES)
 
 
 def model_config_from(config: dict):

@@ -41,8 +41,9 @@ import torch.nn.functional as F
 
 from dsmr import __version__
 from dsmr.atomic import atomic_write_text
-from dsmr.checkpoint import (CONFIG_FILE, LATEST_FILE, METRICS_FILE, TRAINER_STATE_FILE, load_trainer_state,
-                             load_weights, read_config, save_checkpoint)
+from dsmr.checkpoint import (CONFIG_FILE, METRICS_FILE, TRAINER_STATE_FILE, check_optimizer_state,
+                             load_trainer_state, read_config, remove_run_temporaries, resume_weights,
+                             save_checkpoint)
 from dsmr.distributed import DistContext, init_distributed, reduce_evaluation, split_pieces, wrap_model
 from dsmr.configs import dataclass_from_dict
 from dsmr.errors import DsmrError
@@ -305,10 +306,17 @@ class _Metrics:
         self.write = write  # False on ranks other than 0: records are kept, nothing is written
         self.records: list[dict] = []
         if keep_until_step is not None and path.is_file():  # resume: drop what came after the checkpoint
-            for line in path.read_text().splitlines():
+            for number, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
                 if line.strip():
-                    record = json.loads(line)
-                    if record.get("step", 0) <= keep_until_step:
+                    try:
+                        record = json.loads(line)
+                        if not isinstance(record, dict):
+                            raise ValueError("not an object")
+                    except ValueError:
+                        print(f"dsmr train: {path}, line {number}: damaged record dropped", file=sys.stderr)
+                        continue
+                    step_of = record.get("step", 0)
+                    if not isinstance(step_of, (int, float)) or step_of <= keep_until_step:
                         self.records.append(record)
         self._flushed = time.monotonic()
         self._writer = None
@@ -438,6 +446,13 @@ def _prepare_run(run_dir: Path, config: dict, resume: bool, world_size: int) -> 
         if (run_dir / CONFIG_FILE).exists() or (run_dir / TRAINER_STATE_FILE).exists():
             raise DsmrError(f"{run_dir} already holds a run: resume it (--resume) or choose another --out")
         return None
+    remove_run_temporaries(run_dir)  # left by a save that was killed
+    started = (run_dir / METRICS_FILE).exists() and not (run_dir / TRAINER_STATE_FILE).exists()
+    if not (run_dir / CONFIG_FILE).exists() and started:
+        # killed inside its first save, after metrics.jsonl and before config.json
+        print(f"dsmr train: {run_dir} has no {CONFIG_FILE} (the run stopped in its first save); starting "
+              f"it again from step 0", file=sys.stderr)
+        return None
     _check_resume(run_dir, config)
     if not (run_dir / TRAINER_STATE_FILE).exists():
         # The run stopped before its first resumable save (a validation may have written config.json and
@@ -489,7 +504,9 @@ def _train(cfg: TrainConfig, cache, run_dir: Path, progress: bool, resume: bool,
     step, best_nll, state = 0, math.inf, None
     if saved is not None:
         # rank 0 loads the weights; DistributedDataParallel hands them to the other ranks
-        ctx.from_main(lambda: load_weights(model, run_dir / LATEST_FILE, device=str(device)))
+        ctx.from_main(lambda: resume_weights(model, run_dir, saved, device=str(device)))
+        saved.pop("model", None)  # a copy of the weights: not needed any more
+        check_optimizer_state(saved["optimizer"], optimizer, run_dir / TRAINER_STATE_FILE)
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         stream.load_state_dict(saved["stream"])  # the shared lane assignment: the same on every rank
@@ -531,8 +548,8 @@ def _train(cfg: TrainConfig, cache, run_dir: Path, progress: bool, resume: bool,
     def save_latest() -> None:
         saved_state = trainer_state()
         if main:
+            metrics.flush()  # first: every record up to the checkpoint's step is on disk before it exists
             save_checkpoint(run_dir, model, config, saved_state)
-            metrics.flush()
 
     def validate() -> dict | None:
         nonlocal best_nll
@@ -561,6 +578,7 @@ def _train(cfg: TrainConfig, cache, run_dir: Path, progress: bool, resume: bool,
     interval = {"nll": 0.0, "targets": 0, "seconds": 0.0}
     train_targets, train_seconds, last_loss, interrupted = 0, 0.0, None, False
     saved_step = step if saved is not None else None
+    resumed_from = step if saved is not None else None
     bpv = 2 if use_amp else 4
     model.train()
     with _StopRequest(distributed=ctx.enabled) as stop, PeakMemory(device) as train_memory:
@@ -636,6 +654,9 @@ def _train(cfg: TrainConfig, cache, run_dir: Path, progress: bool, resume: bool,
                 if cfg.horizon_warmup:
                     record["horizons"] = list(model.active_horizons())
                     postfix["mem"] = "/".join(map(str, record["horizons"]))
+                if resumed_from is not None:  # this interval began at the resume, not at a log boundary
+                    record.update(resumed_from=resumed_from, interval_steps=step - resumed_from)
+                    resumed_from = None
                 metrics.log(record)
                 bar.set_postfix(**postfix)
                 interval = {"nll": 0.0, "targets": 0, "seconds": 0.0}
