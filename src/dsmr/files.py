@@ -107,3 +107,41 @@ def _only_escapes(text: str) -> bool:
         return True
     except UnicodeEncodeError:
         return False
+
+
+def _nearest_existing(path: Path) -> Path:
+    existing = path
+    while not os.path.lexists(existing) and existing != existing.parent:
+        existing = existing.parent
+    return existing
+
+
+def check_output_file(path: str | os.PathLike, option: str) -> None:
+    """DsmrError naming the user's path when an output file cannot be written there: it is a folder, a
+    folder on its way is a file, or the folder it goes in is not writable. Creates nothing."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise DsmrError(f"{option} {path} is a folder; give a file name (e.g. {path / 'out.mid'})")
+    _check_writable_parent(path, option)
+
+
+def check_output_folder(path: str | os.PathLike, option: str) -> None:
+    """DsmrError naming the user's path when an output folder cannot be used: it is a file (or a link
+    loop), a folder on its way is a file, or it (or the folder it would be made in) is not writable."""
+    path = Path(path).expanduser()
+    if os.path.lexists(path) and not path.is_dir():
+        what = "a symbolic link loop or broken link" if not path.exists() else "a file"
+        raise DsmrError(f"{option} {path} is {what}, not a folder")
+    if path.is_dir():
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise DsmrError(f"{option} {path}: the folder is not writable")
+        return
+    _check_writable_parent(path, option)
+
+
+def _check_writable_parent(path: Path, option: str) -> None:
+    existing = _nearest_existing(path.parent)
+    if not existing.is_dir():
+        raise DsmrError(f"{option} {path}: {existing} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise DsmrError(f"{option} {path}: the folder {existing} is not writable")

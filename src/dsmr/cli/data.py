@@ -176,6 +176,8 @@ def _decode(args: argparse.Namespace) -> int:
 
     from dsmr.cache import TokenCache
 
+    from dsmr.files import check_output_file
+
     check_output_file(args.out, "--out")
     cache = TokenCache(args.cache)
     ids = np.asarray(cache.piece(args.split, args.index), dtype=np.int64)
@@ -203,24 +205,6 @@ def _download(args: argparse.Namespace) -> int:
     root = download_maestro(dest, url=url, sha256=sha256, size=size, progress=not args.no_progress)
     print(root)
     return 0
-
-
-def check_output_file(path: Path, option: str) -> None:
-    """DsmrError naming the user's path when an output file cannot be written there: it is a folder,
-    its folder is a file or is not writable."""
-    from dsmr.errors import DsmrError
-
-    path = Path(path).expanduser()
-    if path.is_dir():
-        raise DsmrError(f"{option} {path} is a folder; give a file name (e.g. {path / 'out.mid'})")
-    parent = path.parent if str(path.parent) else Path(".")
-    existing = parent
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if existing.exists() and not existing.is_dir():
-        raise DsmrError(f"{option} {path}: {existing} is a file, not a folder")
-    if existing.is_dir() and not os.access(existing, os.W_OK | os.X_OK):
-        raise DsmrError(f"{option} {path}: the folder {existing} is not writable")
 
 
 def format_summary(summary: dict) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 
 
 def register(subparsers) -> None:
@@ -51,16 +52,27 @@ def run(args: argparse.Namespace) -> int:
     pieces = cache.pieces(args.split)[: args.max_pieces]
     if not pieces:
         raise DsmrError(f"split {args.split!r} of the cache {cache.path} has no pieces")
-    train_cfg = config.get("train", {})
-    result = evaluate(
-        model, pieces,
-        batch_size=args.batch_size or train_cfg.get("eval_batch_size") or train_cfg.get("batch_size") or 8,
-        segment_len=args.segment or config.get("segment_len") or train_cfg.get("segment", 256),
-        pad_id=tokenizer.pad_id, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id,
-        device=device, amp=train_cfg.get("amp", True), progress=args.progress)
+    try:
+        result = _evaluate(evaluate, model, pieces, args, config, tokenizer, device)
+    except OverflowError:  # math.exp of an enormous loss
+        result = {"nll": math.inf}
+    nll = result.get("nll")
+    if nll is None or not math.isfinite(nll):
+        raise DsmrError(f"{args.checkpoint}: the weights give a non-finite loss ({nll}) on {args.split}; the "
+                        f"checkpoint is damaged or diverged (try --which latest, or an earlier run)")
     result.update(split=args.split, checkpoint=str(args.checkpoint))
     if args.json:
         print(json.dumps(result))
     else:
         print(format_report(result, title=f"{args.split} ({args.checkpoint})"))
     return 0
+
+
+def _evaluate(evaluate, model, pieces, args, config, tokenizer, device) -> dict:
+    train_cfg = config.get("train", {})
+    return evaluate(
+        model, pieces,
+        batch_size=args.batch_size or train_cfg.get("eval_batch_size") or train_cfg.get("batch_size") or 8,
+        segment_len=args.segment or config.get("segment_len") or train_cfg.get("segment", 256),
+        pad_id=tokenizer.pad_id, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id,
+        device=device, amp=train_cfg.get("amp", True), progress=args.progress)

@@ -114,6 +114,19 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _check_args(args) -> None:
+    import math
+
+    from dsmr.files import check_output_file
+
+    for option in ("prompt_seconds", "max_seconds", "temperature", "top_p"):
+        value = getattr(args, option)
+        if value is not None and not math.isfinite(value):
+            raise DsmrError(f"--{option.replace('_', '-')} must be a finite number, got {value}")
+    if args.seed is not None and not 0 <= args.seed < 2**63:
+        raise DsmrError(f"--seed must be a whole number >= 0, got {args.seed}")
+    for option, path in (("--out", args.out), ("--wav", args.wav), ("--pianoroll", args.pianoroll)):
+        if path is not None:
+            check_output_file(path, option)
     if args.prompt_seconds is not None and args.prompt is None:
         raise DsmrError("--prompt-seconds needs --prompt (a MIDI file to take the first seconds of)")
     if args.prompt_seconds is not None and not args.prompt_seconds > 0:

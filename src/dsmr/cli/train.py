@@ -154,6 +154,29 @@ def _explicit_options(args: argparse.Namespace) -> dict:
     return given
 
 
+_FLOAT_OPTIONS = ("dropout", "rotary_fraction", "init_std", "gate_init", "gate_lambda", "lr", "min_lr_ratio",
+                  "weight_decay", "grad_clip")
+
+
+def _check_values(args: argparse.Namespace) -> None:
+    """DsmrError (exit 2) for values argparse lets through: NaN and infinities, a negative seed, an --out
+    that is a file or cannot be written."""
+    import math
+
+    from dsmr.errors import DsmrError
+    from dsmr.files import check_output_folder
+
+    for name in _FLOAT_OPTIONS:
+        value = getattr(args, name, None)
+        if value is not None and not math.isfinite(value):
+            raise DsmrError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
+    if args.betas is not None and not all(math.isfinite(b) for b in args.betas):
+        raise DsmrError(f"--betas must be finite numbers, got {args.betas}")
+    if args.seed is not None and not 0 <= args.seed < 2**63:
+        raise DsmrError(f"--seed must be a whole number >= 0, got {args.seed}")
+    check_output_folder(args.out, "--out")
+
+
 def set_threads(threads: int | None) -> None:
     from dsmr.errors import DsmrError
 
@@ -213,7 +236,10 @@ def run(args: argparse.Namespace) -> int:
 
         raise DsmrError("--nnodes needs --nproc (processes per machine)")
     set_threads(args.threads)
+    _check_values(args)
     cache = TokenCache(args.cache)
+    if cache.manifest.get("checksums") is not None:
+        cache.verify()  # the cache's files still hold what was written (DsmrError naming the damaged file)
     given = _explicit_options(args)
     if args.resume:
         base = TrainConfig.from_dict(read_config(Path(args.out))["train"])
