@@ -238,3 +238,35 @@ def test_in_a_real_browser(server, prompt, tmp_path):
             shutil.copyfile(shot, SCREENSHOT)
     finally:
         driver.quit()
+
+
+def test_cli_app_serves_on_localhost(run_dir, tmp_path, capsys):
+    pytest.importorskip("gradio", reason='gradio is not installed (pip install "dsmr[app]")')
+    import subprocess
+    import sys
+    import urllib.request
+
+    port = _free_port()
+    assert main(["app", str(tmp_path / "missing"), "--port", str(port)]) == 2  # fails before serving
+    assert "not found" in capsys.readouterr().err
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "dsmr", "app", str(run_dir), "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline, page = time.monotonic() + 120, None
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as r:
+                    page = r.read().decode()
+                break
+            except OSError:
+                time.sleep(0.5)
+        assert page is not None and "gradio" in page.lower(), proc.stderr.read() if proc.poll() is not None else ""
+    finally:
+        proc.terminate()
+        try:
+            _, err = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            _, err = proc.communicate()
+    assert f"http://127.0.0.1:{port}/" in err
