@@ -267,3 +267,42 @@ def test_bad_config_is_a_clear_error(bach_cache, tmp_path):
         train(tiny(budget=40), bach_cache, tmp_path / "b", progress=False)
     with pytest.raises(DsmrError, match="grad_accum"):
         train(tiny(grad_accum=0), bach_cache, tmp_path / "c", progress=False)
+
+
+def test_horizon_curriculum_and_hidden_memory_resume_exactly(bach_cache, tmp_path, monkeypatch):
+    """Horizons grow from 0 over the first steps (logged with each record); with hidden memory and gates,
+    a run interrupted mid-curriculum and resumed equals an uninterrupted one; the saved model has the full
+    schedule."""
+    cfg = dict(RESUME_CFG, horizon_warmup=6, memory="hidden", head_dim=24, rotary_fraction=0.5, steps=10)
+    whole = tmp_path / "whole"
+    train(tiny(**cfg), bach_cache, whole, progress=False)
+    records = [json.loads(line) for line in (whole / "metrics.jsonl").read_text().splitlines()]
+    horizons = [r["horizons"] for r in records if "loss" in r]
+    assert horizons[0] == [0, 0] and horizons[2] == [21, 10] and horizons[-1] == [64, 32]  # steps 1, 3, 10
+    assert read_config(whole)["model"]["horizons"] == [64, 32]
+
+    def ctrl_c():
+        raise KeyboardInterrupt
+
+    run = tmp_path / "run"
+    interrupt_at(monkeypatch, 4, ctrl_c)
+    assert train(tiny(**cfg), bach_cache, run, progress=False)["steps"] == 3
+    monkeypatch.undo()
+    train(tiny(**cfg), bach_cache, run, progress=False, resume=True)
+    assert_same_run(whole, run)
+
+
+def test_a_run_folder_from_before_the_recipe_options_loads_and_resumes(uninterrupted, bach_cache, tmp_path):
+    """config.json written before head_dim, memory, horizon_warmup ... existed: loads and resumes."""
+    run = tmp_path / "old"
+    shutil.copytree(uninterrupted, run)
+    config = json.loads((run / "config.json").read_text())
+    for key in ("head_dim", "rotary_fraction", "init_std", "memory"):
+        config["model"].pop(key)
+    for key in ("head_dim", "rotary_fraction", "norm", "init_std", "memory", "horizon_warmup", "embedding_decay"):
+        config["train"].pop(key)
+    (run / "config.json").write_text(json.dumps(config))
+    model, _, _ = load_model(run)
+    assert model.cfg.head_dim == 16 and model.cfg.memory == "kv"
+    more = train(tiny(**dict(RESUME_CFG, steps=11)), bach_cache, run, progress=False, resume=True)
+    assert more["steps"] == 11

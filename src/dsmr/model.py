@@ -273,27 +273,36 @@ class MemoryAttention(nn.Module):
         hard = torch.where(self.gate_logit > 0, 0.0, CLOSED_GATE_BIAS).to(soft.dtype)
         return soft + (hard - soft).detach()
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], n_memory: int = 0) -> Tensor:
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], n_memory=0) -> Tensor:
         """Attention of q [B, H, T, D] over k, v [B, H, N, D] whose first `n_memory` positions are memory
         (they get the gate bias); mask [B|1, 1|H, T, N] additive, or None for plain causal attention (N == T)
-        or for one query that sees every key. Returns the projected output [B, T, d_model]."""
+        or for one query that sees every key. Returns the projected output [B, T, d_model].
+
+        `n_memory` is an int, or (inference only) a 0-d long tensor: the compiled decoding step passes its
+        fill counts as tensors so that one graph serves every step."""
         B, H, T, D = q.shape
         if mask is None and k.shape[2] != T and T != 1:
             raise ValueError(f"attend: without a mask keys must match the queries ({k.shape[2]} != {T})")
-        bias = self.memory_bias() if n_memory else None
+        bias = self.memory_bias() if isinstance(n_memory, Tensor) or n_memory else None
         if bias is not None and bias.requires_grad:
-            q, k, v = _with_gate_column(q, k, v, n_memory, bias)
+            q, k, v = _with_gate_column(q, k, v, int(n_memory), bias)
         elif bias is not None:  # inference: the gate is a constant, an additive mask is cheaper
-            gate = torch.zeros(1, bias.shape[0], 1, k.shape[2], dtype=q.dtype, device=q.device)
-            gate[..., :n_memory] = bias.to(q.dtype).view(1, -1, 1, 1)
+            memory_slot = torch.arange(k.shape[2], device=q.device) < n_memory
+            gate = torch.where(memory_slot, bias.to(q.dtype).view(1, -1, 1, 1), 0.0)  # [1, 1|H, 1, N]
             mask = gate if mask is None else mask + gate
-        out = F.scaled_dot_product_attention(
-            q, k, v,
-            attn_mask=mask,
-            is_causal=mask is None and T > 1,
-            dropout_p=self.dropout if self.training else 0.0,
-            scale=1.0 / math.sqrt(D),
-        )
+        if T == 1 and not torch.is_grad_enabled() and torch.compiler.is_compiling():
+            # one query per lane in a compiled decoding step: plain products and a softmax that inductor
+            # fuses with the mask (the CPU SDPA kernel's per-call cost is far above a single query's work)
+            scores = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(D))
+            out = (scores if mask is None else scores + mask).softmax(dim=-1) @ v
+        else:
+            out = F.scaled_dot_product_attention(
+                q, k, v,
+                attn_mask=mask,
+                is_causal=mask is None and T > 1,
+                dropout_p=self.dropout if self.training else 0.0,
+                scale=1.0 / math.sqrt(D),
+            )
         if out.shape[-1] != D:
             out = out[..., :D]
         return self.out_proj(out.transpose(1, 2).reshape(B, T, H * D))
