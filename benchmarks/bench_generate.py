@@ -16,6 +16,15 @@ the dataset is present). With --checkpoint the generated music's own duration is
     .venv/bin/python benchmarks/bench_generate.py                 # full run (~8 minutes on 2 cores)
     .venv/bin/python benchmarks/bench_generate.py --quick         # 2k-token speed runs, 5k vs 20k memory
     .venv/bin/python benchmarks/bench_generate.py --threads-list 1,2 --speed-only
+    # the decoding step eager vs compiled vs the code of another commit, one process each, same machine
+    .venv/bin/python benchmarks/bench_generate.py --speed-only --precisions float16 --modes before,eager,compile \
+        --before HEAD~1 --speed-tokens 500
+    # batched sampling: 16 lanes on 2 threads (total and per-sample events/s)
+    .venv/bin/python benchmarks/bench_generate.py --speed-only --precisions float16 --threads-list 2 --num-samples 16
+
+Modes: `eager` runs the decoding step as it is; `compile` compiles it first (torch.compile; the warm-up
+is reported separately and not in events/s); `before` runs the same measurement with the `src/` tree of
+the commit given by --before (extracted with git archive), for before/after ratios from one run.
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -38,7 +48,10 @@ def worker(args) -> dict:
     """One measurement in this process: build or load the model, generate, report figures as JSON."""
     import torch
 
-    from dsmr.generate import SamplingConfig, generate, half_weight_model
+    import inspect
+
+    import dsmr.generate as gen
+    from dsmr.generate import SamplingConfig, half_weight_model
     from dsmr.model import DSMR, DSMRConfig
     from dsmr.tokenizer import make_tokenizer
 
@@ -60,26 +73,44 @@ def worker(args) -> dict:
         model = half_weight_model(model)
     prompt = torch.randint(3, tokenizer.vocab_size, (args.prompt_tokens,),
                            generator=torch.Generator().manual_seed(1)).tolist() if args.prompt_tokens else None
-    result = generate(model, tokenizer, segment_len, prompt,
-                      SamplingConfig(seed=0, max_tokens=args.tokens, stop_at_eos=False), progress=False)
+    sampling = SamplingConfig(seed=0, max_tokens=args.tokens, stop_at_eos=False)
+    if hasattr(gen, "generate_batch"):
+        results = gen.generate_batch(model, tokenizer, segment_len, prompt, sampling, num_samples=args.num_samples,
+                                     progress=False, compile=args.mode == "compile")
+    else:  # the code before batched generation (mode "before")
+        if args.num_samples != 1 or args.mode == "compile":
+            sys.exit("this version of dsmr has neither batched generation nor a compiled step")
+        results = [gen.generate(model, tokenizer, segment_len, prompt, sampling, progress=False)]
+    result = results[0]
     # generate's meter resets the kernel's high-water mark as it starts (Linux), so ru_maxrss now is the
     # peak resident size *during* generation: interpreter, libraries and model included.
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    new_tokens = sum(r.new_tokens for r in results)
+    sampling_s = max(result.wall_seconds - result.prefill_seconds, 1e-9)
     return {**result.summary(), "weights": weights, "precision": args.precision, "threads": args.threads,
+            "mode": args.mode, "num_samples": len(results), "source": gen.__file__,
             "horizons": list(model.cfg.horizons), "segment_len": segment_len,
+            "tokens_per_s": round(new_tokens / sampling_s, 1),  # all lanes together
+            "tokens_per_s_per_sample": round(new_tokens / sampling_s / len(results), 1),
             "prefill_tokens_per_s": round(args.prompt_tokens / max(result.prefill_seconds, 1e-9), 1),
             # per CPU second instead of per wall second: what the process does with a core to itself,
             # when other work on the machine takes part of its time
-            "tokens_per_cpu_s": round(result.new_tokens / max(result.sampling_cpu_seconds, 1e-9), 1),
+            "tokens_per_cpu_s": round(new_tokens / max(result.sampling_cpu_seconds, 1e-9), 1),
+            "warmup_seconds": round(getattr(result, "warmup_seconds", 0.0), 2),
             "ru_maxrss_bytes": peak_rss}
 
 
-def spawn(tokens: int, precision: str, threads: int, prompt_tokens: int, checkpoint: str | None) -> dict:
+def spawn(tokens: int, precision: str, threads: int, prompt_tokens: int, checkpoint: str | None,
+          mode: str = "eager", num_samples: int = 1, before_src: Path | None = None) -> dict:
     cmd = [sys.executable, __file__, "--worker", "--tokens", str(tokens), "--precision", precision,
-           "--threads", str(threads), "--prompt-tokens", str(prompt_tokens)]
+           "--threads", str(threads), "--prompt-tokens", str(prompt_tokens), "--mode", mode,
+           "--num-samples", str(num_samples)]
     if checkpoint:
         cmd += ["--checkpoint", checkpoint]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    env = dict(os.environ)
+    if mode == "before":  # the other commit's package first on the path
+        env["PYTHONPATH"] = os.pathsep.join([str(before_src), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)
     if proc.returncode != 0:
         sys.exit(f"worker failed ({' '.join(cmd)}):\n{proc.stderr}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -112,36 +143,56 @@ def main() -> None:
     parser.add_argument("--speed-only", action="store_true", help="skip the 10k vs 100k memory runs")
     parser.add_argument("--precisions", default="float32,float16", help="precisions to time")
     parser.add_argument("--json-out", type=Path, help="also write all figures to this JSON file")
+    parser.add_argument("--modes", default="eager",
+                        help="decoding step(s) to time: eager, compile, before (the code of --before)")
+    parser.add_argument("--before", default="HEAD", help="git revision whose src/ the 'before' mode runs")
+    parser.add_argument("--num-samples", type=int, default=1, help="lanes sampled together (batched generation)")
+    parser.add_argument("--speed-tokens", type=int, help="new events per speed run (default 4000; 2000 --quick)")
     # worker mode (internal)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--tokens", type=int, default=2000, help=argparse.SUPPRESS)
     parser.add_argument("--precision", default="float16", help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--prompt-tokens", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--mode", default="eager", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(args)))
         return
 
     speed_tokens, memory_tokens = (2000, (5_000, 20_000)) if args.quick else (4000, (10_000, 100_000))
+    speed_tokens = args.speed_tokens or speed_tokens
+    modes = args.modes.split(",")
+    before_src = _extract_src(args.before) if "before" in modes else None
     rate, rate_source = maestro_tokens_per_second()
     print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}; "
           f"weights: {args.checkpoint or 'random (speed does not depend on them)'}")
     print(f"MAESTRO density: {rate:.1f} tokens per second of music ({rate_source})\n")
 
     speed = []
-    print(f"{'precision':>9} {'threads':>7} {'tokens/s':>9} {'x real time':>11} {'prefill tok/s':>13} {'load':>5}"
-          f" {'tokens/CPU-s':>12} {'x real time/CPU-s':>17}")
+    print(f"{speed_tokens} new events per run after a 2048-event prompt, {args.num_samples} sample(s) per run"
+          + (f"; 'before' = src/ of {args.before}" if before_src else ""))
+    print(f"{'mode':>8} {'precision':>9} {'threads':>7} {'tokens/s':>9} {'x real time':>11} {'prefill tok/s':>13}"
+          f" {'load':>5} {'tokens/CPU-s':>12} {'x real time/CPU-s':>17} {'warm-up s':>9}")
     for precision in args.precisions.split(","):
         for threads in (int(t) for t in args.threads_list.split(",")):
-            r = spawn(speed_tokens, precision, threads, 2048, args.checkpoint)
-            r["realtime_factor_maestro"] = round(r["tokens_per_s"] / rate, 2)
-            r["load_average"] = round(os.getloadavg()[0], 2)  # other work on the machine slows this down
-            speed.append(r)
-            print(f"{precision:>9} {threads:>7} {r['tokens_per_s']:>9.0f} {r['realtime_factor_maestro']:>11.1f} "
-                  f"{r['prefill_tokens_per_s']:>13.0f} {r['load_average']:>5.1f} {r['tokens_per_cpu_s']:>12.0f}"
-                  f" {r['tokens_per_cpu_s'] / rate:>17.1f}"
-                  + (f"   (own music: {r['realtime_factor']:.1f}x)" if args.checkpoint else ""))
+            for mode in modes:
+                r = spawn(speed_tokens, precision, threads, 2048, args.checkpoint, mode, args.num_samples, before_src)
+                r["realtime_factor_maestro"] = round(r["tokens_per_s"] / rate, 2)
+                r["load_average"] = round(os.getloadavg()[0], 2)  # other work on the machine slows this down
+                speed.append(r)
+                print(f"{mode:>8} {precision:>9} {threads:>7} {r['tokens_per_s']:>9.0f} "
+                      f"{r['realtime_factor_maestro']:>11.1f} {r['prefill_tokens_per_s']:>13.0f} "
+                      f"{r['load_average']:>5.1f} {r['tokens_per_cpu_s']:>12.0f} {r['tokens_per_cpu_s'] / rate:>17.1f}"
+                      f" {r['warmup_seconds']:>9.1f}"
+                      + (f"   ({r['tokens_per_s_per_sample']:.0f} per sample)" if args.num_samples > 1 else "")
+                      + (f"   (own music: {r['realtime_factor']:.1f}x)" if args.checkpoint else ""))
+    if len(modes) > 1:
+        print("\nratios to the first mode (same precision and threads), per wall second and per CPU second:")
+        for r in speed:
+            ref = next(x for x in speed if (x["precision"], x["threads"]) == (r["precision"], r["threads"]))
+            print(f"{r['mode']:>8} {r['precision']:>9} {r['threads']:>7}  x{r['tokens_per_s'] / ref['tokens_per_s']:.2f}"
+                  f"  x{r['tokens_per_cpu_s'] / ref['tokens_per_cpu_s']:.2f}")
 
     if args.speed_only:
         _write(args.json_out, rate, speed, [])
@@ -151,7 +202,7 @@ def main() -> None:
     print(f"{'tokens':>8} {'state bytes':>12} {'peak RSS MiB':>13} {'rise MiB':>9} {'tokens/s':>9} {'wall s':>7}")
     memory = []
     for tokens in memory_tokens:
-        r = spawn(tokens, best["precision"], best["threads"], 0, args.checkpoint)
+        r = spawn(tokens, best["precision"], best["threads"], 0, args.checkpoint, best["mode"], 1, before_src)
         memory.append(r)
         print(f"{tokens:>8} {r['state_bytes']:>12} {r['ru_maxrss_bytes'] / 2**20:>13.1f} "
               f"{r['peak_memory_bytes'] / 2**20:>9.2f} {r['tokens_per_s']:>9.0f} {r['wall_seconds']:>7.1f}")
@@ -160,6 +211,18 @@ def main() -> None:
           f"{(memory[1]['ru_maxrss_bytes'] - memory[0]['ru_maxrss_bytes']) / 2**20:.1f} MiB for "
           f"{memory_tokens[1] - memory_tokens[0]} more tokens (the token list itself is 8 bytes per token)")
     _write(args.json_out, rate, speed, memory)
+
+
+def _extract_src(revision: str) -> Path:
+    """The src/ tree of a git revision, in a temporary folder (removed at exit)."""
+    folder = Path(tempfile.mkdtemp(prefix="dsmr-before-"))
+    import atexit
+    import shutil
+
+    atexit.register(shutil.rmtree, folder, True)
+    archive = subprocess.run(["git", "archive", revision, "src"], cwd=REPO, capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(folder)], input=archive, check=True)
+    return folder / "src"
 
 
 def _write(path: Path | None, rate: float, speed: list, memory: list) -> None:

@@ -39,9 +39,14 @@ class IncrementalDecoder:
 
     All `batch_size` lanes advance together (same positions). Logits equal those of `DSMR.forward`
     streamed segment by segment from position 0 with a fresh state.
+
+    A one-token `step` has static shapes: it attends over each layer's whole buffer with the unfilled
+    slots masked, and reads its fill counts from a tensor, so one graph serves every step. With
+    `compile=True` that step (the model's own `MemoryAttention.qkv` / `attend`, see `_decode_step`) is
+    compiled with torch.compile once per process and shape: `warm_up()` pays for it up front.
     """
 
-    def __init__(self, model, segment_len: int, batch_size: int = 1, device=None):
+    def __init__(self, model, segment_len: int, batch_size: int = 1, device=None, compile: bool = False):
         if not isinstance(segment_len, int) or segment_len < 1:
             raise DsmrError(f"segment_len must be a positive integer, got {segment_len!r}")
         if batch_size < 1:
@@ -61,6 +66,12 @@ class IncrementalDecoder:
         shape = lambda h: (batch_size, cfg.n_heads, h + segment_len, cfg.head_dim)  # noqa: E731
         self.keys = [torch.zeros(shape(h), device=self.device, dtype=self.dtype) for h in self.horizons]
         self.values = [torch.zeros(shape(h), device=self.device, dtype=self.dtype) for h in self.horizons]
+        # [segment offset, memory fill of each layer]: what a step reads, as a tensor (no recompiles)
+        self._fill = torch.zeros(1 + len(self.horizons), dtype=torch.long, device=self.device)
+        # this segment's rotary table, cos/sin [1, 1, T, rotary_dims]: static buffers, refilled per segment
+        self._rope = tuple(t.clone() for t in self._segment_rope(0))
+        self.compiled = bool(compile)
+        self._step_fn = _compiled_step() if compile else _decode_step
         self.reset()
 
     # ---- state
@@ -70,7 +81,8 @@ class IncrementalDecoder:
         self.position = 0  # absolute position of the next token
         self.seg_fill = 0  # tokens of the current segment already in the buffers
         self.memory_fill = [0] * len(self.horizons)
-        self._rope = self._segment_rope(0)
+        self._new_segment_rope()
+        self._sync_fill()
 
     def state_bytes(self) -> int:
         """Bytes held by the key/value buffers: constant for the decoder's lifetime."""
@@ -80,10 +92,29 @@ class IncrementalDecoder:
         """Positions in use per layer (memory + current segment); never more than h_l + T."""
         return [m + self.seg_fill for m in self.memory_fill]
 
+    def load_lane(self, other: "IncrementalDecoder", lane: int = 0) -> None:
+        """Copy lane `lane` of another decoder of the same model and segment length (state and position)
+        into every lane of this one: a prompt is fed once, then many continuations are sampled from it."""
+        if other.model is not self.model or other.segment_len != self.segment_len:
+            raise DsmrError("IncrementalDecoder.load_lane: the other decoder has another model or segment length")
+        for theirs, mine in zip((*other.keys, *other.values), (*self.keys, *self.values)):
+            mine.copy_(theirs[lane:lane + 1].expand_as(mine))
+        self.position, self.seg_fill, self.memory_fill = other.position, other.seg_fill, list(other.memory_fill)
+        for theirs, mine in zip(other._rope, self._rope):
+            mine.copy_(theirs)
+        self._sync_fill()
+
     def _segment_rope(self, start: int) -> tuple[Tensor, Tensor]:
         # One rotary table per segment instead of one per token: cos/sin [1, 1, T, head_dim].
         positions = torch.arange(start, start + self.segment_len, device=self.device)[None]
         return self.model.rotary(positions)
+
+    def _new_segment_rope(self) -> None:
+        for buf, table in zip(self._rope, self._segment_rope(self.position)):
+            buf.copy_(table)
+
+    def _sync_fill(self) -> None:
+        self._fill.copy_(torch.tensor([self.seg_fill, *self.memory_fill], dtype=torch.long))
 
     def _next_segment(self) -> None:
         """Keep the last h_l positions of (memory + finished segment) at the front of each buffer."""
@@ -95,14 +126,31 @@ class IncrementalDecoder:
                     buf[:, :, :keep] = buf[:, :, n - keep : n].clone()
             self.memory_fill[layer] = keep
         self.seg_fill = 0
-        self._rope = self._segment_rope(self.position)
+        self._new_segment_rope()
+        self._sync_fill()
 
     # ---- decoding
 
     @torch.inference_mode()
+    def warm_up(self) -> float:
+        """Run (and with `compile`, compile) the one-token step once on scratch copies of the state; the
+        decoder's own state does not change. Returns the seconds it took."""
+        start = time.perf_counter()
+        ids = torch.zeros(self.batch_size, 1, dtype=torch.long, device=self.device)
+        self._step_fn(self.model, ids, self._fill.clone(), self._rope,
+                      [k.clone() for k in self.keys], [v.clone() for v in self.values])
+        return time.perf_counter() - start
+
+    @torch.inference_mode()
     def step(self, ids: Tensor) -> Tensor:
         """Feed one token per lane (ids [B] long); returns the next-token logits [B, vocab]."""
-        return self.feed(ids.view(self.batch_size, 1))[:, -1]
+        if self.seg_fill == self.segment_len:
+            self._next_segment()
+        logits = self._step_fn(self.model, ids.view(self.batch_size, 1).to(self.device), self._fill, self._rope,
+                               self.keys, self.values)
+        self.seg_fill += 1
+        self.position += 1
+        return logits
 
     @torch.inference_mode()
     def feed(self, ids: Tensor, last_only: bool = False) -> Tensor:
@@ -125,7 +173,9 @@ class IncrementalDecoder:
             if not last_only:
                 outputs.append(self.model.output(x))
             elif start == total:
+                self._sync_fill()
                 return self.model.output(x[:, -1])
+        self._sync_fill()
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
 
     def _feed_in_segment(self, ids: Tensor) -> Tensor:
@@ -156,6 +206,41 @@ class IncrementalDecoder:
         of a full segment's mask (one query alone sees every filled slot and needs none)."""
         valid = torch.ones(1, memory, dtype=torch.bool, device=self.device)
         return attention_mask(valid, None, t + n, self.dtype)[:, :, t:]
+
+
+def _decode_step(model, ids: Tensor, fill: Tensor, rope: tuple[Tensor, Tensor], keys: list, values: list) -> Tensor:
+    """One token per lane (ids [B, 1]) through the blocks, with static shapes: the same code for every
+    step, eager or compiled. `fill` = [segment offset t, memory fill of each layer] (advanced here by one);
+    each layer writes its key/value at slot memory + t of its buffer and attends over the whole buffer,
+    slots after the new one masked. Returns the next-token logits [B, vocab]."""
+    t = fill[0]
+    cos, sin = (table.index_select(2, t.view(1)) for table in rope)
+    x = model.embed(ids)
+    for layer, block in enumerate(model.blocks):
+        # the model's own attention (MemoryAttention.qkv / attend), as in IncrementalDecoder.feed
+        q, k, v = block.attn.qkv(block.norm1(x), rope=(cos, sin))
+        memory = fill[1 + layer]
+        slot = (memory + t).view(1)
+        keys[layer].index_copy_(2, slot, k)
+        values[layer].index_copy_(2, slot, v)
+        filled = torch.arange(keys[layer].shape[2], device=ids.device) <= slot
+        mask = torch.where(filled, 0.0, float("-inf")).to(q.dtype).view(1, 1, 1, -1)
+        x = x + block.attn.attend(q, keys[layer], values[layer], mask, n_memory=memory)
+        x = block.feed_forward(x)
+    fill[:1].add_(1)
+    return model.output(x)[:, -1]
+
+
+_COMPILED_STEP = None
+
+
+def _compiled_step():
+    """torch.compile of `_decode_step`, shared by the decoders of this process (one graph per model and
+    shape; inductor's on-disk cache makes a later process compile faster)."""
+    global _COMPILED_STEP
+    if _COMPILED_STEP is None:
+        _COMPILED_STEP = torch.compile(_decode_step, fullgraph=True, dynamic=False)
+    return _COMPILED_STEP
 
 
 class HalfWeightLinear(nn.Module):
@@ -261,9 +346,10 @@ def pitch_range_bans(tokenizer, min_pitch: int = 0, max_pitch: int = 127) -> lis
     return banned
 
 
-def sample_next(logits: Tensor, sampling: SamplingConfig, generator: torch.Generator,
-                banned: Optional[Tensor] = None) -> Tensor:
-    """One event per lane from next-token logits [B, vocab]: ban, temperature, top-k, top-p, sample."""
+def sample_next(logits: Tensor, sampling: SamplingConfig, generator, banned: Optional[Tensor] = None) -> Tensor:
+    """One event per lane from next-token logits [B, vocab]: ban, temperature, top-k, top-p, sample.
+    `generator`: one torch.Generator for all lanes, or a list of one per lane (each lane then draws
+    from its own seed only)."""
     logits = logits.float()
     if banned is not None:
         logits = logits.masked_fill(banned, float("-inf"))
@@ -281,6 +367,10 @@ def sample_next(logits: Tensor, sampling: SamplingConfig, generator: torch.Gener
         drop = (probs.cumsum(dim=-1) - probs) >= sampling.top_p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
     probs = logits.softmax(dim=-1)
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != probs.shape[0]:
+            raise DsmrError(f"sample_next: {len(generator)} generators for {probs.shape[0]} lanes")
+        return torch.cat([torch.multinomial(probs[i:i + 1], 1, generator=g)[:, 0] for i, g in enumerate(generator)])
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
@@ -358,17 +448,21 @@ class GenerationResult:
     prompt_seconds: float
     music_seconds: float         # whole piece, prompt included
     stop_reason: str             # "eos" | "max_tokens" | "max_seconds"
-    wall_seconds: float          # prompt + sampling
+    wall_seconds: float          # prompt + sampling (of the whole batch: lanes run together)
     prefill_seconds: float       # the prompt alone
     sampling_cpu_seconds: float  # CPU time of this process while sampling (prompt excluded)
-    state_bytes: int             # the decoder's key/value buffers (constant)
+    state_bytes: int             # the decoder's key/value buffers (constant; all lanes)
     peak_memory_bytes: int
     memory_method: str
     seed: int
+    warmup_seconds: float = 0.0  # compiling / first run of the decoding step, before the clock starts
+    num_samples: int = 1         # lanes sampled together (this result is one of them)
+    sample_index: int = 0
+    compiled: bool = False       # the decoding step ran compiled (torch.compile)
 
     @property
     def tokens_per_s(self) -> float:
-        """New events per second of sampling (prompt excluded)."""
+        """New events of this sample per second of sampling (prompt excluded)."""
         return self.new_tokens / max(self.wall_seconds - self.prefill_seconds, 1e-9)
 
     @property
@@ -384,89 +478,151 @@ class GenerationResult:
             "realtime_factor": round(self.realtime_factor, 2), "state_bytes": self.state_bytes,
             "peak_memory_bytes": self.peak_memory_bytes, "memory_method": self.memory_method,
             "stop_reason": self.stop_reason, "seed": self.seed,
+            "prefill_seconds": round(self.prefill_seconds, 3), "warmup_seconds": round(self.warmup_seconds, 3),
+            "compiled": self.compiled,
         }
 
 
+def batch_summary(results: Sequence[GenerationResult]) -> dict:
+    """Figures of samples generated together: total new events per second of sampling (all lanes) and
+    the per-sample mean."""
+    first = results[0]
+    sampling_s = max(first.wall_seconds - first.prefill_seconds, 1e-9)
+    total = sum(r.new_tokens for r in results)
+    return {"num_samples": len(results), "tokens": total, "tokens_per_s": round(total / sampling_s, 1),
+            "tokens_per_s_per_sample": round(total / sampling_s / len(results), 1),
+            "wall_seconds": round(first.wall_seconds, 3), "prefill_seconds": round(first.prefill_seconds, 3),
+            "warmup_seconds": round(first.warmup_seconds, 3), "state_bytes": first.state_bytes,
+            "peak_memory_bytes": first.peak_memory_bytes, "compiled": first.compiled,
+            "seeds": [r.seed for r in results]}
+
+
+def compile_available(device) -> bool:
+    """Whether `compile="auto"` compiles the decoding step here: on a CPU with a C++ compiler (inductor's
+    CPU backend). On CUDA the compiled step (and CUDA graphs) is not measured yet: ask for it explicitly."""
+    import shutil
+
+    return torch.device(device).type == "cpu" and any(shutil.which(c) for c in ("g++", "c++", "clang++"))
+
+
 def generate(model, tokenizer, segment_len: int, prompt_ids: Optional[Sequence[int]] = None,
-             sampling: SamplingConfig = SamplingConfig(), progress: bool = True) -> GenerationResult:
+             sampling: SamplingConfig = SamplingConfig(), progress: bool = True, compile=False) -> GenerationResult:
     """Sample one piece: BOS, the prompt's events, then new events until EOS or a limit.
 
     Runs where the model is; the model is put in eval mode. The same seed on the same device gives the
-    same piece.
+    same piece. `compile`: True compiles the decoding step (paid once per process, `warmup_seconds`),
+    "auto" where `compile_available`.
+    """
+    return generate_batch(model, tokenizer, segment_len, prompt_ids, sampling, 1, progress, compile)[0]
+
+
+def generate_batch(model, tokenizer, segment_len: int, prompt_ids: Optional[Sequence[int]] = None,
+                   sampling: SamplingConfig = SamplingConfig(), num_samples: int = 1, progress: bool = True,
+                   compile=False) -> list[GenerationResult]:
+    """Sample `num_samples` continuations of one prompt together, as lanes of one decoder: the prompt is
+    fed once, each lane draws from its own seed (`sampling.seed + i`, recorded in its result) and stops at
+    its own EOS or limit; the batch ends when every lane has stopped. Lanes that stopped keep running
+    (their events are discarded) until the last one ends.
+
+    The same seed and `num_samples` on the same device give the same pieces.
     """
     from dsmr.evaluate import PeakMemory
 
     if model.cfg.vocab_size != tokenizer.vocab_size:
         raise DsmrError(f"model vocabulary {model.cfg.vocab_size} != tokenizer vocabulary {tokenizer.vocab_size}: "
                         f"use the tokenizer the model was trained with")
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise DsmrError(f"num_samples must be a positive integer, got {num_samples!r}")
     sampling.validate(tokenizer.vocab_size)
     prompt = np.asarray([] if prompt_ids is None else prompt_ids, dtype=np.int64)
     if prompt.ndim != 1 or (prompt.size and (prompt.min() < 0 or prompt.max() >= tokenizer.vocab_size)):
         raise DsmrError(f"prompt ids must be a flat sequence of ids in [0, {tokenizer.vocab_size})")
     device = model.embedding.weight.device
+    if compile == "auto":
+        compile = compile_available(device)
     model.eval()
-    seed = sampling.seed if sampling.seed is not None else int.from_bytes(os.urandom(7), "little")
-    generator = torch.Generator(device=device).manual_seed(seed)
+    B = num_samples
+    base = sampling.seed if sampling.seed is not None else int.from_bytes(os.urandom(7), "little")
+    seeds = [(base + i) % 2**63 for i in range(B)]
+    generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
     banned = banned_mask(tokenizer, sampling, device=device)[None]
 
-    ids = array("q", prompt.tolist())  # 8 bytes per event: the only thing that grows with the piece
-    clock = MusicClock(tokenizer, ids)
-    prompt_seconds = clock.seconds
+    pieces = [array("q", prompt.tolist()) for _ in range(B)]  # 8 bytes per event: all that grows
+    clocks = [MusicClock(tokenizer, pieces[0])] + [None] * (B - 1)
+    clocks[1:] = [copy.copy(clocks[0]) for _ in range(B - 1)]
+    prompt_seconds = clocks[0].seconds
     limit_tokens = sampling.max_tokens
-    bar = _progress_bar(progress, sampling, prompt_seconds)
-    stop_reason = "max_tokens"
+    bar = _progress_bar(progress, sampling, prompt_seconds, B)
+    stop = [None] * B
+    new = [0] * B
     with PeakMemory(device) as meter, torch.inference_mode():
+        decoder = IncrementalDecoder(model, segment_len, batch_size=B, device=device, compile=bool(compile))
+        warmup = decoder.warm_up()  # compiles the step once; not part of the timed generation
         start = time.perf_counter()
-        decoder = IncrementalDecoder(model, segment_len, batch_size=1, device=device)
         first = torch.tensor([[tokenizer.bos_id, *prompt.tolist()]], dtype=torch.long, device=device)
-        logits = decoder.feed(first, last_only=True)
+        if B == 1:
+            logits = decoder.feed(first, last_only=True)
+        else:  # the prompt once, then copied into every lane
+            one = IncrementalDecoder(model, segment_len, batch_size=1, device=device)
+            logits = one.feed(first, last_only=True).expand(B, -1)
+            decoder.load_lane(one)
+            del one
         prefill = time.perf_counter() - start
         cpu_start = time.process_time()
-        step_input = torch.zeros(1, dtype=torch.long, device=device)
-        new = 0
+        step_input = torch.zeros(B, dtype=torch.long, device=device)
+        live = B
         while True:
-            token = int(sample_next(logits, sampling, generator, banned))
-            if token == tokenizer.eos_id:  # only reachable with stop_at_eos (else EOS is banned)
-                stop_reason = "eos"
+            tokens = sample_next(logits, sampling, generators[0] if B == 1 else generators, banned)
+            for i, token in enumerate(tokens.tolist()):
+                if stop[i] is not None:
+                    continue
+                if token == tokenizer.eos_id:  # only reachable with stop_at_eos (else EOS is banned)
+                    stop[i], live = "eos", live - 1
+                    continue
+                pieces[i].append(token)
+                new[i] += 1
+                before = clocks[i].seconds
+                seconds = clocks[i].add(token, pieces[i])
+                if bar is not None:
+                    if limit_tokens is not None or B > 1:
+                        bar.update(1)
+                    else:  # the bar counts seconds of music; never past its total
+                        bar.update(min(seconds, bar.total) - min(before, bar.total))
+                    if i == 0 and new[0] % 64 == 0:
+                        bar.set_postfix_str(_postfix(new[0], seconds, limit_tokens), refresh=False)
+                if limit_tokens is not None and new[i] >= limit_tokens:
+                    stop[i], live = "max_tokens", live - 1
+                elif sampling.max_seconds is not None and seconds >= sampling.max_seconds:
+                    stop[i], live = "max_seconds", live - 1
+            if live == 0:
                 break
-            ids.append(token)
-            new += 1
-            before = clock.seconds
-            seconds = clock.add(token, ids)
-            if bar is not None:
-                if limit_tokens is not None:
-                    bar.update(1)
-                else:  # the bar counts seconds of music; never past its total
-                    bar.update(min(seconds, bar.total) - min(before, bar.total))
-                if new % 64 == 0:
-                    bar.set_postfix_str(_postfix(new, seconds, limit_tokens), refresh=False)
-            if limit_tokens is not None and new >= limit_tokens:
-                stop_reason = "max_tokens"
-                break
-            if sampling.max_seconds is not None and seconds >= sampling.max_seconds:
-                stop_reason = "max_seconds"
-                break
-            step_input.fill_(token)
+            step_input.copy_(tokens)
             logits = decoder.step(step_input)
         wall = time.perf_counter() - start
         cpu = time.process_time() - cpu_start
     if bar is not None:
-        bar.set_postfix_str(_postfix(new, clock.seconds, limit_tokens))
+        bar.set_postfix_str(_postfix(new[0], clocks[0].seconds, limit_tokens))
         bar.close()
-    out = np.frombuffer(ids, dtype=np.int64).copy()
-    return GenerationResult(
-        ids=out, prompt_tokens=int(prompt.size), new_tokens=new, prompt_seconds=prompt_seconds,
-        music_seconds=float(tokenizer.seconds(out)) if out.size else 0.0, stop_reason=stop_reason,
-        wall_seconds=wall, prefill_seconds=prefill, sampling_cpu_seconds=cpu,
-        state_bytes=decoder.state_bytes(),
-        peak_memory_bytes=meter.peak_bytes, memory_method=meter.method, seed=seed)
+    results = []
+    for i in range(B):
+        out = np.frombuffer(pieces[i], dtype=np.int64).copy()
+        results.append(GenerationResult(
+            ids=out, prompt_tokens=int(prompt.size), new_tokens=new[i], prompt_seconds=prompt_seconds,
+            music_seconds=float(tokenizer.seconds(out)) if out.size else 0.0, stop_reason=stop[i],
+            wall_seconds=wall, prefill_seconds=prefill, sampling_cpu_seconds=cpu,
+            state_bytes=decoder.state_bytes(), peak_memory_bytes=meter.peak_bytes, memory_method=meter.method,
+            seed=seeds[i], warmup_seconds=warmup, num_samples=B, sample_index=i, compiled=decoder.compiled))
+    return results
 
 
-def _progress_bar(progress: bool, sampling: SamplingConfig, prompt_seconds: float):
+def _progress_bar(progress: bool, sampling: SamplingConfig, prompt_seconds: float, num_samples: int = 1):
     if not progress:
         return None
     from tqdm import tqdm
 
+    if num_samples > 1:  # events of all lanes
+        total = sampling.max_tokens * num_samples if sampling.max_tokens is not None else None
+        return tqdm(total=total, unit="tok", desc=f"generating {num_samples}", dynamic_ncols=True)
     if sampling.max_tokens is not None:
         return tqdm(total=sampling.max_tokens, unit="tok", desc="generating", dynamic_ncols=True)
     # Only a duration limit: the bar counts seconds of music.

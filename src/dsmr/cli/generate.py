@@ -45,6 +45,9 @@ def register(subparsers) -> None:
     outputs.add_argument("--soundfont", type=Path, metavar="FILE.sf2",
                          help="General MIDI .sf2 for --wav (default $DSMR_SOUNDFONT or a system soundfont)")
     outputs.add_argument("--pianoroll", type=Path, metavar="FILE.png", help="also draw a piano-roll PNG (prompt boundary marked)")
+    outputs.add_argument("--num-samples", type=int, default=1, metavar="N",
+                         help="write N variations of the piece at once (FILE-1.mid ... FILE-N.mid; seeds SEED, "
+                              "SEED+1, ...): one prompt, N lanes of one decoder, each stopping at its own end")
     outputs.add_argument("--json", action="store_true", help="print one JSON object with the figures on stdout")
     outputs.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     runtime = parser.add_argument_group("runtime")
@@ -54,6 +57,9 @@ def register(subparsers) -> None:
                               "float16 rounding); auto: float16 on CPU, float32 elsewhere")
     runtime.add_argument("--threads", type=int, default=1, metavar="N",
                          help="CPU threads (default 1: one-token steps are too small to share; 0: torch's default)")
+    runtime.add_argument("--compile", action="store_true",
+                         help="torch.compile the one-event decoding step: faster sampling after a one-off "
+                              "warm-up (about a minute on a CPU, reported separately); for long pieces")
     runtime.add_argument("--weights", choices=("best", "latest"), default="best",
                          help="which weights of a run folder (default best, else latest)")
     parser.set_defaults(func=run)
@@ -67,7 +73,8 @@ def run(args: argparse.Namespace) -> int:
 
     from dsmr.checkpoint import load_model
     from dsmr.evaluate import resolve_device
-    from dsmr.generate import SamplingConfig, generate, half_weight_model, load_prompt, pitch_range_bans
+    from dsmr.generate import (SamplingConfig, batch_summary, generate_batch, half_weight_model, load_prompt,
+                               pitch_range_bans)
     from dsmr.render import find_fluidsynth, find_soundfont, plot_pianoroll, render_wav
 
     max_tokens = args.max_tokens if args.max_tokens is not None else (None if args.max_seconds else 2048)
@@ -95,22 +102,42 @@ def run(args: argparse.Namespace) -> int:
         banned = pitch_range_bans(tokenizer, args.min_pitch, args.max_pitch)
         sampling = dataclasses.replace(sampling, banned_ids=tuple(banned))
 
-    result = generate(model, tokenizer, segment_len, prompt_ids, sampling, progress=not args.no_progress)
-    tokenizer.decode_to_file(result.ids, args.out)
-    report = {**result.summary(), "out": str(args.out), "precision": precision, "device": str(device),
-              "threads": torch.get_num_threads(), "segment_len": segment_len,
-              "horizons": list(model.cfg.horizons)}
-    if args.wav is not None:
-        report["wav"] = str(render_wav(args.out, args.wav, args.soundfont))
-    if args.pianoroll is not None:
-        boundary = result.prompt_seconds if prompt_ids is not None else None
-        report["pianoroll"] = str(plot_pianoroll(args.out, args.pianoroll, boundary_seconds=boundary,
-                                                 title=args.out.name))
+    results = generate_batch(model, tokenizer, segment_len, prompt_ids, sampling, num_samples=args.num_samples,
+                             progress=not args.no_progress, compile=args.compile)
+    runtime = {"precision": precision, "device": str(device), "threads": torch.get_num_threads(),
+               "segment_len": segment_len, "horizons": list(model.cfg.horizons)}
+    samples = []
+    for result in results:
+        paths = {key: _numbered(path, result.sample_index, len(results))
+                 for key, path in (("out", args.out), ("wav", args.wav), ("pianoroll", args.pianoroll))
+                 if path is not None}
+        tokenizer.decode_to_file(result.ids, paths["out"])
+        report = {**result.summary(), "out": str(paths["out"])}
+        if "wav" in paths:
+            report["wav"] = str(render_wav(paths["out"], paths["wav"], args.soundfont))
+        if "pianoroll" in paths:
+            boundary = result.prompt_seconds if prompt_ids is not None else None
+            report["pianoroll"] = str(plot_pianoroll(paths["out"], paths["pianoroll"], boundary_seconds=boundary,
+                                                     title=paths["out"].name))
+        samples.append(report)
+    if len(results) == 1:
+        report = {**samples[0], **runtime}
+    else:
+        report = {**batch_summary(results), **runtime, "samples": samples}
     if args.json:
         print(json.dumps(report))
-    else:
+    elif len(results) == 1:
         _print_summary(report)
+    else:
+        _print_batch_summary(report)
     return 0
+
+
+def _numbered(path: Path, index: int, count: int) -> Path:
+    """FILE.mid for one sample; FILE-1.mid ... FILE-N.mid (zero-padded) for N."""
+    if count == 1:
+        return path
+    return path.with_name(f"{path.stem}-{index + 1:0{len(str(count))}d}{path.suffix}")
 
 
 def _check_args(args) -> None:
@@ -135,11 +162,14 @@ def _check_args(args) -> None:
         raise DsmrError(f"--max-tokens must be >= 1, got {args.max_tokens}")
     if args.max_seconds is not None and not args.max_seconds > 0:
         raise DsmrError(f"--max-seconds must be > 0, got {args.max_seconds}")
+    if args.num_samples < 1:
+        raise DsmrError(f"--num-samples must be >= 1, got {args.num_samples}")
     if args.threads < 0:
         raise DsmrError(f"--threads must be >= 0, got {args.threads}")
     if args.soundfont is not None and args.wav is None:
         raise DsmrError("--soundfont is only used with --wav OUT.wav")
-    outputs = [p.resolve() for p in (args.out, args.wav, args.pianoroll) if p is not None]
+    outputs = [_numbered(p, i, args.num_samples).resolve() for p in (args.out, args.wav, args.pianoroll)
+               if p is not None for i in range(args.num_samples)]
     if len(set(outputs)) != len(outputs):
         raise DsmrError("--out, --wav and --pianoroll must be different files")
     if args.prompt is not None and args.prompt.resolve() in outputs:
@@ -167,5 +197,21 @@ def _print_summary(report: dict) -> None:
     for key, what in (("wav", "audio"), ("pianoroll", "piano roll")):
         if key in report:
             lines.append(f"  {what}: {report[key]}")
+    if report.get("compiled"):
+        lines.append(f"  compiled decoding step: {report['warmup_seconds']:.1f} s warm-up (not in the wall time)")
+    print("\n".join(lines))
+    sys.stdout.flush()
+
+
+def _print_batch_summary(report: dict) -> None:
+    lines = [f"wrote {report['num_samples']} samples, {report['tokens']} new events in all: "
+             f"{report['wall_seconds']:.1f} s wall, {report['tokens_per_s']:.0f} events/s in total, "
+             f"{report['tokens_per_s_per_sample']:.0f} per sample, state {report['state_bytes'] / 2**20:.2f} MiB"]
+    if report.get("compiled"):
+        lines.append(f"  compiled decoding step: {report['warmup_seconds']:.1f} s warm-up (not in the wall time)")
+    for sample in report["samples"]:
+        lines.append(f"  {sample['out']}: {sample['tokens']} events, {sample['music_seconds']:.1f} s of music, "
+                     f"stopped at {sample['stop_reason'].replace('_', ' ')}, seed {sample['seed']}"
+                     + "".join(f", {sample[k]}" for k in ("wav", "pianoroll") if k in sample))
     print("\n".join(lines))
     sys.stdout.flush()

@@ -1,0 +1,104 @@
+"""Batched sampling (lanes of one decoder), the static-shape / compiled decoding step, and
+`dsmr generate --num-samples`."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from dsmr.checkpoint import save_checkpoint
+from dsmr.cli import main
+from dsmr.errors import DsmrError
+from dsmr.generate import IncrementalDecoder, SamplingConfig, batch_summary, generate, generate_batch
+from dsmr.tokenizer import make_tokenizer
+from tests.test_generate import SEG, streaming_logits, tiny_model
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+@pytest.fixture(scope="module")
+def perf_tok():
+    return make_tokenizer("performance")
+
+
+@pytest.fixture(scope="module")
+def perf_model(perf_tok):
+    return tiny_model(vocab=perf_tok.vocab_size, horizons=(16, 4), d_model=32, seed=7)
+
+
+def test_lanes_are_independent_samples_of_one_prompt(perf_model, perf_tok):
+    prompt = np.arange(3, 40)
+    sampling = SamplingConfig(seed=11, max_tokens=None, max_seconds=6.0, stop_at_eos=False, top_p=0.95)
+    batch = generate_batch(perf_model, perf_tok, SEG, prompt, sampling, num_samples=3, progress=False)
+    assert [r.seed for r in batch] == [11, 12, 13] and [r.sample_index for r in batch] == [0, 1, 2]
+    assert all(r.stop_reason == "max_seconds" and r.music_seconds >= 6.0 for r in batch)
+    assert len({r.new_tokens for r in batch}) > 1  # each lane stops at its own end
+    for r in batch:
+        assert np.array_equal(r.ids[:len(prompt)], prompt)
+        assert r.music_seconds == pytest.approx(perf_tok.seconds(r.ids))
+        assert perf_tok.seconds(r.ids[:-1]) < 6.0  # nothing after its own limit
+    # lane i is the piece that seed 11 + i writes alone (float32 weights)
+    for r in batch:
+        alone = generate(perf_model, perf_tok, SEG, prompt, SamplingConfig(**{**sampling.__dict__, "seed": r.seed}),
+                         progress=False)
+        assert np.array_equal(alone.ids, r.ids)
+    again = generate_batch(perf_model, perf_tok, SEG, prompt, sampling, num_samples=3, progress=False)
+    assert all(np.array_equal(a.ids, b.ids) for a, b in zip(batch, again))
+    summary = batch_summary(batch)
+    assert summary["tokens"] == sum(r.new_tokens for r in batch) and summary["seeds"] == [11, 12, 13]
+    assert summary["state_bytes"] == batch[0].state_bytes == 3 * 2 * (16 + SEG + 4 + SEG) * 32 * 4
+    with pytest.raises(DsmrError, match="num_samples"):
+        generate_batch(perf_model, perf_tok, SEG, prompt, sampling, num_samples=0, progress=False)
+
+
+def test_load_lane_copies_one_lane_into_all():
+    model = tiny_model(gate="soft", per_head=True)
+    ids = torch.randint(3, 50, (1, 27), generator=torch.Generator().manual_seed(4))
+    one = IncrementalDecoder(model, SEG)
+    one.feed(ids[:, :20])
+    lanes = IncrementalDecoder(model, SEG, batch_size=3)
+    lanes.load_lane(one)
+    assert lanes.position == 20 and lanes.filled() == one.filled()
+    expected = streaming_logits(model, ids, SEG)
+    for i in range(20, 27):
+        out = lanes.step(ids[:, i].expand(3))
+        torch.testing.assert_close(out, expected[:, i].expand(3, -1), rtol=0, atol=2e-5)
+
+
+@pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")), reason="no C++ compiler")
+def test_compiled_step_gives_the_same_logits():
+    """One graph for every step (fill counts are tensors), across segment boundaries and a gate."""
+    model = tiny_model(gate="soft", per_head=True)
+    for block in model.blocks:
+        block.attn.gate_logit.data.uniform_(-2.0, 2.0)
+    ids = torch.randint(3, 50, (2, 30), generator=torch.Generator().manual_seed(1))
+    expected = streaming_logits(model, ids, SEG)
+    decoder = IncrementalDecoder(model, SEG, batch_size=2, compile=True)
+    assert decoder.warm_up() > 0 and decoder.position == 0
+    decoder.feed(ids[:, :5])
+    stepped = torch.stack([decoder.step(ids[:, i]) for i in range(5, 30)], dim=1)
+    torch.testing.assert_close(stepped, expected[:, 5:], rtol=0, atol=2e-5)
+
+
+def test_cli_num_samples(perf_model, perf_tok, tmp_path, capsys):
+    run = tmp_path / "run"
+    save_checkpoint(run, perf_model, {"model": perf_model.cfg.to_dict(), "tokenizer": perf_tok.config(),
+                                      "tokenizer_hash": perf_tok.config_hash(), "segment_len": SEG})
+    out = tmp_path / "piece.mid"
+    assert main(["generate", str(run), "--out", str(out), "--num-samples", "2", "--max-tokens", "40",
+                 "--seed", "5", "--ignore-eos", "--json", "--no-progress"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["num_samples"] == 2 and report["seeds"] == [5, 6] and report["tokens"] == 80
+    assert [s["out"] for s in report["samples"]] == [str(tmp_path / "piece-1.mid"), str(tmp_path / "piece-2.mid")]
+    assert all((tmp_path / f"piece-{i}.mid").stat().st_size > 0 for i in (1, 2)) and not out.exists()
+    assert main(["generate", str(run), "--out", str(out), "--num-samples", "0"]) == 2
