@@ -54,6 +54,9 @@ class StudyConfig:
     layers: int = 4
     d_model: int = 128
     heads: int = 4
+    head_dim: int | None = None      # None: d_model / heads
+    tie_embeddings: bool = True
+    memory: str = "kv"               # what the state holds in training: "kv" or "hidden"
     # data: every variant reads the same lanes of whole pieces in the same order (same seed)
     segment: int = 128
     batch_size: int = 8
@@ -66,12 +69,15 @@ class StudyConfig:
     # learned gates (gate-soft, gate-ste on the full schedule)
     gate_init: float = 1.0           # sigmoid(1) = 0.73: close enough to 0.5 for a short run to cross it
     gate_lambda: float = 0.01
+    # the curriculum variants grow every horizon from 0 over this fraction of the steps
+    curriculum: float = 0.5
     # optimization and evaluation
     steps: int = 800
     lr: float = 1e-3
     eval_every: int = 200
     val_pieces: int | None = 6       # the first N validation pieces, each in full (None: all)
     eval_batch_size: int | None = None
+    test: bool = False               # also evaluate each final model over the whole test split
     seed: int = 0
     device: str = "cpu"
     threads: int | None = 1          # torch CPU threads per variant (1 is fastest for small models)
@@ -85,6 +91,8 @@ class StudyConfig:
                 problems.append(f"{name} must be a positive integer, got {value!r}")
         if isinstance(self.budget, bool) or not isinstance(self.budget, int) or self.budget < 1:
             problems.append(f"budget must be a positive integer, got {self.budget!r}")
+        if not 0 < self.curriculum <= 1:
+            problems.append(f"curriculum must be a fraction in (0, 1], got {self.curriculum}")
         if self.layers < 2:
             problems.append("the study compares lower and upper layers: it needs at least 2 layers")
         if problems:
@@ -117,6 +125,7 @@ def default_variants(cfg: StudyConfig) -> list[Variant]:
     two_scale = make_schedule("two-scale", L, budget=cfg.budget, long_layers=cfg.long_layers, short=cfg.short)
     lower, upper = list(range(L // 2)), list(range(L // 2, L))
     full = {"schedule": "full", "horizon": cfg.horizon}
+    warmup = max(1, round(cfg.curriculum * cfg.steps))
     # Same tokens per step as the streaming variants: `batch_size * segment` targets.
     excerpt_batch = max(1, cfg.batch_size * cfg.segment // cfg.excerpt_context)
     return [
@@ -132,6 +141,12 @@ def default_variants(cfg: StudyConfig) -> list[Variant]:
         Variant("binary-upper", f"budget {cfg.budget} shared by layers {_span(upper)}, the others 0",
                 {"schedule": "binary", "budget": cfg.budget, "binary_layers": upper}),
         Variant("none", "no memory: each segment alone", {"schedule": "none"}),
+        Variant("full-curriculum", f"full, every horizon grown from 0 over the first {cfg.curriculum:.0%} of the steps",
+                dict(full, horizon_warmup=warmup)),
+        Variant("two-scale-curriculum", f"two-scale, horizons grown from 0 over the first {cfg.curriculum:.0%} "
+                                        "of the steps",
+                {"schedule": "two-scale", "budget": cfg.budget, "long_layers": cfg.long_layers,
+                 "short": cfg.short, "horizon_warmup": warmup}),
         Variant("gate-soft", "full schedule with learned soft gates per layer",
                 dict(full, gate="soft", gate_init=cfg.gate_init, gate_lambda=cfg.gate_lambda)),
         Variant("gate-ste", "full schedule with straight-through (hard) gates per layer",
@@ -161,11 +176,15 @@ def train_config(cfg: StudyConfig, variant: Variant):
     """The TrainConfig of `variant`: the shared options, then the variant's own."""
     from dsmr.train import TrainConfig
 
-    base = dict(layers=cfg.layers, d_model=cfg.d_model, heads=cfg.heads, segment=cfg.segment,
+    base = dict(layers=cfg.layers, d_model=cfg.d_model, heads=cfg.heads, head_dim=cfg.head_dim,
+                tie_embeddings=cfg.tie_embeddings, memory=cfg.memory, segment=cfg.segment,
                 batch_size=cfg.batch_size, steps=cfg.steps, lr=cfg.lr, eval_every=cfg.eval_every,
                 val_pieces=cfg.val_pieces, eval_batch_size=cfg.eval_batch_size or cfg.batch_size,
                 seed=cfg.seed, device=cfg.device, tensorboard=False, log_every=10)
-    train_cfg = TrainConfig(**dict(base, **variant.options))
+    options = dict(base, **variant.options)
+    if options.get("baseline"):
+        options["memory"] = "kv"  # the excerpt baseline has no memory to represent
+    train_cfg = TrainConfig(**options)
     train_cfg.validate()
     return train_cfg
 
@@ -218,7 +237,9 @@ def run_variant(spec: dict) -> dict:
 
     from dsmr.cache import TokenCache
     from dsmr.checkpoint import TRAINER_STATE_FILE
-    from dsmr.train import TrainConfig, make_run_schedule, train
+    from dsmr.checkpoint import load_model
+    from dsmr.evaluate import evaluate, resolve_device
+    from dsmr.train import TrainConfig, make_model_config, make_run_schedule, train
 
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
@@ -233,6 +254,16 @@ def run_variant(spec: dict) -> dict:
     if result["interrupted"]:
         raise KeyboardInterrupt
     schedule = make_run_schedule(train_cfg)
+    test = {}
+    cache = TokenCache(spec["cache"])
+    if spec["study"].get("test") and "test" in cache.splits and cache.num_pieces("test"):
+        device = resolve_device(train_cfg.device)  # the final model, as the study compares
+        model, tokenizer, config = load_model(run_dir, device=str(device), which="latest")
+        report = evaluate(model, cache.pieces("test"), train_cfg.eval_batch_size or train_cfg.batch_size,
+                          config["segment_len"], pad_id=tokenizer.pad_id, bos_id=tokenizer.bos_id,
+                          eos_id=tokenizer.eos_id, progress=False)
+        test = {"test_ppl": report["ppl"], "test_nll": report["nll"], "test_tokens": report["tokens"],
+                "test_pieces": report["pieces"], "test_nll_by_position": report["nll_by_position"]}
     record = {
         "variant": spec["variant"], "description": spec["description"], "seed": train_cfg.seed,
         "schedule": schedule.name, "horizons": list(schedule.horizons), "budget": schedule.budget,
@@ -244,7 +275,7 @@ def run_variant(spec: dict) -> dict:
         "train_loss": result["train_loss"], "train_tokens_per_s": result["train_tokens_per_s"],
         "train_peak_memory_bytes": result["train_peak_memory_bytes"],
         "train_memory_method": result["train_memory_method"],
-        "state_bytes": schedule.state_bytes(train_cfg.d_model, 4, 1),
+        "state_bytes": make_model_config(train_cfg, 1).state_bytes(1, 4), **test,
         "train_state_bytes": result["train_state_bytes"],
         "steps": result["steps"], "seconds": time.time() - started, "resumed": resume,
         **_curves(run_dir / "metrics.jsonl"),
@@ -435,6 +466,7 @@ def summarize(records: list[dict]) -> list[dict]:
             "budget": first["budget"], "context": first.get("context"), "seeds": [r["seed"] for r in runs],
             "val_ppl": _mean(r["val_ppl"] for r in runs), "val_ppl_runs": [r["val_ppl"] for r in runs],
             "val_ppl_spread": _spread([r["val_ppl"] for r in runs]),
+            "test_ppl": _mean(r.get("test_ppl") for r in runs),
             "train_tokens_per_s": _mean(r["train_tokens_per_s"] for r in runs),
             "train_peak_memory_bytes": _mean(r["train_peak_memory_bytes"] for r in runs),
             "state_bytes": first["state_bytes"],
@@ -461,6 +493,7 @@ def _ratio(a, b) -> float | None:
 
 
 CSV_FIELDS = ("variant", "seed", "horizons", "budget", "context", "val_ppl", "val_nll", "val_tokens", "val_pieces",
+              "test_ppl", "test_nll", "test_tokens", "test_pieces",
               "train_tokens_per_s", "train_peak_memory_bytes", "state_bytes", "val_ppl_vs_full",
               "train_tokens_per_s_vs_full", "train_peak_memory_bytes_vs_full", "state_bytes_vs_full", "steps",
               "train_loss", "seconds", "device")
@@ -496,14 +529,21 @@ def results_markdown(records: list[dict], command: str | None = None, sources=No
     mib = 1024 * 1024
     lines = ["# Schedule study: results", ""]
     lines += [f"{len(rows)} variants, seeds {', '.join(map(str, seeds))}. Model: {cfg.get('layers')} layers, "
-              f"d_model {cfg.get('d_model')}, {cfg.get('heads')} heads; segment {cfg.get('segment')}, "
+              f"d_model {cfg.get('d_model')}, {cfg.get('heads')} heads"
+              + (f" of dim {cfg['head_dim']}" if cfg.get("head_dim") else "")
+              + (", untied output head" if cfg.get("tie_embeddings") is False else "")
+              + (f", {cfg['memory']} memory" if cfg.get("memory", "kv") != "kv" else "")
+              + f"; segment {cfg.get('segment')}, "
               f"{cfg.get('batch_size')} lanes, {cfg.get('steps')} steps, lr {cfg.get('lr')}. Validation: "
               + (f"{first['val_pieces']} validation pieces (the first of the split, each in full; "
                  f"{first['val_tokens']:,} tokens)." if first.get("val_pieces") else "none."), ""]
     ppl_head = "val PPL" + (f" (seed {' / '.join(map(str, seeds))})" if len(seeds) > 1 else "")
     head = ["variant", "horizons (layer 0..L-1)", "budget", "val PPL", "x full"]
+    with_test = any(row["test_ppl"] is not None for row in rows)
     if len(seeds) > 1:
         head += [ppl_head, "spread"]
+    if with_test:
+        head += ["test PPL"]
     head += ["train tok/s", "x full", "peak train MiB", "x full", "state KiB/lane", "x full"]
     lines.append("| " + " | ".join(head) + " |")
     lines.append("|" + "|".join("---" if i < 2 else "---:" for i in range(len(head))) + "|")
@@ -513,6 +553,8 @@ def results_markdown(records: list[dict], command: str | None = None, sources=No
                  _fmt(row["val_ppl_vs_full"])]
         if len(seeds) > 1:
             cells += [" / ".join(_fmt(v) for v in row["val_ppl_runs"]), _fmt(row["val_ppl_spread"])]
+        if with_test:
+            cells += [_fmt(row["test_ppl"])]
         peak = row["train_peak_memory_bytes"]
         cells += [_fmt(row["train_tokens_per_s"], ".0f"), _fmt(row["train_tokens_per_s_vs_full"], ".2f"),
                   _fmt(peak / mib if peak is not None else None, ".1f"),
@@ -523,7 +565,10 @@ def results_markdown(records: list[dict], command: str | None = None, sources=No
               "each variant's own schedule (the excerpt baseline: non-overlapping windows of its context). "
               "Mean over seeds. train tok/s: real training targets per second of training steps. Peak train "
               f"memory: {first.get('train_memory_method')}, measured in a fresh process per variant. State: "
-              "keys + values of the recurrent memory of one lane in fp32 (2 x budget x d_model x 4 bytes).", ""]
+              "the recurrent memory of one lane in fp32 as trained (budget x 2 x heads x head dim for keys + "
+              "values, budget x d_model for hidden memory; x 4 bytes)."
+              + (f" test PPL: the final model over all {first.get('test_pieces')} test pieces." if with_test
+                 else ""), ""]
     lines += _position_table(records)
     lines += ["## Variants", ""]
     for row in rows:

@@ -41,6 +41,16 @@ def register(subparsers) -> None:
     m.add_argument("--layers", type=int, default=d.layers, help=f"decoder blocks (default {d.layers})")
     m.add_argument("--d-model", type=int, default=d.d_model, help=f"model width (default {d.d_model})")
     m.add_argument("--heads", type=int, default=d.heads, help=f"attention heads (default {d.heads})")
+    m.add_argument("--head-dim", type=int, default=d.head_dim, help="width of each head (default d-model / heads)")
+    m.add_argument("--no-tie-embeddings", dest="tie_embeddings", action="store_false",
+                   help="separate output head instead of the tied embedding")
+    m.add_argument("--memory", choices=("kv", "hidden"), default=d.memory,
+                   help=f"what the memory holds in training (default {d.memory}; see dsmr train --help)")
+    m.add_argument("--curriculum", type=float, default=d.curriculum,
+                   help=f"the *-curriculum variants grow their horizons over this fraction of the steps "
+                        f"(default {d.curriculum})")
+    m.add_argument("--test", action="store_true",
+                   help="also evaluate every final model over the whole test split (test PPL in the tables)")
     m.add_argument("--segment", type=int, default=d.segment, help=f"tokens per segment (default {d.segment})")
     m.add_argument("--batch-size", type=int, default=d.batch_size, help=f"lanes (default {d.batch_size})")
     m.add_argument("--horizon", type=int, default=d.horizon,
@@ -81,7 +91,9 @@ def _names(text: str) -> list[str]:
 def _config(args):
     from dsmr.study import StudyConfig
 
-    return StudyConfig(layers=args.layers, d_model=args.d_model, heads=args.heads, segment=args.segment,
+    return StudyConfig(layers=args.layers, d_model=args.d_model, heads=args.heads, head_dim=args.head_dim,
+                       tie_embeddings=args.tie_embeddings, memory=args.memory, curriculum=args.curriculum,
+                       test=args.test, segment=args.segment,
                        batch_size=args.batch_size, horizon=args.horizon, budget=args.budget,
                        long_layers=args.long_layers, short=args.short, context=args.context,
                        gate_init=args.gate_init, gate_lambda=args.gate_lambda, steps=args.steps, lr=args.lr,
