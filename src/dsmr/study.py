@@ -77,7 +77,7 @@ class StudyConfig:
     eval_every: int = 200
     val_pieces: int | None = 6       # the first N validation pieces, each in full (None: all)
     eval_batch_size: int | None = None
-    test: bool = False               # also evaluate each final model over the whole test split
+    test: bool = False               # also evaluate each final model over the whole validation and test splits
     seed: int = 0
     device: str = "cpu"
     threads: int | None = 1          # torch CPU threads per variant (1 is fastest for small models)
@@ -237,8 +237,6 @@ def run_variant(spec: dict) -> dict:
 
     from dsmr.cache import TokenCache
     from dsmr.checkpoint import TRAINER_STATE_FILE
-    from dsmr.checkpoint import load_model
-    from dsmr.evaluate import evaluate, resolve_device
     from dsmr.train import TrainConfig, make_model_config, make_run_schedule, train
 
     if spec.get("threads"):
@@ -254,16 +252,7 @@ def run_variant(spec: dict) -> dict:
     if result["interrupted"]:
         raise KeyboardInterrupt
     schedule = make_run_schedule(train_cfg)
-    test = {}
-    cache = TokenCache(spec["cache"])
-    if spec["study"].get("test") and "test" in cache.splits and cache.num_pieces("test"):
-        device = resolve_device(train_cfg.device)  # the final model, as the study compares
-        model, tokenizer, config = load_model(run_dir, device=str(device), which="latest")
-        report = evaluate(model, cache.pieces("test"), train_cfg.eval_batch_size or train_cfg.batch_size,
-                          config["segment_len"], pad_id=tokenizer.pad_id, bos_id=tokenizer.bos_id,
-                          eos_id=tokenizer.eos_id, progress=False)
-        test = {"test_ppl": report["ppl"], "test_nll": report["nll"], "test_tokens": report["tokens"],
-                "test_pieces": report["pieces"], "test_nll_by_position": report["nll_by_position"]}
+    final = _final_evaluation(spec, train_cfg, run_dir) if spec["study"].get("test") else {}
     record = {
         "variant": spec["variant"], "description": spec["description"], "seed": train_cfg.seed,
         "schedule": schedule.name, "horizons": list(schedule.horizons), "budget": schedule.budget,
@@ -275,7 +264,7 @@ def run_variant(spec: dict) -> dict:
         "train_loss": result["train_loss"], "train_tokens_per_s": result["train_tokens_per_s"],
         "train_peak_memory_bytes": result["train_peak_memory_bytes"],
         "train_memory_method": result["train_memory_method"],
-        "state_bytes": make_model_config(train_cfg, 1).state_bytes(1, 4), **test,
+        "state_bytes": make_model_config(train_cfg, 1).state_bytes(1, 4), **final,
         "train_state_bytes": result["train_state_bytes"],
         "steps": result["steps"], "seconds": time.time() - started, "resumed": resume,
         **_curves(run_dir / "metrics.jsonl"),
@@ -285,6 +274,30 @@ def run_variant(spec: dict) -> dict:
     }
     atomic_write_json(spec["result_path"], record)
     return record
+
+
+def _final_evaluation(spec: dict, train_cfg, run_dir: Path) -> dict:
+    """The final model over the whole validation split (when training validated on a subset) and the whole
+    test split: val_all_* and test_* fields of the result."""
+    from dsmr.cache import TokenCache
+    from dsmr.checkpoint import load_model
+    from dsmr.evaluate import evaluate, resolve_device
+
+    cache = TokenCache(spec["cache"])
+    model, tokenizer, config = load_model(run_dir, device=str(resolve_device(train_cfg.device)), which="latest")
+    splits = (["validation"] if train_cfg.val_pieces else []) + ["test"]
+    fields = {}
+    for split in splits:
+        if split not in cache.splits or not cache.num_pieces(split):
+            continue
+        report = evaluate(model, cache.pieces(split), train_cfg.eval_batch_size or train_cfg.batch_size,
+                          config["segment_len"], pad_id=tokenizer.pad_id, bos_id=tokenizer.bos_id,
+                          eos_id=tokenizer.eos_id, progress=spec.get("progress", False))
+        prefix = "test" if split == "test" else "val_all"
+        fields.update({f"{prefix}_ppl": report["ppl"], f"{prefix}_nll": report["nll"],
+                       f"{prefix}_tokens": report["tokens"], f"{prefix}_pieces": report["pieces"],
+                       f"{prefix}_nll_by_position": report["nll_by_position"]})
+    return fields
 
 
 def _curves(metrics_path: Path) -> dict:
@@ -466,6 +479,7 @@ def summarize(records: list[dict]) -> list[dict]:
             "budget": first["budget"], "context": first.get("context"), "seeds": [r["seed"] for r in runs],
             "val_ppl": _mean(r["val_ppl"] for r in runs), "val_ppl_runs": [r["val_ppl"] for r in runs],
             "val_ppl_spread": _spread([r["val_ppl"] for r in runs]),
+            "val_all_ppl": _mean(r.get("val_all_ppl") for r in runs),
             "test_ppl": _mean(r.get("test_ppl") for r in runs),
             "train_tokens_per_s": _mean(r["train_tokens_per_s"] for r in runs),
             "train_peak_memory_bytes": _mean(r["train_peak_memory_bytes"] for r in runs),
@@ -493,6 +507,7 @@ def _ratio(a, b) -> float | None:
 
 
 CSV_FIELDS = ("variant", "seed", "horizons", "budget", "context", "val_ppl", "val_nll", "val_tokens", "val_pieces",
+              "val_all_ppl", "val_all_nll", "val_all_tokens", "val_all_pieces",
               "test_ppl", "test_nll", "test_tokens", "test_pieces",
               "train_tokens_per_s", "train_peak_memory_bytes", "state_bytes", "val_ppl_vs_full",
               "train_tokens_per_s_vs_full", "train_peak_memory_bytes_vs_full", "state_bytes_vs_full", "steps",
@@ -542,6 +557,9 @@ def results_markdown(records: list[dict], command: str | None = None, sources=No
     with_test = any(row["test_ppl"] is not None for row in rows)
     if len(seeds) > 1:
         head += [ppl_head, "spread"]
+    with_val_all = any(row["val_all_ppl"] is not None for row in rows)
+    if with_val_all:
+        head += ["val PPL, all pieces"]
     if with_test:
         head += ["test PPL"]
     head += ["train tok/s", "x full", "peak train MiB", "x full", "state KiB/lane", "x full"]
@@ -553,6 +571,8 @@ def results_markdown(records: list[dict], command: str | None = None, sources=No
                  _fmt(row["val_ppl_vs_full"])]
         if len(seeds) > 1:
             cells += [" / ".join(_fmt(v) for v in row["val_ppl_runs"]), _fmt(row["val_ppl_spread"])]
+        if with_val_all:
+            cells += [_fmt(row["val_all_ppl"])]
         if with_test:
             cells += [_fmt(row["test_ppl"])]
         peak = row["train_peak_memory_bytes"]
@@ -567,8 +587,8 @@ def results_markdown(records: list[dict], command: str | None = None, sources=No
               f"memory: {first.get('train_memory_method')}, measured in a fresh process per variant. State: "
               "the recurrent memory of one lane in fp32 as trained (budget x 2 x heads x head dim for keys + "
               "values, budget x d_model for hidden memory; x 4 bytes)."
-              + (f" test PPL: the final model over all {first.get('test_pieces')} test pieces." if with_test
-                 else ""), ""]
+              + (f" val PPL, all pieces / test PPL: the final model over all {first.get('val_all_pieces')} "
+                 f"validation / {first.get('test_pieces')} test pieces." if with_test else ""), ""]
     lines += _position_table(records)
     lines += ["## Variants", ""]
     for row in rows:

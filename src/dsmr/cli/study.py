@@ -50,7 +50,7 @@ def register(subparsers) -> None:
                    help=f"the *-curriculum variants grow their horizons over this fraction of the steps "
                         f"(default {d.curriculum})")
     m.add_argument("--test", action="store_true",
-                   help="also evaluate every final model over the whole test split (test PPL in the tables)")
+                   help="also evaluate every final model over the whole validation and test splits (in the tables)")
     m.add_argument("--segment", type=int, default=d.segment, help=f"tokens per segment (default {d.segment})")
     m.add_argument("--batch-size", type=int, default=d.batch_size, help=f"lanes (default {d.batch_size})")
     m.add_argument("--horizon", type=int, default=d.horizon,
