@@ -1,4 +1,4 @@
-"""Bounded-memory generation of whole pieces (DESIGN §1, Generation).
+"""Bounded-memory generation of whole pieces (docs/design.md, Generation).
 
 `IncrementalDecoder` decodes with exactly the semantics of training-time streaming: the sequence is cut
 into segments of `segment_len` tokens at absolute positions 0, T, 2T, ...; in layer `l` a token attends

@@ -1,5 +1,5 @@
 """The DSMR network: a pre-norm decoder-only Transformer that reads a piece segment by segment and keeps,
-per layer `l`, the detached keys/values of at most `h_l` past positions (DESIGN §1).
+per layer `l`, a detached window of at most `h_l` past positions: keys/values, or layer inputs (docs/design.md).
 
 For segment `s` in layer `l`:  K = concat(mem_K[l], k_s), V likewise; token i attends to every valid
 memory entry of its lane and to segment tokens j <= i; the new memory is the last h_l positions of
@@ -398,8 +398,9 @@ class _Segment:
         batch, seg_len = positions.shape
         self.reset, self.seg_len, self.positions = reset, seg_len, positions
         self.token_mask = token_mask
-        # token_mask.all() syncs with the device; one call per segment
-        self.all_real = token_mask is None or bool(token_mask.all())
+        # token_mask.all() syncs with the device; one call per segment. Under torch.compile it would break
+        # the graph: there a token mask is always applied (all True gives the same mask, hence the same output)
+        self.all_real = token_mask is None or (not torch.compiler.is_compiling() and bool(token_mask.all()))
         self.real = token_mask if token_mask is not None else torch.ones(batch, seg_len, dtype=torch.bool,
                                                                          device=positions.device)
         self._views: dict = {}

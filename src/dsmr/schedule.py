@@ -1,4 +1,4 @@
-"""Horizon schedules: how a recurrent-state budget is spread over the layers (DESIGN §1).
+"""Horizon schedules: how a recurrent-state budget is spread over the layers (docs/design.md).
 
 Layer `l` keeps the keys/values of its last `h_l` positions before the current segment. The budget is
 `B = sum_l h_l` KV positions; the state costs `2 * B * d_model * bytes_per_value * batch` bytes.

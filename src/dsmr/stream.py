@@ -1,4 +1,4 @@
-"""Full-piece lanes -> segment batches (DESIGN §1), and fixed-length excerpts for the reference model.
+"""Full-piece lanes -> segment batches (docs/design.md), and fixed-length excerpts for the reference model.
 
 Each piece is read as `BOS, events..., EOS`; the model's inputs are `seq[:-1]` and its targets `seq[1:]`,
 so a piece of n events gives n + 1 input/target pairs. A batch is `batch_size` lanes. A lane streams

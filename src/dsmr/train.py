@@ -1,4 +1,4 @@
-"""The full-piece streaming trainer (DESIGN §1).
+"""The full-piece streaming trainer (docs/design.md).
 
 Lanes stream whole training pieces segment by segment (dsmr.stream.PieceStream); the recurrent state is
 carried from segment to segment, detached, and one optimizer step is taken per segment batch (or per
