@@ -140,6 +140,9 @@ def save_pretrained(model, out, config: dict, *, dtype: str = "float32", card: s
     weights = model
     if dtype != "float32":
         weights = copy.deepcopy(model).to(getattr(torch, dtype))
+        overflow = [k for k, v in weights.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if overflow:
+            raise DsmrError(f"weights {', '.join(overflow[:3])} exceed the {dtype} range: export as float32")
     save_weights(weights, out / MODEL_FILE, step=step)
     atomic_write_json(out / CONFIG_FILE, config)
     if card is not None:
@@ -168,7 +171,8 @@ def export_run(run, out, *, which: str = "best", dtype: str = "float32", license
     exported["dataset"] = {"corpus": corpus, "license": license}
     exported["export"] = {"from": str(run_dir.name), "weights": weights.name, "step": step}
     exported["figures"] = figures
-    card = model_card(exported, name=name or Path(out).name, dtype=dtype)
+    card = model_card(exported, name=name or Path(out).name, dtype=dtype,
+                      ref=name if name and is_repo_id(name) else str(out))
     save_pretrained(model, out, exported, dtype=dtype, card=card, step=step)
     return {"out": str(out), "weights": str(weights), "step": step, "dtype": dtype, "license": license,
             "dataset": corpus, "bytes": (Path(out) / MODEL_FILE).stat().st_size, "figures": figures}
@@ -238,8 +242,10 @@ def run_figures(run_dir, config: dict, step: int | None, evals=()) -> dict:
     return figures
 
 
-def model_card(config: dict, name: str, dtype: str) -> str:
-    """README.md for the Hub: YAML metadata header, then what the model is, its figures and how to use it."""
+def model_card(config: dict, name: str, dtype: str, ref: str | None = None) -> str:
+    """README.md for the Hub: YAML metadata header, then what the model is, its figures and how to use it
+    (`ref`: how the usage lines name the model, default `name`)."""
+    ref = ref or name
     dataset = config.get("dataset") or {}
     corpus, license = dataset.get("corpus"), dataset.get("license", "other")
     figures = config.get("figures") or {}
@@ -288,10 +294,11 @@ def model_card(config: dict, name: str, dtype: str) -> str:
     row("layers x width x heads", f"{model.get('n_layers')} x {model.get('d_model')} x {model.get('n_heads')}")
     row("tokenizer", f"{tok.get('kind')} (vocabulary {model.get('vocab_size')})")
     row("weights", dtype)
-    lines += ["", "## Use", "", "```bash", "pip install dsmr",
-              f"dsmr generate {name} --prompt prompt.mid --max-seconds 30 --out continuation.mid",
+    lines += ["", "## Use", "", "With dsmr installed (`pip install -e .` in its repository):", "",
+              "```bash",
+              f"dsmr generate {ref} --prompt prompt.mid --max-seconds 30 --out continuation.mid",
               "```", "", "```python", "from dsmr.hub import from_pretrained", "",
-              f'model = from_pretrained("{name}")  # a local folder or a Hub repo id',
+              f'model = from_pretrained("{ref}")  # a local folder or a Hub repo id',
               "tokenizer = model.tokenizer", "```", ""]
     return "\n".join(header + lines)
 
