@@ -86,7 +86,7 @@ def test_export_round_trip_equal_logits(run_dir, tmp_path, capsys):
     assert config["figures"]["train_tokens"] == 220
 
     original, _, _ = load_model(run_dir)  # best weights
-    for loaded in (load_model(out)[0], from_pretrained(out), load_pretrained(str(out))[0]):
+    for loaded in (load_model(out)[0], from_pretrained(out), load_pretrained(str(out))[0], DSMR.from_pretrained(out)):
         assert torch.equal(_logits(loaded), _logits(original))
     model = from_pretrained(out)
     assert model.tokenizer == make_tokenizer("performance") and model.run_config["segment_len"] == SEG

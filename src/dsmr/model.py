@@ -560,6 +560,13 @@ class DSMR(nn.Module):
         total = sum(block.attn.gate().mean() * block.attn.horizon for block in self.blocks)
         return total / budget
 
+    @classmethod
+    def from_pretrained(cls, ref, device="cpu", **kwargs) -> "DSMR":
+        """The model of an exported folder, a run folder or a Hub repo id (dsmr.hub.from_pretrained)."""
+        from dsmr.hub import from_pretrained
+
+        return from_pretrained(ref, device, **kwargs)
+
     def num_parameters(self) -> int:
         """Trainable parameters, a tied embedding counted once."""
         return sum(p.numel() for p in self.parameters())
