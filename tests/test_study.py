@@ -87,7 +87,7 @@ def test_study_runs_resumes_and_merges(bach_cache, tmp_path, monkeypatch, capsys
     env = dict(os.environ, PYTHONPATH=str(study.Path(study.__file__).parents[1]))
     done = subprocess.run([sys.executable, "-m", "dsmr", "study", "--cache", str(bach_cache.path), "--out",
                            str(other), "--variants", "none", "--seed", "1", "--no-progress", "--json", *TINY_ARGS],
-                          capture_output=True, text=True, env=env, timeout=120)
+                          capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr
     printed = json.loads(done.stdout)
     assert [r["variant"] for r in printed["results"]] == ["none"]
