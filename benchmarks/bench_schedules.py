@@ -11,7 +11,7 @@ The cache is built with `dsmr data build --corpus maestro --limit N` when --cach
 tokens/s counts real (non-padding) training targets per second of training steps, after the first
 --skip-steps steps (allocator and kernel warm-up); each schedule runs --repeats times, interleaved, and
 the fastest run is reported (other jobs on a shared machine only ever slow a run down). Peak memory: CUDA max_memory_allocated, or on CPU
-the rise of the process's peak resident memory during training (dsmr.evaluate.PeakMemory).
+the rise of the process's peak resident memory during training (dsmr.runtime.PeakMemory).
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def run_worker(args) -> None:
     import torch
 
     from dsmr.cache import TokenCache
-    from dsmr.evaluate import resolve_device
+    from dsmr.runtime import resolve_device
     from dsmr.train import TrainConfig, make_run_schedule, train
 
     if args.threads:

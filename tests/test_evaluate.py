@@ -79,6 +79,31 @@ def test_peak_memory_meters_nest():
     assert inner.peak_bytes < outer.peak_bytes
 
 
+def test_runtime_helpers_keep_their_old_import_path():
+    import dsmr.evaluate as ev
+    import dsmr.runtime as rt
+
+    assert (ev.PeakMemory, ev.resolve_device, ev.autocast, ev.state_bytes) == \
+        (rt.PeakMemory, rt.resolve_device, rt.autocast, rt.state_bytes)
+
+
+def test_shared_loss_helpers():
+    from dsmr.losses import ppl_by_bucket, token_nll
+    from dsmr.stream import IGNORE_INDEX
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 5)
+    targets = torch.tensor([[1, 2, IGNORE_INDEX], [0, IGNORE_INDEX, 4]])
+    keep = targets != IGNORE_INDEX
+    expected = F.cross_entropy(logits[keep], targets[keep], reduction="sum")
+    assert torch.allclose(token_nll(logits, targets), expected)
+    assert token_nll(logits, targets, "none").shape == (6,)
+    nll, buckets = ppl_by_bucket([3.0, 0.0, 2.0], [2.0, 0.0, 1.0], [0, 10, 20])
+    assert nll == pytest.approx(5.0 / 3)
+    assert [(b["start"], b["end"], b["tokens"]) for b in buckets] == [(0, 10, 2), (10, 20, 0), (20, None, 1)]
+    assert buckets[0]["ppl"] == pytest.approx(math.exp(1.5)) and buckets[1]["nll"] is None
+
+
 TINY = ["--layers", "2", "--d-model", "32", "--heads", "2", "--segment", "32", "--batch-size", "3",
         "--budget", "96", "--long-layers", "1", "--short", "32", "--lr", "3e-3", "--val-pieces", "2",
         "--no-progress", "--no-tensorboard"]

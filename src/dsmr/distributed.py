@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from dsmr.errors import DsmrError
+from dsmr.losses import ppl_by_bucket
 
 T = TypeVar("T")
 
@@ -207,12 +208,7 @@ def reduce_evaluation(result: dict | None, ctx: DistContext, n_buckets: int) -> 
     base = next(r for r in template if r is not None)
     sums, counts = totals[:n_buckets], totals[n_buckets:2 * n_buckets]
     tokens = int(sum(counts))
-    nll = sum(sums) / tokens
-    by_position = []
-    for b, s, c in zip(base["nll_by_position"], sums, counts):
-        b_nll = s / c if c else None
-        by_position.append({"start": b["start"], "end": b["end"], "tokens": int(c), "nll": b_nll,
-                            "ppl": math.exp(b_nll) if b_nll is not None else None})
+    nll, by_position = ppl_by_bucket(sums, counts, [b["start"] for b in base["nll_by_position"]])
     return dict(base, ppl=math.exp(nll), nll=nll, tokens=tokens, pieces=int(totals[-1]), seconds=seconds,
                 tokens_per_s=tokens / seconds if seconds > 0 else float("inf"), peak_memory_bytes=int(peak),
                 nll_by_position=by_position, world_size=ctx.world_size)

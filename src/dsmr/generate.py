@@ -526,7 +526,7 @@ def generate_batch(model, tokenizer, segment_len: int, prompt_ids: Optional[Sequ
 
     The same seed and `num_samples` on the same device give the same pieces.
     """
-    from dsmr.evaluate import PeakMemory
+    from dsmr.runtime import PeakMemory
 
     if model.cfg.vocab_size != tokenizer.vocab_size:
         raise DsmrError(f"model vocabulary {model.cfg.vocab_size} != tokenizer vocabulary {tokenizer.vocab_size}: "

@@ -50,7 +50,10 @@ class Schedule:
         return len(self.horizons)
 
     def state_bytes(self, d_model: int, bytes_per_value: int = 4, batch: int = 1) -> int:
-        """Bytes of the recurrent state: keys and values (2) of every budgeted position."""
+        """Bytes of the recurrent state before a model exists: keys and values (2) of every budgeted position,
+        each d_model wide. This assumes key/value memory (`memory="kv"`) and an attention width equal to
+        d_model (the default head_dim); for a built model use DSMRConfig.state_bytes, which also covers
+        other head dims and hidden memory (and equals this under those assumptions)."""
         return 2 * self.budget * d_model * bytes_per_value * batch
 
     def to_dict(self) -> dict:

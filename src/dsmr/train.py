@@ -37,7 +37,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from dsmr import __version__
 from dsmr.atomic import atomic_write_text
@@ -47,10 +46,12 @@ from dsmr.checkpoint import (CONFIG_FILE, METRICS_FILE, TRAINER_STATE_FILE, chec
 from dsmr.distributed import DistContext, init_distributed, reduce_evaluation, split_pieces, wrap_model
 from dsmr.configs import dataclass_from_dict
 from dsmr.errors import DsmrError
-from dsmr.evaluate import NLL_BUCKETS, PeakMemory, autocast, evaluate, resolve_device, state_bytes
+from dsmr.evaluate import NLL_BUCKETS, evaluate
+from dsmr.losses import token_nll
 from dsmr.model import DSMR, GATES, DSMRConfig, LayerMemory
+from dsmr.runtime import PeakMemory, autocast, resolve_device, state_bytes
 from dsmr.schedule import Schedule, make_schedule
-from dsmr.stream import IGNORE_INDEX, ExcerptStream, PieceStream
+from dsmr.stream import ExcerptStream, PieceStream
 
 DEFAULT_STEPS = 1000  # when neither steps nor epochs is given
 # Options that may change when a run is resumed: they do not change what the model computes.
@@ -610,8 +611,7 @@ def _train(cfg: TrainConfig, cache, run_dir: Path, progress: bool, resume: bool,
                         with autocast(device, use_amp):
                             logits, new_state, penalty = forward(batch.ids, batch.positions, batch.reset, state,
                                                                  batch.token_mask)
-                        nll = F.cross_entropy(logits.float().flatten(0, 1), batch.targets.flatten(),
-                                              ignore_index=IGNORE_INDEX, reduction="sum")
+                        nll = token_nll(logits, batch.targets)
                         loss = nll / max(n_targets, 1)
                         if ctx.enabled:
                             loss = loss * ctx.world_size  # DDP averages gradients over ranks

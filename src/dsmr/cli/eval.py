@@ -36,7 +36,8 @@ def run(args: argparse.Namespace) -> int:
     from dsmr.checkpoint import check_tokenizer, load_model
     from dsmr.cli.train import set_threads
     from dsmr.errors import DsmrError
-    from dsmr.evaluate import evaluate, format_report, resolve_device
+    from dsmr.evaluate import evaluate, format_report
+    from dsmr.runtime import resolve_device
 
     for name in ("batch_size", "segment", "max_pieces"):
         value = getattr(args, name)

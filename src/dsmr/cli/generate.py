@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from dsmr.checkpoint import load_model
-    from dsmr.evaluate import resolve_device
+    from dsmr.runtime import resolve_device
     from dsmr.generate import (SamplingConfig, batch_summary, generate_batch, half_weight_model, load_prompt,
                                pitch_range_bans)
     from dsmr.render import find_fluidsynth, find_soundfont, plot_pianoroll, render_wav

@@ -99,6 +99,8 @@ def run_show(args: argparse.Namespace) -> int:
 
 
 def schedule_summary(schedule, d_model: int, batch: int = 1) -> dict:
+    """The schedule with its state size; state_bytes assumes key/value memory and attention width d_model
+    (Schedule.state_bytes), as a model built with the default head_dim and memory="kv" has."""
     return {
         **schedule.to_dict(),
         "n_layers": schedule.n_layers,
