@@ -211,6 +211,14 @@ def test_music_clock_matches_tokenizer_seconds():
     assert clock.seconds == pytest.approx(tok.seconds(ids))
 
 
+def test_pitch_bans_and_clock_ask_the_tokenizer_miditok():
+    tok = make_tokenizer("remi")
+    bans = pitch_range_bans(tok, 60, 72)
+    assert bans and all(tok.event_name(i).startswith("Pitch_") for i in bans)
+    assert tok.event_id("Pitch_59") in bans and tok.event_id("Pitch_60") not in bans
+    assert MusicClock(tok)._table is None  # miditok ids have no fixed length: re-measured
+
+
 # ------------------------------------------------------------------------------------------ generation
 
 

@@ -130,6 +130,18 @@ def test_vocabulary_sizes_and_layout():
     assert isinstance(TOK, Tokenizer)
 
 
+def test_note_pitch_and_event_seconds():
+    assert [TOK.note_pitch(TOK.event_id(n)) for n in ("NOTE_ON_0", "NOTE_ON_127", "NOTE_OFF_60", "BOS")] == \
+        [0, 127, None, None]
+    assert NARROW.note_pitch(NARROW.event_id("NOTE_ON_21")) == 21
+    assert TOK.event_seconds(TOK.event_id("TIME_SHIFT_10ms")) == 0.01
+    assert TOK.event_seconds(TOK.event_id("TIME_SHIFT_1000ms")) == 1.0
+    assert {TOK.event_seconds(TOK.event_id(n)) for n in ("EOS", "NOTE_ON_60", "VELOCITY_BIN_3")} == {0.0}
+    assert all(TOK.event_seconds(i) == TOK.seconds([i]) for i in range(TOK.vocab_size) if i != TOK.eos_id)
+    with pytest.raises(DsmrError, match="391"):
+        TOK.note_pitch(391)
+
+
 @pytest.mark.parametrize("kwargs", [dict(min_pitch=-1), dict(max_pitch=128), dict(min_pitch=60, max_pitch=59),
                                     dict(velocity_bins=0), dict(velocity_bins=128), dict(max_shift_steps=0),
                                     dict(sustain="yes"), dict(min_pitch=1.5)])
@@ -454,6 +466,8 @@ def test_miditok_round_trip(miditok_tok):
     assert sorted(p for _, _, p, _ in score_notes(decoded)) == [48, 60, 64, 67]
     assert tok.seconds(ids) == pytest.approx(2.0, abs=0.05)
     assert tok.vocabulary()[tok.event_id("Pitch_60")] == "Pitch_60"
+    assert tok.note_pitch(tok.event_id("Pitch_60")) == 60 and tok.note_pitch(tok.bos_id) is None
+    assert tok.event_seconds(ids[0]) is None  # time depends on the tempo and the events around
 
 
 def test_miditok_sustain(miditok_tok):

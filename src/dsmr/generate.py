@@ -16,7 +16,6 @@ from __future__ import annotations
 import copy
 import math
 import os
-import re
 import time
 from array import array
 from dataclasses import dataclass
@@ -29,10 +28,6 @@ from torch import Tensor, nn
 
 from dsmr.errors import DsmrError
 from dsmr.model import attention_mask
-
-# Names of the events that start a note, per encoding: performance NOTE_ON_60, miditok Pitch_60 / NoteOn_60.
-_PITCH_EVENT = re.compile(r"^(?:NOTE_ON|Pitch|NoteOn)_(\d+)$")
-
 
 class IncrementalDecoder:
     """Feeds tokens one at a time (or in chunks) through a DSMR model with fixed-size per-layer buffers.
@@ -333,11 +328,11 @@ def pitch_range_bans(tokenizer, min_pitch: int = 0, max_pitch: int = 127) -> lis
     if not 0 <= min_pitch <= max_pitch <= 127:
         raise DsmrError(f"pitch range: need 0 <= min pitch <= max pitch <= 127, got {min_pitch}..{max_pitch}")
     banned, seen = [], 0
-    for i, name in enumerate(tokenizer.vocabulary()):
-        match = _PITCH_EVENT.match(name)
-        if match:
+    for i in range(tokenizer.vocab_size):
+        pitch = tokenizer.note_pitch(i)
+        if pitch is not None:
             seen += 1
-            if not min_pitch <= int(match.group(1)) <= max_pitch:
+            if not min_pitch <= pitch <= max_pitch:
                 banned.append(i)
     if not seen:
         raise DsmrError(f"pitch range: {tokenizer!r} has no NOTE_ON/Pitch events to restrict")
@@ -412,16 +407,15 @@ def load_prompt(path, tokenizer, seconds: Optional[float] = None) -> np.ndarray:
 
 
 class MusicClock:
-    """Seconds of music of a growing id sequence, cheaply. The performance encoding's duration is the sum
-    of its time shifts, so a per-id table suffices; other tokenizers re-measure every `every` events."""
+    """Seconds of music of a growing id sequence, cheaply. Where the tokenizer gives every id a fixed length
+    (`event_seconds`, e.g. the performance encoding's time shifts) a per-id table suffices; other tokenizers
+    re-measure every `every` events."""
 
     def __init__(self, tokenizer, ids: Sequence[int] = (), every: int = 64):
         self.tokenizer = tokenizer
         self.every = every
-        self._table = None
-        if getattr(tokenizer, "kind", None) == "performance":
-            self._table = [tokenizer.seconds([i]) if i != tokenizer.eos_id else 0.0
-                           for i in range(tokenizer.vocab_size)]
+        table = [tokenizer.event_seconds(i) for i in range(tokenizer.vocab_size)]
+        self._table = None if any(t is None for t in table) else table
         self.seconds = float(tokenizer.seconds(list(ids))) if len(ids) else 0.0
         self._since = 0
 

@@ -33,6 +33,7 @@ import inspect
 import json
 import math
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, Sequence, runtime_checkable
@@ -77,6 +78,8 @@ class Tokenizer(Protocol):
     def event_name(self, i: int) -> str: ...
     def vocabulary(self) -> list[str]: ...
     def seconds(self, ids: Sequence[int]) -> float: ...
+    def note_pitch(self, i: int) -> int | None: ...
+    def event_seconds(self, i: int) -> float | None: ...
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -241,6 +244,16 @@ class _TokenizerBase:
     def _no_notes_message(self, path) -> str:
         return f"no notes to encode: {path}"
 
+    def note_pitch(self, i: int) -> int | None:
+        """The MIDI pitch of event `i` when it starts a note, else None."""
+        return None
+
+    def event_seconds(self, i: int) -> float | None:
+        """Seconds that event `i` adds to the music wherever it occurs, so that a piece lasts the sum over its
+        events (a time shift's length; 0 for events that take no time); None when the id alone does not
+        fix it (time that depends on the events around it, or on a tempo)."""
+        return None
+
     def decode_to_file(self, ids: Sequence[int], path: str | os.PathLike) -> None:
         """Decode ids and write them as a standard MIDI file, atomically."""
         write_midi(self.decode(ids), path)
@@ -332,6 +345,24 @@ class PerformanceTokenizer(_TokenizerBase):
 
     def vocabulary(self) -> list[str]:
         return [self.event_name(i) for i in range(self.vocab_size)]
+
+    def _checked_id(self, i: int) -> int:
+        i = int(i)
+        if not 0 <= i < self.vocab_size:
+            raise DsmrError(f"token id {i} is out of range [0, {self.vocab_size})")
+        return i
+
+    def note_pitch(self, i: int) -> int | None:
+        """The pitch of a NOTE_ON event, else None."""
+        i = self._checked_id(i)
+        return self.min_pitch + i - self.note_on_base if self.note_on_base <= i < self.note_off_base else None
+
+    def event_seconds(self, i: int) -> float | None:
+        """The length of a TIME_SHIFT event; 0.0 for every other event (a piece lasts the sum of its shifts)."""
+        i = self._checked_id(i)
+        if self.time_shift_base <= i < self.velocity_base:
+            return (i - self.time_shift_base + 1) / STEPS_PER_SECOND
+        return 0.0
 
     # ---- encoding
 
@@ -515,6 +546,10 @@ def _default_miditok_config(**options: Any) -> "miditok.TokenizerConfig":
         raise DsmrError(f"bad miditok TokenizerConfig option: {err}") from err
 
 
+# miditok's names of the events that start a note: Pitch_60 (REMI, TSD, Structured, ...), NoteOn_60 (MIDILike).
+_MIDITOK_PITCH = re.compile(r"^(?:Pitch|NoteOn)_(\d+)$")
+
+
 class MidiTokTokenizer(_TokenizerBase):
     """A miditok tokenizer behind the `Tokenizer` interface: one flat id sequence per piece.
 
@@ -573,6 +608,11 @@ class MidiTokTokenizer(_TokenizerBase):
         if self._names is None:
             self.vocabulary()
         return self._names[i]
+
+    def note_pitch(self, i: int) -> int | None:
+        """The pitch of a miditok Pitch_P or NoteOn_P event, else None (a BPE id merging several tokens: None)."""
+        match = _MIDITOK_PITCH.match(self.event_name(i))
+        return int(match.group(1)) if match else None
 
     # ---- encoding
 
