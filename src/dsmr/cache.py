@@ -36,7 +36,7 @@ import signal
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Sequence
@@ -94,13 +94,11 @@ class CacheSummary:
     tokenized: int = 0  # files this build ran the tokenizer on (including ones it then skipped)
     reused: int = 0  # files whose tokens came from the previous cache
     workers: int = 1
-    extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["cache"] = str(self.cache)
         d["seconds"] = round(self.seconds, 3)
-        d.update(d.pop("extra"))
         return d
 
 

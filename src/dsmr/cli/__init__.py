@@ -27,13 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"dsmr {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in SUBCOMMANDS:
-        try:
-            module = importlib.import_module(f"dsmr.cli.{name}")
-        except ModuleNotFoundError as err:
-            if err.name == f"dsmr.cli.{name}":
-                continue  # subcommand not built yet
-            raise
-        module.register(subparsers)
+        importlib.import_module(f"dsmr.cli.{name}").register(subparsers)
     return parser
 
 
