@@ -125,7 +125,7 @@ def test_train_and_eval_commands_print_json(bach_cache, tmp_path, capsys):
     assert trained["pieces"] == 2 and trained["state_bytes"] == 2 * 96 * 32 * 4
 
     code, out, err = run_cli(capsys, "eval", str(run), "--cache", str(bach_cache.path), "--split", "validation",
-                             "--which", "latest", "--json", "--no-progress", "--max-pieces", "2")
+                             "--weights", "latest", "--json", "--no-progress", "--max-pieces", "2")
     assert code == 0, err
     evaluated = json.loads(out)
     assert REQUIRED <= evaluated.keys()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from dsmr.cli.common import add_device
 from dsmr.errors import DsmrError
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -25,7 +26,7 @@ def register(subparsers) -> None:
                         "page to the network)")
     p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
     p.add_argument("--cache", metavar="CACHE", help="token cache whose validation pieces the page offers as prompts")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, ... (default cpu)")
+    add_device(p)
     p.add_argument("--no-audio", dest="audio", action="store_false", help="do not render WAV (FluidSynth)")
     p.set_defaults(func=run)
 
@@ -36,6 +37,9 @@ def run(args: argparse.Namespace) -> int:
     from dsmr.app import _gradio, default_model, serve
 
     _gradio()  # says how to install Gradio before anything else
+    from dsmr.runtime import resolve_device
+
+    device = str(resolve_device(args.device))  # auto -> cuda if available, else cpu
     cache = None
     if args.cache:
         from dsmr.cache import TokenCache
@@ -45,11 +49,11 @@ def run(args: argparse.Namespace) -> int:
     if model is not None:
         from dsmr.app import ModelStore
 
-        ModelStore(args.device).load(model)  # a wrong model path fails here, not in the page
+        ModelStore(device).load(model)  # a wrong model path fails here, not in the page
     if args.host not in LOOPBACK:
         print(f"dsmr app: listening on {args.host}: anyone who can reach this machine can use the page",
               file=sys.stderr)
     print(f"dsmr app: http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}/ "
           f"(Ctrl-C stops)", file=sys.stderr)
-    serve(model, host=args.host, port=args.port, cache=cache, device=args.device, render_audio=args.audio)
+    serve(model, host=args.host, port=args.port, cache=cache, device=device, render_audio=args.audio)
     return 0

@@ -9,6 +9,7 @@ import os
 import sys
 from pathlib import Path
 
+from dsmr.cli.common import add_no_progress
 from dsmr.corpora import CORPORA  # standard library only: keeps `dsmr --help` fast
 
 
@@ -41,7 +42,7 @@ def register(subparsers) -> None:
     build.add_argument("--max-file-mb", type=_positive_float, default=None, metavar="MB",
                        help="skip files larger than MB megabytes (default 64)")
     build.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-    build.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    add_no_progress(build)
     build.set_defaults(func=_build)
 
     info = actions.add_parser("info", help="summary of a built cache",
@@ -69,7 +70,7 @@ def register(subparsers) -> None:
     download.add_argument("--url", default=None, help="a mirror of the archive (needs --sha256 and --size)")
     download.add_argument("--sha256", default=None, help="expected SHA-256 of the archive at --url")
     download.add_argument("--size", type=int, default=None, help="expected size in bytes of the archive at --url")
-    download.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    add_no_progress(download)
     download.set_defaults(func=_download)
 
 
@@ -130,7 +131,7 @@ def _build(args: argparse.Namespace) -> int:
     if root is None:
         raise DsmrError(f"--corpus {args.corpus} needs --root (the {args.corpus} folder)")
     fractions = check_fractions(_parse_fractions(args.fractions))
-    progress = not args.no_progress
+    progress = args.progress
 
     with _stdout_to_stderr(args.json):
         tokenizer = make_tokenizer(args.tokenizer)
@@ -202,7 +203,7 @@ def _download(args: argparse.Namespace) -> int:
     else:
         url, sha256, size = args.url, args.sha256, args.size
     dest = args.dest or (args.cache or default_cache_root()).expanduser() / "sources"
-    root = download_maestro(dest, url=url, sha256=sha256, size=size, progress=not args.no_progress)
+    root = download_maestro(dest, url=url, sha256=sha256, size=size, progress=args.progress)
     print(root)
     return 0
 

@@ -6,6 +6,8 @@ import argparse
 import json
 import math
 
+from dsmr.cli.common import add_device, add_no_progress, add_weights
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -18,16 +20,15 @@ def register(subparsers) -> None:
                         "(owner/name), or a .safetensors file with config.json beside it")
     p.add_argument("--cache", required=True, help="token cache folder (same tokenizer as the run)")
     p.add_argument("--split", default="validation", help="split to evaluate: validation or test (default validation)")
-    p.add_argument("--which", choices=("best", "latest"), default="best",
-                   help="for a run folder: best validation weights (default) or the latest")
+    add_weights(p)
     p.add_argument("--batch-size", type=int, default=None, help="lanes (default: the run's batch size)")
     p.add_argument("--segment", type=int, default=None,
                    help="tokens per segment (default: the run's; a different one changes the context)")
     p.add_argument("--max-pieces", type=int, default=None, help="evaluate the first N pieces only")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, ... (default auto)")
+    add_device(p)
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    add_no_progress(p)
     p.set_defaults(func=run)
 
 
@@ -48,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     if args.split not in cache.splits:
         raise DsmrError(f"no split {args.split!r} in the cache {cache.path}; it has {', '.join(cache.splits)}")
     device = resolve_device(args.device)
-    model, tokenizer, config = load_model(args.checkpoint, device=device, which=args.which)
+    model, tokenizer, config = load_model(args.checkpoint, device=device, which=args.weights)
     check_tokenizer(config, cache.tokenizer, f"the cache {cache.path}")
     pieces = cache.pieces(args.split)[: args.max_pieces]
     if not pieces:
@@ -60,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     nll = result.get("nll")
     if nll is None or not math.isfinite(nll):
         raise DsmrError(f"{args.checkpoint}: the weights give a non-finite loss ({nll}) on {args.split}; the "
-                        f"checkpoint is damaged or diverged (try --which latest, or an earlier run)")
+                        f"checkpoint is damaged or diverged (try --weights latest, or an earlier run)")
     result.update(split=args.split, checkpoint=str(args.checkpoint))
     if args.json:
         print(json.dumps(result))

@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from dsmr.cli.common import add_weights
 from dsmr.errors import DsmrError
 
 
@@ -17,8 +18,7 @@ def register(subparsers) -> None:
                     "Hub's metadata header). Every command that takes a model accepts OUT.")
     p.add_argument("run", type=Path, metavar="RUN", help="a run folder (or an exported folder)")
     p.add_argument("out", type=Path, metavar="OUT", help="folder to write (new, empty, or a previous export)")
-    p.add_argument("--which", choices=("best", "latest"), default="best",
-                   help="best validation weights (default) or the latest")
+    add_weights(p)
     p.add_argument("--dtype", choices=("float32", "float16"), default="float32",
                    help="weights' precision on disk (float16: half the size; loaded back as float32)")
     p.add_argument("--eval", action="append", default=[], type=Path, metavar="FILE.json",
@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
         if not isinstance(result, dict):
             raise DsmrError(f"--eval {path}: expected the one JSON object `dsmr eval --json` prints")
         evals.append(result)
-    summary = export_run(args.run, args.out, which=args.which, dtype=args.dtype, license=args.license,
+    summary = export_run(args.run, args.out, which=args.weights, dtype=args.dtype, license=args.license,
                          dataset=args.dataset, evals=evals, name=args.name or args.push)
     if args.push is not None:
         summary["pushed"] = push_to_hub(args.out, args.push, private=args.private)

@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from dsmr.cli.common import add_device, add_no_progress, add_weights
 from dsmr.errors import DsmrError  # standard library only: keeps `dsmr --help` fast
 
 
@@ -49,9 +50,9 @@ def register(subparsers) -> None:
                          help="write N variations of the piece at once (FILE-1.mid ... FILE-N.mid; seeds SEED, "
                               "SEED+1, ...): one prompt, N lanes of one decoder, each stopping at its own end")
     outputs.add_argument("--json", action="store_true", help="print one JSON object with the figures on stdout")
-    outputs.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    add_no_progress(outputs)
     runtime = parser.add_argument_group("runtime")
-    runtime.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    add_device(runtime)
     runtime.add_argument("--precision", choices=("auto", "float32", "float16"), default="auto",
                          help="float16: projection weights in float16 (about 2x faster on CPU, logits within "
                               "float16 rounding); auto: float16 on CPU, float32 elsewhere")
@@ -60,8 +61,7 @@ def register(subparsers) -> None:
     runtime.add_argument("--compile", action="store_true",
                          help="torch.compile the one-event decoding step: faster sampling after a one-off "
                               "warm-up (about a minute on a CPU, reported separately); for long pieces")
-    runtime.add_argument("--weights", choices=("best", "latest"), default="best",
-                         help="which weights of a run folder (default best, else latest)")
+    add_weights(runtime)
     parser.set_defaults(func=run)
 
 
@@ -103,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
         sampling = dataclasses.replace(sampling, banned_ids=tuple(banned))
 
     results = generate_batch(model, tokenizer, segment_len, prompt_ids, sampling, num_samples=args.num_samples,
-                             progress=not args.no_progress, compile=args.compile)
+                             progress=args.progress, compile=args.compile)
     runtime = {"precision": precision, "device": str(device), "threads": torch.get_num_threads(),
                "segment_len": segment_len, "horizons": list(model.cfg.horizons)}
     samples = []

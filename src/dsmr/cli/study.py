@@ -15,6 +15,8 @@ import json
 import shlex
 import sys
 
+from dsmr.cli.common import add_device, add_no_progress
+
 
 def register(subparsers) -> None:
     from dsmr.study import StudyConfig
@@ -33,7 +35,7 @@ def register(subparsers) -> None:
     p.add_argument("--variants", type=_names, help="comma-separated variants to run (default all; --list shows them)")
     p.add_argument("--list", action="store_true", help="print the variants and their horizons, train nothing")
     p.add_argument("--json", action="store_true", help="print the result rows as one JSON object on stdout")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress output")
+    add_no_progress(p, help="no progress output")
     p.add_argument("--in-process", action="store_true",
                    help="train every variant in this process (faster start; peak-memory figures then "
                         "inherit earlier variants' memory)")
@@ -75,7 +77,7 @@ def register(subparsers) -> None:
     m.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size, help="lanes for validation")
     m.add_argument("--seed", type=int, default=d.seed,
                    help=f"seed for initialization and data order (default {d.seed})")
-    m.add_argument("--device", default=d.device, help=f"cpu, cuda, auto (default {d.device})")
+    add_device(m)
     m.add_argument("--threads", type=int, default=d.threads,
                    help=f"torch CPU threads per variant (default {d.threads})")
     p.set_defaults(func=run)

@@ -15,6 +15,7 @@ import json
 import os
 import sys
 
+from dsmr.cli.common import add_no_progress
 from dsmr.cli.schedule import _int_list, add_schedule_arguments
 
 
@@ -54,7 +55,7 @@ def register(subparsers) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object (final validation metrics plus steps) on stdout")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    add_no_progress(p)
 
     add_schedule_arguments(p)
     p.add_argument("--binary-layers", dest="memory_layers", type=_int_list, metavar="I,J,...",
