@@ -49,6 +49,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--budget", type=int, default=2560, help="uniform and two-scale budget")
     p.add_argument("--long-layers", type=int, default=2)
     p.add_argument("--short", type=int, default=128)
+    p.add_argument("--memory", choices=("kv", "hidden"), default="kv",
+                   help="what the state holds in training (default kv, as the figures in docs/training.md)")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--json", action="store_true", help="print the results as one JSON object")
@@ -84,7 +86,8 @@ def run_worker(args) -> None:
     cfg = TrainConfig(layers=args.layers, d_model=args.d_model, heads=args.heads, segment=args.segment,
                       batch_size=args.batch_size, schedule=args.worker, horizon=args.horizon,
                       budget=args.budget, long_layers=args.long_layers, short=args.short, steps=args.steps,
-                      eval_every=0, val_split=None, log_every=1, tensorboard=False, device=args.device)
+                      eval_every=0, val_split=None, log_every=1, tensorboard=False, device=args.device,
+                      memory=args.memory, tie_embeddings=True)
     with tempfile.TemporaryDirectory(prefix="dsmr-bench-") as tmp:
         result = train(cfg, TokenCache(args.cache), Path(tmp) / "run", progress=False)
         records = [json.loads(line) for line in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]

@@ -69,15 +69,17 @@ def register(subparsers) -> None:
     m.add_argument("--heads", type=int, help="attention heads (default 4)")
     m.add_argument("--d-ff", type=int, help="feed-forward width (default 4 x d-model)")
     m.add_argument("--dropout", type=float, help="dropout (default 0)")
+    m.add_argument("--tie-embeddings", dest="tie_embeddings", action="store_const", const=True,
+                   help="output head tied to the token embedding (default: a separate head)")
     m.add_argument("--no-tie-embeddings", dest="tie_embeddings", action="store_const", const=False,
-                   help="separate output head instead of the tied embedding")
+                   help="a separate output head (the default)")
     m.add_argument("--head-dim", type=int, help="width of each attention head (default d-model / heads)")
     m.add_argument("--rotary-fraction", type=float, help="share of each head's dims rotated by RoPE (default 1)")
     m.add_argument("--norm", choices=("layernorm", "rmsnorm"), help="normalization layers (default layernorm)")
     m.add_argument("--init-std", type=float, help="std of the initial weights (default 0.02)")
     m.add_argument("--memory", choices=("kv", "hidden"),
-                   help="what the memory holds in training: kv = detached keys/values (default); hidden = "
-                        "detached layer inputs, projected with the current weights every segment")
+                   help="what the memory holds in training: hidden (default) = detached layer inputs, projected "
+                        "with the current weights every segment; kv = detached keys/values (faster)")
     m.add_argument("--horizon-warmup", type=int, metavar="STEPS",
                    help="horizon curriculum: every layer's horizon grows linearly from 0 to its schedule "
                         "over the first STEPS steps (default 0: the full schedule from the start)")

@@ -1,0 +1,54 @@
+"""The model the repository ships (models/maestro-small): it loads from a fresh clone, its card carries the
+data's licence and the measured figures, and it continues a prompt through the command line."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+from dsmr.generate import SamplingConfig, generate
+from dsmr.hub import from_pretrained
+from midi_factory import tiny_midi
+
+MODEL = REPO / "models" / "maestro-small"
+
+pytestmark = pytest.mark.skipif(not (MODEL / "config.json").is_file(), reason=f"no shipped model at {MODEL}")
+
+
+def test_shipped_model_loads_and_its_card_tells_what_it_is():
+    model = from_pretrained(MODEL)
+    config = json.loads((MODEL / "config.json").read_text())
+    assert model.cfg.to_dict() == config["model"] and any(config["model"]["horizons"])
+    assert (MODEL / "model.safetensors").stat().st_size <= 10 * 2**20
+    card = (MODEL / "README.md").read_text()
+    assert "license: cc-by-nc-sa-4.0" in card and "non-commercial" in card.lower()
+    for split in ("validation", "test"):
+        ppl = config["figures"][f"{split}_ppl"]
+        assert math.isfinite(ppl) and 1 < ppl < 100 and f"{ppl:.2f}" in card
+
+
+def test_shipped_model_generates_music():
+    model = from_pretrained(MODEL)
+    result = generate(model, model.tokenizer, model.run_config["segment_len"],
+                      sampling=SamplingConfig(seed=0, max_tokens=96, stop_at_eos=False), progress=False)
+    assert result.new_tokens == 96
+    score = model.tokenizer.decode(result.ids)
+    assert sum(len(track.notes) for track in score.tracks) > 0
+
+
+def test_shipped_model_continues_a_midi_prompt_from_the_command_line(tmp_path):
+    prompt = tiny_midi(tmp_path / "prompt.mid")
+    out = tmp_path / "continued.mid"
+    done = subprocess.run([sys.executable, "-m", "dsmr", "generate", str(MODEL), "--prompt", str(prompt),
+                           "--max-tokens", "64", "--seed", "1", "--out", str(out), "--json", "--no-progress",
+                           "--device", "cpu"],
+                          capture_output=True, text=True, timeout=300, env=dict(os.environ))
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert 0 < report["tokens"] <= 64 and report["prompt_tokens"] > 0 and out.stat().st_size > 0
