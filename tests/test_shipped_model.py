@@ -30,7 +30,7 @@ def test_shipped_model_loads_and_its_card_tells_what_it_is():
     assert "license: cc-by-nc-sa-4.0" in card and "non-commercial" in card.lower()
     for split in ("validation", "test"):
         ppl = config["figures"][f"{split}_ppl"]
-        assert math.isfinite(ppl) and 1 < ppl < 100 and f"{ppl:.2f}" in card
+        assert math.isfinite(ppl) and 1 < ppl < 100 and f"{ppl:.3f}" in card
 
 
 def test_shipped_model_generates_music():

@@ -202,6 +202,9 @@ def relaunch_argv(args: argparse.Namespace, parser: argparse.ArgumentParser | No
         value = getattr(args, action.dest, action.default)
         if value == action.default:
             continue
+        if action.nargs == 0:  # several flags may set one dest (--tie-embeddings / --no-tie-embeddings)
+            action = next((a for a in parser._actions if a.dest == action.dest and a.nargs == 0
+                           and getattr(a, "const", None) == value), action)
         option = action.option_strings[-1] if action.option_strings[-1].startswith("--") else action.option_strings[0]
         if action.nargs == 0:  # store_const / store_true / store_false
             argv.append(option)
