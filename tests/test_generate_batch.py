@@ -14,7 +14,8 @@ from dsmr.checkpoint import save_checkpoint
 from dsmr.cli import main
 from dsmr.errors import DsmrError
 from dsmr.generate import IncrementalDecoder, SamplingConfig, batch_summary, generate, generate_batch
-from dsmr.tokenizer import make_tokenizer
+from dsmr.model import DSMR, DSMRConfig
+from dsmr.tokenizer import PerformanceTokenizer, make_tokenizer
 from tests.test_generate import SEG, streaming_logits, tiny_model
 
 
@@ -102,3 +103,25 @@ def test_cli_num_samples(perf_model, perf_tok, tmp_path, capsys):
     assert [s["out"] for s in report["samples"]] == [str(tmp_path / "piece-1.mid"), str(tmp_path / "piece-2.mid")]
     assert all((tmp_path / f"piece-{i}.mid").stat().st_size > 0 for i in (1, 2)) and not out.exists()
     assert main(["generate", str(run), "--out", str(out), "--num-samples", "0"]) == 2
+
+
+def test_ctrl_c_while_sampling_keeps_what_was_generated(monkeypatch):
+    """A KeyboardInterrupt during sampling ends every lane as "interrupted" with its events so far."""
+    import dsmr.generate as gen
+
+    torch.manual_seed(0)
+    model = DSMR(DSMRConfig(vocab_size=PerformanceTokenizer().vocab_size, n_layers=1, d_model=16, n_heads=2,
+                            horizons=(8,))).eval()
+    real, calls = gen.sample_next, {"n": 0}
+
+    def sample_then_interrupt(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(gen, "sample_next", sample_then_interrupt)
+    results = gen.generate_batch(model, PerformanceTokenizer(), 4, [60, 100], gen.SamplingConfig(seed=0, max_tokens=50,
+                                 stop_at_eos=False), num_samples=2, progress=False)
+    assert [r.stop_reason for r in results] == ["interrupted", "interrupted"]
+    assert [r.new_tokens for r in results] == [5, 5] and all(len(r.ids) == 7 for r in results)

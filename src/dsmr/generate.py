@@ -441,7 +441,7 @@ class GenerationResult:
     new_tokens: int
     prompt_seconds: float
     music_seconds: float         # whole piece, prompt included
-    stop_reason: str             # "eos" | "max_tokens" | "max_seconds"
+    stop_reason: str             # "eos" | "max_tokens" | "max_seconds" | "interrupted" (Ctrl-C)
     wall_seconds: float          # prompt + sampling (of the whole batch: lanes run together)
     prefill_seconds: float       # the prompt alone
     sampling_cpu_seconds: float  # CPU time of this process while sampling (prompt excluded)
@@ -565,33 +565,38 @@ def generate_batch(model, tokenizer, segment_len: int, prompt_ids: Optional[Sequ
         cpu_start = time.process_time()
         step_input = torch.zeros(B, dtype=torch.long, device=device)
         live = B
-        while True:
-            tokens = sample_next(logits, sampling, generators[0] if B == 1 else generators, banned)
-            for i, token in enumerate(tokens.tolist()):
-                if stop[i] is not None:
-                    continue
-                if token == tokenizer.eos_id:  # only reachable with stop_at_eos (else EOS is banned)
-                    stop[i], live = "eos", live - 1
-                    continue
-                pieces[i].append(token)
-                new[i] += 1
-                before = clocks[i].seconds
-                seconds = clocks[i].add(token, pieces[i])
-                if bar is not None:
-                    if limit_tokens is not None or B > 1:
-                        bar.update(1)
-                    else:  # the bar counts seconds of music; never past its total
-                        bar.update(min(seconds, bar.total) - min(before, bar.total))
-                    if i == 0 and new[0] % 64 == 0:
-                        bar.set_postfix_str(_postfix(new[0], seconds, limit_tokens), refresh=False)
-                if limit_tokens is not None and new[i] >= limit_tokens:
-                    stop[i], live = "max_tokens", live - 1
-                elif sampling.max_seconds is not None and seconds >= sampling.max_seconds:
-                    stop[i], live = "max_seconds", live - 1
-            if live == 0:
-                break
-            step_input.copy_(tokens)
-            logits = decoder.step(step_input)
+        try:
+            while True:
+                tokens = sample_next(logits, sampling, generators[0] if B == 1 else generators, banned)
+                for i, token in enumerate(tokens.tolist()):
+                    if stop[i] is not None:
+                        continue
+                    if token == tokenizer.eos_id:  # only reachable with stop_at_eos (else EOS is banned)
+                        stop[i], live = "eos", live - 1
+                        continue
+                    pieces[i].append(token)
+                    new[i] += 1
+                    before = clocks[i].seconds
+                    seconds = clocks[i].add(token, pieces[i])
+                    if bar is not None:
+                        if limit_tokens is not None or B > 1:
+                            bar.update(1)
+                        else:  # the bar counts seconds of music; never past its total
+                            bar.update(min(seconds, bar.total) - min(before, bar.total))
+                        if i == 0 and new[0] % 64 == 0:
+                            bar.set_postfix_str(_postfix(new[0], seconds, limit_tokens), refresh=False)
+                    if limit_tokens is not None and new[i] >= limit_tokens:
+                        stop[i], live = "max_tokens", live - 1
+                    elif sampling.max_seconds is not None and seconds >= sampling.max_seconds:
+                        stop[i], live = "max_seconds", live - 1
+                if live == 0:
+                    break
+                step_input.copy_(tokens)
+                logits = decoder.step(step_input)
+        except KeyboardInterrupt:  # Ctrl-C: keep what was generated so far; the caller writes it
+            for i in range(B):
+                if stop[i] is None:
+                    stop[i] = "interrupted"
         wall = time.perf_counter() - start
         cpu = time.process_time() - cpu_start
     if bar is not None:

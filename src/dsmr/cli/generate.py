@@ -130,6 +130,9 @@ def run(args: argparse.Namespace) -> int:
         _print_summary(report)
     else:
         _print_batch_summary(report)
+    if any(r.stop_reason == "interrupted" for r in results):
+        print("dsmr generate: interrupted; what was generated so far is written", file=sys.stderr)
+        return 130
     return 0
 
 
