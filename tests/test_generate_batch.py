@@ -15,8 +15,8 @@ from dsmr.cli import main
 from dsmr.errors import DsmrError
 from dsmr.generate import IncrementalDecoder, SamplingConfig, batch_summary, generate, generate_batch
 from dsmr.model import DSMR, DSMRConfig
-from dsmr.tokenizer import PerformanceTokenizer, make_tokenizer
-from tests.test_generate import SEG, streaming_logits, tiny_model
+from dsmr.tokenizer import PerformanceTokenizer
+from tests.test_generate import SEG, perf_model, perf_tok, streaming_logits, tiny_model  # noqa: F401 (fixtures)
 
 
 @pytest.fixture(autouse=True)
@@ -25,16 +25,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(saved)
-
-
-@pytest.fixture(scope="module")
-def perf_tok():
-    return make_tokenizer("performance")
-
-
-@pytest.fixture(scope="module")
-def perf_model(perf_tok):
-    return tiny_model(vocab=perf_tok.vocab_size, horizons=(16, 4), d_model=32, seed=7)
 
 
 def test_lanes_are_independent_samples_of_one_prompt(perf_model, perf_tok):

@@ -320,7 +320,7 @@ def plot_report(report: dict, sets: dict[str, list[dict]], png_path, dpi: int = 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from dsmr.atomic import atomic_path
+    from dsmr.render import save_figure
 
     names = list(sets)
     panels = list(SCALARS) + list(HISTOGRAMS)
@@ -352,13 +352,9 @@ def plot_report(report: dict, sets: dict[str, list[dict]], png_path, dpi: int = 
         for ax in list(axes.flat)[len(panels):]:
             ax.axis("off")
         axes.flat[0].legend(fontsize=7)
-        fig.tight_layout()
-        png_path = Path(png_path)
-        with atomic_path(png_path) as tmp:
-            fig.savefig(tmp, format="png")
+        return save_figure(fig, png_path)
     finally:
         plt.close(fig)
-    return png_path
 
 
 def default_set_name(path) -> str:

@@ -95,6 +95,15 @@ def render_wav(
     return wav_path
 
 
+def save_figure(fig, png_path) -> Path:
+    """Lay out a matplotlib figure and write it as a PNG atomically; returns the path."""
+    fig.tight_layout()
+    png_path = Path(png_path)
+    with atomic_path(png_path) as tmp:
+        fig.savefig(tmp, format="png")
+    return png_path
+
+
 def plot_pianoroll(
     score_or_path,
     png_path: str | os.PathLike,
@@ -152,13 +161,9 @@ def plot_pianoroll(
         ax.set_ylabel("MIDI pitch")
         if title:
             ax.set_title(title)
-        fig.tight_layout()
-        png_path = Path(png_path)
-        with atomic_path(png_path) as tmp:
-            fig.savefig(tmp, format="png")
+        return save_figure(fig, png_path)
     finally:
         plt.close(fig)
-    return png_path
 
 
 def _load_score(score_or_path):
