@@ -252,45 +252,20 @@ def build_cache(
     from tqdm import tqdm
 
     start = time.perf_counter()
-    limits = {"max_seconds": None if max_seconds is None else float(max_seconds),
-              "max_file_bytes": None if max_file_bytes is None else int(max_file_bytes)}
-    if limits["max_seconds"] is not None and not (0 < limits["max_seconds"] < float("inf")):
-        raise DsmrError(f"max_seconds must be a positive number of seconds, got {max_seconds!r}")
-    if limits["max_file_bytes"] is not None and limits["max_file_bytes"] < 1:
-        raise DsmrError(f"max_file_bytes must be a positive number of bytes, got {max_file_bytes!r}")
+    limits = _build_limits(max_seconds, max_file_bytes)
     workers = default_workers() if workers is None else max(1, int(workers))
     source = dict(source or {"corpus": "custom"})
     files = limit_files(files, limit)
     if not files:
         raise DsmrError(f"no files to tokenize for corpus {source.get('corpus', 'custom')!r}")
-    out_root = Path(out_root).expanduser()
-    try:
-        out_root.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise DsmrError(f"cannot create the cache folder {out_root}: {err.strerror or err}")
-    out_root = out_root.resolve()
+    out_root = _make_out_root(out_root)
     name = cache_name(tokenizer, source)
     final = out_root / name
     _remove_stale_builds(out_root, name)
     previous = _previous(final, limits)
     reusable = previous.reusable() if previous else {}
-    dtype = token_dtype(tokenizer.vocab_size)
 
-    # Identify every file by its content; unchanged files reuse their tokens (or their skip reason).
-    entries: list[dict] = []
-    all_skipped = [dict(s) for s in skipped]
-    for f in files:
-        try:
-            entry = {"name": f.name, "path": str(f.path), "split": f.split,
-                     "size": f.path.stat().st_size, "sha256": sha256_file(f.path, limits["max_file_bytes"])}
-        except DsmrError as err:  # a FIFO, a device, a link loop, too large
-            all_skipped.append({"path": str(f.path), "name": f.name, "reason": str(err)})
-            continue
-        except OSError as err:
-            all_skipped.append({"path": str(f.path), "name": f.name,
-                                "reason": f"cannot read {f.path}: {err.strerror or err}"})
-            continue
-        entries.append(entry)
+    entries, all_skipped = _identify(files, limits["max_file_bytes"], skipped)
     todo: dict[str, dict] = {}  # sha256 -> first entry with that content (duplicates tokenize once)
     for e in entries:
         if e["sha256"] not in reusable:
@@ -303,51 +278,14 @@ def build_cache(
                   file=sys.stderr, disable=not progress) as bar:
             results = _tokenize(tokenizer, [e["path"] for e in todo.values()], workers, bar, limits)
         fresh = {sha: (ids, reason, todo[sha]["path"]) for sha, (ids, reason) in zip(todo, results)}
-
-        pieces: dict[str, list[np.ndarray]] = {}
-        kept: list[dict] = []
-        for e in entries:
-            split_pieces = pieces.setdefault(e["split"], [])
-            if e["sha256"] in fresh:
-                ids, reason, reason_path = fresh[e["sha256"]]
-            else:
-                ids, reason, reason_path = previous.reused_piece(reusable[e["sha256"]])
-            if ids is None:
-                # the reason was found on the first file with this content: name this one
-                if reason_path and reason_path != e["path"]:
-                    reason = reason.replace(reason_path, e["path"])
-                all_skipped.append({"path": e["path"], "name": e["name"], "reason": reason, "sha256": e["sha256"]})
-                continue
-            kept.append({**e, "index": len(split_pieces), "tokens": int(ids.size)})
-            split_pieces.append(ids)
+        pieces, kept = _gather_pieces(entries, fresh, previous, reusable, all_skipped)
         if not kept:
             first = all_skipped[0]["reason"] if all_skipped else "no files"
             raise DsmrError(f"every one of the {len(files)} files was skipped (first: {first})")
-
-        splits = [s for s in SPLITS if s in pieces] + sorted(s for s in pieces if s not in SPLITS)
-        counts, checksums = {}, {}
-        for split in splits:
-            counts[split] = _write_split(tmp, split, pieces[split], dtype)
-            for name in (f"{split}.tokens", f"{split}.offsets.npy"):
-                checksums[name] = sha256_file(tmp / name)
-        manifest = {
-            "format": FORMAT_VERSION,
-            "name": name,
-            "dsmr_version": __version__,
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "source": source,
-            "tokenizer": tokenizer.config(),
-            "tokenizer_hash": tokenizer.config_hash(),
-            "vocab_size": int(tokenizer.vocab_size),
-            "vocabulary": list(tokenizer.vocabulary()),
-            "dtype": dtype.name,
-            "limit": limit,
-            "limits": limits,
-            "splits": counts,
-            "checksums": checksums,
-            "files": kept,
-            "skipped": all_skipped,
-        }
+        dtype = token_dtype(tokenizer.vocab_size)
+        counts, checksums = _write_splits(tmp, pieces, dtype)
+        manifest = _manifest(name, source, tokenizer, dtype, limit, limits, counts, checksums, kept,
+                             all_skipped)
         atomic_write_json(tmp / MANIFEST, manifest, indent=1)  # last: its presence marks a complete cache
         _apply_umask(tmp)
         _swap_into_place(tmp, final)
@@ -364,6 +302,104 @@ def build_cache(
         reused=reused,
         workers=workers,
     )
+
+
+def _build_limits(max_seconds, max_file_bytes) -> dict:
+    """The per-file limits of a build, checked (recorded in the manifest: a rebuild under other limits
+    looks at every file again)."""
+    limits = {"max_seconds": None if max_seconds is None else float(max_seconds),
+              "max_file_bytes": None if max_file_bytes is None else int(max_file_bytes)}
+    if limits["max_seconds"] is not None and not (0 < limits["max_seconds"] < float("inf")):
+        raise DsmrError(f"max_seconds must be a positive number of seconds, got {max_seconds!r}")
+    if limits["max_file_bytes"] is not None and limits["max_file_bytes"] < 1:
+        raise DsmrError(f"max_file_bytes must be a positive number of bytes, got {max_file_bytes!r}")
+    return limits
+
+
+def _make_out_root(out_root) -> Path:
+    out_root = Path(out_root).expanduser()
+    try:
+        out_root.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise DsmrError(f"cannot create the cache folder {out_root}: {err.strerror or err}")
+    return out_root.resolve()
+
+
+def _identify(files: Sequence[SourceFile], max_file_bytes: int | None,
+              skipped: Sequence[dict]) -> tuple[list[dict], list[dict]]:
+    """(one entry per readable file, identified by its content hash; the skipped files so far). Unchanged
+    files are recognised by their hash and reuse their tokens (or their skip reason)."""
+    entries: list[dict] = []
+    all_skipped = [dict(s) for s in skipped]
+    for f in files:
+        try:
+            entry = {"name": f.name, "path": str(f.path), "split": f.split,
+                     "size": f.path.stat().st_size, "sha256": sha256_file(f.path, max_file_bytes)}
+        except DsmrError as err:  # a FIFO, a device, a link loop, too large
+            all_skipped.append({"path": str(f.path), "name": f.name, "reason": str(err)})
+            continue
+        except OSError as err:
+            all_skipped.append({"path": str(f.path), "name": f.name,
+                                "reason": f"cannot read {f.path}: {err.strerror or err}"})
+            continue
+        entries.append(entry)
+    return entries, all_skipped
+
+
+def _gather_pieces(entries: list[dict], fresh: dict, previous: TokenCache | None, reusable: dict,
+                   all_skipped: list[dict]) -> tuple[dict[str, list[np.ndarray]], list[dict]]:
+    """(the token arrays of every split, the manifest entries of the kept files); files without tokens
+    are appended to `all_skipped` with their reason."""
+    pieces: dict[str, list[np.ndarray]] = {}
+    kept: list[dict] = []
+    for e in entries:
+        split_pieces = pieces.setdefault(e["split"], [])
+        if e["sha256"] in fresh:
+            ids, reason, reason_path = fresh[e["sha256"]]
+        else:
+            ids, reason, reason_path = previous.reused_piece(reusable[e["sha256"]])
+        if ids is None:
+            # the reason was found on the first file with this content: name this one
+            if reason_path and reason_path != e["path"]:
+                reason = reason.replace(reason_path, e["path"])
+            all_skipped.append({"path": e["path"], "name": e["name"], "reason": reason, "sha256": e["sha256"]})
+            continue
+        kept.append({**e, "index": len(split_pieces), "tokens": int(ids.size)})
+        split_pieces.append(ids)
+    return pieces, kept
+
+
+def _write_splits(folder: Path, pieces: dict[str, list[np.ndarray]], dtype: np.dtype) -> tuple[dict, dict]:
+    """Write every split (the usual ones first); (counts per split, SHA-256 per file written)."""
+    splits = [s for s in SPLITS if s in pieces] + sorted(s for s in pieces if s not in SPLITS)
+    counts, checksums = {}, {}
+    for split in splits:
+        counts[split] = _write_split(folder, split, pieces[split], dtype)
+        for file in (f"{split}.tokens", f"{split}.offsets.npy"):
+            checksums[file] = sha256_file(folder / file)
+    return counts, checksums
+
+
+def _manifest(name: str, source: dict, tokenizer, dtype: np.dtype, limit: int | None, limits: dict,
+              counts: dict, checksums: dict, kept: list[dict], skipped: list[dict]) -> dict:
+    return {
+        "format": FORMAT_VERSION,
+        "name": name,
+        "dsmr_version": __version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "source": source,
+        "tokenizer": tokenizer.config(),
+        "tokenizer_hash": tokenizer.config_hash(),
+        "vocab_size": int(tokenizer.vocab_size),
+        "vocabulary": list(tokenizer.vocabulary()),
+        "dtype": dtype.name,
+        "limit": limit,
+        "limits": limits,
+        "splits": counts,
+        "checksums": checksums,
+        "files": kept,
+        "skipped": skipped,
+    }
 
 
 def _write_split(folder: Path, split: str, pieces: list[np.ndarray], dtype: np.dtype) -> dict:
