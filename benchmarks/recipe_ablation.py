@@ -21,7 +21,9 @@ import sys
 from pathlib import Path
 
 STUDY = ["--layers", "4", "--d-model", "128", "--heads", "4", "--segment", "128", "--batch-size", "8",
-         "--lr", "1e-3", "--eval-every", "400", "--val-pieces", "6", "--threads", "1", "--no-tensorboard"]
+         "--lr", "1e-3", "--eval-every", "400", "--val-pieces", "6", "--threads", "1", "--no-tensorboard",
+         # the recipe the study was published with; variants override these (the last option wins)
+         "--tie-embeddings", "--memory", "kv"]
 NONE = ["--schedule", "none"]
 FULL = ["--schedule", "full", "--horizon", "512"]
 TWO_SCALE = ["--schedule", "two-scale", "--budget", "1152", "--long-layers", "2", "--short", "64"]
@@ -29,7 +31,7 @@ ADOPTED = ["--head-dim", "64", "--no-tie-embeddings"]  # what the recipe ablatio
 
 # name: (what changes, reference variant, options)
 VARIANTS = {
-    "base": ("today's defaults, no memory", "base", NONE),
+    "base": ("the study's recipe (tied head, head dim 32), no memory", "base", NONE),
     "untied": ("untied output head", "base", NONE + ["--no-tie-embeddings"]),
     "head64": ("head dim 64 (attention width 256)", "base", NONE + ["--head-dim", "64"]),
     "head64-ff256": ("head dim 64, feed-forward 256: the parameters of base", "base",
@@ -43,23 +45,28 @@ VARIANTS = {
     "rmsnorm": ("RMSNorm instead of LayerNorm", "base", NONE + ["--norm", "rmsnorm"]),
     "adopted": ("head dim 64 + untied head, no memory", "base", NONE + ADOPTED),
     # memory
-    "full": ("today's defaults, full memory 512 (kv)", "full", FULL),
+    "full": ("the study's recipe, full memory 512 (kv)", "full", FULL),
     "full-hidden": ("full memory 512, hidden (re-projected)", "full", FULL + ["--memory", "hidden"]),
     "full-head64": ("full memory 512 (kv), head dim 64", "full", FULL + ["--head-dim", "64"]),
     "adopted-full": ("adopted recipe, full memory 512 (kv)", "adopted", FULL + ADOPTED),
     "adopted-full-hidden": ("adopted recipe, full memory 512 (hidden)", "adopted", FULL + ADOPTED + ["--memory", "hidden"]),
     "adopted-two-scale": ("adopted recipe, two-scale 512,512,64,64", "adopted", TWO_SCALE + ADOPTED),
-    "adopted-full-curriculum": ("adopted recipe, full memory 512, horizons grown over the first half",
-                                "adopted", FULL + ADOPTED + ["--horizon-warmup", "1200"]),
+    "adopted-full-curriculum": ("adopted recipe, full memory 512 (hidden), horizons grown over the first half",
+                                "adopted", FULL + ADOPTED + ["--memory", "hidden", "--horizon-warmup", "1200"]),
 }
 
 
+def run_name(name: str, seed: int) -> str:
+    """Seed 0 keeps the plain name, so results from before seeds were added still count."""
+    return name if seed == 0 else f"{name}-seed{seed}"
+
+
 def run_variant(name: str, cache: str, out: Path, steps: int, seed: int) -> None:
-    result = out / f"{name}.json"
+    result = out / f"{run_name(name, seed)}.json"
     if result.is_file():
         return
     _, _, options = VARIANTS[name]
-    run_dir = out / name
+    run_dir = out / run_name(name, seed)
     cmd = [sys.executable, "-m", "dsmr", "train", "--cache", cache, "--out", str(run_dir), *STUDY, *options,
            "--steps", str(steps), "--seed", str(seed), "--json", "--no-progress"]
     if (run_dir / "trainer_state.pt").exists():
@@ -78,22 +85,37 @@ def _parameters(run_dir: Path) -> int:
     return DSMR(DSMRConfig.from_dict(config["model"])).num_parameters()
 
 
-def table(out: Path) -> str:
-    rows, ppl = [], {}
-    for name in VARIANTS:
-        path = out / f"{name}.json"
+def _results(out: Path, name: str) -> dict[int, dict]:
+    """{seed: result} of the finished runs of one variant."""
+    found = {}
+    for seed in range(10):
+        path = out / f"{run_name(name, seed)}.json"
         if path.is_file():
-            ppl[name] = json.loads(path.read_text())["ppl"]
-    lines = ["| variant | change | parameters | val PPL | vs reference | train tok/s |",
-             "|---|---|---:|---:|---:|---:|"]
+            found[seed] = json.loads(path.read_text())
+    return found
+
+
+def table(out: Path) -> str:
+    """Mean validation PPL over the seeds that finished; the difference is taken over the seeds both share."""
+    results = {name: _results(out, name) for name in VARIANTS}
+    lines = ["| variant | change | parameters | seeds | val PPL (each seed) | mean | vs reference (same seeds) "
+             "| train tok/s |", "|---|---|---:|---:|---|---:|---:|---:|"]
     for name, (what, reference, _) in VARIANTS.items():
-        if name not in ppl:
+        mine = results[name]
+        if not mine:
             continue
-        result = json.loads((out / f"{name}.json").read_text())
-        delta = f"{ppl[name] - ppl[reference]:+.2f} vs `{reference}`" if reference in ppl and reference != name else "—"
-        rows.append(name)
-        lines.append(f"| `{name}` | {what} | {_parameters(out / name):,} | {ppl[name]:.2f} | {delta} | "
-                     f"{result['train_tokens_per_s']:.0f} |")
+        ppl = {seed: r["ppl"] for seed, r in mine.items()}
+        mean = sum(ppl.values()) / len(ppl)
+        shared = sorted(set(ppl) & set(results[reference]))
+        delta = "—"
+        if reference != name and shared:
+            diff = sum(ppl[s] - results[reference][s]["ppl"] for s in shared) / len(shared)
+            delta = f"{diff:+.2f} vs `{reference}` ({len(shared)} seed{'s' if len(shared) > 1 else ''})"
+        each = " / ".join(f"{ppl[s]:.2f}" for s in sorted(ppl))
+        speed = sum(r["train_tokens_per_s"] for r in mine.values()) / len(mine)
+        first = out / run_name(name, min(mine))
+        lines.append(f"| `{name}` | {what} | {_parameters(first):,} | {len(mine)} | {each} | {mean:.2f} | {delta} "
+                     f"| {speed:.0f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -103,7 +125,7 @@ def main() -> None:
     p.add_argument("--out", required=True, type=Path, help="folder for the runs and their results")
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names (default: all)")
     p.add_argument("--steps", type=int, default=2400)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", default="0", help="comma-separated seeds; seed 0's runs keep the plain name")
     p.add_argument("--table", type=Path, help="write the markdown table of finished variants here (no training)")
     args = p.parse_args()
     if args.table:
@@ -115,8 +137,9 @@ def main() -> None:
     if unknown or not args.cache:
         p.error(f"unknown variants {unknown} (known: {', '.join(VARIANTS)})" if unknown else "--cache is required")
     args.out.mkdir(parents=True, exist_ok=True)
-    for name in names:
-        run_variant(name, args.cache, args.out, args.steps, args.seed)
+    for seed in [int(s) for s in args.seeds.split(",")]:
+        for name in names:
+            run_variant(name, args.cache, args.out, args.steps, seed)
     print(table(args.out))
 
 
