@@ -19,6 +19,19 @@ MAESTRO_ROOT = Path(os.environ.get("DSMR_MAESTRO", REPO.parent / "shared" / "dat
 MAESTRO_SKIP_REASON = f"MAESTRO not found at {MAESTRO_ROOT} (set DSMR_MAESTRO to its folder)"
 
 
+def have_audio() -> bool:
+    """FluidSynth and a General MIDI soundfont are installed (WAV rendering works)."""
+    from dsmr.errors import DsmrError
+    from dsmr.render import find_fluidsynth, find_soundfont
+
+    try:
+        find_fluidsynth()
+        find_soundfont()
+    except DsmrError:
+        return False
+    return True
+
+
 @pytest.fixture(scope="session")
 def maestro_root() -> Path:
     if not (MAESTRO_ROOT / "maestro-v3.0.0.csv").exists() and not (MAESTRO_ROOT / "maestro-v3.0.0.json").exists():
@@ -36,7 +49,8 @@ def bach_cache(request, tmp_path_factory):
     from dsmr.corpora import corpus_files
     from dsmr.tokenizer import make_tokenizer
 
-    midi_dir = request.config.cache.mkdir("dsmr-bach-midi")
+    cache = getattr(request.config, "cache", None)  # absent under -p no:cacheprovider: convert afresh
+    midi_dir = cache.mkdir("dsmr-bach-midi") if cache is not None else tmp_path_factory.mktemp("bach-midi")
     files, _ = corpus_files("bach", midi_dir, limit=48, progress=False)
     summary = build_cache(files, tmp_path_factory.mktemp("bach-cache"), make_tokenizer("performance"),
                           workers=1, progress=False, source={"corpus": "bach"})

@@ -18,21 +18,12 @@ from dsmr.checkpoint import save_checkpoint
 from dsmr.cli import main
 from dsmr.errors import DsmrError
 from dsmr.model import DSMR, DSMRConfig
-from dsmr.render import find_fluidsynth, find_soundfont
+from conftest import have_audio
 from dsmr.tokenizer import make_tokenizer
 from tests.midi_factory import tiny_midi, write_midi_file
 
 REPO = Path(__file__).resolve().parents[1]
 SCREENSHOT = REPO / "docs" / "app.png"  # rewritten only with DSMR_UPDATE_SCREENSHOT=1
-
-
-def _have_audio() -> bool:
-    try:
-        find_fluidsynth()
-        find_soundfont()
-    except DsmrError:
-        return False
-    return True
 
 
 @pytest.fixture(autouse=True)
@@ -68,7 +59,7 @@ def test_generate_variations(run_dir, prompt, tmp_path):
     for r in results:
         assert Path(r["midi"]).is_file() and Path(r["pianoroll"]).is_file()
         assert r["prompt_seconds"] > 0 and r["music_seconds"] >= 4.0
-        if _have_audio():
+        if have_audio():
             assert Path(r["wav"]).stat().st_size > 1000 and r["audio_note"] is None
         else:
             assert r["wav"] is None and "fluidsynth" in r["audio_note"].lower()
@@ -177,7 +168,7 @@ def test_server_generates_two_variations(server, run_dir, prompt, tmp_path):
     audios, rolls, midis = out[1:5], out[5:9], out[9:13]
     assert all(Path(_path(m)).suffix == ".mid" for m in midis[:2]) and midis[2] is None
     assert all(Path(_path(r)).is_file() for r in rolls[:2])
-    if _have_audio():
+    if have_audio():
         assert all(Path(_path(a)).suffix == ".wav" for a in audios[:2])
     else:
         assert "No audio" in status
@@ -225,7 +216,7 @@ def test_in_a_real_browser(server, prompt, tmp_path):
         link = wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, "#midi-1 a[href]")))
         assert ".mid" in link.get_attribute("href")
         wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, "#roll-1 img")))
-        if _have_audio():
+        if have_audio():
             # the player has decoded the rendered WAV: its waveform shows the duration (not 0:00)
             wait.until(lambda d: d.execute_script(
                 "return Array.from(document.querySelectorAll('#audio-1 time'))"

@@ -11,6 +11,7 @@ import pytest
 
 from dsmr.errors import DsmrError
 from dsmr.render import find_fluidsynth, find_soundfont, plot_pianoroll, render_wav
+from conftest import have_audio
 from tests.midi_factory import make_score, write_midi_file
 
 NOTES = [(0.0, 1.0, 60, 100), (0.5, 1.5, 64, 40), (1.0, 3.0, 67, 127), (2.5, 3.5, 48, 10)]
@@ -25,17 +26,8 @@ def _crimson_columns(png: Path) -> np.ndarray:
     return np.flatnonzero(close.sum(axis=0) > image.shape[0] // 3)  # columns that are mostly the line
 
 
-def _have_fluidsynth() -> bool:
-    try:
-        find_fluidsynth()
-        find_soundfont()
-    except DsmrError:
-        return False
-    return True
-
-
 needs_fluidsynth = pytest.mark.skipif(
-    not _have_fluidsynth(),
+    not have_audio(),
     reason="FluidSynth or a GM soundfont is not installed (apt-get install fluidsynth fluid-soundfont-gm)")
 
 

@@ -128,16 +128,16 @@ def test_a_run_that_died_before_its_first_save_can_be_resumed(bach_cache, uninte
     # a validation at step 2 writes config.json and best.safetensors; the first resumable save would be at 100
     cfg = tiny(**dict(RESUME_CFG, eval_every=2, save_every=100))
     run = tmp_path / "died"
-    import dsmr.train as train_module
+    from dsmr.run_log import MetricsLog
 
-    real_log = train_module._Metrics.log
+    real_log = MetricsLog.log
 
     def crash_at_step_3(self, record):
         if record.get("step") == 3:
             raise RuntimeError("simulated crash")
         return real_log(self, record)
 
-    monkeypatch.setattr(train_module._Metrics, "log", crash_at_step_3)
+    monkeypatch.setattr(MetricsLog, "log", crash_at_step_3)
     with pytest.raises(RuntimeError, match="simulated crash"):
         train(cfg, bach_cache, run, progress=False)
     monkeypatch.undo()
@@ -309,3 +309,10 @@ def test_a_run_folder_from_before_the_recipe_options_loads_and_resumes(bach_cach
     assert more["steps"] == 5
     with pytest.raises(DsmrError, match="memory: run 'kv', now 'hidden'"):
         train(tiny(steps=6), bach_cache, run, progress=False, resume=True)
+
+
+def test_the_gate_choices_of_the_options_are_the_models():
+    from dsmr.model import GATES
+    from dsmr.train_config import GATE_KINDS
+
+    assert GATE_KINDS == GATES

@@ -6,7 +6,8 @@ A run folder holds
     model.safetensors    latest weights (metadata: step)
     best.safetensors     weights with the best validation NLL so far
     trainer_state.pt     optimizer, LR scheduler, RNG states, stream position, recurrent state, step
-    metrics.jsonl        one JSON object per logged step / evaluation
+    metrics.jsonl        one JSON object per logged step / evaluation (dsmr.run_log)
+    tb/                  TensorBoard logs, when the tensorboard package is installed
 
 Every file is written atomically (dsmr.atomic), so an interrupted save leaves the previous version.
 `trainer_state.pt` is the resumable unit: it holds a copy of the weights of its step, so a resume never
@@ -18,14 +19,21 @@ when the run is resumed.
 Loading checks what it reads: weights must fit the model and be finite, the trainer state must have its
 keys, a numeric step and an optimizer state of this model's shapes; anything else is a DsmrError naming
 the file (and never suggests unpickling it).
+
+Resuming a training run: `prepare_run` (may this run start, or resume, in this folder? from which saved
+state?), `check_resume` (the options a resume may not change), the RNG states and the recurrent state as
+trainer_state.pt holds them.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import random
+import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model as _st_load_model
@@ -39,6 +47,7 @@ LATEST_FILE = "model.safetensors"
 BEST_FILE = "best.safetensors"
 TRAINER_STATE_FILE = "trainer_state.pt"
 METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tb"
 RUN_FILES = (CONFIG_FILE, LATEST_FILE, BEST_FILE, TRAINER_STATE_FILE, METRICS_FILE)
 # A float weight this large is a damaged file (a flipped exponent bit), never a trained network.
 MAX_ABS_WEIGHT = 1e8
@@ -315,3 +324,95 @@ def check_tokenizer(config: dict, tokenizer, where) -> None:
             f"{where} uses tokenizer {tokenizer.config().get('kind')} (vocab {tokenizer.vocab_size}, hash "
             f"{have[:12]}) but the checkpoint was trained with {theirs.get('kind')} (vocab "
             f"{config['model'].get('vocab_size')}, hash {want[:12]})")
+
+
+# --- resuming a training run ---------------------------------------------------------------------------------
+
+def prepare_run(run_dir, config: dict, resume: bool, world_size: int) -> dict | None:
+    """The checks before training into `run_dir` (rank 0): the saved trainer state to resume from, or None
+    for a fresh run. DsmrError when a fresh run would overwrite one, or a resume would change the run."""
+    run_dir = Path(run_dir)
+    if not resume:
+        if (run_dir / CONFIG_FILE).exists() or (run_dir / TRAINER_STATE_FILE).exists():
+            raise DsmrError(f"{run_dir} already holds a run: resume it (--resume) or choose another --out")
+        return None
+    remove_run_temporaries(run_dir)  # left by a save that was killed
+    started = (run_dir / METRICS_FILE).exists() and not (run_dir / TRAINER_STATE_FILE).exists()
+    if not (run_dir / CONFIG_FILE).exists() and started:
+        # killed inside its first save, after metrics.jsonl and before config.json
+        print(f"dsmr train: {run_dir} has no {CONFIG_FILE} (the run stopped in its first save); starting "
+              f"it again from step 0", file=sys.stderr)
+        return None
+    check_resume(run_dir, config)
+    if not (run_dir / TRAINER_STATE_FILE).exists():
+        # The run stopped before its first resumable save (a validation may have written config.json and
+        # best.safetensors): nothing to continue from, so train it again from step 0.
+        print(f"dsmr train: {run_dir} has no {TRAINER_STATE_FILE} (the run stopped before its first save); "
+              f"starting it again from step 0", file=sys.stderr)
+        return None
+    saved = load_trainer_state(run_dir)
+    saved_world = int(saved.get("world_size", 1))
+    if saved_world != world_size:
+        raise DsmrError(
+            f"cannot resume {run_dir} with {world_size} process{'es' if world_size > 1 else ''}: it was "
+            f"trained with {saved_world}, and its data order and recurrent state belong to that many ranks; "
+            f"resume with {saved_world} (dsmr train --nproc {saved_world} ..., or torchrun with "
+            f"{saved_world} processes in all)")
+    return saved
+
+
+def check_resume(run_dir, new: dict) -> dict:
+    """The saved config.json of `run_dir`; DsmrError when the new run config `new` differs where it matters
+    (any train option but dsmr.train_config.RESUMABLE_CHANGES, the tokenizer, the model)."""
+    from dsmr.train_config import RESUMABLE_CHANGES, TrainConfig
+
+    old = read_config(run_dir)
+    diffs = []
+    old_train = TrainConfig.from_dict(old.get("train", {})).to_dict() if "train" in old else {}
+    new_train = new["train"]
+    for key in sorted(set(old_train) | set(new_train)):
+        if key not in RESUMABLE_CHANGES and old_train.get(key) != new_train.get(key):
+            diffs.append(f"{key}: run {old_train.get(key)!r}, now {new_train.get(key)!r}")
+    if old.get("tokenizer_hash") != new["tokenizer_hash"]:
+        diffs.append(f"tokenizer: run {old['tokenizer'].get('kind')} ({str(old.get('tokenizer_hash'))[:12]}), "
+                     f"cache {new['tokenizer'].get('kind')} ({new['tokenizer_hash'][:12]})")
+    old_model = model_config_from(old).to_dict() if "model" in old else None
+    if old_model != new["model"] and not diffs:
+        diffs.append("model config differs")
+    if diffs:
+        raise DsmrError(f"cannot resume {run_dir} with a different config: " + "; ".join(diffs))
+    return old
+
+
+def rng_state() -> dict:
+    """Every random number generator's state (torch, Python, NumPy, CUDA): saved so a resume draws the same."""
+    np_state = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": (np_state[0], np_state[1].tolist(), *np_state[2:])}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), *rest))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def memory_to_cpu(state) -> list[dict] | None:
+    """The recurrent state (a list of dsmr.model.LayerMemory) as saved in trainer_state.pt."""
+    if state is None:
+        return None
+    return [{"k": m.k.cpu(), "v": None if m.v is None else m.v.cpu(), "valid": m.valid.cpu()} for m in state]
+
+
+def memory_from_cpu(saved, device) -> list | None:
+    from dsmr.model import LayerMemory
+
+    if saved is None:
+        return None
+    return [LayerMemory(m["k"], m["v"], m["valid"]).to(device) for m in saved]

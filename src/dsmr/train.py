@@ -9,9 +9,12 @@ The full-attention reference (`baseline="excerpt"`) is the same network with no 
 fixed-length excerpts of `context` tokens (dsmr.stream.ExcerptStream) and evaluated on full pieces in
 non-overlapping windows of `context` tokens.
 
-A run folder (dsmr.checkpoint) gets config.json, model.safetensors + trainer_state.pt (latest, exactly
-resumable: optimizer, LR schedule, RNG states, stream position, recurrent state), best.safetensors,
-metrics.jsonl, and TensorBoard logs in tb/ when the tensorboard package is installed.
+The options are dsmr.train_config.TrainConfig. `Trainer` is one run in named steps: set-up, resume, one
+optimization step, logging, validation, save, finish; `Trainer.run` is the loop. The run folder, its
+resume checks and the RNG capture belong to dsmr.checkpoint: config.json, model.safetensors +
+trainer_state.pt (latest, exactly resumable: optimizer, LR schedule, RNG states, stream position,
+recurrent state), best.safetensors; the log (metrics.jsonl, and TensorBoard logs in tb/ when the
+tensorboard package is installed) to dsmr.run_log.
 
 Ctrl-C: the first one finishes the current step, saves a resumable checkpoint and returns
 (`interrupted: True`); a KeyboardInterrupt raised inside a step (a second Ctrl-C, or a library caller's)
@@ -24,190 +27,32 @@ one shared lane assignment; rank 0 writes; the checkpoint holds every rank's rec
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import json
 import math
 import random
 import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from dsmr import __version__
-from dsmr.atomic import atomic_write_text
-from dsmr.checkpoint import (CONFIG_FILE, METRICS_FILE, TRAINER_STATE_FILE, check_optimizer_state,
-                             load_trainer_state, read_config, remove_run_temporaries, resume_weights,
-                             save_checkpoint)
+from dsmr.checkpoint import (METRICS_FILE, TENSORBOARD_DIR, TRAINER_STATE_FILE, check_optimizer_state,
+                             memory_from_cpu, memory_to_cpu, prepare_run, resume_weights, rng_state,
+                             save_checkpoint, set_rng_state)
 from dsmr.distributed import DistContext, init_distributed, reduce_evaluation, split_pieces, wrap_model
-from dsmr.configs import dataclass_from_dict
 from dsmr.errors import DsmrError
 from dsmr.evaluate import NLL_BUCKETS, evaluate
 from dsmr.losses import token_nll
-from dsmr.model import DSMR, GATES, DSMRConfig, LayerMemory
+from dsmr.model import DSMR, LayerMemory
+from dsmr.run_log import MetricsLog
 from dsmr.runtime import PeakMemory, autocast, resolve_device, state_bytes
-from dsmr.schedule import Schedule, make_schedule
 from dsmr.stream import ExcerptStream, PieceStream
-
-DEFAULT_STEPS = 1000  # when neither steps nor epochs is given
-# Options that may change when a run is resumed: they do not change what the model computes.
-RESUMABLE_CHANGES = ("steps", "epochs", "eval_every", "eval_at_start", "val_pieces", "eval_batch_size",
-                     "log_every", "save_every", "device", "tensorboard", "compile")
-
-
-# Values that reproduce runs saved before an option existed (config.json files without its key).
-LEGACY_DEFAULTS = {"head_dim": None, "rotary_fraction": 1.0, "norm": "layernorm", "init_std": 0.02, "memory": "kv",
-                   "horizon_warmup": 0, "embedding_decay": True}
-
-
-@dataclass
-class TrainConfig:
-    # model
-    layers: int = 6
-    d_model: int = 256
-    heads: int = 4
-    d_ff: int | None = None           # None: 4 * d_model
-    dropout: float = 0.0
-    tie_embeddings: bool = False      # untied output head: -1.2 PPL at +6% parameters (docs/training.md)
-    head_dim: int | None = None       # None: d_model / heads
-    rotary_fraction: float = 1.0      # share of each head's dims that RoPE rotates
-    norm: str = "layernorm"           # "layernorm" | "rmsnorm"
-    init_std: float = 0.02            # std of the initial weights
-    memory: str = "hidden"            # what the state holds in training: "hidden" (re-projected each segment:
-                                      # memory pays, docs/training.md) or "kv" (the paper's; faster)
-    # memory schedule (dsmr.schedule.make_schedule): two-scale 2 x 1024 + 4 x 128 = 2560 by default
-    schedule: str = "two-scale"
-    budget: int | None = 2560         # uniform, two-scale, binary
-    long_layers: int | None = 2       # two-scale
-    short: int | None = 128           # two-scale
-    horizon: int | None = 1024        # full
-    binary_layers: tuple[int, ...] | None = None   # binary
-    horizons: tuple[int, ...] | None = None        # explicit
-    # learned gates on memory attention
-    gate: str = "none"                # "none" | "soft" | "ste"
-    gate_per_head: bool = False
-    gate_init: float = 3.0
-    gate_lambda: float = 0.0          # weight of the budget penalty
-    horizon_warmup: int = 0           # steps over which every horizon grows linearly from 0 to its schedule
-    # data
-    segment: int = 256
-    batch_size: int = 8               # lanes
-    baseline: str | None = None       # None, or "excerpt": no memory, fixed-length excerpts
-    context: int | None = None        # excerpt length (default: segment)
-    # optimization
-    lr: float = 1e-3
-    min_lr_ratio: float = 0.1         # cosine decay ends at lr * min_lr_ratio
-    warmup_steps: int | None = None   # None: 5% of the steps, at most 500
-    weight_decay: float = 0.1
-    embedding_decay: bool = True      # weight decay on the embedding too (norms and gates never)
-    betas: tuple[float, float] = (0.9, 0.95)
-    grad_clip: float = 1.0            # 0: no clipping
-    grad_accum: int = 1
-    steps: int | None = None          # optimizer steps; or
-    epochs: int | None = None         # passes over the training pieces (DEFAULT_STEPS when neither is set)
-    # evaluation and logging
-    eval_every: int = 250             # steps between validations (0: only at the end)
-    eval_at_start: bool = False       # also validate the untrained model (step 0)
-    val_split: str | None = "validation"  # None: no validation (benchmarks)
-    val_pieces: int | None = None     # validate on the first N pieces (None: all)
-    eval_batch_size: int | None = None  # default: batch_size
-    log_every: int = 10
-    save_every: int | None = None     # steps between latest-checkpoint saves (default: eval_every)
-    tensorboard: bool = True          # when the tensorboard package is installed
-    # runtime
-    seed: int = 0
-    device: str = "auto"
-    amp: bool = True                  # bf16 autocast on CUDA (CPU stays fp32)
-    compile: bool = False             # torch.compile the training step (the model, under DDP when distributed)
-
-    def __post_init__(self) -> None:
-        for name in ("binary_layers", "horizons", "betas"):
-            value = getattr(self, name)
-            if value is not None:
-                setattr(self, name, tuple(value))
-
-    def validate(self) -> None:
-        problems = []
-
-        def positive(name):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-                problems.append(f"{name} must be a positive integer, got {value!r}")
-
-        for name in ("layers", "d_model", "heads", "segment", "batch_size", "grad_accum", "steps", "epochs",
-                     "context", "val_pieces", "eval_batch_size", "log_every", "save_every"):
-            positive(name)
-        if self.steps is not None and self.epochs is not None:
-            problems.append("give steps or epochs, not both")
-        if self.baseline not in (None, "excerpt"):
-            problems.append(f"baseline must be 'excerpt' or unset, got {self.baseline!r}")
-        if self.gate not in GATES:
-            problems.append(f"gate must be one of {', '.join(GATES)}, got {self.gate!r}")
-        if self.baseline and self.gate != "none":
-            problems.append("the excerpt baseline has no memory, so no gates")
-        if not self.lr > 0:
-            problems.append(f"lr must be > 0, got {self.lr}")
-        if not 0 <= self.min_lr_ratio <= 1:
-            problems.append(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        for name in ("weight_decay", "grad_clip", "gate_lambda", "eval_every"):
-            if getattr(self, name) < 0:
-                problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.warmup_steps is not None and self.warmup_steps < 0:
-            problems.append(f"warmup_steps must be >= 0, got {self.warmup_steps}")
-        if not isinstance(self.horizon_warmup, int) or self.horizon_warmup < 0:
-            problems.append(f"horizon_warmup must be an integer >= 0, got {self.horizon_warmup!r}")
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            problems.append(f"betas must be two numbers in [0, 1), got {self.betas}")
-        if problems:
-            raise DsmrError("train config: " + "; ".join(problems))
-
-    def to_dict(self) -> dict:
-        return json.loads(json.dumps(dataclasses.asdict(self)))  # tuples -> lists, as in config.json
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        """From a config.json "train" section; keys it lacks (older runs) take their LEGACY_DEFAULTS."""
-        return dataclass_from_dict(cls, {**LEGACY_DEFAULTS, **d}, "train config")
-
-    @property
-    def segment_len(self) -> int:
-        """Tokens per segment in training and evaluation (the context for the excerpt baseline)."""
-        return (self.context or self.segment) if self.baseline else self.segment
-
-
-def make_run_schedule(cfg: TrainConfig) -> Schedule:
-    if cfg.baseline:
-        return make_schedule("none", cfg.layers)
-    return make_schedule(cfg.schedule, cfg.layers, horizon=cfg.horizon, budget=cfg.budget,
-                         long_layers=cfg.long_layers, short=cfg.short, layers=cfg.binary_layers,
-                         horizons=cfg.horizons)
-
-
-def make_model_config(cfg: TrainConfig, vocab_size: int) -> DSMRConfig:
-    return DSMRConfig(vocab_size=vocab_size, n_layers=cfg.layers, d_model=cfg.d_model, n_heads=cfg.heads,
-                      d_ff=cfg.d_ff, dropout=cfg.dropout, tie_embeddings=cfg.tie_embeddings,
-                      horizons=make_run_schedule(cfg).horizons, gate=cfg.gate, gate_per_head=cfg.gate_per_head,
-                      gate_init=cfg.gate_init, norm=cfg.norm, head_dim=cfg.head_dim,
-                      rotary_fraction=cfg.rotary_fraction, init_std=cfg.init_std, memory=cfg.memory)
-
-
-def run_config(cfg: TrainConfig, model_cfg: DSMRConfig, tokenizer, cache) -> dict:
-    """The config.json of a run: enough to rebuild the model and tokenizer, and to check a resume."""
-    schedule = make_run_schedule(cfg)
-    return {
-        "dsmr_version": __version__,
-        "model": model_cfg.to_dict(),
-        "schedule": schedule.to_dict(),
-        "tokenizer": tokenizer.config(),
-        "tokenizer_hash": tokenizer.config_hash(),
-        "segment_len": cfg.segment_len,
-        "train": cfg.to_dict(),
-        "cache": str(cache.path),
-    }
+# The options and what a run derives from them (also imported from here by benchmarks and older code).
+from dsmr.train_config import (DEFAULT_STEPS, LEGACY_DEFAULTS, RESUMABLE_CHANGES,  # noqa: F401
+                               TrainConfig, make_model_config, make_run_schedule, run_config)
 
 
 def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
@@ -235,40 +80,10 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devic
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=device.type == "cuda")
 
 
-def _rng_state() -> dict:
-    np_state = np.random.get_state()
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
-             "numpy": (np_state[0], np_state[1].tolist(), *np_state[2:])}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    kind, keys, *rest = state["numpy"]
-    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), *rest))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def _state_to_cpu(state) -> list[dict] | None:
-    if state is None:
-        return None
-    return [{"k": m.k.cpu(), "v": None if m.v is None else m.v.cpu(), "valid": m.valid.cpu()} for m in state]
-
-
-def _state_from_cpu(saved, device) -> list[LayerMemory] | None:
-    if saved is None:
-        return None
-    return [LayerMemory(m["k"], m["v"], m["valid"]).to(device) for m in saved]
 
 
 class _StopRequest:
@@ -296,85 +111,6 @@ class _StopRequest:
     def __exit__(self, *exc):
         if self._previous is not None:
             signal.signal(signal.SIGINT, self._previous)
-
-
-class _Metrics:
-    """metrics.jsonl: records kept in memory, the file rewritten atomically (at saves, or every 30 s)."""
-
-    def __init__(self, path: Path, keep_until_step: int | None = None, write: bool = True):
-        self.path = path
-        self.write = write  # False on ranks other than 0: records are kept, nothing is written
-        self.records: list[dict] = []
-        if keep_until_step is not None and path.is_file():  # resume: drop what came after the checkpoint
-            for number, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
-                if line.strip():
-                    try:
-                        record = json.loads(line)
-                        if not isinstance(record, dict):
-                            raise ValueError("not an object")
-                    except ValueError:
-                        print(f"dsmr train: {path}, line {number}: damaged record dropped", file=sys.stderr)
-                        continue
-                    step_of = record.get("step", 0)
-                    if not isinstance(step_of, (int, float)) or step_of <= keep_until_step:
-                        self.records.append(record)
-        self._flushed = time.monotonic()
-        self._writer = None
-
-    def open_tensorboard(self, folder: Path) -> None:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:  # tensorboard is optional
-            return
-        self._writer = SummaryWriter(str(folder))
-
-    def log(self, record: dict) -> None:
-        self.records.append(record)
-        if self._writer is not None:
-            for key, value in record.items():
-                if isinstance(value, (int, float)) and key != "step":
-                    self._writer.add_scalar(key, value, record["step"])
-                elif key == "gates" and value is not None:
-                    for layer, g in enumerate(value):
-                        g = float(np.mean(g))
-                        self._writer.add_scalar(f"gate/layer{layer}", g, record["step"])
-        if time.monotonic() - self._flushed > 30:
-            self.flush()
-
-    def flush(self) -> None:
-        if not self.write:
-            return
-        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.records))
-        if self._writer is not None:
-            self._writer.flush()
-        self._flushed = time.monotonic()
-
-    def close(self) -> None:
-        if not self.write:
-            return
-        self.flush()
-        if self._writer is not None:
-            self._writer.close()
-
-
-def _check_resume(run_dir: Path, new: dict) -> dict:
-    """The saved config.json of `run_dir`; DsmrError when the new run config differs where it matters."""
-    old = read_config(run_dir)
-    diffs = []
-    old_train = TrainConfig.from_dict(old.get("train", {})).to_dict() if "train" in old else {}
-    new_train = new["train"]
-    for key in sorted(set(old_train) | set(new_train)):
-        if key not in RESUMABLE_CHANGES and old_train.get(key) != new_train.get(key):
-            diffs.append(f"{key}: run {old_train.get(key)!r}, now {new_train.get(key)!r}")
-    if old.get("tokenizer_hash") != new["tokenizer_hash"]:
-        diffs.append(f"tokenizer: run {old['tokenizer'].get('kind')} ({str(old.get('tokenizer_hash'))[:12]}), "
-                     f"cache {new['tokenizer'].get('kind')} ({new['tokenizer_hash'][:12]})")
-    old_model = DSMRConfig.from_dict(old["model"]).to_dict() if "model" in old else None
-    if old_model != new["model"] and not diffs:
-        diffs.append("model config differs")
-    if diffs:
-        raise DsmrError(f"cannot resume {run_dir} with a different config: " + "; ".join(diffs))
-    return old
 
 
 def _val_pieces(cfg: TrainConfig, cache) -> list:
@@ -435,264 +171,299 @@ def train(cfg: TrainConfig, cache, out_dir, progress: bool = True, resume: bool 
     cfg.validate()
     ctx = init_distributed(resolve_device(cfg.device))
     try:
-        return _train(cfg, cache, Path(out_dir), progress, resume, ctx)
+        return Trainer(cfg, cache, Path(out_dir), ctx, progress, resume).run()
     finally:
         ctx.close()
 
 
-def _prepare_run(run_dir: Path, config: dict, resume: bool, world_size: int) -> dict | None:
-    """Rank 0's checks before training: the saved trainer state to resume from, or None for a fresh run."""
-    if not resume:
-        if (run_dir / CONFIG_FILE).exists() or (run_dir / TRAINER_STATE_FILE).exists():
-            raise DsmrError(f"{run_dir} already holds a run: resume it (--resume) or choose another --out")
-        return None
-    remove_run_temporaries(run_dir)  # left by a save that was killed
-    started = (run_dir / METRICS_FILE).exists() and not (run_dir / TRAINER_STATE_FILE).exists()
-    if not (run_dir / CONFIG_FILE).exists() and started:
-        # killed inside its first save, after metrics.jsonl and before config.json
-        print(f"dsmr train: {run_dir} has no {CONFIG_FILE} (the run stopped in its first save); starting "
-              f"it again from step 0", file=sys.stderr)
-        return None
-    _check_resume(run_dir, config)
-    if not (run_dir / TRAINER_STATE_FILE).exists():
-        # The run stopped before its first resumable save (a validation may have written config.json and
-        # best.safetensors): nothing to continue from, so train it again from step 0.
-        print(f"dsmr train: {run_dir} has no {TRAINER_STATE_FILE} (the run stopped before its first save); "
-              f"starting it again from step 0", file=sys.stderr)
-        return None
-    saved = load_trainer_state(run_dir)
-    saved_world = int(saved.get("world_size", 1))
-    if saved_world != world_size:
-        raise DsmrError(
-            f"cannot resume {run_dir} with {world_size} process{'es' if world_size > 1 else ''}: it was "
-            f"trained with {saved_world}, and its data order and recurrent state belong to that many ranks; "
-            f"resume with {saved_world} (dsmr train --nproc {saved_world} ..., or torchrun with "
-            f"{saved_world} processes in all)")
-    return saved
+@dataclass
+class Interval:
+    """Training figures since the last metrics record."""
+
+    nll: float = 0.0      # summed over this rank's targets
+    targets: int = 0      # of every rank
+    seconds: float = 0.0
 
 
-def _train(cfg: TrainConfig, cache, run_dir: Path, progress: bool, resume: bool, ctx: DistContext) -> dict:
-    device = ctx.device
-    use_amp = cfg.amp and device.type == "cuda"
-    tokenizer = cache.tokenizer
-    if "train" not in cache.splits or cache.num_pieces("train") == 0:
-        raise DsmrError(f"the cache {cache.path} has no training pieces")
-    train_pieces = cache.pieces("train")
-    val_pieces = _val_pieces(cfg, cache)
-    model_cfg = make_model_config(cfg, tokenizer.vocab_size)
-    config = run_config(cfg, model_cfg, tokenizer, cache)
-    main = ctx.is_main
+@dataclass
+class TrainerState:
+    """Where a run stands. step, best_nll and memory go into trainer_state.pt (with the optimizer, the LR
+    schedule, the stream position and the RNG states); the rest is this process's account of the run."""
 
-    saved = ctx.from_main(lambda: _prepare_run(run_dir, config, resume, ctx.world_size))
+    step: int = 0
+    best_nll: float = math.inf
+    memory: list[LayerMemory] | None = None   # the recurrent state carried into the next segment batch
+    interval: Interval = field(default_factory=Interval)
+    train_targets: int = 0
+    train_seconds: float = 0.0                # in optimization steps only (no validations, no saves)
+    last_loss: float | None = None            # mean NLL of the last logged interval
+    last_eval: dict | None = None             # the last validation result, with its step
+    saved_step: int | None = None             # the step of the last resumable save
+    resumed_from: int | None = None           # the step a resume began at, until the first record after it
+    interrupted: bool = False
 
-    _seed_everything(cfg.seed)
-    model = DSMR(model_cfg).to(device)
-    if ctx.enabled:  # same initial weights (DDP broadcasts rank 0's anyway), different dropout draws
-        torch.manual_seed(int(np.random.SeedSequence([cfg.seed, ctx.rank]).generate_state(1)[0]))
-    optimizer = make_optimizer(model, cfg, device)
-    stream_cls = ExcerptStream if cfg.baseline else PieceStream
-    stream = stream_cls(train_pieces, cfg.batch_size, cfg.segment_len, tokenizer.bos_id, tokenizer.eos_id,
-                        tokenizer.pad_id, shuffle=True, seed=cfg.seed, rank=ctx.rank, world_size=ctx.world_size)
-    total = total_steps(cfg, stream)
-    ctx.check_same("the run config and training data",
-                   (config["train"], config["tokenizer_hash"], len(train_pieces),
-                    int(stream.inputs_per_piece.sum()), len(val_pieces), total))
-    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else min(500, total // 20)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, total, warmup, cfg.min_lr_ratio))
 
-    step, best_nll, state = 0, math.inf, None
-    if saved is not None:
+class Trainer:
+    """One training run in named steps: set-up (`__init__`), `resume`, `optimization_step`, `log_interval`,
+    `validate`, `save_latest`, `finish`. `run` is the loop. Every process of a distributed run makes one."""
+
+    def __init__(self, cfg: TrainConfig, cache, run_dir: Path, ctx: DistContext, progress: bool, resume: bool):
+        self.cfg, self.run_dir, self.ctx, self.progress = cfg, run_dir, ctx, progress
+        self.device, self.main = ctx.device, ctx.is_main
+        self.use_amp = cfg.amp and self.device.type == "cuda"
+        tokenizer = cache.tokenizer
+        if "train" not in cache.splits or cache.num_pieces("train") == 0:
+            raise DsmrError(f"the cache {cache.path} has no training pieces")
+        train_pieces = cache.pieces("train")
+        self.val_pieces = _val_pieces(cfg, cache)
+        self.model_cfg = make_model_config(cfg, tokenizer.vocab_size)
+        self.config = run_config(cfg, self.model_cfg, tokenizer, cache)
+        saved = ctx.from_main(lambda: prepare_run(run_dir, self.config, resume, ctx.world_size))
+        self._build(train_pieces, tokenizer)
+        self.state = TrainerState()
+        self.resumed = saved is not None
+        if saved is not None:
+            self.resume(saved)
+
+        with_penalty = bool(cfg.gate_lambda) and cfg.gate != "none"
+        self.ddp = wrap_model(TrainStep(self.model, with_penalty), ctx, find_unused=cfg.gate != "none")
+        self.forward = torch.compile(self.ddp) if cfg.compile else self.ddp
+        self.metrics = MetricsLog(run_dir / METRICS_FILE, keep_until_step=self.state.step if self.resumed else None,
+                                  write=self.main)
+        if self.main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            if cfg.tensorboard:
+                self.metrics.open_tensorboard(run_dir / TENSORBOARD_DIR)
+        self.save_every = cfg.save_every or cfg.eval_every or None
+        share = split_pieces([len(p) for p in self.val_pieces], ctx.world_size)[ctx.rank]
+        self.val_share = [self.val_pieces[i] for i in share]
+        self.special = dict(pad_id=tokenizer.pad_id, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id)
+
+    def _build(self, train_pieces, tokenizer) -> None:
+        """The seeded model, its optimizer, the training stream and the LR schedule (in this order: what
+        a seed gives depends on it)."""
+        cfg, ctx = self.cfg, self.ctx
+        _seed_everything(cfg.seed)
+        self.model = DSMR(self.model_cfg).to(self.device)
+        if ctx.enabled:  # same initial weights (DDP broadcasts rank 0's anyway), different dropout draws
+            torch.manual_seed(int(np.random.SeedSequence([cfg.seed, ctx.rank]).generate_state(1)[0]))
+        self.optimizer = make_optimizer(self.model, cfg, self.device)
+        stream_cls = ExcerptStream if cfg.baseline else PieceStream
+        self.stream = stream_cls(train_pieces, cfg.batch_size, cfg.segment_len, tokenizer.bos_id, tokenizer.eos_id,
+                                 tokenizer.pad_id, shuffle=True, seed=cfg.seed, rank=ctx.rank,
+                                 world_size=ctx.world_size)
+        self.total = total = total_steps(cfg, self.stream)
+        ctx.check_same("the run config and training data",
+                       (self.config["train"], self.config["tokenizer_hash"], len(train_pieces),
+                        int(self.stream.inputs_per_piece.sum()), len(self.val_pieces), total))
+        warmup = cfg.warmup_steps if cfg.warmup_steps is not None else min(500, total // 20)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, total, warmup, cfg.min_lr_ratio))
+
+    def resume(self, saved: dict) -> None:
+        """Continue from a saved trainer state: weights, optimizer, LR schedule, stream position, this rank's
+        RNG states and recurrent state, step and best validation NLL."""
+        ctx, s = self.ctx, self.state
         # rank 0 loads the weights; DistributedDataParallel hands them to the other ranks
-        ctx.from_main(lambda: resume_weights(model, run_dir, saved, device=str(device)))
+        ctx.from_main(lambda: resume_weights(self.model, self.run_dir, saved, device=str(self.device)))
         saved.pop("model", None)  # a copy of the weights: not needed any more
-        check_optimizer_state(saved["optimizer"], optimizer, run_dir / TRAINER_STATE_FILE)
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        stream.load_state_dict(saved["stream"])  # the shared lane assignment: the same on every rank
+        check_optimizer_state(saved["optimizer"], self.optimizer, self.run_dir / TRAINER_STATE_FILE)
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.scheduler.load_state_dict(saved["scheduler"])
+        self.stream.load_state_dict(saved["stream"])  # the shared lane assignment: the same on every rank
         mine = saved["ranks"][ctx.rank] if ctx.enabled else saved
-        _set_rng_state(mine["rng"])
-        state = _state_from_cpu(mine["memory"], device)
-        step, best_nll = int(saved["step"]), float(saved["best_val_nll"])
-        if saved.get("config", {}).get("val_pieces", cfg.val_pieces) != cfg.val_pieces:
-            best_nll = math.inf  # measured on other validation pieces: not comparable with what follows
+        set_rng_state(mine["rng"])
+        s.memory = memory_from_cpu(mine["memory"], self.device)
+        s.step, s.best_nll = int(saved["step"]), float(saved["best_val_nll"])
+        if saved.get("config", {}).get("val_pieces", self.cfg.val_pieces) != self.cfg.val_pieces:
+            s.best_nll = math.inf  # measured on other validation pieces: not comparable with what follows
+        s.saved_step = s.resumed_from = s.step
 
-    with_penalty = bool(cfg.gate_lambda) and cfg.gate != "none"
-    ddp = wrap_model(TrainStep(model, with_penalty), ctx, find_unused=cfg.gate != "none")
-    forward = torch.compile(ddp) if cfg.compile else ddp
+    def run(self) -> dict:
+        """Train to the last step (or to a stop request), validating, logging and saving on the way."""
+        from tqdm.auto import tqdm
 
-    metrics = _Metrics(run_dir / METRICS_FILE, keep_until_step=step if saved is not None else None, write=main)
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if cfg.tensorboard:
-            metrics.open_tensorboard(run_dir / "tb")
-    eval_batch = cfg.eval_batch_size or cfg.batch_size
-    special = dict(pad_id=tokenizer.pad_id, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id)
-    save_every = cfg.save_every or cfg.eval_every or None
-    val_share = [val_pieces[i] for i in split_pieces([len(p) for p in val_pieces], ctx.world_size)[ctx.rank]]
+        cfg, s = self.cfg, self.state
+        self.bar = tqdm(total=self.total, initial=s.step, disable=not (self.progress and self.main), unit="step",
+                        desc="train", dynamic_ncols=True)
+        if cfg.eval_at_start and s.step == 0 and not self.resumed:
+            s.last_eval = self.validate()
+        batches = iter(self.stream)
+        self.model.train()
+        with _StopRequest(distributed=self.ctx.enabled) as stop, PeakMemory(self.device) as train_memory:
+            while s.step < self.total:
+                if (stop.requested and not self.ctx.enabled) or not self.optimization_step(batches, stop):
+                    s.interrupted = True
+                    break
+                self.bar.update(1)
+                if s.step % cfg.log_every == 0 or s.step == self.total:
+                    self.log_interval()
+                if cfg.eval_every and s.step % cfg.eval_every == 0 and self.val_pieces:
+                    s.last_eval = self.validate()
+                    if self.progress and self.main:
+                        self.bar.write(f"step {s.step}: val ppl {s.last_eval['ppl']:.3f} "
+                                       f"(nll {s.last_eval['nll']:.4f})", file=sys.stderr)
+                if self.save_every and s.step % self.save_every == 0:
+                    self.save_latest()
+        self.bar.close()
+        return self.finish(train_memory)
 
-    def trainer_state() -> dict | None:
-        """The resumable state (rank 0; None elsewhere). Distributed, every rank's recurrent state and
-        RNG go into "ranks" (a collective: every rank calls this at the same step)."""
-        mine = {"rng": _rng_state(), "memory": _state_to_cpu(state)}
-        ranks = ctx.gather_to_main(mine)
-        if not main:
+    def optimization_step(self, batches, stop: "_StopRequest") -> bool:
+        """One optimizer step over `grad_accum` segment batches. False when the run stops instead: the
+        stream, the recurrent state and the RNG states are then those of the end of the last step."""
+        cfg, ctx, s = self.cfg, self.ctx, self.state
+        rewind = (self.stream.state_dict(), s.memory, rng_state())  # where a KeyboardInterrupt goes back to
+        step_start = time.perf_counter()
+        if cfg.horizon_warmup:
+            self.model.set_horizons(horizons_at(s.step, self.model_cfg.horizons, cfg.horizon_warmup))
+        try:
+            micro = [next(batches) for _ in range(cfg.grad_accum)]
+            n_targets = sum(b.num_targets for b in micro)
+            if ctx.enabled:  # the loss divides by the targets of all ranks; ranks stop together
+                n_all, stops = ctx.all_sum([n_targets, stop.requested])
+                if stops:
+                    self.stream.load_state_dict(rewind[0])
+                    return False
+                n_targets = int(n_all)
+            nll_total = self._forward_backward(micro, n_targets)
+        except KeyboardInterrupt:
+            if ctx.enabled:  # other ranks may be inside a collective: no way to save together
+                raise
+            self.stream.load_state_dict(rewind[0])
+            s.memory = rewind[1]
+            set_rng_state(rewind[2])  # dropout may have drawn numbers in the unfinished step
+            return False
+        self.optimizer.step()
+        self.scheduler.step()
+        s.step += 1
+        seconds = time.perf_counter() - step_start  # time in training steps only (no evals, saves)
+        s.train_seconds += seconds
+        s.interval.seconds += seconds
+        s.train_targets += n_targets
+        s.interval.nll += nll_total
+        s.interval.targets += n_targets
+        return True
+
+    def _forward_backward(self, micro: list, n_targets: int) -> float:
+        """Gradients of the mean NLL over `n_targets` (plus the gate penalty), clipped; the recurrent state
+        carried through the micro-batches. Returns the summed NLL of this rank."""
+        cfg, ctx, s = self.cfg, self.ctx, self.state
+        self.optimizer.zero_grad(set_to_none=True)
+        nll_total = 0.0
+        for i, batch in enumerate(micro):
+            batch = _to_device(batch, self.device)
+            # gradients are all-reduced once per optimizer step, after the last micro-batch
+            last = i == len(micro) - 1
+            with (self.ddp.no_sync() if ctx.enabled and not last else contextlib.nullcontext()):
+                with autocast(self.device, self.use_amp):
+                    logits, new_state, penalty = self.forward(batch.ids, batch.positions, batch.reset, s.memory,
+                                                              batch.token_mask)
+                nll = token_nll(logits, batch.targets)
+                loss = nll / max(n_targets, 1)
+                if ctx.enabled:
+                    loss = loss * ctx.world_size  # DDP averages gradients over ranks
+                if penalty is not None:
+                    loss = loss + cfg.gate_lambda * penalty / cfg.grad_accum
+                loss.backward()
+            s.memory = [m.detached() for m in new_state]
+            nll_total += float(nll.detach())
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        return nll_total
+
+    def log_interval(self) -> None:
+        """A metrics record of the steps since the last one: loss, learning rate, tokens/s, gates (and the
+        horizons of a curriculum)."""
+        s, iv = self.state, self.state.interval
+        interval_nll = self.ctx.all_sum([iv.nll])[0]  # targets are already global
+        s.last_loss = interval_nll / max(iv.targets, 1)
+        gates = self.model.gate_values()
+        record = {"step": s.step, "epoch": self.stream.epoch, "loss": s.last_loss,
+                  "lr": self.scheduler.get_last_lr()[0], "tokens": iv.targets,
+                  "tokens_per_s": iv.targets / iv.seconds if iv.seconds > 0 else None,
+                  "gates": gates.cpu().tolist() if gates is not None else None}
+        postfix = dict(loss=f"{s.last_loss:.3f}", tok_s=f"{record['tokens_per_s'] or 0:.0f}")
+        if self.cfg.horizon_warmup:
+            record["horizons"] = list(self.model.active_horizons())
+            postfix["mem"] = "/".join(map(str, record["horizons"]))
+        if s.resumed_from is not None:  # this interval began at the resume, not at a log boundary
+            record.update(resumed_from=s.resumed_from, interval_steps=s.step - s.resumed_from)
+            s.resumed_from = None
+        self.metrics.log(record)
+        self.bar.set_postfix(**postfix)
+        s.interval = Interval()
+
+    def validate(self) -> dict | None:
+        """Full-piece validation (each rank its share) with the full schedule, curriculum or not; a new
+        best NLL saves best.safetensors. None when there are no validation pieces."""
+        cfg, s = self.cfg, self.state
+        if not self.val_pieces:
             return None
-        saved_state = {"step": step, "best_val_nll": best_nll, "optimizer": optimizer.state_dict(),
-                       "scheduler": scheduler.state_dict(), "stream": stream.state_dict(), **mine,
-                       "config": config["train"], "world_size": ctx.world_size}
+        training_horizons = self.model.active_horizons()
+        self.model.set_horizons(self.model_cfg.horizons)
+        result = (evaluate(self.model, self.val_share, cfg.eval_batch_size or cfg.batch_size, cfg.segment_len,
+                           device=self.device, amp=cfg.amp, **self.special) if self.val_share else None)
+        self.model.set_horizons(training_horizons)
+        result = reduce_evaluation(result, self.ctx, len(NLL_BUCKETS))
+        self.metrics.log({"step": s.step, "val_nll": result["nll"], "val_ppl": result["ppl"],
+                          "val_tokens_per_s": result["tokens_per_s"]})
+        if result["nll"] < s.best_nll:
+            s.best_nll = result["nll"]
+            if self.main:
+                save_checkpoint(self.run_dir, self.model, self.config, {"step": s.step}, best=True)
+        return dict(result, step=s.step)
+
+    def save_latest(self) -> None:
+        """The resumable checkpoint of this step (a collective: every rank calls it at the same step)."""
+        saved_state = self._resumable_state()
+        if self.main:
+            self.metrics.flush()  # first: every record up to the checkpoint's step is on disk before it exists
+            save_checkpoint(self.run_dir, self.model, self.config, saved_state)
+        self.state.saved_step = self.state.step
+
+    def _resumable_state(self) -> dict | None:
+        """What trainer_state.pt holds (on rank 0; None elsewhere). Distributed, every rank's recurrent
+        state and RNG states go into "ranks"."""
+        s, ctx = self.state, self.ctx
+        mine = {"rng": rng_state(), "memory": memory_to_cpu(s.memory)}
+        ranks = ctx.gather_to_main(mine)
+        if not self.main:
+            return None
+        saved_state = {"step": s.step, "best_val_nll": s.best_nll, "optimizer": self.optimizer.state_dict(),
+                       "scheduler": self.scheduler.state_dict(), "stream": self.stream.state_dict(), **mine,
+                       "config": self.config["train"], "world_size": ctx.world_size}
         if ctx.enabled:
             saved_state["ranks"] = [mine] + ranks[1:]
         return saved_state
 
-    def save_latest() -> None:
-        saved_state = trainer_state()
-        if main:
-            metrics.flush()  # first: every record up to the checkpoint's step is on disk before it exists
-            save_checkpoint(run_dir, model, config, saved_state)
-
-    def validate() -> dict | None:
-        nonlocal best_nll
-        if not val_pieces:
-            return None
-        training_horizons = model.active_horizons()
-        model.set_horizons(model_cfg.horizons)  # evaluated with the full schedule, curriculum or not
-        result = (evaluate(model, val_share, eval_batch, cfg.segment_len, device=device, amp=cfg.amp, **special)
-                  if val_share else None)
-        model.set_horizons(training_horizons)
-        result = reduce_evaluation(result, ctx, len(NLL_BUCKETS))
-        metrics.log({"step": step, "val_nll": result["nll"], "val_ppl": result["ppl"],
-                     "val_tokens_per_s": result["tokens_per_s"]})
-        if result["nll"] < best_nll:
-            best_nll = result["nll"]
-            if main:
-                save_checkpoint(run_dir, model, config, {"step": step}, best=True)
-        return dict(result, step=step)
-
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=total, initial=step, disable=not (progress and main), unit="step", desc="train",
-               dynamic_ncols=True)
-    last_eval = validate() if cfg.eval_at_start and step == 0 and saved is None else None
-    batches = iter(stream)
-    interval = {"nll": 0.0, "targets": 0, "seconds": 0.0}
-    train_targets, train_seconds, last_loss, interrupted = 0, 0.0, None, False
-    saved_step = step if saved is not None else None
-    resumed_from = step if saved is not None else None
-    bpv = 2 if use_amp else 4
-    model.train()
-    with _StopRequest(distributed=ctx.enabled) as stop, PeakMemory(device) as train_memory:
-        while step < total:
-            if stop.requested and not ctx.enabled:
-                interrupted = True
-                break
-            rewind = (stream.state_dict(), state, _rng_state())  # where a KeyboardInterrupt goes back to
-            step_start = time.perf_counter()
-            if cfg.horizon_warmup:
-                model.set_horizons(horizons_at(step, model_cfg.horizons, cfg.horizon_warmup))
-            try:
-                micro = [next(batches) for _ in range(cfg.grad_accum)]
-                n_targets = sum(b.num_targets for b in micro)
-                if ctx.enabled:  # the loss divides by the targets of all ranks; ranks stop together
-                    n_all, stops = ctx.all_sum([n_targets, stop.requested])
-                    if stops:
-                        stream.load_state_dict(rewind[0])
-                        interrupted = True
-                        break
-                    n_targets = int(n_all)
-                optimizer.zero_grad(set_to_none=True)
-                nll_total = 0.0
-                for i, batch in enumerate(micro):
-                    batch = _to_device(batch, device)
-                    # gradients are all-reduced once per optimizer step, after the last micro-batch
-                    last = i == len(micro) - 1
-                    with (ddp.no_sync() if ctx.enabled and not last else contextlib.nullcontext()):
-                        with autocast(device, use_amp):
-                            logits, new_state, penalty = forward(batch.ids, batch.positions, batch.reset, state,
-                                                                 batch.token_mask)
-                        nll = token_nll(logits, batch.targets)
-                        loss = nll / max(n_targets, 1)
-                        if ctx.enabled:
-                            loss = loss * ctx.world_size  # DDP averages gradients over ranks
-                        if penalty is not None:
-                            loss = loss + cfg.gate_lambda * penalty / cfg.grad_accum
-                        loss.backward()
-                    state = [m.detached() for m in new_state]
-                    nll_total += float(nll.detach())
-                if cfg.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            except KeyboardInterrupt:
-                if ctx.enabled:  # other ranks may be inside a collective: no way to save together
-                    raise
-                stream.load_state_dict(rewind[0])
-                state = rewind[1]
-                _set_rng_state(rewind[2])  # dropout may have drawn numbers in the unfinished step
-                interrupted = True
-                break
-            optimizer.step()
-            scheduler.step()
-            step += 1
-            seconds = time.perf_counter() - step_start  # time in training steps only (no evals, saves)
-            train_seconds += seconds
-            interval["seconds"] += seconds
-            train_targets += n_targets
-            interval["nll"] += nll_total
-            interval["targets"] += n_targets
-            bar.update(1)
-
-            if step % cfg.log_every == 0 or step == total:
-                elapsed = interval["seconds"]
-                interval_nll = ctx.all_sum([interval["nll"]])[0]  # targets are already global
-                last_loss = interval_nll / max(interval["targets"], 1)
-                gates = model.gate_values()
-                record = {"step": step, "epoch": stream.epoch, "loss": last_loss,
-                          "lr": scheduler.get_last_lr()[0], "tokens": interval["targets"],
-                          "tokens_per_s": interval["targets"] / elapsed if elapsed > 0 else None,
-                          "gates": gates.cpu().tolist() if gates is not None else None}
-                postfix = dict(loss=f"{last_loss:.3f}", tok_s=f"{record['tokens_per_s'] or 0:.0f}")
-                if cfg.horizon_warmup:
-                    record["horizons"] = list(model.active_horizons())
-                    postfix["mem"] = "/".join(map(str, record["horizons"]))
-                if resumed_from is not None:  # this interval began at the resume, not at a log boundary
-                    record.update(resumed_from=resumed_from, interval_steps=step - resumed_from)
-                    resumed_from = None
-                metrics.log(record)
-                bar.set_postfix(**postfix)
-                interval = {"nll": 0.0, "targets": 0, "seconds": 0.0}
-            if cfg.eval_every and step % cfg.eval_every == 0 and val_pieces:
-                last_eval = validate()
-                if progress and main:
-                    bar.write(f"step {step}: val ppl {last_eval['ppl']:.3f} (nll {last_eval['nll']:.4f})",
-                              file=sys.stderr)
-            if save_every and step % save_every == 0:
-                save_latest()
-                saved_step = step
-    bar.close()
-    model.set_horizons(model_cfg.horizons)
-
-    if not interrupted and val_pieces and (last_eval is None or last_eval["step"] != step):
-        last_eval = validate()
-        saved_step = None  # best_val_nll changed: the trainer state must record it
-    if saved_step != step:
-        save_latest()
-    metrics.close()
-    # the slowest rank sets the pace; peak memory is per process (the largest of any rank)
-    train_seconds, train_peak = ctx.all_max([train_seconds, train_memory.peak_bytes])
-    eval_fields = dict.fromkeys(("ppl", "nll", "tokens", "pieces", "tokens_per_s", "peak_memory_bytes",
-                                 "nll_by_position"))
-    eval_fields["state_bytes"] = state_bytes(model, 1, bpv)
-    eval_fields.update({k: v for k, v in (last_eval or {}).items() if k != "step"})
-    return {
-        **eval_fields,
-        "steps": step,
-        "epoch": stream.epoch,
-        "train_loss": last_loss,
-        "train_tokens_per_s": train_targets / train_seconds if train_seconds else None,
-        "train_peak_memory_bytes": int(train_peak),
-        "train_memory_method": train_memory.method,
-        "train_state_bytes": model_cfg.state_bytes(cfg.batch_size, bpv),
-        "best_val_nll": best_nll if math.isfinite(best_nll) else None,
-        "interrupted": interrupted,
-        "world_size": ctx.world_size,
-        "run_dir": str(run_dir),
-    }
+    def finish(self, train_memory: PeakMemory) -> dict:
+        """The last validation and save (unless this step has them), then train()'s result."""
+        cfg, ctx, s = self.cfg, self.ctx, self.state
+        self.model.set_horizons(self.model_cfg.horizons)
+        if not s.interrupted and self.val_pieces and (s.last_eval is None or s.last_eval["step"] != s.step):
+            s.last_eval = self.validate()
+            s.saved_step = None  # best_val_nll changed: the trainer state must record it
+        if s.saved_step != s.step:
+            self.save_latest()
+        self.metrics.close()
+        # the slowest rank sets the pace; peak memory is per process (the largest of any rank)
+        train_seconds, train_peak = ctx.all_max([s.train_seconds, train_memory.peak_bytes])
+        bpv = 2 if self.use_amp else 4
+        eval_fields = dict.fromkeys(("ppl", "nll", "tokens", "pieces", "tokens_per_s", "peak_memory_bytes",
+                                     "nll_by_position"))
+        eval_fields["state_bytes"] = state_bytes(self.model, 1, bpv)
+        eval_fields.update({k: v for k, v in (s.last_eval or {}).items() if k != "step"})
+        return {
+            **eval_fields,
+            "steps": s.step,
+            "epoch": self.stream.epoch,
+            "train_loss": s.last_loss,
+            "train_tokens_per_s": s.train_targets / train_seconds if train_seconds else None,
+            "train_peak_memory_bytes": int(train_peak),
+            "train_memory_method": train_memory.method,
+            "train_state_bytes": self.model_cfg.state_bytes(cfg.batch_size, bpv),
+            "best_val_nll": s.best_nll if math.isfinite(s.best_nll) else None,
+            "interrupted": s.interrupted,
+            "world_size": ctx.world_size,
+            "run_dir": str(self.run_dir),
+        }

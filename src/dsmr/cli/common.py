@@ -1,4 +1,5 @@
-"""Options every command spells the same way: --weights, --device, --no-progress (and old spellings).
+"""Options every command spells the same way: --weights, --device, --threads, --no-progress (and old
+spellings); and `add_options`, which builds command-line options from config dataclass fields (dsmr.options).
 
 Standard library only (keeps `dsmr --help` fast). An old spelling keeps working for one release and
 prints a deprecation message on stderr when used.
@@ -7,6 +8,7 @@ prints a deprecation message on stderr when used.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
 WEIGHTS = ("best", "latest")
@@ -42,3 +44,72 @@ def add_device(parser, help: str = "auto (cuda if available, else cpu), cpu, cud
 def add_no_progress(parser, help: str = "no progress bar on stderr") -> None:
     """--no-progress (dest `progress`, True unless given)."""
     parser.add_argument("--no-progress", dest="progress", action="store_false", help=help)
+
+
+def add_threads(parser, default: int = 0, help: str = "") -> None:
+    """--threads N (dest `threads`): torch's CPU threads in this process (intra-op); 0 = torch's own choice.
+    The default differs by command (apply with set_threads): 0 for train and eval; 1 for generate (one-token
+    steps are too small to share) and for each study variant (small models on a shared machine)."""
+    default_text = "torch's choice" if default == 0 else str(default)
+    parser.add_argument("--threads", type=int, default=default, metavar="N",
+                        help=f"CPU threads for torch, 0 = torch's choice (default {default_text}{help})")
+
+
+def set_threads(threads: int | None) -> None:
+    """Apply --threads: N >= 1 sets torch's CPU threads; 0 or None leaves torch's choice."""
+    from dsmr.errors import DsmrError
+
+    if threads is None or threads == 0:
+        return
+    if threads < 0:
+        raise DsmrError(f"--threads must be >= 0 (0: torch's choice), got {threads}")
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def add_options(parser, config_cls, names, given_only: bool = False) -> None:
+    """Add the options of the dataclass `config_cls` named `names` (fields made with dsmr.options.option),
+    each into the dest of its field's name.
+
+    `given_only`: every option defaults to None, so that the caller can tell the options given from the
+    others (`dsmr train --resume` changes only those); the help still shows the field's default."""
+    fields = {f.name: f for f in dataclasses.fields(config_cls)}
+    for name in names:
+        field = fields[name]
+        meta = field.metadata
+        default = None if given_only else field.default
+        if field.type in ("bool", bool):
+            flag = meta["flag"] or ("--no-" if field.default else "--") + name.replace("_", "-")
+            parser.add_argument(flag, dest=name, action="store_const", const=not field.default, default=default,
+                                help=meta["help"])
+            if meta["negative"]:
+                parser.add_argument(meta["negative"], dest=name, action="store_const", const=field.default,
+                                    default=default, help=meta["negative_help"])
+            continue
+        flag = meta["flag"] or "--" + name.replace("_", "-")
+        kwargs = {"type": meta["type"] or _field_type(field)}
+        if meta["choices"]:
+            kwargs["choices"] = meta["choices"]
+        if meta["metavar"]:
+            kwargs["metavar"] = meta["metavar"]
+        parser.add_argument(flag, dest=name, default=default, help=_help(field), **kwargs)
+        for old in meta["deprecated"]:
+            parser.add_argument(old, dest=name, action=DeprecatedAlias, new=flag, **kwargs)
+
+
+def _field_type(field) -> type:
+    """int, float, str or bool from a field's annotation ("int | None" -> int); others need option(type=)."""
+    annotation = field.type if isinstance(field.type, str) else getattr(field.type, "__name__", "")
+    base = annotation.split("|")[0].strip()
+    types = {"int": int, "float": float, "str": str, "bool": bool}
+    if base not in types:
+        raise TypeError(f"option {field.name}: give option(type=...) for a {annotation} field")
+    return types[base]
+
+
+def _help(field) -> str:
+    text, shown = field.metadata["default_text"], field.default
+    if text is None and shown is not None:
+        text = str(shown)
+    return f"{field.metadata['help']} (default {text})" if text else field.metadata["help"]

@@ -6,7 +6,7 @@ import argparse
 import json
 import math
 
-from dsmr.cli.common import add_device, add_no_progress, add_weights
+from dsmr.cli.common import add_device, add_no_progress, add_threads, add_weights
 
 
 def register(subparsers) -> None:
@@ -26,7 +26,7 @@ def register(subparsers) -> None:
                    help="tokens per segment (default: the run's; a different one changes the context)")
     p.add_argument("--max-pieces", type=int, default=None, help="evaluate the first N pieces only")
     add_device(p)
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    add_threads(p)
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     add_no_progress(p)
     p.set_defaults(func=run)
@@ -35,7 +35,7 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from dsmr.cache import TokenCache
     from dsmr.checkpoint import check_tokenizer, load_model
-    from dsmr.cli.train import set_threads
+    from dsmr.cli.common import set_threads
     from dsmr.errors import DsmrError
     from dsmr.evaluate import evaluate, format_report
     from dsmr.runtime import resolve_device

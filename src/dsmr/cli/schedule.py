@@ -1,7 +1,7 @@
 """`dsmr schedule show`: print a horizon schedule as a table (or JSON), optionally as a bar figure.
 
-`add_schedule_arguments` / `schedule_from_args` are shared with `dsmr train`, so every command spells
-the schedule options the same way.
+Its schedule options, and their defaults (the paper's main setting: 6 layers, two-scale, budget
+2560 = 2 x 1024 + 4 x 128), are dsmr train's: both are built from dsmr.train_config.TrainConfig.
 """
 
 from __future__ import annotations
@@ -11,41 +11,6 @@ import json
 from pathlib import Path
 
 from dsmr.errors import DsmrError
-
-# Defaults: the paper's main setting (6 layers, two-scale, budget 2560 = 2 x 1024 + 4 x 128).
-DEFAULT_SCHEDULE = "two-scale"
-DEFAULT_BUDGET = 2560
-DEFAULT_LONG_LAYERS = 2
-DEFAULT_SHORT = 128
-DEFAULT_HORIZON = 1024  # per-layer horizon of the `full` reference
-
-
-def _int_list(text: str) -> list[int]:
-    try:
-        return [int(part) for part in text.replace(" ", "").split(",") if part != ""]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-
-
-def add_schedule_arguments(parser: argparse.ArgumentParser) -> None:
-    """The schedule options (not --layers: the caller owns the model size)."""
-    from dsmr.schedule import KINDS
-
-    group = parser.add_argument_group("schedule")
-    group.add_argument("--schedule", default=DEFAULT_SCHEDULE, choices=KINDS,
-                       help=f"how the budget is spread over layers (default {DEFAULT_SCHEDULE})")
-    group.add_argument("--budget", type=int, default=DEFAULT_BUDGET,
-                       help=f"total horizon in KV positions for uniform/two-scale/binary (default {DEFAULT_BUDGET})")
-    group.add_argument("--long-layers", type=int, default=DEFAULT_LONG_LAYERS,
-                       help=f"two-scale: number of lowest layers with the long horizon (default {DEFAULT_LONG_LAYERS})")
-    group.add_argument("--short", type=int, default=DEFAULT_SHORT,
-                       help=f"two-scale: horizon of the other layers (default {DEFAULT_SHORT})")
-    group.add_argument("--horizon", type=int, default=DEFAULT_HORIZON,
-                       help=f"full: horizon of every layer (default {DEFAULT_HORIZON})")
-    group.add_argument("--memory-layers", type=_int_list, default=None, metavar="I,J,...",
-                       help="binary: the layers (0 = lowest) that share the budget")
-    group.add_argument("--horizons", type=_int_list, default=None, metavar="H0,H1,...",
-                       help="explicit: one horizon per layer, lowest first")
 
 
 def schedule_from_args(args: argparse.Namespace, n_layers: int):
@@ -59,20 +24,22 @@ def schedule_from_args(args: argparse.Namespace, n_layers: int):
         budget=args.budget,
         long_layers=args.long_layers,
         short=args.short,
-        layers=args.memory_layers,
+        layers=args.binary_layers,
         horizons=args.horizons,
     )
 
 
 def register(subparsers) -> None:
+    from dsmr.cli.common import add_options
+    from dsmr.train_config import SCHEDULE_OPTIONS, TrainConfig
+
     parser = subparsers.add_parser("schedule", help="inspect horizon schedules and their state size",
                                    description="Inspect horizon schedules and their recurrent-state size.")
     actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     show = actions.add_parser("show", help="print a schedule as a table (or JSON) and optionally plot it",
                               description="Print a schedule's horizons per layer, its budget and state bytes.")
-    show.add_argument("--layers", type=int, default=6, help="number of layers (default 6)")
-    add_schedule_arguments(show)
-    show.add_argument("--d-model", type=int, default=256, help="model width, for the state size (default 256)")
+    add_options(show, TrainConfig, ("layers", "d_model"))
+    add_options(show.add_argument_group("schedule"), TrainConfig, SCHEDULE_OPTIONS)
     show.add_argument("--batch", type=int, default=1, help="lanes, for the state size (default 1)")
     show.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     show.add_argument("--plot", type=Path, default=None, metavar="OUT.png",

@@ -15,36 +15,16 @@ import json
 import os
 import sys
 
-from dsmr.cli.common import add_no_progress
-from dsmr.cli.schedule import _int_list, add_schedule_arguments
+from dsmr.cli.common import add_no_progress, add_options, add_threads, set_threads
 
-
-def _float_pair(text: str) -> tuple[float, float]:
-    try:
-        values = tuple(float(x) for x in text.split(","))
-    except ValueError:
-        values = ()
-    if len(values) != 2:
-        raise argparse.ArgumentTypeError(f"expected two numbers like 0.9,0.95, got {text!r}")
-    return values
-
-# TrainConfig fields set from options of the same name (argparse dest).
-_FIELDS = (
-    "schedule", "budget", "long_layers", "short", "horizon", "binary_layers", "horizons",
-    "layers", "d_model", "heads", "d_ff", "dropout", "tie_embeddings",
-    "head_dim", "rotary_fraction", "norm", "init_std", "memory", "horizon_warmup", "embedding_decay", "betas",
-    "gate", "gate_per_head", "gate_init", "gate_lambda",
-    "segment", "batch_size", "baseline", "context",
-    "lr", "min_lr_ratio", "warmup_steps", "weight_decay", "grad_clip", "grad_accum", "steps", "epochs",
-    "eval_every", "eval_at_start", "val_split", "val_pieces", "eval_batch_size", "log_every", "save_every",
-    "tensorboard", "seed", "device", "amp", "compile",
-)
 # Options of the launcher itself: not passed on to the processes it starts.
 _LAUNCH_OPTIONS = ("nproc", "nnodes", "node_rank", "master_addr", "master_port")
 _PARSER: argparse.ArgumentParser | None = None  # the train parser, to rebuild a command line from args
 
 
 def register(subparsers) -> None:
+    from dsmr import train_config as T
+
     p = subparsers.add_parser(
         "train", help="train a DSMR model (full-piece streaming) into a run folder",
         description="Train a DSMR model on the train split of a token cache, streaming whole pieces "
@@ -56,81 +36,18 @@ def register(subparsers) -> None:
     p.add_argument("--json", action="store_true",
                    help="print one JSON object (final validation metrics plus steps) on stdout")
     add_no_progress(p)
-
-    add_schedule_arguments(p)
-    p.add_argument("--binary-layers", dest="memory_layers", type=_int_list, metavar="I,J,...",
-                   help="binary: the layers sharing the budget (same as --memory-layers)")
-    # None marks "not given", so --resume can tell explicit options from defaults (filled from TrainConfig).
-    p.set_defaults(schedule=None, budget=None, long_layers=None, short=None, horizon=None)
-
-    m = p.add_argument_group("model")
-    m.add_argument("--layers", type=int, help="decoder blocks (default 6)")
-    m.add_argument("--d-model", type=int, help="model width (default 256)")
-    m.add_argument("--heads", type=int, help="attention heads (default 4)")
-    m.add_argument("--d-ff", type=int, help="feed-forward width (default 4 x d-model)")
-    m.add_argument("--dropout", type=float, help="dropout (default 0)")
-    m.add_argument("--tie-embeddings", dest="tie_embeddings", action="store_const", const=True,
-                   help="output head tied to the token embedding (default: a separate head)")
-    m.add_argument("--no-tie-embeddings", dest="tie_embeddings", action="store_const", const=False,
-                   help="a separate output head (the default)")
-    m.add_argument("--head-dim", type=int, help="width of each attention head (default d-model / heads)")
-    m.add_argument("--rotary-fraction", type=float, help="share of each head's dims rotated by RoPE (default 1)")
-    m.add_argument("--norm", choices=("layernorm", "rmsnorm"), help="normalization layers (default layernorm)")
-    m.add_argument("--init-std", type=float, help="std of the initial weights (default 0.02)")
-    m.add_argument("--memory", choices=("kv", "hidden"),
-                   help="what the memory holds in training: hidden (default) = detached layer inputs, projected "
-                        "with the current weights every segment; kv = detached keys/values (faster)")
-    m.add_argument("--horizon-warmup", type=int, metavar="STEPS",
-                   help="horizon curriculum: every layer's horizon grows linearly from 0 to its schedule "
-                        "over the first STEPS steps (default 0: the full schedule from the start)")
-
-    g = p.add_argument_group("learned gates")
-    g.add_argument("--gate", choices=("none", "soft", "ste"), help="gate on memory attention (default none)")
-    g.add_argument("--gate-per-head", action="store_const", const=True, help="one gate per head, not per layer")
-    g.add_argument("--gate-init", type=float, help="initial gate logit (default 3: sigmoid ~ 0.95)")
-    g.add_argument("--gate-lambda", type=float, help="weight of the budget penalty (default 0)")
-
-    d = p.add_argument_group("data")
-    d.add_argument("--segment", type=int, help="tokens per segment (default 256)")
-    d.add_argument("--batch-size", type=int, help="lanes per batch (default 8)")
-    d.add_argument("--baseline", choices=("excerpt",),
-                   help="full-attention reference: no memory, fixed-length excerpts of --context tokens")
-    d.add_argument("--context", type=int, help="excerpt length for --baseline excerpt (default: --segment)")
-
-    o = p.add_argument_group("optimization")
-    o.add_argument("--lr", type=float, help="peak learning rate (default 1e-3)")
-    o.add_argument("--min-lr-ratio", type=float, help="cosine decay floor as a fraction of --lr (default 0.1)")
-    o.add_argument("--warmup-steps", type=int, help="linear warmup steps (default 5%% of the steps, <= 500)")
-    o.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 0.1)")
-    o.add_argument("--no-embedding-decay", dest="embedding_decay", action="store_const", const=False,
-                   help="no weight decay on the token embedding (matrices of the blocks keep it)")
-    o.add_argument("--betas", type=_float_pair, metavar="B1,B2", help="AdamW betas (default 0.9,0.95)")
-    o.add_argument("--grad-clip", type=float, help="gradient norm clip, 0 = off (default 1.0)")
-    o.add_argument("--grad-accum", type=int, help="segment batches per optimizer step (default 1)")
-    length = o.add_mutually_exclusive_group()
-    length.add_argument("--steps", type=int, help="optimizer steps (default 1000)")
-    length.add_argument("--epochs", type=int, help="passes over every training piece")
-
-    e = p.add_argument_group("evaluation and logging")
-    e.add_argument("--eval-every", type=int, help="steps between full-piece validations, 0 = end only (default 250)")
-    e.add_argument("--eval-at-start", action="store_const", const=True, help="also validate at step 0")
-    e.add_argument("--val-split", help="split to validate on (default validation)")
-    e.add_argument("--val-pieces", type=int, help="validate on the first N pieces only (default all)")
-    e.add_argument("--eval-batch-size", type=int, help="lanes for validation (default --batch-size)")
-    e.add_argument("--log-every", type=int, help="steps between metrics.jsonl records (default 10)")
-    e.add_argument("--save-every", type=int, help="steps between checkpoint saves (default --eval-every)")
-    e.add_argument("--no-tensorboard", dest="tensorboard", action="store_const", const=False,
-                   help="no TensorBoard logs even when tensorboard is installed")
-
-    r = p.add_argument_group("runtime")
-    r.add_argument("--seed", type=int, help="seed for initialization and data order (default 0)")
-    r.add_argument("--device", help="auto, cpu, cuda, cuda:1, ... (default auto)")
-    r.add_argument("--no-amp", dest="amp", action="store_const", const=False, help="no bf16 autocast on CUDA")
-    r.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for torch (default: torch's choice; 1 is fastest for small models "
-                        "on a busy machine)")
-    r.add_argument("--compile", action="store_const", const=True,
-                   help="torch.compile the model for training (worth it on GPUs for long runs)")
+    # Every TrainConfig option defaults to None here ("not given"), so --resume can tell explicit options
+    # from defaults; the defaults themselves come from TrainConfig.
+    groups = [("schedule", T.SCHEDULE_OPTIONS), ("model", T.MODEL_OPTIONS), ("learned gates", T.GATE_OPTIONS),
+              ("data", T.DATA_OPTIONS), ("optimization", T.OPTIMIZATION_OPTIONS),
+              ("evaluation and logging", T.EVALUATION_OPTIONS), ("runtime", T.RUNTIME_OPTIONS)]
+    for title, names in groups:
+        group = p.add_argument_group(title)
+        add_options(group, T.TrainConfig, names, given_only=True)
+        if title == "optimization":
+            add_options(group.add_mutually_exclusive_group(), T.TrainConfig, T.LENGTH_OPTIONS, given_only=True)
+        if title == "runtime":
+            add_threads(group, help="; 1 is fastest for small models on a busy machine")
 
     n = p.add_argument_group("several processes (DistributedDataParallel; see docs/distributed.md)")
     n.add_argument("--nproc", type=int, help="start N training processes on this machine through torchrun "
@@ -145,31 +62,35 @@ def register(subparsers) -> None:
 
 
 def _explicit_options(args: argparse.Namespace) -> dict:
-    given = {name: getattr(args, name) for name in _FIELDS
-             if name != "binary_layers" and getattr(args, name, None) is not None}
-    if args.memory_layers is not None:
-        given["binary_layers"] = tuple(args.memory_layers)
+    """The TrainConfig options given on the command line."""
+    import dataclasses
+
+    from dsmr.train_config import TrainConfig
+
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+             if getattr(args, f.name, None) is not None}
     if "horizons" in given:
         given["horizons"] = tuple(given["horizons"])
         given.setdefault("schedule", "explicit")
     if "binary_layers" in given:
+        given["binary_layers"] = tuple(given["binary_layers"])
         given.setdefault("schedule", "binary")
     return given
-
-
-_FLOAT_OPTIONS = ("dropout", "rotary_fraction", "init_std", "gate_init", "gate_lambda", "lr", "min_lr_ratio",
-                  "weight_decay", "grad_clip")
 
 
 def _check_values(args: argparse.Namespace) -> None:
     """DsmrError (exit 2) for values argparse lets through: NaN and infinities, a negative seed, an --out
     that is a file or cannot be written."""
+    import dataclasses
     import math
 
     from dsmr.errors import DsmrError
     from dsmr.files import check_output_folder
 
-    for name in _FLOAT_OPTIONS:
+    from dsmr.train_config import TrainConfig
+
+    floats = [f.name for f in dataclasses.fields(TrainConfig) if f.type == "float"]
+    for name in floats:
         value = getattr(args, name, None)
         if value is not None and not math.isfinite(value):
             raise DsmrError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
@@ -178,17 +99,6 @@ def _check_values(args: argparse.Namespace) -> None:
     if args.seed is not None and not 0 <= args.seed < 2**63:
         raise DsmrError(f"--seed must be a whole number >= 0, got {args.seed}")
     check_output_folder(args.out, "--out")
-
-
-def set_threads(threads: int | None) -> None:
-    from dsmr.errors import DsmrError
-
-    if threads is not None:
-        if threads < 1:
-            raise DsmrError(f"--threads must be >= 1, got {threads}")
-        import torch
-
-        torch.set_num_threads(threads)
 
 
 def relaunch_argv(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> list[str]:

@@ -1,0 +1,200 @@
+"""The options of a training run (TrainConfig), defined once: each field holds its default, its help and
+its command-line spelling (dsmr.options), and `dsmr train` builds its options from them. Also what a run
+derives from them: its memory schedule, its model config and its config.json.
+
+Standard library only at import time (plus dsmr.schedule): `dsmr --help` must not import torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+
+from dsmr import __version__
+from dsmr.configs import dataclass_from_dict
+from dsmr.errors import DsmrError
+from dsmr.options import float_pair, int_list, option
+from dsmr.schedule import KINDS, Schedule, make_schedule
+
+DEFAULT_STEPS = 1000  # when neither steps nor epochs is given
+# Options that may change when a run is resumed: they do not change what the model computes.
+RESUMABLE_CHANGES = ("steps", "epochs", "eval_every", "eval_at_start", "val_pieces", "eval_batch_size",
+                     "log_every", "save_every", "device", "tensorboard", "compile")
+# Values that reproduce runs saved before an option existed (config.json files without its key).
+LEGACY_DEFAULTS = {"head_dim": None, "rotary_fraction": 1.0, "norm": "layernorm", "init_std": 0.02, "memory": "kv",
+                   "horizon_warmup": 0, "embedding_decay": True}
+GATE_KINDS = ("none", "soft", "ste")  # dsmr.model.GATES, spelled here so that parsers need not import torch
+
+# The groups of options, in the order `dsmr train --help` lists them.
+SCHEDULE_OPTIONS = ("schedule", "budget", "long_layers", "short", "horizon", "binary_layers", "horizons")
+MODEL_OPTIONS = ("layers", "d_model", "heads", "d_ff", "dropout", "tie_embeddings", "head_dim", "rotary_fraction",
+                 "norm", "init_std", "memory", "horizon_warmup")
+GATE_OPTIONS = ("gate", "gate_per_head", "gate_init", "gate_lambda")
+DATA_OPTIONS = ("segment", "batch_size", "baseline", "context")
+OPTIMIZATION_OPTIONS = ("lr", "min_lr_ratio", "warmup_steps", "weight_decay", "embedding_decay", "betas",
+                        "grad_clip", "grad_accum")
+LENGTH_OPTIONS = ("steps", "epochs")  # one or the other
+EVALUATION_OPTIONS = ("eval_every", "eval_at_start", "val_split", "val_pieces", "eval_batch_size", "log_every",
+                      "save_every", "tensorboard")
+RUNTIME_OPTIONS = ("seed", "device", "amp", "compile")
+
+
+@dataclass
+class TrainConfig:
+    # model
+    layers: int = option(6, "decoder blocks")
+    d_model: int = option(256, "model width")
+    heads: int = option(4, "attention heads")
+    d_ff: int | None = option(None, "feed-forward width", default_text="4 x d-model")
+    dropout: float = option(0.0, "dropout", default_text="0")
+    # untied output head: -1.2 PPL at +6% parameters (docs/training.md)
+    tie_embeddings: bool = option(False, "output head tied to the token embedding (default: a separate head)",
+                                  negative="--no-tie-embeddings", negative_help="a separate output head (the default)")
+    head_dim: int | None = option(None, "width of each attention head", default_text="d-model / heads")
+    rotary_fraction: float = option(1.0, "share of each head's dims rotated by RoPE", default_text="1")
+    norm: str = option("layernorm", "normalization layers", choices=("layernorm", "rmsnorm"))
+    init_std: float = option(0.02, "std of the initial weights")
+    memory: str = option("hidden", "what the memory holds in training: hidden (default) = detached layer inputs, "
+                                   "projected with the current weights every segment (memory pays, docs/training.md); "
+                                   "kv = detached keys/values (faster)", choices=("kv", "hidden"), default_text="")
+    # memory schedule (dsmr.schedule.make_schedule): two-scale 2 x 1024 + 4 x 128 = 2560 by default
+    schedule: str = option("two-scale", "how the budget is spread over layers", choices=KINDS)
+    budget: int | None = option(2560, "total horizon in KV positions for uniform/two-scale/binary")
+    long_layers: int | None = option(2, "two-scale: number of lowest layers with the long horizon")
+    short: int | None = option(128, "two-scale: horizon of the other layers")
+    horizon: int | None = option(1024, "full: horizon of every layer")
+    binary_layers: tuple[int, ...] | None = option(
+        None, "binary: the layers (0 = lowest) that share the budget", type=int_list, metavar="I,J,...",
+        deprecated=("--memory-layers",))
+    horizons: tuple[int, ...] | None = option(None, "explicit: one horizon per layer, lowest first", type=int_list,
+                                              metavar="H0,H1,...")
+    # learned gates on memory attention
+    gate: str = option("none", "gate on memory attention", choices=GATE_KINDS)
+    gate_per_head: bool = option(False, "one gate per head, not per layer")
+    gate_init: float = option(3.0, "initial gate logit", default_text="3: sigmoid ~ 0.95")
+    gate_lambda: float = option(0.0, "weight of the budget penalty", default_text="0")
+    horizon_warmup: int = option(0, "horizon curriculum: every layer's horizon grows linearly from 0 to its schedule "
+                                    "over the first STEPS steps", metavar="STEPS",
+                                 default_text="0: the full schedule from the start")
+    # data
+    segment: int = option(256, "tokens per segment")
+    batch_size: int = option(8, "lanes per batch")
+    baseline: str | None = option(None, "full-attention reference: no memory, fixed-length excerpts of --context "
+                                        "tokens", choices=("excerpt",))
+    context: int | None = option(None, "excerpt length for --baseline excerpt", default_text="--segment")
+    # optimization
+    lr: float = option(1e-3, "peak learning rate", default_text="1e-3")
+    min_lr_ratio: float = option(0.1, "cosine decay floor as a fraction of --lr")
+    warmup_steps: int | None = option(None, "linear warmup steps", default_text="5%% of the steps, <= 500")
+    weight_decay: float = option(0.1, "AdamW weight decay")
+    embedding_decay: bool = option(True, "no weight decay on the token embedding (matrices of the blocks keep it; "
+                                         "norms and gates never have it)")
+    betas: tuple[float, float] = option((0.9, 0.95), "AdamW betas", type=float_pair, metavar="B1,B2",
+                                        default_text="0.9,0.95")
+    grad_clip: float = option(1.0, "gradient norm clip, 0 = off")
+    grad_accum: int = option(1, "segment batches per optimizer step")
+    steps: int | None = option(None, "optimizer steps", default_text=str(DEFAULT_STEPS))
+    epochs: int | None = option(None, "passes over every training piece")
+    # evaluation and logging
+    eval_every: int = option(250, "steps between full-piece validations, 0 = end only")
+    eval_at_start: bool = option(False, "also validate the untrained model (step 0)")
+    val_split: str | None = option("validation", "split to validate on")  # None: no validation (benchmarks)
+    val_pieces: int | None = option(None, "validate on the first N pieces only", default_text="all")
+    eval_batch_size: int | None = option(None, "lanes for validation", default_text="--batch-size")
+    log_every: int = option(10, "steps between metrics.jsonl records")
+    save_every: int | None = option(None, "steps between checkpoint saves", default_text="--eval-every")
+    tensorboard: bool = option(True, "no TensorBoard logs even when tensorboard is installed")
+    # runtime
+    seed: int = option(0, "seed for initialization and data order")
+    device: str = option("auto", "auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
+    amp: bool = option(True, "no bf16 autocast on CUDA (CPU stays fp32 anyway)")
+    compile: bool = option(False, "torch.compile the model for training (worth it on GPUs for long runs)")
+
+    def __post_init__(self) -> None:
+        for name in ("binary_layers", "horizons", "betas"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, tuple(value))
+
+    def validate(self) -> None:
+        problems = []
+
+        def positive(name):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                problems.append(f"{name} must be a positive integer, got {value!r}")
+
+        for name in ("layers", "d_model", "heads", "segment", "batch_size", "grad_accum", "steps", "epochs",
+                     "context", "val_pieces", "eval_batch_size", "log_every", "save_every"):
+            positive(name)
+        if self.steps is not None and self.epochs is not None:
+            problems.append("give steps or epochs, not both")
+        if self.baseline not in (None, "excerpt"):
+            problems.append(f"baseline must be 'excerpt' or unset, got {self.baseline!r}")
+        if self.gate not in GATE_KINDS:
+            problems.append(f"gate must be one of {', '.join(GATE_KINDS)}, got {self.gate!r}")
+        if self.baseline and self.gate != "none":
+            problems.append("the excerpt baseline has no memory, so no gates")
+        if not self.lr > 0:
+            problems.append(f"lr must be > 0, got {self.lr}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            problems.append(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        for name in ("weight_decay", "grad_clip", "gate_lambda", "eval_every"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            problems.append(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if not isinstance(self.horizon_warmup, int) or self.horizon_warmup < 0:
+            problems.append(f"horizon_warmup must be an integer >= 0, got {self.horizon_warmup!r}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            problems.append(f"betas must be two numbers in [0, 1), got {self.betas}")
+        if problems:
+            raise DsmrError("train config: " + "; ".join(problems))
+
+    def to_dict(self) -> dict:
+        return json.loads(json.dumps(dataclasses.asdict(self)))  # tuples -> lists, as in config.json
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        """From a config.json "train" section; keys it lacks (older runs) take their LEGACY_DEFAULTS."""
+        return dataclass_from_dict(cls, {**LEGACY_DEFAULTS, **d}, "train config")
+
+    @property
+    def segment_len(self) -> int:
+        """Tokens per segment in training and evaluation (the context for the excerpt baseline)."""
+        return (self.context or self.segment) if self.baseline else self.segment
+
+
+def make_run_schedule(cfg: TrainConfig) -> Schedule:
+    if cfg.baseline:
+        return make_schedule("none", cfg.layers)
+    return make_schedule(cfg.schedule, cfg.layers, horizon=cfg.horizon, budget=cfg.budget,
+                         long_layers=cfg.long_layers, short=cfg.short, layers=cfg.binary_layers,
+                         horizons=cfg.horizons)
+
+
+def make_model_config(cfg: TrainConfig, vocab_size: int):
+    """The DSMRConfig of a run."""
+    from dsmr.model import DSMRConfig
+
+    return DSMRConfig(vocab_size=vocab_size, n_layers=cfg.layers, d_model=cfg.d_model, n_heads=cfg.heads,
+                      d_ff=cfg.d_ff, dropout=cfg.dropout, tie_embeddings=cfg.tie_embeddings,
+                      horizons=make_run_schedule(cfg).horizons, gate=cfg.gate, gate_per_head=cfg.gate_per_head,
+                      gate_init=cfg.gate_init, norm=cfg.norm, head_dim=cfg.head_dim,
+                      rotary_fraction=cfg.rotary_fraction, init_std=cfg.init_std, memory=cfg.memory)
+
+
+def run_config(cfg: TrainConfig, model_cfg, tokenizer, cache) -> dict:
+    """The config.json of a run: enough to rebuild the model and tokenizer, and to check a resume."""
+    schedule = make_run_schedule(cfg)
+    return {
+        "dsmr_version": __version__,
+        "model": model_cfg.to_dict(),
+        "schedule": schedule.to_dict(),
+        "tokenizer": tokenizer.config(),
+        "tokenizer_hash": tokenizer.config_hash(),
+        "segment_len": cfg.segment_len,
+        "train": cfg.to_dict(),
+        "cache": str(cache.path),
+    }
