@@ -56,3 +56,69 @@ def test_weights_and_the_deprecated_which(argv, capsys):
     assert "--which is deprecated" in err and "--weights" in err
     with pytest.raises(SystemExit):
         parser.parse_args(argv + ["--which", "newest"])
+
+
+def test_threads_is_one_convention():
+    """--threads N: torch's CPU threads, 0 = torch's choice; the default is the command's (dsmr.cli.common)."""
+    defaults = {"train": 0, "eval": 0, "generate": 1, "study": 1}
+    for name, p in _subparsers().items():
+        action = _options(p).get("--threads")
+        if action is None:
+            continue
+        assert action.type is int and "0 = torch's choice" in action.help, name
+        assert action.default == defaults.pop(name), name
+    assert not defaults  # every command above has it
+
+
+def test_set_threads(monkeypatch):
+    import torch
+
+    from dsmr.cli.common import set_threads
+    from dsmr.errors import DsmrError
+
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    set_threads(0)
+    set_threads(None)
+    set_threads(3)
+    assert calls == [3]
+    with pytest.raises(DsmrError, match="--threads must be >= 0"):
+        set_threads(-1)
+
+
+@pytest.mark.parametrize("argv", [["schedule", "show"], ["train", "--cache", "C", "--out", "R"]])
+def test_binary_layers_and_the_deprecated_memory_layers(argv, capsys):
+    parser = build_parser()
+    assert parser.parse_args(argv + ["--binary-layers", "0,2"]).binary_layers == [0, 2]
+    assert capsys.readouterr().err == ""
+    assert parser.parse_args(argv + ["--memory-layers", "1,3"]).binary_layers == [1, 3]
+    err = capsys.readouterr().err
+    assert "--memory-layers is deprecated" in err and "--binary-layers" in err
+
+
+def test_options_come_from_the_config_fields():
+    """dsmr train and schedule show take their defaults and help from TrainConfig, dsmr study from StudyConfig."""
+    import dataclasses
+
+    from dsmr.study import SHARED_OPTIONS, StudyConfig
+    from dsmr.train_config import TrainConfig
+
+    train = _options(_subparsers()["train"])
+    for field in dataclasses.fields(TrainConfig):
+        flags = [a for a in train.values() if a.dest == field.name]
+        assert flags, field.name  # every option of a run can be given on the command line
+        assert all(a.default is None for a in flags), field.name  # "not given", for --resume
+    schedule = build_parser().parse_args(["schedule", "show"])
+    assert (schedule.layers, schedule.budget, schedule.short) == (TrainConfig.layers, TrainConfig.budget,
+                                                                  TrainConfig.short)
+    study = build_parser().parse_args(["study"])
+    for name in SHARED_OPTIONS:
+        assert getattr(study, name) == getattr(StudyConfig, name), name
+
+
+def test_study_merge_is_a_subcommand():
+    parser = build_parser()
+    args = parser.parse_args(["study", "merge", "OUT", "A", "B", "--json"])
+    assert (args.func.__name__, args.out, args.dirs, args.json) == ("run_merge", "OUT", ["A", "B"], True)
+    args = parser.parse_args(["study", "--cache", "C", "--out", "S"])
+    assert args.func.__name__ == "run" and args.out == "S"

@@ -37,6 +37,7 @@ from dsmr import __version__
 from dsmr.atomic import atomic_path, atomic_write_json, atomic_write_text
 from dsmr.configs import dataclass_from_dict
 from dsmr.errors import DsmrError
+from dsmr.options import option
 
 STUDY_FILE = "study.json"
 RESULTS_DIR = "results"
@@ -46,41 +47,50 @@ REFERENCE = "full"
 BASELINE = "excerpt"
 
 
+# The study options of `dsmr study`, in the order its help lists them.
+SHARED_OPTIONS = ("layers", "d_model", "heads", "head_dim", "tie_embeddings", "memory", "curriculum", "test",
+                  "segment", "batch_size", "horizon", "budget", "long_layers", "short", "context", "gate_init",
+                  "gate_lambda", "steps", "lr", "eval_every", "val_pieces", "eval_batch_size", "seed")
+
+
 @dataclass
 class StudyConfig:
     """Options every variant shares. The defaults are the published MAESTRO study (docs/study/)."""
 
     # model
-    layers: int = 4
-    d_model: int = 128
-    heads: int = 4
-    head_dim: int | None = None      # None: d_model / heads
-    tie_embeddings: bool = True
-    memory: str = "kv"               # what the state holds in training: "kv" or "hidden"
+    layers: int = option(4, "decoder blocks")
+    d_model: int = option(128, "model width")
+    heads: int = option(4, "attention heads")
+    head_dim: int | None = option(None, "width of each head", default_text="d-model / heads")
+    tie_embeddings: bool = option(True, "separate output head instead of the tied embedding")
+    memory: str = option("kv", "what the memory holds in training (see dsmr train --help)", choices=("kv", "hidden"))
     # data: every variant reads the same lanes of whole pieces in the same order (same seed)
-    segment: int = 128
-    batch_size: int = 8
+    segment: int = option(128, "tokens per segment")
+    batch_size: int = option(8, "lanes")
     # memory: `full` gives every layer `horizon`; the budgeted variants share `budget` KV positions
-    horizon: int = 512
-    budget: int = 1152               # two-scale: 2 x 512 (lowest layers) + 2 x 64
-    long_layers: int = 2
-    short: int = 64
-    context: int | None = None       # excerpt baseline length (None: horizon, the reach of `full`)
+    horizon: int = option(512, "every layer's horizon in `full` and the gated variants")
+    budget: int = option(1152, "KV positions of the budgeted variants")  # two-scale: 2 x 512 + 2 x 64
+    long_layers: int = option(2, "two-scale: layers with the long horizon")
+    short: int = option(64, "two-scale: the short horizon")
+    context: int | None = option(None, "excerpt baseline length", default_text="--horizon, the reach of `full`")
     # learned gates (gate-soft, gate-ste on the full schedule)
-    gate_init: float = 1.0           # sigmoid(1) = 0.73: close enough to 0.5 for a short run to cross it
-    gate_lambda: float = 0.01
-    # the curriculum variants grow every horizon from 0 over this fraction of the steps
-    curriculum: float = 0.5
+    # sigmoid(1) = 0.73: close enough to 0.5 for a short run to cross it
+    gate_init: float = option(1.0, "initial gate logit")
+    gate_lambda: float = option(0.01, "gate budget penalty weight")
+    curriculum: float = option(0.5, "the *-curriculum variants grow their horizons from 0 over this fraction of "
+                                    "the steps")
     # optimization and evaluation
-    steps: int = 800
-    lr: float = 1e-3
-    eval_every: int = 200
-    val_pieces: int | None = 6       # the first N validation pieces, each in full (None: all)
-    eval_batch_size: int | None = None
-    test: bool = False               # also evaluate each final model over the whole validation and test splits
-    seed: int = 0
+    steps: int = option(800, "optimizer steps per variant")
+    lr: float = option(1e-3, "peak learning rate")
+    eval_every: int = option(200, "steps between validations, for the curves")
+    val_pieces: int | None = option(6, "validate on the first N validation pieces, each in full (0 or None: all)")
+    eval_batch_size: int | None = option(None, "lanes for validation", default_text="--batch-size")
+    test: bool = option(False, "also evaluate every final model over the whole validation and test splits "
+                               "(in the tables)")
+    seed: int = option(0, "seed for initialization and data order")
+    # runtime: the command line spells these as every command does (dsmr.cli.common)
     device: str = "cpu"
-    threads: int | None = 1          # torch CPU threads per variant (1 is fastest for small models)
+    threads: int | None = 1          # torch CPU threads per variant (1 is fastest for small models; None: torch's)
 
     def validate(self) -> None:
         problems = []

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from dsmr.cli.common import add_device, add_no_progress, add_weights
+from dsmr.cli.common import add_device, add_no_progress, add_threads, add_weights, set_threads
 from dsmr.errors import DsmrError  # standard library only: keeps `dsmr --help` fast
 
 
@@ -56,8 +56,7 @@ def register(subparsers) -> None:
     runtime.add_argument("--precision", choices=("auto", "float32", "float16"), default="auto",
                          help="float16: projection weights in float16 (about 2x faster on CPU, logits within "
                               "float16 rounding); auto: float16 on CPU, float32 elsewhere")
-    runtime.add_argument("--threads", type=int, default=1, metavar="N",
-                         help="CPU threads (default 1: one-token steps are too small to share; 0: torch's default)")
+    add_threads(runtime, default=1, help=": one-token steps are too small to share")
     runtime.add_argument("--compile", action="store_true",
                          help="torch.compile the one-event decoding step: faster sampling after a one-off "
                               "warm-up (about a minute on a CPU, reported separately); for long pieces")
@@ -85,8 +84,7 @@ def run(args: argparse.Namespace) -> int:
         find_fluidsynth()
         find_soundfont(args.soundfont)
     device = resolve_device(args.device)
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
 
     model, tokenizer, config = load_model(args.checkpoint, device=device, which=args.weights)
     _check_run_tokenizer(args.checkpoint, config, tokenizer)
@@ -167,8 +165,6 @@ def _check_args(args) -> None:
         raise DsmrError(f"--max-seconds must be > 0, got {args.max_seconds}")
     if args.num_samples < 1:
         raise DsmrError(f"--num-samples must be >= 1, got {args.num_samples}")
-    if args.threads < 0:
-        raise DsmrError(f"--threads must be >= 0, got {args.threads}")
     if args.soundfont is not None and args.wav is None:
         raise DsmrError("--soundfont is only used with --wav OUT.wav")
     outputs = [_numbered(p, i, args.num_samples).resolve() for p in (args.out, args.wav, args.pianoroll)

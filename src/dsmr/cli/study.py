@@ -15,13 +15,12 @@ import json
 import shlex
 import sys
 
-from dsmr.cli.common import add_device, add_no_progress
+from dsmr.cli.common import add_device, add_no_progress, add_options, add_threads
 
 
 def register(subparsers) -> None:
-    from dsmr.study import StudyConfig
+    from dsmr.study import SHARED_OPTIONS, StudyConfig
 
-    d = StudyConfig()
     p = subparsers.add_parser(
         "study", help="train memory-schedule variants side by side; tables and figures",
         description="The schedule study: train every variant (full, uniform, two-scale, its inverse, two "
@@ -40,50 +39,20 @@ def register(subparsers) -> None:
                    help="train every variant in this process (faster start; peak-memory figures then "
                         "inherit earlier variants' memory)")
     m = p.add_argument_group("shared model and training options")
-    m.add_argument("--layers", type=int, default=d.layers, help=f"decoder blocks (default {d.layers})")
-    m.add_argument("--d-model", type=int, default=d.d_model, help=f"model width (default {d.d_model})")
-    m.add_argument("--heads", type=int, default=d.heads, help=f"attention heads (default {d.heads})")
-    m.add_argument("--head-dim", type=int, default=d.head_dim, help="width of each head (default d-model / heads)")
-    m.add_argument("--no-tie-embeddings", dest="tie_embeddings", action="store_false",
-                   help="separate output head instead of the tied embedding")
-    m.add_argument("--memory", choices=("kv", "hidden"), default=d.memory,
-                   help=f"what the memory holds in training (default {d.memory}; see dsmr train --help)")
-    m.add_argument("--curriculum", type=float, default=d.curriculum,
-                   help=f"the *-curriculum variants grow their horizons over this fraction of the steps "
-                        f"(default {d.curriculum})")
-    m.add_argument("--test", action="store_true",
-                   help="also evaluate every final model over the whole validation and test splits (in the tables)")
-    m.add_argument("--segment", type=int, default=d.segment, help=f"tokens per segment (default {d.segment})")
-    m.add_argument("--batch-size", type=int, default=d.batch_size, help=f"lanes (default {d.batch_size})")
-    m.add_argument("--horizon", type=int, default=d.horizon,
-                   help=f"every layer's horizon in `full` and the gated variants (default {d.horizon})")
-    m.add_argument("--budget", type=int, default=d.budget,
-                   help=f"KV positions of the budgeted variants (default {d.budget})")
-    m.add_argument("--long-layers", type=int, default=d.long_layers,
-                   help=f"two-scale: layers with the long horizon (default {d.long_layers})")
-    m.add_argument("--short", type=int, default=d.short, help=f"two-scale: the short horizon (default {d.short})")
-    m.add_argument("--context", type=int, default=d.context,
-                   help="excerpt baseline length (default: --horizon)")
-    m.add_argument("--gate-init", type=float, default=d.gate_init, help=f"initial gate logit (default {d.gate_init})")
-    m.add_argument("--gate-lambda", type=float, default=d.gate_lambda,
-                   help=f"gate budget penalty weight (default {d.gate_lambda})")
-    m.add_argument("--steps", type=int, default=d.steps, help=f"optimizer steps per variant (default {d.steps})")
-    m.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate (default {d.lr})")
-    m.add_argument("--eval-every", type=int, default=d.eval_every,
-                   help=f"steps between validations, for the curves (default {d.eval_every})")
-    m.add_argument("--val-pieces", type=int, default=d.val_pieces,
-                   help=f"validate on the first N validation pieces, each in full (default {d.val_pieces}; "
-                        "0 = all)")
-    m.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size, help="lanes for validation")
-    m.add_argument("--seed", type=int, default=d.seed,
-                   help=f"seed for initialization and data order (default {d.seed})")
+    add_options(m, StudyConfig, SHARED_OPTIONS)
     add_device(m)
-    m.add_argument("--threads", type=int, default=d.threads,
-                   help=f"torch CPU threads per variant (default {d.threads})")
+    add_threads(m, default=StudyConfig.threads, help=", per variant")
     p.set_defaults(func=run)
 
-    # `dsmr study merge OUT DIR...`: a positional first word, so the study options stay at top level
-    p.add_argument("merge_args", nargs="*", metavar="merge OUT DIR", help=argparse.SUPPRESS)
+    actions = p.add_subparsers(dest="action", metavar="ACTION")
+    merge = actions.add_parser("merge", help="merge studies run apart (other variants or seeds) into OUT",
+                               description="Merge the finished variants of several study folders into OUT: "
+                                           "results, tables and figures.")
+    merge.add_argument("out", metavar="OUT", help="the merged study folder")
+    merge.add_argument("dirs", nargs="*", metavar="DIR", help="study folders to merge (one or more)")
+    merge.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                       help="print the result rows as one JSON object on stdout")
+    merge.set_defaults(func=run_merge)
 
 
 def _names(text: str) -> list[str]:
@@ -91,30 +60,35 @@ def _names(text: str) -> list[str]:
 
 
 def _config(args):
+    import dataclasses
+
     from dsmr.study import StudyConfig
 
-    return StudyConfig(layers=args.layers, d_model=args.d_model, heads=args.heads, head_dim=args.head_dim,
-                       tie_embeddings=args.tie_embeddings, memory=args.memory, curriculum=args.curriculum,
-                       test=args.test, segment=args.segment,
-                       batch_size=args.batch_size, horizon=args.horizon, budget=args.budget,
-                       long_layers=args.long_layers, short=args.short, context=args.context,
-                       gate_init=args.gate_init, gate_lambda=args.gate_lambda, steps=args.steps, lr=args.lr,
-                       eval_every=args.eval_every, val_pieces=args.val_pieces or None,
-                       eval_batch_size=args.eval_batch_size, seed=args.seed, device=args.device,
-                       threads=args.threads)
+    options = {f.name: getattr(args, f.name) for f in dataclasses.fields(StudyConfig)}
+    # 0 on the command line: all validation pieces, torch's own thread count
+    return StudyConfig(**dict(options, val_pieces=args.val_pieces or None, threads=args.threads or None))
+
+
+def _command() -> str | None:
+    """The command line as typed, for study.json and the tables."""
+    return "dsmr study " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if sys.argv[1:2] == ["study"] else None
+
+
+def run_merge(args: argparse.Namespace) -> int:
+    from dsmr import study
+    from dsmr.errors import DsmrError
+
+    if not args.dirs:
+        raise DsmrError("use `dsmr study merge OUT DIR1 [DIR2 ...]`: give at least one study folder to merge")
+    records = study.merge_studies(args.out, args.dirs, command=_command())
+    return _print(args, study.summarize(records), args.out)
 
 
 def run(args: argparse.Namespace) -> int:
+    from dsmr.cli.common import set_threads
     from dsmr.errors import DsmrError
     from dsmr import study
 
-    command = "dsmr study " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if sys.argv[1:2] == ["study"] else None
-    if args.merge_args:
-        if args.merge_args[0] != "merge" or len(args.merge_args) < 3:
-            raise DsmrError(f"unexpected arguments {args.merge_args}: use `dsmr study merge OUT DIR1 [DIR2 ...]`")
-        out, dirs = args.merge_args[1], args.merge_args[2:]
-        records = study.merge_studies(out, dirs, command=command)
-        return _print(args, study.summarize(records), out)
     cfg = _config(args)
     cfg.validate()
     if args.list:
@@ -127,12 +101,9 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not args.cache or not args.out:
         raise DsmrError("give --cache and --out (or `dsmr study merge OUT DIR...`)")
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
+    set_threads(cfg.threads)
     study.run_study(args.cache, args.out, cfg, variants=args.variants, fresh_process=not args.in_process,
-                    progress=args.progress, command=command)
+                    progress=args.progress, command=_command())
     # the table covers every variant finished in the folder, not only those of this call
     return _print(args, study.summarize(study.collect_results([args.out])), args.out)
 
