@@ -429,7 +429,12 @@ class _Segment:
         if self.reset is not None and valid.shape[1]:
             valid = valid & ~self.reset[:, None]
         first = valid.shape[1]
-        if first:
+        if first and torch.compiler.is_compiling():
+            # Under torch.compile no slot is skipped: finding the first slot valid in some lane is a
+            # data-dependent shape (nonzero + int) that would break the graph. Leading slots invalid in
+            # every lane are masked instead, which gives the same attention (their weight is exactly 0).
+            first = 0
+        elif first:
             seen = valid.any(dim=0).nonzero()
             first = int(seen[0]) if len(seen) else valid.shape[1]
         valid = valid[:, first:]
