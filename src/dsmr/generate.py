@@ -522,15 +522,7 @@ def generate_batch(model, tokenizer, segment_len: int, prompt_ids: Optional[Sequ
     """
     from dsmr.runtime import PeakMemory
 
-    if model.cfg.vocab_size != tokenizer.vocab_size:
-        raise DsmrError(f"model vocabulary {model.cfg.vocab_size} != tokenizer vocabulary {tokenizer.vocab_size}: "
-                        f"use the tokenizer the model was trained with")
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-        raise DsmrError(f"num_samples must be a positive integer, got {num_samples!r}")
-    sampling.validate(tokenizer.vocab_size)
-    prompt = np.asarray([] if prompt_ids is None else prompt_ids, dtype=np.int64)
-    if prompt.ndim != 1 or (prompt.size and (prompt.min() < 0 or prompt.max() >= tokenizer.vocab_size)):
-        raise DsmrError(f"prompt ids must be a flat sequence of ids in [0, {tokenizer.vocab_size})")
+    prompt = _checked_prompt(model, tokenizer, prompt_ids, sampling, num_samples)
     device = model.embedding.weight.device
     if compile == "auto":
         compile = compile_available(device)
@@ -540,78 +532,125 @@ def generate_batch(model, tokenizer, segment_len: int, prompt_ids: Optional[Sequ
     seeds = [(base + i) % 2**63 for i in range(B)]
     generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
     banned = banned_mask(tokenizer, sampling, device=device)[None]
-
-    pieces = [array("q", prompt.tolist()) for _ in range(B)]  # 8 bytes per event: all that grows
-    clocks = [MusicClock(tokenizer, pieces[0])] + [None] * (B - 1)
-    clocks[1:] = [copy.copy(clocks[0]) for _ in range(B - 1)]
-    prompt_seconds = clocks[0].seconds
-    limit_tokens = sampling.max_tokens
-    bar = _progress_bar(progress, sampling, prompt_seconds, B)
-    stop = [None] * B
-    new = [0] * B
+    lanes = _Lanes(tokenizer, sampling, prompt, B, progress)
     with PeakMemory(device) as meter, torch.inference_mode():
         decoder = IncrementalDecoder(model, segment_len, batch_size=B, device=device, compile=bool(compile))
         warmup = decoder.warm_up()  # compiles the step once; not part of the timed generation
         start = time.perf_counter()
-        first = torch.tensor([[tokenizer.bos_id, *prompt.tolist()]], dtype=torch.long, device=device)
-        if B == 1:
-            logits = decoder.feed(first, last_only=True)
-        else:  # the prompt once, then copied into every lane
-            one = IncrementalDecoder(model, segment_len, batch_size=1, device=device)
-            logits = one.feed(first, last_only=True).expand(B, -1)
-            decoder.load_lane(one)
-            del one
+        logits = _prefill(decoder, tokenizer, prompt)
         prefill = time.perf_counter() - start
         cpu_start = time.process_time()
-        step_input = torch.zeros(B, dtype=torch.long, device=device)
-        live = B
-        try:
-            while True:
-                tokens = sample_next(logits, sampling, generators[0] if B == 1 else generators, banned)
-                for i, token in enumerate(tokens.tolist()):
-                    if stop[i] is not None:
-                        continue
-                    if token == tokenizer.eos_id:  # only reachable with stop_at_eos (else EOS is banned)
-                        stop[i], live = "eos", live - 1
-                        continue
-                    pieces[i].append(token)
-                    new[i] += 1
-                    before = clocks[i].seconds
-                    seconds = clocks[i].add(token, pieces[i])
-                    if bar is not None:
-                        if limit_tokens is not None or B > 1:
-                            bar.update(1)
-                        else:  # the bar counts seconds of music; never past its total
-                            bar.update(min(seconds, bar.total) - min(before, bar.total))
-                        if i == 0 and new[0] % 64 == 0:
-                            bar.set_postfix_str(_postfix(new[0], seconds, limit_tokens), refresh=False)
-                    if limit_tokens is not None and new[i] >= limit_tokens:
-                        stop[i], live = "max_tokens", live - 1
-                    elif sampling.max_seconds is not None and seconds >= sampling.max_seconds:
-                        stop[i], live = "max_seconds", live - 1
-                if live == 0:
-                    break
-                step_input.copy_(tokens)
-                logits = decoder.step(step_input)
-        except KeyboardInterrupt:  # Ctrl-C: keep what was generated so far; the caller writes it
-            for i in range(B):
-                if stop[i] is None:
-                    stop[i] = "interrupted"
+        _sample_lanes(decoder, logits, lanes, sampling, generators[0] if B == 1 else generators, banned)
         wall = time.perf_counter() - start
         cpu = time.process_time() - cpu_start
-    if bar is not None:
-        bar.set_postfix_str(_postfix(new[0], clocks[0].seconds, limit_tokens))
-        bar.close()
-    results = []
-    for i in range(B):
-        out = np.frombuffer(pieces[i], dtype=np.int64).copy()
-        results.append(GenerationResult(
-            ids=out, prompt_tokens=int(prompt.size), new_tokens=new[i], prompt_seconds=prompt_seconds,
-            music_seconds=float(tokenizer.seconds(out)) if out.size else 0.0, stop_reason=stop[i],
-            wall_seconds=wall, prefill_seconds=prefill, sampling_cpu_seconds=cpu,
-            state_bytes=decoder.state_bytes(), peak_memory_bytes=meter.peak_bytes, memory_method=meter.method,
-            seed=seeds[i], warmup_seconds=warmup, num_samples=B, sample_index=i, compiled=decoder.compiled))
-    return results
+    lanes.close_bar()
+    timing = dict(wall_seconds=wall, prefill_seconds=prefill, sampling_cpu_seconds=cpu, warmup_seconds=warmup,
+                  state_bytes=decoder.state_bytes(), peak_memory_bytes=meter.peak_bytes,
+                  memory_method=meter.method, compiled=decoder.compiled)
+    return [lanes.result(i, seeds[i], timing) for i in range(B)]
+
+
+def _checked_prompt(model, tokenizer, prompt_ids, sampling: SamplingConfig, num_samples) -> np.ndarray:
+    """The prompt as an int64 array, after checking the model, tokenizer, sampling and batch size agree."""
+    if model.cfg.vocab_size != tokenizer.vocab_size:
+        raise DsmrError(f"model vocabulary {model.cfg.vocab_size} != tokenizer vocabulary {tokenizer.vocab_size}: "
+                        f"use the tokenizer the model was trained with")
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise DsmrError(f"num_samples must be a positive integer, got {num_samples!r}")
+    sampling.validate(tokenizer.vocab_size)
+    prompt = np.asarray([] if prompt_ids is None else prompt_ids, dtype=np.int64)
+    if prompt.ndim != 1 or (prompt.size and (prompt.min() < 0 or prompt.max() >= tokenizer.vocab_size)):
+        raise DsmrError(f"prompt ids must be a flat sequence of ids in [0, {tokenizer.vocab_size})")
+    return prompt
+
+
+def _prefill(decoder: "IncrementalDecoder", tokenizer, prompt: np.ndarray) -> Tensor:
+    """Feed BOS and the prompt into every lane of `decoder`; returns the next-event logits [B, vocab]. With
+    several lanes the prompt runs once through a one-lane decoder, then is copied into every lane."""
+    first = torch.tensor([[tokenizer.bos_id, *prompt.tolist()]], dtype=torch.long, device=decoder.device)
+    if decoder.batch_size == 1:
+        return decoder.feed(first, last_only=True)
+    one = IncrementalDecoder(decoder.model, decoder.segment_len, batch_size=1, device=decoder.device)
+    logits = one.feed(first, last_only=True).expand(decoder.batch_size, -1)
+    decoder.load_lane(one)
+    return logits
+
+
+def _sample_lanes(decoder: "IncrementalDecoder", logits: Tensor, lanes: "_Lanes", sampling: SamplingConfig,
+                  generator, banned: Tensor) -> None:
+    """Sample, record and step until every lane has stopped (or Ctrl-C: the live lanes stop 'interrupted')."""
+    step_input = torch.zeros(decoder.batch_size, dtype=torch.long, device=decoder.device)
+    try:
+        while True:
+            tokens = sample_next(logits, sampling, generator, banned)
+            if lanes.record(tokens.tolist()) == 0:
+                return
+            step_input.copy_(tokens)
+            logits = decoder.step(step_input)
+    except KeyboardInterrupt:  # keep what was generated so far; the caller writes it
+        lanes.interrupt()
+
+
+class _Lanes:
+    """What each lane of a batch has written: its events (8 bytes each: all that grows), its music clock,
+    its count of new events and why it stopped; and the progress bar of the batch."""
+
+    def __init__(self, tokenizer, sampling: SamplingConfig, prompt: np.ndarray, num_samples: int, progress: bool):
+        self.tokenizer, self.sampling, self.prompt = tokenizer, sampling, prompt
+        self.pieces = [array("q", prompt.tolist()) for _ in range(num_samples)]
+        clock = MusicClock(tokenizer, self.pieces[0])
+        self.clocks = [clock] + [copy.copy(clock) for _ in range(num_samples - 1)]
+        self.prompt_seconds = clock.seconds
+        self.stop: list[Optional[str]] = [None] * num_samples
+        self.new = [0] * num_samples
+        self.live = num_samples
+        self.bar = _progress_bar(progress, sampling, self.prompt_seconds, num_samples)
+
+    def record(self, tokens: list[int]) -> int:
+        """Append each live lane's sampled event, stop the lanes that reach EOS or a limit; returns how
+        many lanes are still live."""
+        limit_tokens, max_seconds = self.sampling.max_tokens, self.sampling.max_seconds
+        for i, token in enumerate(tokens):
+            if self.stop[i] is not None:
+                continue
+            if token == self.tokenizer.eos_id:  # only reachable with stop_at_eos (else EOS is banned)
+                self.stop[i], self.live = "eos", self.live - 1
+                continue
+            self.pieces[i].append(token)
+            self.new[i] += 1
+            before = self.clocks[i].seconds
+            seconds = self.clocks[i].add(token, self.pieces[i])
+            if self.bar is not None:
+                self._advance_bar(i, before, seconds)
+            if limit_tokens is not None and self.new[i] >= limit_tokens:
+                self.stop[i], self.live = "max_tokens", self.live - 1
+            elif max_seconds is not None and seconds >= max_seconds:
+                self.stop[i], self.live = "max_seconds", self.live - 1
+        return self.live
+
+    def _advance_bar(self, lane: int, before: float, seconds: float) -> None:
+        bar, limit_tokens = self.bar, self.sampling.max_tokens
+        if limit_tokens is not None or len(self.pieces) > 1:
+            bar.update(1)
+        else:  # the bar counts seconds of music; never past its total
+            bar.update(min(seconds, bar.total) - min(before, bar.total))
+        if lane == 0 and self.new[0] % 64 == 0:
+            bar.set_postfix_str(_postfix(self.new[0], seconds, limit_tokens), refresh=False)
+
+    def interrupt(self) -> None:
+        self.stop = [s if s is not None else "interrupted" for s in self.stop]
+
+    def close_bar(self) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix_str(_postfix(self.new[0], self.clocks[0].seconds, self.sampling.max_tokens))
+            self.bar.close()
+
+    def result(self, i: int, seed: int, timing: dict) -> GenerationResult:
+        out = np.frombuffer(self.pieces[i], dtype=np.int64).copy()
+        return GenerationResult(
+            ids=out, prompt_tokens=int(self.prompt.size), new_tokens=self.new[i],
+            prompt_seconds=self.prompt_seconds, music_seconds=float(self.tokenizer.seconds(out)) if out.size else 0.0,
+            stop_reason=self.stop[i], seed=seed, num_samples=len(self.pieces), sample_index=i, **timing)
 
 
 def _progress_bar(progress: bool, sampling: SamplingConfig, prompt_seconds: float, num_samples: int = 1):
