@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,29 @@ REPO = Path(__file__).resolve().parents[1]
 # does not have it, so tests that need it skip with this reason.
 MAESTRO_ROOT = Path(os.environ.get("DSMR_MAESTRO", REPO.parent / "shared" / "data" / "maestro-v3.0.0"))
 MAESTRO_SKIP_REASON = f"MAESTRO not found at {MAESTRO_ROOT} (set DSMR_MAESTRO to its folder)"
+
+
+class _SessionCache:
+    """Stands in for pytest's cache under `-p no:cacheprovider` (fixtures keep converted MIDI there): folders
+    in a temporary directory, deleted at the end of the run."""
+
+    def __init__(self):
+        self.root = Path(tempfile.mkdtemp(prefix="dsmr-tests-"))
+
+    def mkdir(self, name: str) -> Path:
+        path = self.root / name
+        path.mkdir(exist_ok=True)
+        return path
+
+
+def pytest_configure(config):
+    if not hasattr(config, "cache"):
+        config.cache = _SessionCache()
+
+
+def pytest_unconfigure(config):
+    if isinstance(getattr(config, "cache", None), _SessionCache):
+        shutil.rmtree(config.cache.root, ignore_errors=True)
 
 
 def have_audio() -> bool:
@@ -49,8 +74,7 @@ def bach_cache(request, tmp_path_factory):
     from dsmr.corpora import corpus_files
     from dsmr.tokenizer import make_tokenizer
 
-    cache = getattr(request.config, "cache", None)  # absent under -p no:cacheprovider: convert afresh
-    midi_dir = cache.mkdir("dsmr-bach-midi") if cache is not None else tmp_path_factory.mktemp("bach-midi")
+    midi_dir = request.config.cache.mkdir("dsmr-bach-midi")
     files, _ = corpus_files("bach", midi_dir, limit=48, progress=False)
     summary = build_cache(files, tmp_path_factory.mktemp("bach-cache"), make_tokenizer("performance"),
                           workers=1, progress=False, source={"corpus": "bach"})

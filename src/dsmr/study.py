@@ -83,7 +83,9 @@ class StudyConfig:
     steps: int = option(800, "optimizer steps per variant")
     lr: float = option(1e-3, "peak learning rate")
     eval_every: int = option(200, "steps between validations, for the curves")
-    val_pieces: int | None = option(6, "validate on the first N validation pieces, each in full (0 or None: all)")
+    # the first N validation pieces, each in full (None here, 0 on the command line: all)
+    val_pieces: int | None = option(6, "validate on the first N validation pieces, each in full",
+                                    default_text="6; 0 = all")
     eval_batch_size: int | None = option(None, "lanes for validation", default_text="--batch-size")
     test: bool = option(False, "also evaluate every final model over the whole validation and test splits "
                                "(in the tables)")

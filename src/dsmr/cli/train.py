@@ -1,8 +1,9 @@
 """`dsmr train`: train a DSMR model on a token cache into a run folder (see docs/training.md).
 
-Every option defaults to dsmr.train.TrainConfig, so `dsmr train --cache DIR --out RUN` alone trains a
-small two-scale model. With --resume the run's saved config is the base and only the options given on
-the command line change it (dsmr.train refuses changes that would alter what the model computes).
+Every option is a field of dsmr.train_config.TrainConfig, with its default and help, so
+`dsmr train --cache DIR --out RUN` alone trains a small two-scale model. With --resume the run's saved
+config is the base and only the options given on the command line change it (dsmr.checkpoint refuses
+changes that would alter what the model computes).
 
 `--nproc N` re-launches the same command through torch.distributed.run (torchrun) with N processes
 per node (DistributedDataParallel, see docs/distributed.md); `torchrun ... -m dsmr train ...` works too.
