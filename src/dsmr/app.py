@@ -253,22 +253,27 @@ def build_app(model=None, cache=None, device: str = "cpu", out_root=None, render
                     max_pitch = gr.Slider(0, 127, value=108, step=1, label="Highest pitch")
                 button = gr.Button("Generate", variant="primary", elem_id="generate")
             with gr.Column(scale=2):
-                status = gr.Markdown(NO_MODEL_HELP if not model else "Ready.", elem_id="status")
-                groups, audios, rolls, files = [], [], [], []
-                for i in range(MAX_VARIATIONS):
-                    with gr.Group(visible=False) as group:
-                        audios.append(gr.Audio(label=f"Variation {i + 1}", type="filepath",
-                                               elem_id=f"audio-{i + 1}"))
-                        rolls.append(gr.Image(label="Piano roll (dashed line: end of the prompt)",
-                                              type="filepath", elem_id=f"roll-{i + 1}"))
-                        files.append(gr.File(label="MIDI", elem_id=f"midi-{i + 1}"))
-                    groups.append(group)
+                status, groups, audios, rolls, files = _result_column(gr, ready=bool(model))
         button.click(run, inputs=[model_box, upload, piece, prompt_seconds, seconds, temperature, top_p, seed,
                                   variations, min_pitch, max_pitch],
                      outputs=[status] + groups + audios + rolls + files, api_name="generate",
                      concurrency_limit=1)
     demo.dsmr_out_root = out_root
     return demo
+
+
+def _result_column(gr, ready: bool):
+    """The status line and, per variation, a hidden group of audio, piano roll and MIDI file."""
+    status = gr.Markdown("Ready." if ready else NO_MODEL_HELP, elem_id="status")
+    groups, audios, rolls, files = [], [], [], []
+    for i in range(MAX_VARIATIONS):
+        with gr.Group(visible=False) as group:
+            audios.append(gr.Audio(label=f"Variation {i + 1}", type="filepath", elem_id=f"audio-{i + 1}"))
+            rolls.append(gr.Image(label="Piano roll (dashed line: end of the prompt)", type="filepath",
+                                  elem_id=f"roll-{i + 1}"))
+            files.append(gr.File(label="MIDI", elem_id=f"midi-{i + 1}"))
+        groups.append(group)
+    return status, groups, audios, rolls, files
 
 
 def _num(value):
