@@ -22,6 +22,9 @@ the dataset is present). With --checkpoint the generated music's own duration is
     # batched sampling: 16 lanes on 2 threads (total and per-sample events/s)
     .venv/bin/python benchmarks/bench_generate.py --speed-only --precisions float16 --threads-list 2 --num-samples 16
 
+    # state bytes and per-event time after 10k and after 100k generated events, in one process
+    .venv/bin/python benchmarks/bench_generate.py --flat 10000,100000 --modes compile
+
 Modes: `eager` runs the decoding step as it is; `compile` compiles it first (torch.compile; the warm-up
 is reported separately and not in events/s); `before` runs the same measurement with the `src/` tree of
 the commit given by --before (extracted with git archive), for before/after ratios from one run.
@@ -100,6 +103,63 @@ def worker(args) -> dict:
             "ru_maxrss_bytes": peak_rss}
 
 
+def flat_worker(args) -> dict:
+    """One long piece through the decoder (no prompt, default model, random weights), timing every
+    window of --window events: the per-event time and the state bytes at each checkpoint of --flat.
+    The loop is generate's (sample_next, then one decoder step; the events kept in an array), without
+    its per-lane bookkeeping."""
+    from array import array
+
+    import torch
+
+    from dsmr.generate import IncrementalDecoder, SamplingConfig, banned_mask, half_weight_model, sample_next
+    from dsmr.model import DSMR, DSMRConfig
+    from dsmr.tokenizer import make_tokenizer
+
+    torch.set_num_threads(args.threads)
+    tokenizer = make_tokenizer("performance")
+    torch.manual_seed(0)
+    model = DSMR(DSMRConfig(vocab_size=tokenizer.vocab_size, n_layers=6, d_model=256, n_heads=4,
+                            horizons=(1024, 1024, 128, 128, 128, 128))).eval()
+    if args.precision == "float16":
+        model = half_weight_model(model)
+    checkpoints = sorted(int(n) for n in args.flat.split(","))
+    sampling = SamplingConfig(seed=0, max_tokens=None, stop_at_eos=False)
+    banned = banned_mask(tokenizer, sampling)[None]
+    generator = torch.Generator().manual_seed(0)
+    decoder = IncrementalDecoder(model, 256, compile=args.mode == "compile")
+    warmup = decoder.warm_up()
+    events = array("q")
+    rows = []
+    with torch.inference_mode():
+        logits = decoder.feed(torch.tensor([[tokenizer.bos_id]]), last_only=True)
+        step_input = torch.zeros(1, dtype=torch.long)
+        window_start, start = time.perf_counter(), time.perf_counter()
+        while len(events) < checkpoints[-1]:
+            token = sample_next(logits, sampling, generator, banned)
+            events.append(int(token))
+            step_input.copy_(token)
+            logits = decoder.step(step_input)
+            n = len(events)
+            if n % args.window == 0:
+                now = time.perf_counter()
+                if args.progress_file:  # "events seconds": lets a caller follow a long run
+                    with open(args.progress_file, "a") as f:
+                        f.write(f"{n} {now - start:.1f}\n")
+                per_event = (now - window_start) / args.window
+                window_start = now
+                if any(c - args.window < n <= c for c in checkpoints):
+                    rows.append({"events": n, "state_bytes": decoder.state_bytes(),
+                                 "window_us_per_event": round(per_event * 1e6, 1),
+                                 "window_events_per_s": round(1 / per_event, 1),
+                                 "filled": decoder.filled(),
+                                 "ru_maxrss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024})
+        total = time.perf_counter() - start
+    return {"mode": args.mode, "precision": args.precision, "threads": args.threads, "window": args.window,
+            "warmup_seconds": round(warmup, 1), "events": len(events), "seconds": round(total, 1),
+            "events_per_s": round(len(events) / total, 1), "checkpoints": rows}
+
+
 def spawn(tokens: int, precision: str, threads: int, prompt_tokens: int, checkpoint: str | None,
           mode: str = "eager", num_samples: int = 1, before_src: Path | None = None) -> dict:
     cmd = [sys.executable, __file__, "--worker", "--tokens", str(tokens), "--precision", precision,
@@ -148,6 +208,10 @@ def main() -> None:
     parser.add_argument("--before", default="HEAD", help="git revision whose src/ the 'before' mode runs")
     parser.add_argument("--num-samples", type=int, default=1, help="lanes sampled together (batched generation)")
     parser.add_argument("--speed-tokens", type=int, help="new events per speed run (default 4000; 2000 --quick)")
+    parser.add_argument("--flat", help="instead of the speed runs: one piece of max(N) events, per-event time and "
+                                       "state bytes over the --window events before each N, e.g. 10000,100000")
+    parser.add_argument("--window", type=int, default=1000, help="events per timing window of --flat")
+    parser.add_argument("--progress-file", help="--flat: append 'events seconds' to this file after each window")
     # worker mode (internal)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--tokens", type=int, default=2000, help=argparse.SUPPRESS)
@@ -157,7 +221,10 @@ def main() -> None:
     parser.add_argument("--mode", default="eager", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(worker(args)))
+        print(json.dumps(flat_worker(args) if args.flat else worker(args)))
+        return
+    if args.flat:
+        run_flat(args)
         return
 
     speed_tokens, memory_tokens = (2000, (5_000, 20_000)) if args.quick else (4000, (10_000, 100_000))
@@ -211,6 +278,30 @@ def main() -> None:
           f"{(memory[1]['ru_maxrss_bytes'] - memory[0]['ru_maxrss_bytes']) / 2**20:.1f} MiB for "
           f"{memory_tokens[1] - memory_tokens[0]} more tokens (the token list itself is 8 bytes per token)")
     _write(args.json_out, rate, speed, memory)
+
+
+def run_flat(args) -> None:
+    precision, threads, mode = args.precisions.split(",")[-1], args.threads_list.split(",")[0], args.modes.split(",")[0]
+    print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}; one piece of "
+          f"{max(int(n) for n in args.flat.split(','))} events, no prompt, {precision}, {threads} thread(s), {mode}")
+    cmd = [sys.executable, __file__, "--worker", "--flat", args.flat, "--window", str(args.window),
+           "--precision", precision, "--threads", threads, "--mode", mode]
+    if args.progress_file:
+        cmd += ["--progress-file", args.progress_file]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    if proc.returncode != 0:
+        sys.exit(f"worker failed ({' '.join(cmd)}):\n{proc.stderr}")
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    print(f"warm-up {r['warmup_seconds']} s; {r['events']} events in {r['seconds']} s = {r['events_per_s']} events/s")
+    print(f"{'events':>8} {'state bytes':>12} {'us/event (last ' + str(args.window) + ')':>22} {'events/s':>9} "
+          f"{'peak RSS MiB':>12}  filled per layer")
+    for c in r["checkpoints"]:
+        print(f"{c['events']:>8} {c['state_bytes']:>12} {c['window_us_per_event']:>22.1f} "
+              f"{c['window_events_per_s']:>9.0f} {c['ru_maxrss_bytes'] / 2**20:>12.1f}  {c['filled']}")
+    first, last = r["checkpoints"][0], r["checkpoints"][-1]
+    print(f"state bytes identical: {first['state_bytes'] == last['state_bytes']}; per-event time "
+          f"x{last['window_us_per_event'] / first['window_us_per_event']:.2f} from {first['events']} to {last['events']}")
+    _write(args.json_out, FALLBACK_TOKENS_PER_SECOND, [r], [])
 
 
 def _extract_src(revision: str) -> Path:

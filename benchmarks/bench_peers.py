@@ -2,9 +2,12 @@
 
 Training: tokens/s and peak memory of one optimizer step per segment (random tokens, state carried), at
 0, 512 and 2048 positions of memory per layer; for dsmr also model FLOP/s as a fraction of this
-machine's measured float32 matmul peak (2048 x 2048, same thread count). Generation: events/s of
+machine's measured float32 matmul peak (2048 x 2048, same thread count). dsmr trains with key/value
+memory (`dsmr`) and with hidden memory (`dsmr-hidden`, the layer inputs, projected again each segment,
+which is what x-transformers' Transformer-XL memory keeps and dsmr train's default). Generation: events/s of
 sampling after a prompt, dsmr's decoder (float32 and float16 weights) vs x-transformers' cached-KV
-`generate`. Every measurement runs in a fresh subprocess (peak memory of its own).
+`generate`; `dsmr-float16-compile` is the compiled decoding step (`--compile`; its one-off warm-up is
+reported apart). Every measurement runs in a fresh subprocess (peak memory of its own).
 
 x-transformers is a benchmark-only extra, never a dependency of dsmr:
 
@@ -29,31 +32,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine_peak import matmul_peak, training_flops_per_token  # noqa: E402
 VOCAB = 391  # the performance encoding
-
-
-def matmul_peak(threads: int, n: int = 2048, repeats: int = 5) -> float:
-    """Measured float32 matmul FLOP/s of this machine on `threads` threads (best of `repeats`)."""
-    import torch
-
-    torch.set_num_threads(threads)
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best
-
-
-def dsmr_flops_per_token(cfg, segment: int, memory: int) -> float:
-    """Model FLOPs of one training token (forward + backward = 3 x forward): the matmuls of the
-    projections, MLP and head, and attention over memory + the causal half of the segment."""
-    d, layers = cfg.d_model, cfg.n_layers
-    weights = layers * (d * 3 * cfg.attn_dim + cfg.attn_dim * d + 2 * d * cfg.ff_dim) + d * cfg.vocab_size
-    attention = layers * 2 * 2 * cfg.attn_dim * (memory + segment / 2)
-    return 3 * (2 * weights + attention)
 
 
 def train_worker(args) -> dict:
@@ -64,10 +45,11 @@ def train_worker(args) -> dict:
     torch.manual_seed(0)
     B, T, M = args.batch, args.segment, args.memory
     ids = torch.randint(3, VOCAB, (B, T * (args.steps + 1)))
-    if args.lib == "dsmr":
+    if args.lib.startswith("dsmr"):
         from dsmr.model import DSMR, DSMRConfig
 
-        model = DSMR(DSMRConfig(vocab_size=VOCAB, n_layers=6, d_model=256, n_heads=4, horizons=(M,) * 6))
+        model = DSMR(DSMRConfig(vocab_size=VOCAB, n_layers=6, d_model=256, n_heads=4, horizons=(M,) * 6,
+                                memory="hidden" if args.lib == "dsmr-hidden" else "kv"))
     else:
         from x_transformers import Decoder, TransformerWrapper
 
@@ -83,7 +65,7 @@ def train_worker(args) -> dict:
             start = time.perf_counter()
         x = ids[:, step * T:(step + 1) * T]
         y = ids[:, step * T + 1:(step + 1) * T + 1] if (step + 1) * T + 1 <= ids.shape[1] else x
-        if args.lib == "dsmr":
+        if args.lib.startswith("dsmr"):
             positions = torch.arange(step * T, (step + 1) * T).expand(B, -1)
             logits, state = model(x, positions, state=state)
         else:
@@ -97,8 +79,8 @@ def train_worker(args) -> dict:
     tokens = args.steps * B * T
     out = {"lib": args.lib, "memory": M, "tokens_per_s": round(tokens / seconds, 1),
            "peak_rss_rise_mib": round((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base_rss) / 1024, 1)}
-    if args.lib == "dsmr":
-        flops = dsmr_flops_per_token(model.cfg, T, M) * tokens / seconds
+    if args.lib.startswith("dsmr"):
+        flops = training_flops_per_token(model.cfg, T) * tokens / seconds
         peak = matmul_peak(args.threads)
         out.update(model_gflops=round(flops / 1e9, 1), matmul_peak_gflops=round(peak / 1e9, 1),
                    mfu=round(flops / peak, 3))
@@ -157,7 +139,7 @@ def main() -> None:
     parser.add_argument("--gen-threads", type=int, default=1, help="threads for generation (default 1)")
     parser.add_argument("--skip-generation", action="store_true")
     parser.add_argument("--skip-training", action="store_true")
-    parser.add_argument("--compile", action="store_true", help="also time dsmr's compiled decoding step")
+    parser.add_argument("--no-compile", action="store_true", help="skip dsmr's compiled decoding step")
     parser.add_argument("--json-out", type=Path)
     # worker mode (internal)
     parser.add_argument("--worker", choices=("train", "generate"), help=argparse.SUPPRESS)
@@ -181,8 +163,8 @@ def main() -> None:
               f"{steps} optimizer steps after one warm-up step")
         print(f"{'memory':>6} {'lib':>14} {'tokens/s':>9} {'peak RSS rise MiB':>17} {'model GFLOP/s':>13} {'MFU':>5}")
         for memory in (int(m) for m in args.memories.split(",")):
-            rows = [spawn("train", lib=lib, memory=memory, steps=steps, threads=args.threads)
-                    for lib in ("dsmr", "x-transformers")]
+            libs = ("dsmr", "dsmr-hidden", "x-transformers") if memory else ("dsmr", "x-transformers")
+            rows = [spawn("train", lib=lib, memory=memory, steps=steps, threads=args.threads) for lib in libs]
             for r in rows:
                 figures["training"].append(r)
                 if "error" in r:
@@ -190,11 +172,13 @@ def main() -> None:
                     continue
                 print(f"{memory:>6} {r['lib']:>14} {r['tokens_per_s']:>9.0f} {r['peak_rss_rise_mib']:>17.1f} "
                       + (f"{r['model_gflops']:>13.1f} {r['mfu']:>5.2f}" if "mfu" in r else ""))
-            if all("error" not in r for r in rows):
-                print(f"{'':>6} {'dsmr / x-tr.':>14} x{rows[0]['tokens_per_s'] / rows[1]['tokens_per_s']:.2f} speed, "
-                      f"x{rows[0]['peak_rss_rise_mib'] / max(rows[1]['peak_rss_rise_mib'], 1e-9):.2f} memory")
+            peer = rows[-1]
+            for r in rows[:-1]:
+                if "error" not in r and "error" not in peer:
+                    print(f"{'':>6} {r['lib'] + ' / x-tr.':>14} x{r['tokens_per_s'] / peer['tokens_per_s']:.2f} speed, "
+                          f"x{r['peak_rss_rise_mib'] / max(peer['peak_rss_rise_mib'], 1e-9):.2f} memory")
     if not args.skip_generation:
-        libs = ["dsmr-float32", "dsmr-float16"] + (["dsmr-float16-compile"] if args.compile else []) + ["x-transformers"]
+        libs = ["dsmr-float32", "dsmr-float16"] + ([] if args.no_compile else ["dsmr-float16-compile"]) + ["x-transformers"]
         print(f"\ngeneration: same size, memory 2048 per layer, {gen_tokens} events after a {prompt_tokens}-event "
               f"prompt, {args.gen_threads} thread(s)")
         for lib in libs:

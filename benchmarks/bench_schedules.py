@@ -12,6 +12,13 @@ tokens/s counts real (non-padding) training targets per second of training steps
 --skip-steps steps (allocator and kernel warm-up); each schedule runs --repeats times, interleaved, and
 the fastest run is reported (other jobs on a shared machine only ever slow a run down). Peak memory: CUDA max_memory_allocated, or on CPU
 the rise of the process's peak resident memory during training (dsmr.runtime.PeakMemory).
+
+--mfu adds each schedule's model FLOP/s (benchmarks/machine_peak.py: forward + backward matmuls of the
+model per real training token) and its fraction of this machine's float32 matmul peak, measured in the
+same run on the same thread count (a 2048 x 2048 matmul, best of 10, in every worker right after it
+trains and once at the end; the highest is the peak):
+
+    .venv/bin/python benchmarks/bench_schedules.py --threads 2 --mfu --schedules two-scale,none --repeats 2
 """
 
 from __future__ import annotations
@@ -54,6 +61,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--json", action="store_true", help="print the results as one JSON object")
+    p.add_argument("--mfu", action="store_true",
+                   help="also measure the matmul peak and report model FLOP/s as a fraction of it (CPU)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: one schedule, JSON out
     return p.parse_args(argv)
 
@@ -80,6 +89,8 @@ def run_worker(args) -> None:
     from dsmr.cache import TokenCache
     from dsmr.runtime import resolve_device
     from dsmr.train import TrainConfig, make_run_schedule, train
+    from dsmr.train_config import make_model_config
+    from machine_peak import training_flops_per_token
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -94,8 +105,16 @@ def run_worker(args) -> None:
     timed = [r for r in records if "loss" in r and r["step"] > args.skip_steps]
     tokens = sum(r["tokens"] for r in timed)
     seconds = sum(r["tokens"] / r["tokens_per_s"] for r in timed)
+    model_cfg = make_model_config(cfg, TokenCache(args.cache).tokenizer.vocab_size)
+    peak = None
+    if args.mfu:  # the peak in this process right after training, on its threads (the run keeps the best)
+        from machine_peak import matmul_peak
+
+        peak = matmul_peak(args.threads)
     print(json.dumps({
         "schedule": args.worker,
+        "flops_per_token": training_flops_per_token(model_cfg, args.segment),
+        "matmul_peak_flops": peak,
         "horizons": list(make_run_schedule(cfg).horizons),
         "tokens_per_s": tokens / seconds if seconds else None,
         "peak_memory_bytes": result["train_peak_memory_bytes"],
@@ -134,6 +153,16 @@ def main(argv=None) -> int:
             print(f"  round {round_ + 1}: {schedule} done", file=sys.stderr)
     # the least disturbed run of each schedule: the fastest (peak memory and state do not depend on load)
     results = [max(rs, key=lambda r: r["tokens_per_s"] or 0) for rs in runs.values()]
+    if args.mfu:
+        from machine_peak import matmul_peak
+
+        # the best of every peak measured in this run (one per worker and one here): a busy spell only
+        # ever lowers a measurement, and the highest peak gives the most conservative fraction
+        peak = max([matmul_peak(args.threads)] + [r["matmul_peak_flops"] for rs in runs.values() for r in rs])
+        for r in results:
+            r["model_flops_per_s"] = r["tokens_per_s"] * r["flops_per_token"]
+            r["matmul_peak_flops"] = peak
+            r["mfu"] = r["model_flops_per_s"] / peak
     if args.json:
         print(json.dumps({"results": results}))
     else:
@@ -155,6 +184,11 @@ def table(results: list[dict]) -> str:
                      f"{r['state_bytes'] / mib:>9.2f} {ratio('state_bytes'):>7}")
     lines.append(f"device: {full['device']}; peak memory: {full['memory_method']}; state: keys+values of all "
                  "lanes at the training dtype")
+    for r in results:
+        if "mfu" in r:
+            lines.append(f"{r['schedule']:<10} model {r['model_flops_per_s'] / 1e9:.1f} GFLOP/s "
+                         f"({r['flops_per_token'] / 1e6:.1f} MFLOP per token) = {100 * r['mfu']:.0f}% of the "
+                         f"measured float32 matmul peak {r['matmul_peak_flops'] / 1e9:.1f} GFLOP/s (2048 x 2048)")
     return "\n".join(lines)
 
 
