@@ -381,3 +381,17 @@ def test_bf16_autocast_carries_state():
 def test_layer_memory_size():
     m = LayerMemory(torch.zeros(2, 4, 7, 8), torch.zeros(2, 4, 7, 8), torch.zeros(2, 7, dtype=torch.bool))
     assert m.size == 7
+
+
+def test_a_segment_with_memory_compiles_to_one_graph():
+    """`--compile` training traces each segment as one graph: no data-dependent shape in the memory view."""
+    model = make_model([8, 4], memory="hidden", gate="soft").train()
+    ids = torch.randint(0, VOCAB, (2, 8))
+    positions = torch.arange(8).expand(2, 8)
+    _, state = model(ids, positions)  # a filled state, as from the previous segment
+    reset = torch.tensor([True, False])
+    mask = torch.ones(2, 8, dtype=torch.bool)
+    mask[1, 6:] = False
+    explained = torch._dynamo.explain(model)(ids, positions + 8, reset=reset, state=state, token_mask=mask)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    assert explained.graph_count == 1
