@@ -22,6 +22,9 @@ the dataset is present). With --checkpoint the generated music's own duration is
     # batched sampling: 16 lanes on 2 threads (total and per-sample events/s)
     .venv/bin/python benchmarks/bench_generate.py --speed-only --precisions float16 --threads-list 2 --num-samples 16
 
+    # each run's share of the bound set by the machine's read bandwidth (weights + state read once per step)
+    .venv/bin/python benchmarks/bench_generate.py --speed-only --precisions float16 --modes eager,compile --roofline
+
     # state bytes and per-event time after 10k and after 100k generated events, in one process
     .venv/bin/python benchmarks/bench_generate.py --flat 10000,100000 --modes compile
 
@@ -100,7 +103,19 @@ def worker(args) -> dict:
             # when other work on the machine takes part of its time
             "tokens_per_cpu_s": round(new_tokens / max(result.sampling_cpu_seconds, 1e-9), 1),
             "warmup_seconds": round(getattr(result, "warmup_seconds", 0.0), 2),
+            "weight_bytes_per_step": weight_bytes_per_step(model),
             "ru_maxrss_bytes": peak_rss}
+
+
+def weight_bytes_per_step(model) -> int:
+    """Bytes of weights one decoding step reads: every parameter and buffer once, except the embedding
+    table, of which it reads one row (the whole table when it is also the output head)."""
+    tensors = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    table = model.embedding.weight
+    if getattr(model.head, "weight", None) is not table:
+        total -= table.numel() * table.element_size() - table.shape[1] * table.element_size()
+    return total
 
 
 def flat_worker(args) -> dict:
@@ -210,6 +225,9 @@ def main() -> None:
     parser.add_argument("--speed-tokens", type=int, help="new events per speed run (default 4000; 2000 --quick)")
     parser.add_argument("--flat", help="instead of the speed runs: one piece of max(N) events, per-event time and "
                                        "state bytes over the --window events before each N, e.g. 10000,100000")
+    parser.add_argument("--roofline", action="store_true",
+                        help="also measure the read bandwidth at each run's working set (weights + state) and "
+                             "report the events/s that bandwidth allows, and each run's share of it")
     parser.add_argument("--window", type=int, default=1000, help="events per timing window of --flat")
     parser.add_argument("--progress-file", help="--flat: append 'events seconds' to this file after each window")
     # worker mode (internal)
@@ -261,6 +279,8 @@ def main() -> None:
             print(f"{r['mode']:>8} {r['precision']:>9} {r['threads']:>7}  x{r['tokens_per_s'] / ref['tokens_per_s']:.2f}"
                   f"  x{r['tokens_per_cpu_s'] / ref['tokens_per_cpu_s']:.2f}")
 
+    if args.roofline:
+        print_roofline(speed)
     if args.speed_only:
         _write(args.json_out, rate, speed, [])
         return
@@ -278,6 +298,24 @@ def main() -> None:
           f"{(memory[1]['ru_maxrss_bytes'] - memory[0]['ru_maxrss_bytes']) / 2**20:.1f} MiB for "
           f"{memory_tokens[1] - memory_tokens[0]} more tokens (the token list itself is 8 bytes per token)")
     _write(args.json_out, rate, speed, memory)
+
+
+def print_roofline(speed: list) -> None:
+    """One decoding step reads every weight and the whole state (all lanes) once: at the machine's read
+    bandwidth for that working set, that bounds the events per second no kernel can beat."""
+    from machine_peak import read_bandwidth
+
+    print("\nroofline: one step reads the weights and the whole state once (read bandwidth measured at that size)")
+    print(f"{'mode':>8} {'precision':>9} {'threads':>7} {'weights MB':>10} {'state MB':>8} {'GB/s':>6} "
+          f"{'bound events/s':>14} {'measured':>8} {'of bound':>8}")
+    for r in speed:
+        step_bytes = r["weight_bytes_per_step"] + r["state_bytes"]
+        bandwidth = read_bandwidth(step_bytes, r["threads"])
+        r["read_bytes_per_s"] = round(bandwidth)
+        r["roofline_tokens_per_s"] = round(bandwidth / step_bytes * r["num_samples"], 1)
+        print(f"{r['mode']:>8} {r['precision']:>9} {r['threads']:>7} {r['weight_bytes_per_step'] / 1e6:>10.2f} "
+              f"{r['state_bytes'] / 1e6:>8.2f} {bandwidth / 1e9:>6.1f} {r['roofline_tokens_per_s']:>14.0f} "
+              f"{r['tokens_per_s']:>8.0f} {r['tokens_per_s'] / r['roofline_tokens_per_s']:>8.0%}")
 
 
 def run_flat(args) -> None:

@@ -1,7 +1,10 @@
 """Shared by the benchmarks: this machine's measured float32 matmul peak, and the model FLOPs of one
-training token of a DSMR model (for model-FLOP/s as a fraction of that peak, "MFU").
+training token of a DSMR model (for model-FLOP/s as a fraction of that peak, "MFU"); its measured read
+bandwidth at a given working-set size (the roofline of one-token decoding, which reads every weight and the
+whole recurrent state once per event).
 
     .venv/bin/python benchmarks/machine_peak.py --threads 2     # the peak alone, as JSON
+    .venv/bin/python benchmarks/machine_peak.py --threads 1 --bandwidth 18000000
 """
 
 from __future__ import annotations
@@ -28,6 +31,24 @@ def matmul_peak(threads: int | None = None, n: int = 2048, repeats: int = 10) ->
     return 2 * n**3 / best
 
 
+def read_bandwidth(nbytes: int, threads: int | None = None, repeats: int = 20) -> float:
+    """Measured bytes/s of reading a float32 buffer of `nbytes` over and over (a vectorised sum, so the
+    read is all the work), the best of `repeats`: a buffer that fits a cache level is read from it, as a
+    decoder's weights and state are from one token to the next."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    buffer = torch.ones(max(nbytes // 4, 1))
+    buffer.sum()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        buffer.sum()
+        best = min(best, time.perf_counter() - start)
+    return buffer.numel() * 4 / best
+
+
 def training_flops_per_token(cfg, segment: int, horizons=None) -> float:
     """Model FLOPs of one training token, forward + backward (= 3 x forward), of a DSMRConfig-like `cfg`
     (d_model, n_layers, attn_dim, ff_dim, vocab_size, memory) with per-layer memory `horizons` (default
@@ -49,5 +70,9 @@ def training_flops_per_token(cfg, segment: int, horizons=None) -> float:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--bandwidth", type=int, metavar="BYTES", help="also the read bandwidth at this working set")
     args = parser.parse_args()
-    print(json.dumps({"threads": args.threads, "matmul_peak_flops": matmul_peak(args.threads)}))
+    result = {"threads": args.threads, "matmul_peak_flops": matmul_peak(args.threads)}
+    if args.bandwidth:
+        result["read_bytes_per_s"] = read_bandwidth(args.bandwidth, args.threads)
+    print(json.dumps(result))
