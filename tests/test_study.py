@@ -158,3 +158,25 @@ def test_final_evaluation_and_recipe_options_reach_the_table(bach_cache, tmp_pat
         assert r["test_pieces"] == bach_cache.num_pieces("test") and math.isfinite(r["test_ppl"])
     markdown = (tmp_path / "s" / "results.md").read_text()
     assert "test PPL" in markdown and "val PPL, all pieces" in markdown and "untied output head" in markdown
+
+
+def test_epochs_train_every_variant_for_whole_passes(bach_cache, tmp_path):
+    """--epochs N: the steps of N passes of the full-piece lanes over the training split, the same count
+    `dsmr train --epochs N` trains for those lanes, segment and seed; recorded in study.json."""
+    from dsmr.stream import PieceStream
+    from dsmr.train import TrainConfig, total_steps
+
+    cfg = StudyConfig(**dict(TINY, batch_size=8, segment=64, epochs=1, eval_every=1000, val_pieces=1))
+    steps = study.epoch_steps(bach_cache, cfg)
+    assert steps >= bach_cache.num_tokens("train") / (8 * 64)  # every token once, padding at lane ends
+    tok = bach_cache.tokenizer
+    lanes = PieceStream(bach_cache.pieces("train"), 8, 64, tok.bos_id, tok.eos_id, tok.pad_id, seed=0)
+    assert steps == total_steps(TrainConfig(steps=None, epochs=1, batch_size=8, segment=64), lanes)
+    assert study.epoch_steps(bach_cache, StudyConfig(**dict(TINY, batch_size=8, segment=64, epochs=2))) > steps
+    records = study.run_study(bach_cache.path, tmp_path / "s", cfg, variants=["none"], fresh_process=False,
+                              progress=False)
+    assert records[0]["steps"] == steps
+    recorded = json.loads((tmp_path / "s" / "study.json").read_text())["config"]
+    assert recorded["epochs"] == 1 and recorded["steps"] == steps
+    with pytest.raises(DsmrError, match="epochs must be a positive integer"):
+        StudyConfig(epochs=0).validate()

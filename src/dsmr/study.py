@@ -50,7 +50,7 @@ BASELINE = "excerpt"
 # The study options of `dsmr study`, in the order its help lists them.
 SHARED_OPTIONS = ("layers", "d_model", "heads", "head_dim", "tie_embeddings", "memory", "curriculum", "test",
                   "segment", "batch_size", "horizon", "budget", "long_layers", "short", "context", "gate_init",
-                  "gate_lambda", "steps", "lr", "eval_every", "val_pieces", "eval_batch_size", "seed")
+                  "gate_lambda", "steps", "epochs", "lr", "eval_every", "val_pieces", "eval_batch_size", "seed")
 
 
 @dataclass
@@ -81,6 +81,8 @@ class StudyConfig:
                                     "the steps")
     # optimization and evaluation
     steps: int = option(800, "optimizer steps per variant")
+    epochs: int | None = option(None, "instead of --steps: the steps of this many passes of the lanes over every "
+                                      "training piece (the same for every variant)")
     lr: float = option(1e-3, "peak learning rate")
     eval_every: int = option(200, "steps between validations, for the curves")
     # the first N validation pieces, each in full (None here, 0 on the command line: all)
@@ -97,7 +99,7 @@ class StudyConfig:
     def validate(self) -> None:
         problems = []
         for name in ("layers", "d_model", "heads", "segment", "batch_size", "horizon", "long_layers", "steps",
-                     "context", "val_pieces", "eval_batch_size", "threads"):
+                     "epochs", "context", "val_pieces", "eval_batch_size", "threads"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 problems.append(f"{name} must be a positive integer, got {value!r}")
@@ -341,7 +343,10 @@ def run_study(cache, out_dir, cfg: StudyConfig | None = None, variants: list[str
     cfg = cfg or StudyConfig()
     cfg.validate()
     out_dir = Path(out_dir)
-    cache_path = TokenCache(cache).path
+    cache = TokenCache(cache)
+    cache_path = cache.path
+    if cfg.epochs:
+        cfg = dataclasses.replace(cfg, steps=epoch_steps(cache, cfg))
     selected = select_variants(cfg, variants)
     _write_study_file(out_dir, cfg, command, cache_path)
     records = []
@@ -369,6 +374,18 @@ def run_study(cache, out_dir, cfg: StudyConfig | None = None, variants: list[str
         records.append(record)
     write_report(out_dir, collect_results([out_dir]), command=command)
     return records
+
+
+def epoch_steps(cache, cfg: StudyConfig) -> int:
+    """Optimizer steps of `cfg.epochs` passes over the training split: the batches of the full-piece lanes
+    every variant reads (same pieces, lanes, segment and seed; pieces end at different steps in different
+    lanes, so an epoch is a little more than tokens / (lanes x segment))."""
+    from dsmr.stream import PieceStream
+
+    tokenizer = cache.tokenizer
+    stream = PieceStream(cache.pieces("train"), cfg.batch_size, cfg.segment, tokenizer.bos_id, tokenizer.eos_id,
+                         tokenizer.pad_id, shuffle=True, seed=cfg.seed)
+    return sum(stream.count_batches(epoch) for epoch in range(cfg.epochs))
 
 
 def _run_in_process(spec: dict) -> dict:
