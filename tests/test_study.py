@@ -180,3 +180,31 @@ def test_epochs_train_every_variant_for_whole_passes(bach_cache, tmp_path):
     assert recorded["epochs"] == 1 and recorded["steps"] == steps
     with pytest.raises(DsmrError, match="epochs must be a positive integer"):
         StudyConfig(epochs=0).validate()
+
+
+def test_status_says_where_each_variant_stands(bach_cache, tmp_path, capsys):
+    """`dsmr study status`: a finished variant's figures; an unfinished one's last step, validation so far,
+    speed and time left from its metrics (a resumed run's jump back and a line cut short by a kill ignored)."""
+    out = tmp_path / "s"
+    [done] = study.run_study(bach_cache.path, out, StudyConfig(**TINY), variants=["none"], fresh_process=False,
+                             progress=False)
+    spec = {"variant": "two-scale", "train": {"seed": 0, "steps": 100}, "run_dir": "/elsewhere/runs/two-scale-seed0"}
+    (out / "results" / "two-scale-seed0.spec.json").write_text(json.dumps(spec))
+    run = out / "runs" / "two-scale-seed0"
+    run.mkdir(parents=True)
+    logged = [10, 20, 30, 20, 30, 40]  # resumed from a checkpoint at step 10 after logging step 30
+    lines = [json.dumps({"step": s, "loss": 3.0, "tokens": 100, "tokens_per_s": 50.0}) for s in logged]
+    lines.insert(3, json.dumps({"step": 30, "val_ppl": 40.0, "val_nll": 3.7}))
+    (run / "metrics.jsonl").write_text("\n".join(lines) + '\n{"step": 4')
+    rows = {r["variant"]: r for r in study.study_status([out])}
+    assert rows["none"]["state"] == "finished" and rows["none"]["val_ppl"] == done["val_ppl"]
+    assert rows["none"]["step"] == rows["none"]["steps"] == 4 and rows["none"]["hours_left"] == 0
+    unfinished = rows["two-scale"]
+    assert unfinished["state"] == "unfinished" and unfinished["step"] == 40 and not unfinished["resumable"]
+    assert unfinished["val_curve"] == [{"step": 30, "val_ppl": 40.0}] and unfinished["val_ppl"] == 40.0
+    assert unfinished["train_tokens_per_s"] == pytest.approx(50.0)
+    assert unfinished["hours_left"] * 3600 == pytest.approx(60 * 0.2)  # 60 steps left at 2 s per 10 steps
+    assert cli_main(["study", "status", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "finished" in printed and "40/100" in printed and "no checkpoint yet" in printed
+    assert cli_main(["study", "status", str(tmp_path)]) == 2  # not a study folder

@@ -481,6 +481,60 @@ def collect_results(study_dirs) -> list[dict]:
     return sorted(records.values(), key=lambda r: (order.get(r["variant"], len(order)), r["variant"], r["seed"]))
 
 
+def study_status(study_dirs, recent: int = 20) -> list[dict]:
+    """Where every started variant of the study folders stands, while a long study runs (or after it was
+    interrupted): finished (the result's figures), or unfinished (the last logged step, the validation
+    curve so far, whether a checkpoint exists to resume from, and the training time left at the speed of
+    the last `recent` logged intervals; validations not counted)."""
+    rows = []
+    for folder in map(Path, study_dirs):
+        results = folder / RESULTS_DIR
+        if not (folder / STUDY_FILE).is_file() and not results.is_dir():
+            raise DsmrError(f"{folder} is not a study folder (no {STUDY_FILE}, no {RESULTS_DIR}/)")
+        names = sorted({p.name.removesuffix(".spec.json").removesuffix(".json") for p in results.glob("*.json")})
+        for name in names:
+            if (results / f"{name}.json").is_file():
+                result = _read_json(results / f"{name}.json")
+                rows.append({"study": str(folder), "variant": result["variant"], "seed": result["seed"],
+                             "state": "finished", "step": result["steps"], "steps": result["steps"],
+                             "val_ppl": result["val_ppl"], "test_ppl": result.get("test_ppl"),
+                             "val_curve": result.get("val_curve", []),
+                             "train_tokens_per_s": result["train_tokens_per_s"], "hours_left": 0.0})
+                continue
+            spec = _read_json(results / f"{name}.spec.json")
+            steps = spec["train"]["steps"]
+            rows.append({"study": str(folder), "variant": spec["variant"], "seed": spec["train"]["seed"],
+                         "steps": steps, **_progress(folder / RUNS_DIR / name, steps, recent)})
+    return rows
+
+
+def _progress(run_dir: Path, steps: int, recent: int) -> dict:
+    """An unfinished run's last step, validation curve, speed and training time left, from metrics.jsonl."""
+    from dsmr.checkpoint import TRAINER_STATE_FILE
+
+    records = []
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.is_file():
+        for line in metrics.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a line cut short by a kill: the rest is still good
+    train = [r for r in records if r.get("tokens_per_s")]
+    span = seconds = tokens = 0
+    for prev, r in list(zip([{"step": 0}] + train, train))[-recent:]:
+        if r["step"] > prev["step"]:  # a resumed run logs again from its checkpoint's step: skip the jump back
+            span += r["step"] - prev["step"]
+            seconds += r["tokens"] / r["tokens_per_s"]
+            tokens += r["tokens"]
+    step = records[-1]["step"] if records else 0
+    val = list({r["step"]: {"step": r["step"], "val_ppl": r["val_ppl"]} for r in records if "val_ppl" in r}.values())
+    return {"state": "unfinished", "step": step, "val_curve": val, "val_ppl": val[-1]["val_ppl"] if val else None,
+            "test_ppl": None, "resumable": (run_dir / TRAINER_STATE_FILE).is_file(),
+            "train_tokens_per_s": tokens / seconds if seconds else None,
+            "hours_left": (steps - step) * seconds / span / 3600 if span else None}
+
+
 def merge_studies(out_dir, study_dirs, command: str | None = None) -> list[dict]:
     """Put the results of several study folders (e.g. one per variant or per seed) into `out_dir`."""
     out_dir = Path(out_dir)

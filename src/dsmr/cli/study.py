@@ -2,10 +2,12 @@
 
     dsmr study --cache DIR --out STUDY [--variants a,b,...] [--steps N] [--budget B] [--seed S] [--json]
     dsmr study merge OUT STUDY1 STUDY2 ...
+    dsmr study status STUDY1 [STUDY2 ...]
 
 Every variant trains with the same model size, data order, seed and steps, in its own process; a
 finished variant is not trained again, an interrupted one resumes. `--variants NAME` runs some variants
-alone (spread a study over processes or machines), `dsmr study merge` puts their results together.
+alone (spread a study over processes or machines), `dsmr study merge` puts their results together, and
+`dsmr study status` says where each started variant stands while they run.
 """
 
 from __future__ import annotations
@@ -53,6 +55,16 @@ def register(subparsers) -> None:
     merge.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
                        help="print the result rows as one JSON object on stdout")
     merge.set_defaults(func=run_merge)
+    status = actions.add_parser("status", help="where each started variant stands: step, validation PPL so far, "
+                                               "speed, time left",
+                                description="Where each started variant of the study folders stands: finished, "
+                                            "or unfinished with its last step, validation PPL so far, training "
+                                            "speed and training time left (validations not counted), and "
+                                            "whether a checkpoint exists to resume from.")
+    status.add_argument("dirs", nargs="+", metavar="DIR", help="study folders")
+    status.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                        help="print the rows as one JSON object on stdout")
+    status.set_defaults(func=run_status)
 
 
 def _names(text: str) -> list[str]:
@@ -82,6 +94,31 @@ def run_merge(args: argparse.Namespace) -> int:
         raise DsmrError("use `dsmr study merge OUT DIR1 [DIR2 ...]`: give at least one study folder to merge")
     records = study.merge_studies(args.out, args.dirs, command=_command())
     return _print(args, study.summarize(records), args.out)
+
+
+def run_status(args: argparse.Namespace) -> int:
+    from dsmr import study
+
+    rows = study.study_status(args.dirs)
+    if getattr(args, "json", False):
+        print(json.dumps({"status": rows}))
+        return 0
+    if not rows:
+        print(f"no variant started yet in {', '.join(args.dirs)}")
+        return 0
+    print(f"{'variant':<22} {'seed':>4} {'state':<10} {'step':>15} {'val PPL':>8} {'at step':>7} {'test PPL':>8} "
+          f"{'tok/s':>6} {'hours left':>10}")
+    for r in rows:
+        curve = r["val_curve"]
+        print(f"{r['variant']:<22} {r['seed']:>4} {r['state']:<10} {r['step']:>7,}/{r['steps']:<7,} "
+              f"{_number(r['val_ppl'], '.2f'):>8} {_number(curve[-1]['step'] if curve else None, ','):>7} "
+              f"{_number(r['test_ppl'], '.2f'):>8} {_number(r['train_tokens_per_s'], '.0f'):>6} "
+              f"{_number(r['hours_left'], '.1f'):>10}" + ("" if r.get("resumable", True) else "  (no checkpoint yet)"))
+    return 0
+
+
+def _number(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
 
 
 def run(args: argparse.Namespace) -> int:
