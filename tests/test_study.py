@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -180,31 +181,65 @@ def test_epochs_train_every_variant_for_whole_passes(bach_cache, tmp_path):
     assert recorded["epochs"] == 1 and recorded["steps"] == steps
     with pytest.raises(DsmrError, match="epochs must be a positive integer"):
         StudyConfig(epochs=0).validate()
+    # the curriculum grows its horizons over its fraction of the epoch's steps
+    curriculum = [v for v in default_variants(dataclasses.replace(cfg, steps=steps)) if v.name == "full-curriculum"]
+    assert curriculum[0].options["horizon_warmup"] == round(cfg.curriculum * steps)
+    # another seed's epoch has its own step count, and still belongs in the same study
+    seed1 = dataclasses.replace(cfg, seed=1)
+    [other] = study.run_study(bach_cache.path, tmp_path / "s", seed1, variants=["none"], fresh_process=False,
+                              progress=False)
+    assert other["steps"] == study.epoch_steps(bach_cache, seed1)
+    assert len(study.collect_results([tmp_path / "s"])) == 2
+
+
+def test_a_study_folder_from_older_code_continues(bach_cache, tmp_path):
+    """study.json written before an option existed (here --epochs) compares with its default, not as a change."""
+    out = tmp_path / "s"
+    study.run_study(bach_cache.path, out, StudyConfig(**TINY), variants=["none"], fresh_process=False, progress=False)
+    written = json.loads((out / "study.json").read_text())
+    del written["config"]["epochs"]
+    (out / "study.json").write_text(json.dumps(written))
+    result = out / "results" / "none-seed0.json"
+    record = json.loads(result.read_text())
+    del record["study_config"]["epochs"]
+    result.write_text(json.dumps(record))
+    records = study.run_study(bach_cache.path, out, StudyConfig(**TINY), variants=["none"], fresh_process=False,
+                              progress=False)
+    assert records[0]["steps"] == 4
 
 
 def test_status_says_where_each_variant_stands(bach_cache, tmp_path, capsys):
-    """`dsmr study status`: a finished variant's figures; an unfinished one's last step, validation so far,
-    speed and time left from its metrics (a resumed run's jump back and a line cut short by a kill ignored)."""
+    """`dsmr study status`: a finished variant's figures; a running one's last step, validation so far, speed
+    and time left (the first record after a resume counts from the checkpoint); a stopped one (its spec gone)
+    from its run folder."""
+    import shutil
+
     out = tmp_path / "s"
     [done] = study.run_study(bach_cache.path, out, StudyConfig(**TINY), variants=["none"], fresh_process=False,
                              progress=False)
+    # running: the spec its process wrote; resumed from a checkpoint at step 25 after logging step 20
     spec = {"variant": "two-scale", "train": {"seed": 0, "steps": 100}, "run_dir": "/elsewhere/runs/two-scale-seed0"}
     (out / "results" / "two-scale-seed0.spec.json").write_text(json.dumps(spec))
     run = out / "runs" / "two-scale-seed0"
     run.mkdir(parents=True)
-    logged = [10, 20, 30, 20, 30, 40]  # resumed from a checkpoint at step 10 after logging step 30
-    lines = [json.dumps({"step": s, "loss": 3.0, "tokens": 100, "tokens_per_s": 50.0}) for s in logged]
-    lines.insert(3, json.dumps({"step": 30, "val_ppl": 40.0, "val_nll": 3.7}))
-    (run / "metrics.jsonl").write_text("\n".join(lines) + '\n{"step": 4')
+    logged = [{"step": 10, "tokens": 100}, {"step": 20, "tokens": 100}, {"step": 25, "val_ppl": 40.0},
+              {"step": 30, "tokens": 50, "interval_steps": 5, "resumed_from": 25}]
+    lines = [json.dumps(dict(r, tokens_per_s=50.0) if "tokens" in r else r) for r in logged]
+    (run / "metrics.jsonl").write_text("\n".join(lines[:2]) + '\n{"step": 2\n' + "\n".join(lines[2:]) + "\n")
+    # stopped before its result: no spec, a run folder with a checkpoint (a finished run's, copied)
+    shutil.copytree(out / "runs" / "none-seed0", out / "runs" / "full-seed1")
     rows = {r["variant"]: r for r in study.study_status([out])}
     assert rows["none"]["state"] == "finished" and rows["none"]["val_ppl"] == done["val_ppl"]
     assert rows["none"]["step"] == rows["none"]["steps"] == 4 and rows["none"]["hours_left"] == 0
-    unfinished = rows["two-scale"]
-    assert unfinished["state"] == "unfinished" and unfinished["step"] == 40 and not unfinished["resumable"]
-    assert unfinished["val_curve"] == [{"step": 30, "val_ppl": 40.0}] and unfinished["val_ppl"] == 40.0
-    assert unfinished["train_tokens_per_s"] == pytest.approx(50.0)
-    assert unfinished["hours_left"] * 3600 == pytest.approx(60 * 0.2)  # 60 steps left at 2 s per 10 steps
+    running = rows["two-scale"]
+    assert running["state"] == "unfinished" and running["step"] == 30 and not running["resumable"]
+    assert running["val_curve"] == [{"step": 25, "val_ppl": 40.0}] and running["val_ppl"] == 40.0
+    assert running["train_tokens_per_s"] == pytest.approx(50.0)
+    assert running["hours_left"] * 3600 == pytest.approx(70 * 0.2)  # 25 steps took 5 s; 70 left
+    stopped = rows["full"]
+    assert stopped["seed"] == 1 and stopped["state"] == "unfinished" and stopped["resumable"]
+    assert stopped["step"] == stopped["steps"] == 4
     assert cli_main(["study", "status", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "finished" in printed and "40/100" in printed and "no checkpoint yet" in printed
+    assert "finished" in printed and "30/100" in printed and "no checkpoint yet" in printed
     assert cli_main(["study", "status", str(tmp_path)]) == 2  # not a study folder

@@ -422,14 +422,21 @@ def _write_study_file(out_dir: Path, cfg: StudyConfig, command: str | None, cach
     study = {"config": cfg.to_dict(), "cache": str(cache_path), "command": command,
              "variants": [dataclasses.asdict(v) for v in default_variants(cfg)]}
     if path.is_file():
-        old = _read_json(path).get("config", {})
         # options that change what is trained would mix incomparable results in one table
-        same_except_seed = {k: v for k, v in old.items() if k not in ("seed", "threads", "device")}
-        now = {k: v for k, v in cfg.to_dict().items() if k not in ("seed", "threads", "device")}
-        if same_except_seed != now:
+        old, now = _comparable(_read_json(path).get("config", {})), _comparable(cfg.to_dict())
+        if old != now:
             diffs = [f"{k}: {old.get(k)!r} then, {now.get(k)!r} now" for k in now if old.get(k) != now.get(k)]
             raise DsmrError(f"the study in {out_dir} used other options ({'; '.join(diffs)}); give another --out")
     atomic_write_json(path, study)
+
+
+def _comparable(config: dict) -> dict:
+    """The options that decide what a study trains: not the seed, threads or device; the defaults for options
+    a study file from older code lacks; not the steps of `--epochs` (an epoch's steps depend on the seed's
+    piece order)."""
+    config = {**StudyConfig().to_dict(), **config}
+    ignored = {"seed", "threads", "device"} | ({"steps"} if config.get("epochs") else set())
+    return {k: v for k, v in config.items() if k not in ignored}
 
 
 def _read_json(path: Path) -> dict:
@@ -472,7 +479,7 @@ def collect_results(study_dirs) -> list[dict]:
                 raise DsmrError(f"variant {key[0]} seed {key[1]} is in both {where[key]} and {path}")
             records[key], where[key] = record, path
             configs.setdefault(folder, record.get("study_config") or {})
-    shared = [{k: v for k, v in c.items() if k not in ("seed", "threads", "device")} for c in configs.values()]
+    shared = [_comparable(c) for c in configs.values()]
     if any(c != shared[0] for c in shared[1:]):
         folders = ", ".join(map(str, configs))
         raise DsmrError(f"the studies {folders} used different model, memory or training options: "
@@ -482,17 +489,19 @@ def collect_results(study_dirs) -> list[dict]:
 
 
 def study_status(study_dirs, recent: int = 20) -> list[dict]:
-    """Where every started variant of the study folders stands, while a long study runs (or after it was
-    interrupted): finished (the result's figures), or unfinished (the last logged step, the validation
-    curve so far, whether a checkpoint exists to resume from, and the training time left at the speed of
-    the last `recent` logged intervals; validations not counted)."""
+    """Where every started variant of the study folders stands, while a long study runs or after it was
+    stopped: finished (the result's figures), or unfinished (the last logged step, the validation curve so
+    far, whether a checkpoint exists to resume from, and the training time left at the speed of the last
+    `recent` logged intervals; validations not counted)."""
     rows = []
     for folder in map(Path, study_dirs):
-        results = folder / RESULTS_DIR
+        results, runs = folder / RESULTS_DIR, folder / RUNS_DIR
         if not (folder / STUDY_FILE).is_file() and not results.is_dir():
             raise DsmrError(f"{folder} is not a study folder (no {STUDY_FILE}, no {RESULTS_DIR}/)")
-        names = sorted({p.name.removesuffix(".spec.json").removesuffix(".json") for p in results.glob("*.json")})
-        for name in names:
+        # a variant's spec exists while its process runs; a stopped one leaves its run folder
+        names = {p.name.removesuffix(".spec.json").removesuffix(".json") for p in results.glob("*.json")}
+        names |= {p.name for p in runs.glob("*-seed*") if p.is_dir()}
+        for name in sorted(names):
             if (results / f"{name}.json").is_file():
                 result = _read_json(results / f"{name}.json")
                 rows.append({"study": str(folder), "variant": result["variant"], "seed": result["seed"],
@@ -501,38 +510,46 @@ def study_status(study_dirs, recent: int = 20) -> list[dict]:
                              "val_curve": result.get("val_curve", []),
                              "train_tokens_per_s": result["train_tokens_per_s"], "hours_left": 0.0})
                 continue
-            spec = _read_json(results / f"{name}.spec.json")
-            steps = spec["train"]["steps"]
-            rows.append({"study": str(folder), "variant": spec["variant"], "seed": spec["train"]["seed"],
-                         "steps": steps, **_progress(folder / RUNS_DIR / name, steps, recent)})
+            variant, seed = name.rsplit("-seed", 1)
+            rows.append({"study": str(folder), "variant": variant, "seed": int(seed),
+                         **_progress(runs / name, _planned_steps(results / f"{name}.spec.json", runs / name),
+                                     recent)})
     return rows
 
 
-def _progress(run_dir: Path, steps: int, recent: int) -> dict:
+def _planned_steps(spec_path: Path, run_dir: Path) -> int | None:
+    """The steps a variant trains for: from its spec while it runs, else from its run's config.json."""
+    for path, where in ((spec_path, "train"), (run_dir / "config.json", "train")):
+        if path.is_file():
+            return _read_json(path).get(where, {}).get("steps")
+    return None
+
+
+def _progress(run_dir: Path, steps: int | None, recent: int) -> dict:
     """An unfinished run's last step, validation curve, speed and training time left, from metrics.jsonl."""
     from dsmr.checkpoint import TRAINER_STATE_FILE
 
     records = []
     metrics = run_dir / "metrics.jsonl"
-    if metrics.is_file():
-        for line in metrics.read_text().splitlines():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # a line cut short by a kill: the rest is still good
+    for line in metrics.read_text(errors="replace").splitlines() if metrics.is_file() else []:
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue  # a damaged line (training drops it too when it resumes)
     train = [r for r in records if r.get("tokens_per_s")]
     span = seconds = tokens = 0
     for prev, r in list(zip([{"step": 0}] + train, train))[-recent:]:
-        if r["step"] > prev["step"]:  # a resumed run logs again from its checkpoint's step: skip the jump back
-            span += r["step"] - prev["step"]
-            seconds += r["tokens"] / r["tokens_per_s"]
-            tokens += r["tokens"]
+        # the first record after a resume counts from the checkpoint's step, not from the record before it
+        span += r.get("interval_steps", r["step"] - prev["step"])
+        seconds += r["tokens"] / r["tokens_per_s"]
+        tokens += r["tokens"]
     step = records[-1]["step"] if records else 0
-    val = list({r["step"]: {"step": r["step"], "val_ppl": r["val_ppl"]} for r in records if "val_ppl" in r}.values())
-    return {"state": "unfinished", "step": step, "val_curve": val, "val_ppl": val[-1]["val_ppl"] if val else None,
-            "test_ppl": None, "resumable": (run_dir / TRAINER_STATE_FILE).is_file(),
+    val = [{"step": r["step"], "val_ppl": r["val_ppl"]} for r in records if "val_ppl" in r]
+    return {"state": "unfinished", "step": step, "steps": steps, "val_curve": val,
+            "val_ppl": val[-1]["val_ppl"] if val else None, "test_ppl": None,
+            "resumable": (run_dir / TRAINER_STATE_FILE).is_file(),
             "train_tokens_per_s": tokens / seconds if seconds else None,
-            "hours_left": (steps - step) * seconds / span / 3600 if span else None}
+            "hours_left": (steps - step) * seconds / span / 3600 if span and steps else None}
 
 
 def merge_studies(out_dir, study_dirs, command: str | None = None) -> list[dict]:

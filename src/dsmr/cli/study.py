@@ -30,7 +30,8 @@ def register(subparsers) -> None:
                     "same model, data order, seed and steps; evaluate over full validation pieces; write "
                     "results.csv, results.md and figures into --out. `dsmr study merge OUT DIR...` merges "
                     "studies run apart (other variants or seeds).",
-        epilog="merge studies: dsmr study merge OUT DIR1 [DIR2 ...]")
+        epilog="merge studies: dsmr study merge OUT DIR1 [DIR2 ...]; where running or stopped studies stand: "
+               "dsmr study status DIR1 [DIR2 ...]")
     p.add_argument("--cache", help="token cache folder (from `dsmr data build`)")
     p.add_argument("--out", help="study folder (created, or continued: finished variants are reused)")
     p.add_argument("--variants", type=_names, help="comma-separated variants to run (default all; --list shows them)")
@@ -110,7 +111,7 @@ def run_status(args: argparse.Namespace) -> int:
           f"{'tok/s':>6} {'hours left':>10}")
     for r in rows:
         curve = r["val_curve"]
-        print(f"{r['variant']:<22} {r['seed']:>4} {r['state']:<10} {r['step']:>7,}/{r['steps']:<7,} "
+        print(f"{r['variant']:<22} {r['seed']:>4} {r['state']:<10} {r['step']:>7,}/{_number(r['steps'], ','):<7} "
               f"{_number(r['val_ppl'], '.2f'):>8} {_number(curve[-1]['step'] if curve else None, ','):>7} "
               f"{_number(r['test_ppl'], '.2f'):>8} {_number(r['train_tokens_per_s'], '.0f'):>6} "
               f"{_number(r['hours_left'], '.1f'):>10}" + ("" if r.get("resumable", True) else "  (no checkpoint yet)"))
@@ -137,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"{v.name:<18} {horizons:<24} {v.description}")
         return 0
     if not args.cache or not args.out:
-        raise DsmrError("give --cache and --out (or `dsmr study merge OUT DIR...`)")
+        raise DsmrError("give --cache and --out (or `dsmr study merge OUT DIR...`, `dsmr study status DIR...`)")
     set_threads(cfg.threads)
     study.run_study(args.cache, args.out, cfg, variants=args.variants, fresh_process=not args.in_process,
                     progress=args.progress, command=_command())
