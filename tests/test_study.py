@@ -242,4 +242,6 @@ def test_status_says_where_each_variant_stands(bach_cache, tmp_path, capsys):
     assert cli_main(["study", "status", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "finished" in printed and "30/100" in printed and "no checkpoint yet" in printed
+    assert "validation PPL by step" in printed and "two-scale/0" in printed
+    assert any(line.split()[:1] == ["25"] and "40.00" in line for line in printed.splitlines())
     assert cli_main(["study", "status", str(tmp_path)]) == 2  # not a study folder

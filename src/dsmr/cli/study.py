@@ -115,7 +115,21 @@ def run_status(args: argparse.Namespace) -> int:
               f"{_number(r['val_ppl'], '.2f'):>8} {_number(curve[-1]['step'] if curve else None, ','):>7} "
               f"{_number(r['test_ppl'], '.2f'):>8} {_number(r['train_tokens_per_s'], '.0f'):>6} "
               f"{_number(r['hours_left'], '.1f'):>10}" + ("" if r.get("resumable", True) else "  (no checkpoint yet)"))
+    _print_curves(rows)
     return 0
+
+
+def _print_curves(rows: list[dict]) -> None:
+    """Validation PPL by step, one column per variant and seed: where the variants cross, so far."""
+    curves = {f"{r['variant']}/{r['seed']}": {p["step"]: p["val_ppl"] for p in r["val_curve"]} for r in rows}
+    curves = {name: curve for name, curve in curves.items() if curve}
+    if not curves:
+        return
+    width = max(9, *(len(name) for name in curves))
+    print("\nvalidation PPL by step (the pieces validated during training)")
+    print(f"{'step':>7} " + " ".join(f"{name:>{width}}" for name in curves))
+    for step in sorted({step for curve in curves.values() for step in curve}):
+        print(f"{step:>7,} " + " ".join(f"{_number(curve.get(step), '.2f'):>{width}}" for curve in curves.values()))
 
 
 def _number(value, spec: str) -> str:
