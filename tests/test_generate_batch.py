@@ -13,7 +13,8 @@ import torch
 from dsmr.checkpoint import save_checkpoint
 from dsmr.cli import main
 from dsmr.errors import DsmrError
-from dsmr.generate import IncrementalDecoder, SamplingConfig, batch_summary, generate, generate_batch
+from dsmr.generate import (IncrementalDecoder, SamplingConfig, batch_summary, decoding_state_dtype, generate,
+                           generate_batch, half_weight_model)
 from dsmr.model import DSMR, DSMRConfig
 from dsmr.tokenizer import PerformanceTokenizer
 from tests.test_generate import SEG, perf_model, perf_tok, streaming_logits, tiny_model  # noqa: F401 (fixtures)
@@ -79,6 +80,30 @@ def test_compiled_step_gives_the_same_logits():
     decoder.feed(ids[:, :5])
     stepped = torch.stack([decoder.step(ids[:, i]) for i in range(5, 30)], dim=1)
     torch.testing.assert_close(stepped, expected[:, 5:], rtol=0, atol=2e-5)
+    # the float16 state of a compiled float16-weight model: widened inside the kernels, same logits to fp16
+    half = IncrementalDecoder(model, SEG, batch_size=2, compile=True, state_dtype=torch.float16)
+    half.feed(ids[:, :5])
+    stepped = torch.stack([half.step(ids[:, i]) for i in range(5, 30)], dim=1)
+    torch.testing.assert_close(stepped, expected[:, 5:], rtol=0, atol=2e-3)
+
+
+def test_float16_state_halves_the_bytes_and_keeps_the_logits():
+    model = tiny_model(gate="soft", per_head=True)
+    ids = torch.randint(3, 50, (2, 30), generator=torch.Generator().manual_seed(2))
+    expected = streaming_logits(model, ids, SEG)
+    full = IncrementalDecoder(model, SEG, batch_size=2)
+    half = IncrementalDecoder(model, SEG, batch_size=2, state_dtype=torch.float16)
+    assert half.keys[0].dtype == half.values[-1].dtype == torch.float16
+    assert 2 * half.state_bytes() == full.state_bytes()
+    prompt = half.feed(ids[:, :5])
+    stepped = torch.stack([half.step(ids[:, i]) for i in range(5, 30)], dim=1)
+    torch.testing.assert_close(prompt, expected[:, :5], rtol=0, atol=2e-3)
+    torch.testing.assert_close(stepped, expected[:, 5:], rtol=0, atol=2e-3)
+    assert (stepped - expected[:, 5:]).abs().max() > 0  # it did round: the state is float16
+    # generate_batch's choice: float16 only for a compiled step of float16 weights (eager would be slower)
+    assert decoding_state_dtype(half_weight_model(model), compile=True) == torch.float16
+    assert decoding_state_dtype(half_weight_model(model), compile=False) is None
+    assert decoding_state_dtype(model, compile=True) is None
 
 
 def test_cli_num_samples(perf_model, perf_tok, tmp_path, capsys):

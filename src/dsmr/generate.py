@@ -39,9 +39,12 @@ class IncrementalDecoder:
     slots masked, and reads its fill counts from a tensor, so one graph serves every step. With
     `compile=True` that step (the model's own `MemoryAttention.qkv` / `attend`, see `_decode_step`) is
     compiled with torch.compile once per process and shape: `warm_up()` pays for it up front.
+
+    `state_dtype`: the keys' and values' dtype (default the model's); attention runs in the model's dtype.
     """
 
-    def __init__(self, model, segment_len: int, batch_size: int = 1, device=None, compile: bool = False):
+    def __init__(self, model, segment_len: int, batch_size: int = 1, device=None, compile: bool = False,
+                 state_dtype: Optional[torch.dtype] = None):
         if not isinstance(segment_len, int) or segment_len < 1:
             raise DsmrError(f"segment_len must be a positive integer, got {segment_len!r}")
         if batch_size < 1:
@@ -58,9 +61,10 @@ class IncrementalDecoder:
         self.segment_len = segment_len
         self.batch_size = batch_size
         self.horizons = tuple(cfg.horizons)
+        self.state_dtype = state_dtype or self.dtype
         shape = lambda h: (batch_size, cfg.n_heads, h + segment_len, cfg.head_dim)  # noqa: E731
-        self.keys = [torch.zeros(shape(h), device=self.device, dtype=self.dtype) for h in self.horizons]
-        self.values = [torch.zeros(shape(h), device=self.device, dtype=self.dtype) for h in self.horizons]
+        self.keys = [torch.zeros(shape(h), device=self.device, dtype=self.state_dtype) for h in self.horizons]
+        self.values = [torch.zeros(shape(h), device=self.device, dtype=self.state_dtype) for h in self.horizons]
         # [segment offset, memory fill of each layer]: what a step reads, as a tensor (no recompiles)
         self._fill = torch.zeros(1 + len(self.horizons), dtype=torch.long, device=self.device)
         # this segment's rotary table, cos/sin [1, 1, T, rotary_dims]: static buffers, refilled per segment
@@ -189,8 +193,8 @@ class IncrementalDecoder:
             self.keys[layer].narrow(2, start, n).copy_(k)
             self.values[layer].narrow(2, start, n).copy_(v)
             mask = None if n == 1 else self._mask(memory, t, n)
-            x = x + block.attn.attend(q, self.keys[layer].narrow(2, 0, end), self.values[layer].narrow(2, 0, end),
-                                      mask, n_memory=memory)
+            keys, values = (buf.narrow(2, 0, end).to(q.dtype) for buf in (self.keys[layer], self.values[layer]))
+            x = x + block.attn.attend(q, keys, values, mask, n_memory=memory)
             x = block.feed_forward(x)
         self.seg_fill += n
         self.position += n
@@ -216,11 +220,12 @@ def _decode_step(model, ids: Tensor, fill: Tensor, rope: tuple[Tensor, Tensor], 
         q, k, v = block.attn.qkv(block.norm1(x), rope=(cos, sin))
         memory = fill[1 + layer]
         slot = (memory + t).view(1)
-        keys[layer].index_copy_(2, slot, k)
-        values[layer].index_copy_(2, slot, v)
+        keys[layer].index_copy_(2, slot, k.to(keys[layer].dtype))
+        values[layer].index_copy_(2, slot, v.to(values[layer].dtype))
         filled = torch.arange(keys[layer].shape[2], device=ids.device) <= slot
         mask = torch.where(filled, 0.0, float("-inf")).to(q.dtype).view(1, 1, 1, -1)
-        x = x + block.attn.attend(q, keys[layer], values[layer], mask, n_memory=memory)
+        # a float16 state is widened inside the compiled attention kernels, never stored as float32
+        x = x + block.attn.attend(q, keys[layer].to(q.dtype), values[layer].to(q.dtype), mask, n_memory=memory)
         x = block.feed_forward(x)
     fill[:1].add_(1)
     return model.output(x)[:, -1]
@@ -491,6 +496,16 @@ def batch_summary(results: Sequence[GenerationResult]) -> dict:
             "seeds": [r.seed for r in results]}
 
 
+def decoding_state_dtype(model, compile: bool) -> Optional[torch.dtype]:
+    """float16 keys/values for the compiled step of a float16-weight model on a CPU (`half_weight_model`),
+    else the model's dtype (None). Every step reads the whole state, and inductor widens it inside its
+    kernels: half the bytes, x1.4 for 16 lanes on 2 threads (docs/generation.md). An eager step would widen
+    the whole state into a copy every step (x0.5 there), and a float32 model keeps a float32 state."""
+    on_cpu = model.embedding.weight.device.type == "cpu"
+    half = any(isinstance(m, HalfWeightLinear) for m in model.modules())
+    return torch.float16 if compile and on_cpu and half else None
+
+
 def compile_available(device) -> bool:
     """Whether `compile="auto"` compiles the decoding step here: on a CPU with a C++ compiler (inductor's
     CPU backend). On CUDA the compiled step (and CUDA graphs) is not measured yet: ask for it explicitly."""
@@ -534,7 +549,8 @@ def generate_batch(model, tokenizer, segment_len: int, prompt_ids: Optional[Sequ
     banned = banned_mask(tokenizer, sampling, device=device)[None]
     lanes = _Lanes(tokenizer, sampling, prompt, B, progress)
     with PeakMemory(device) as meter, torch.inference_mode():
-        decoder = IncrementalDecoder(model, segment_len, batch_size=B, device=device, compile=bool(compile))
+        decoder = IncrementalDecoder(model, segment_len, batch_size=B, device=device, compile=bool(compile),
+                                     state_dtype=decoding_state_dtype(model, bool(compile)))
         warmup = decoder.warm_up()  # compiles the step once; not part of the timed generation
         start = time.perf_counter()
         logits = _prefill(decoder, tokenizer, prompt)
