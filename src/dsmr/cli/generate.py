@@ -59,7 +59,8 @@ def register(subparsers) -> None:
     add_threads(runtime, default=1, help=": one-token steps are too small to share")
     runtime.add_argument("--compile", action="store_true",
                          help="torch.compile the one-event decoding step: faster sampling after a one-off "
-                              "warm-up (about a minute on a CPU, reported separately); for long pieces")
+                              "warm-up (about a minute on a CPU, reported separately; with float16 weights the "
+                              "key/value state is float16 too); for long pieces")
     add_weights(runtime)
     parser.set_defaults(func=run)
 
