@@ -127,7 +127,8 @@ def flat_worker(args) -> dict:
 
     import torch
 
-    from dsmr.generate import IncrementalDecoder, SamplingConfig, banned_mask, half_weight_model, sample_next
+    from dsmr.generate import (IncrementalDecoder, SamplingConfig, banned_mask, decoding_state_dtype, half_weight_model,
+                               sample_next)
     from dsmr.model import DSMR, DSMRConfig
     from dsmr.tokenizer import make_tokenizer
 
@@ -142,7 +143,8 @@ def flat_worker(args) -> dict:
     sampling = SamplingConfig(seed=0, max_tokens=None, stop_at_eos=False)
     banned = banned_mask(tokenizer, sampling)[None]
     generator = torch.Generator().manual_seed(0)
-    decoder = IncrementalDecoder(model, 256, compile=args.mode == "compile")
+    compiled = args.mode == "compile"  # the state generate_batch would use
+    decoder = IncrementalDecoder(model, 256, compile=compiled, state_dtype=decoding_state_dtype(model, compiled))
     warmup = decoder.warm_up()
     events = array("q")
     rows = []

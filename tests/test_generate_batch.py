@@ -106,6 +106,23 @@ def test_float16_state_halves_the_bytes_and_keeps_the_logits():
     assert decoding_state_dtype(model, compile=True) is None
 
 
+def test_generate_batch_uses_the_float16_state_when_compiled(perf_model, perf_tok, monkeypatch):
+    """compile=True with float16 weights: lanes get a float16 state, the prompt fed once in the same dtype
+    (the step itself runs eager here: compiling is tested above)."""
+    import dsmr.generate as gen
+
+    monkeypatch.setattr(gen, "_compiled_step", lambda: gen._decode_step)
+    half = half_weight_model(perf_model)
+    sampling = SamplingConfig(seed=3, max_tokens=20, stop_at_eos=False)
+    prompt = np.arange(3, 300)  # past the first segment
+    batch = generate_batch(half, perf_tok, SEG, prompt, sampling, num_samples=2, progress=False, compile=True)
+    eager = generate_batch(half, perf_tok, SEG, prompt, sampling, num_samples=2, progress=False, compile=False)
+    assert 2 * batch[0].state_bytes == eager[0].state_bytes
+    assert all(r.new_tokens == 20 for r in batch)
+    alone = generate_batch(half, perf_tok, SEG, prompt, sampling, num_samples=1, progress=False, compile=True)
+    assert np.array_equal(alone[0].ids, batch[0].ids)  # lane 0 = the same seed fed alone, same state rounding
+
+
 def test_cli_num_samples(perf_model, perf_tok, tmp_path, capsys):
     run = tmp_path / "run"
     save_checkpoint(run, perf_model, {"model": perf_model.cfg.to_dict(), "tokenizer": perf_tok.config(),

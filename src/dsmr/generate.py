@@ -586,7 +586,8 @@ def _prefill(decoder: "IncrementalDecoder", tokenizer, prompt: np.ndarray) -> Te
     first = torch.tensor([[tokenizer.bos_id, *prompt.tolist()]], dtype=torch.long, device=decoder.device)
     if decoder.batch_size == 1:
         return decoder.feed(first, last_only=True)
-    one = IncrementalDecoder(decoder.model, decoder.segment_len, batch_size=1, device=decoder.device)
+    one = IncrementalDecoder(decoder.model, decoder.segment_len, batch_size=1, device=decoder.device,
+                             state_dtype=decoder.state_dtype)  # the same rounding as one lane fed alone
     logits = one.feed(first, last_only=True).expand(decoder.batch_size, -1)
     decoder.load_lane(one)
     return logits
