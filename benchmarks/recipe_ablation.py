@@ -23,7 +23,7 @@ from pathlib import Path
 STUDY = ["--layers", "4", "--d-model", "128", "--heads", "4", "--segment", "128", "--batch-size", "8",
          "--lr", "1e-3", "--eval-every", "400", "--val-pieces", "6", "--threads", "1", "--no-tensorboard",
          # the recipe the study was published with; variants override these (the last option wins)
-         "--tie-embeddings", "--memory", "kv"]
+         "--tie-embeddings", "--memory", "kv", "--init-std", "0.02"]
 NONE = ["--schedule", "none"]
 FULL = ["--schedule", "full", "--horizon", "512"]
 TWO_SCALE = ["--schedule", "two-scale", "--budget", "1152", "--long-layers", "2", "--short", "64"]
@@ -37,6 +37,7 @@ VARIANTS = {
     "head64-ff256": ("head dim 64, feed-forward 256: the parameters of base", "base",
                      NONE + ["--head-dim", "64", "--d-ff", "256"]),
     "init04": ("init std 0.04", "base", NONE + ["--init-std", "0.04"]),
+    "init08": ("init std 0.08", "base", NONE + ["--init-std", "0.08"]),
     "lr2e-3": ("learning rate 2e-3", "base", NONE + ["--lr", "2e-3"]),
     "beta2-0.99": ("AdamW beta2 0.99", "base", NONE + ["--betas", "0.9,0.99"]),
     "warmup10": ("warmup 10% of the steps", "base", NONE + ["--warmup-steps", "240"]),
@@ -44,12 +45,15 @@ VARIANTS = {
     "no-emb-decay": ("no weight decay on the embedding", "base", NONE + ["--no-embedding-decay"]),
     "rmsnorm": ("RMSNorm instead of LayerNorm", "base", NONE + ["--norm", "rmsnorm"]),
     "adopted": ("head dim 64 + untied head, no memory", "base", NONE + ADOPTED),
+    "adopted-init04": ("adopted recipe, init std 0.04, no memory", "adopted", NONE + ADOPTED + ["--init-std", "0.04"]),
     # memory
     "full": ("the study's recipe, full memory 512 (kv)", "full", FULL),
     "full-hidden": ("full memory 512, hidden (re-projected)", "full", FULL + ["--memory", "hidden"]),
     "full-head64": ("full memory 512 (kv), head dim 64", "full", FULL + ["--head-dim", "64"]),
     "adopted-full": ("adopted recipe, full memory 512 (kv)", "adopted", FULL + ADOPTED),
     "adopted-full-hidden": ("adopted recipe, full memory 512 (hidden)", "adopted", FULL + ADOPTED + ["--memory", "hidden"]),
+    "init04-two-scale": ("init std 0.04, two-scale 512,512,64,64 (hidden)", "init04",
+                         TWO_SCALE + ["--init-std", "0.04", "--memory", "hidden"]),
     "adopted-two-scale": ("adopted recipe, two-scale 512,512,64,64", "adopted", TWO_SCALE + ADOPTED),
     "adopted-full-curriculum": ("adopted recipe, full memory 512 (hidden), horizons grown over the first half",
                                 "adopted", FULL + ADOPTED + ["--memory", "hidden", "--horizon-warmup", "1200"]),

@@ -147,12 +147,14 @@ def test_bad_input_says_what(bach_cache, tmp_path):
 def test_final_evaluation_and_recipe_options_reach_the_table(bach_cache, tmp_path):
     """--test: each final model over the whole validation and test splits; recipe options and the
     curriculum variant go through to the runs; the state size follows the memory representation."""
-    cfg = StudyConfig(**dict(TINY, val_pieces=1, test=True, head_dim=8, tie_embeddings=False, memory="hidden"))
+    cfg = StudyConfig(**dict(TINY, val_pieces=1, test=True, head_dim=8, tie_embeddings=False, memory="hidden",
+                             init_std=0.05))
     records = study.run_study(bach_cache.path, tmp_path / "s", cfg, variants=["two-scale-curriculum", "none"],
                               fresh_process=False, progress=False)
     by_name = {r["variant"]: r for r in records}
     curriculum = by_name["two-scale-curriculum"]
     assert curriculum["train_config"]["horizon_warmup"] == 2 and curriculum["train_config"]["memory"] == "hidden"
+    assert curriculum["train_config"]["init_std"] == 0.05
     assert curriculum["state_bytes"] == sum(curriculum["horizons"]) * 32 * 4  # d_model values per position
     for r in records:
         assert r["val_pieces"] == 1 and r["val_all_pieces"] == bach_cache.num_pieces("validation") > 1

@@ -296,7 +296,7 @@ def test_a_run_folder_from_before_the_recipe_options_loads_and_resumes(bach_cach
     """config.json written before head_dim, memory, horizon_warmup ... existed: loads and resumes with the
     values those runs had (kv memory)."""
     run = tmp_path / "old"
-    train(tiny(memory="kv", steps=4), bach_cache, run, progress=False)
+    train(tiny(memory="kv", init_std=0.02, steps=4), bach_cache, run, progress=False)
     config = json.loads((run / "config.json").read_text())
     for key in ("head_dim", "rotary_fraction", "init_std", "memory"):
         config["model"].pop(key)
@@ -305,7 +305,7 @@ def test_a_run_folder_from_before_the_recipe_options_loads_and_resumes(bach_cach
     (run / "config.json").write_text(json.dumps(config))
     model, _, _ = load_model(run)
     assert model.cfg.head_dim == 16 and model.cfg.memory == "kv"
-    more = train(tiny(memory="kv", steps=5), bach_cache, run, progress=False, resume=True)
+    more = train(tiny(memory="kv", init_std=0.02, steps=5), bach_cache, run, progress=False, resume=True)
     assert more["steps"] == 5
     with pytest.raises(DsmrError, match="memory: run 'kv', now 'hidden'"):
         train(tiny(steps=6), bach_cache, run, progress=False, resume=True)

@@ -48,8 +48,8 @@ BASELINE = "excerpt"
 
 
 # The study options of `dsmr study`, in the order its help lists them.
-SHARED_OPTIONS = ("layers", "d_model", "heads", "head_dim", "tie_embeddings", "memory", "curriculum", "test",
-                  "segment", "batch_size", "horizon", "budget", "long_layers", "short", "context", "gate_init",
+SHARED_OPTIONS = ("layers", "d_model", "heads", "head_dim", "tie_embeddings", "init_std", "memory", "curriculum",
+                  "test", "segment", "batch_size", "horizon", "budget", "long_layers", "short", "context", "gate_init",
                   "gate_lambda", "steps", "epochs", "lr", "eval_every", "val_pieces", "eval_batch_size", "seed")
 
 
@@ -63,6 +63,7 @@ class StudyConfig:
     heads: int = option(4, "attention heads")
     head_dim: int | None = option(None, "width of each head", default_text="d-model / heads")
     tie_embeddings: bool = option(True, "separate output head instead of the tied embedding")
+    init_std: float = option(0.02, "std of the initial weights (dsmr train's default is 0.04)")
     memory: str = option("kv", "what the memory holds in training (see dsmr train --help)", choices=("kv", "hidden"))
     # data: every variant reads the same lanes of whole pieces in the same order (same seed)
     segment: int = option(128, "tokens per segment")
@@ -191,7 +192,7 @@ def train_config(cfg: StudyConfig, variant: Variant):
     from dsmr.train import TrainConfig
 
     base = dict(layers=cfg.layers, d_model=cfg.d_model, heads=cfg.heads, head_dim=cfg.head_dim,
-                tie_embeddings=cfg.tie_embeddings, memory=cfg.memory, segment=cfg.segment,
+                tie_embeddings=cfg.tie_embeddings, init_std=cfg.init_std, memory=cfg.memory, segment=cfg.segment,
                 batch_size=cfg.batch_size, steps=cfg.steps, lr=cfg.lr, eval_every=cfg.eval_every,
                 val_pieces=cfg.val_pieces, eval_batch_size=cfg.eval_batch_size or cfg.batch_size,
                 seed=cfg.seed, device=cfg.device, tensorboard=False, log_every=10)
