@@ -316,3 +316,17 @@ def test_the_gate_choices_of_the_options_are_the_models():
     from dsmr.train_config import GATE_KINDS
 
     assert GATE_KINDS == GATES
+
+
+def test_initial_weights_scale_with_width_unless_given():
+    """--init-std defaults to 1 / sqrt(d_model) (0.02 is GPT-2's value for width 768); a given value wins, and
+    the model's weights are drawn with it."""
+    from dsmr.train_config import make_model_config
+
+    for d_model in (64, 256):
+        cfg = make_model_config(TrainConfig(d_model=d_model, heads=4), vocab_size=50)
+        assert cfg.init_std == pytest.approx(d_model ** -0.5)
+        torch.manual_seed(0)
+        weights = DSMR(cfg).blocks[0].mlp[0].weight
+        assert weights.std().item() == pytest.approx(d_model ** -0.5, rel=0.05)
+    assert make_model_config(TrainConfig(init_std=0.03), vocab_size=50).init_std == 0.03

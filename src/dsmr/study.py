@@ -63,7 +63,7 @@ class StudyConfig:
     heads: int = option(4, "attention heads")
     head_dim: int | None = option(None, "width of each head", default_text="d-model / heads")
     tie_embeddings: bool = option(True, "separate output head instead of the tied embedding")
-    init_std: float = option(0.02, "std of the initial weights (dsmr train's default is 0.04)")
+    init_std: float = option(0.02, "std of the initial weights (dsmr train's default is 1 / sqrt(d-model))")
     memory: str = option("kv", "what the memory holds in training (see dsmr train --help)", choices=("kv", "hidden"))
     # data: every variant reads the same lanes of whole pieces in the same order (same seed)
     segment: int = option(128, "tokens per segment")
