@@ -22,13 +22,7 @@ def matmul_peak(threads: int | None = None, n: int = 2048, repeats: int = 10) ->
     if threads:
         torch.set_num_threads(threads)
     a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best
+    return 2 * n**3 / _best_seconds(lambda: a @ b, repeats)
 
 
 def read_bandwidth(nbytes: int, threads: int | None = None, repeats: int = 20) -> float:
@@ -40,13 +34,19 @@ def read_bandwidth(nbytes: int, threads: int | None = None, repeats: int = 20) -
     if threads:
         torch.set_num_threads(threads)
     buffer = torch.ones(max(nbytes // 4, 1))
-    buffer.sum()
+    return buffer.numel() * 4 / _best_seconds(buffer.sum, repeats)
+
+
+def _best_seconds(run, repeats: int) -> float:
+    """The fastest of `repeats` timed calls of `run`, after one untimed warm-up call (other work on the
+    machine only ever slows a call down)."""
+    run()
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
-        buffer.sum()
+        run()
         best = min(best, time.perf_counter() - start)
-    return buffer.numel() * 4 / best
+    return best
 
 
 def training_flops_per_token(cfg, segment: int, horizons=None) -> float:

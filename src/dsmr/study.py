@@ -520,9 +520,9 @@ def study_status(study_dirs, recent: int = 20) -> list[dict]:
 
 def _planned_steps(spec_path: Path, run_dir: Path) -> int | None:
     """The steps a variant trains for: from its spec while it runs, else from its run's config.json."""
-    for path, where in ((spec_path, "train"), (run_dir / "config.json", "train")):
+    for path in (spec_path, run_dir / "config.json"):  # both keep the TrainConfig under "train"
         if path.is_file():
-            return _read_json(path).get(where, {}).get("steps")
+            return _read_json(path).get("train", {}).get("steps")
     return None
 
 
