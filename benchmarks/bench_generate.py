@@ -110,7 +110,9 @@ def worker(args) -> dict:
 def weight_bytes_per_step(model) -> int:
     """Bytes of weights one decoding step reads: every parameter and buffer once, except the embedding
     table, of which it reads one row (the whole table when it is also the output head)."""
-    tensors = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    # a packed copy of a weight (dsmr.kernels.pack_half) is read instead of the weight, not as well
+    buffers = [b for name, b in model.named_buffers() if not name.endswith(".packed")]
+    tensors = {id(t): t for t in (*model.parameters(), *buffers)}
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     table = model.embedding.weight
     if getattr(model.head, "weight", None) is not table:

@@ -86,3 +86,13 @@ def _one_torch_thread():
     import torch
 
     torch.set_num_threads(1)
+
+
+@pytest.fixture
+def kernels_off():
+    """Decoding without dsmr.kernels (the PyTorch path), restored afterwards."""
+    from dsmr import kernels
+
+    old = kernels.set_enabled(False)
+    yield
+    kernels.set_enabled(old)

@@ -100,15 +100,25 @@ def test_float16_state_halves_the_bytes_and_keeps_the_logits():
     torch.testing.assert_close(prompt, expected[:, :5], rtol=0, atol=2e-3)
     torch.testing.assert_close(stepped, expected[:, 5:], rtol=0, atol=2e-3)
     assert (stepped - expected[:, 5:]).abs().max() > 0  # it did round: the state is float16
-    # generate_batch's choice: float16 only for a compiled step of float16 weights (eager would be slower)
-    assert decoding_state_dtype(half_weight_model(model), compile=True) == torch.float16
-    assert decoding_state_dtype(half_weight_model(model), compile=False) is None
+    # generate_batch's choice: float16 for float16 weights where a kernel widens the state (compiled, or
+    # dsmr.kernels' attention); an eager PyTorch step would widen all of it every step
+    half_model = half_weight_model(model)
+    assert decoding_state_dtype(half_model, compile=True) == torch.float16
     assert decoding_state_dtype(model, compile=True) is None
+    from dsmr import kernels
+
+    assert decoding_state_dtype(half_model, compile=False) == (torch.float16 if kernels.loaded() else None)
+    old = kernels.set_enabled(False)
+    try:
+        assert decoding_state_dtype(half_model, compile=False) is None
+    finally:
+        kernels.set_enabled(old)
 
 
-def test_generate_batch_uses_the_float16_state_when_compiled(perf_model, perf_tok, monkeypatch):
+def test_generate_batch_uses_the_float16_state_when_compiled(perf_model, perf_tok, monkeypatch, kernels_off):
     """compile=True with float16 weights: lanes get a float16 state, the prompt fed once in the same dtype
-    (the step itself runs eager here: compiling is tested above)."""
+    (the step itself runs eager here: compiling is tested above; without dsmr.kernels, so that the eager
+    run keeps a float32 state to compare with)."""
     import dsmr.generate as gen
 
     monkeypatch.setattr(gen, "_compiled_step", lambda: gen._decode_step)

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dsmr import kernels
 from dsmr.errors import DsmrError
 from dsmr.model import attention_mask
 
@@ -55,6 +56,8 @@ class IncrementalDecoder:
             raise DsmrError(f"IncrementalDecoder: the model is on {param.device}, not {device}: move it first")
         if model.training and cfg.dropout > 0:
             raise DsmrError("IncrementalDecoder: the model is in training mode with dropout: call model.eval()")
+        if param.device.type == "cpu":
+            kernels.load()  # the one-token attention (and half_linear) of dsmr.kernels; built once per machine
         self.model = model
         self.device = param.device
         self.dtype = param.dtype
@@ -224,8 +227,8 @@ def _decode_step(model, ids: Tensor, fill: Tensor, rope: tuple[Tensor, Tensor], 
         values[layer].index_copy_(2, slot, v.to(values[layer].dtype))
         filled = torch.arange(keys[layer].shape[2], device=ids.device) <= slot
         mask = torch.where(filled, 0.0, float("-inf")).to(q.dtype).view(1, 1, 1, -1)
-        # a float16 state is widened inside the compiled attention kernels, never stored as float32
-        x = x + block.attn.attend(q, keys[layer].to(q.dtype), values[layer].to(q.dtype), mask, n_memory=memory)
+        # a float16 state is widened inside the attention kernels (dsmr.kernels or inductor's), never stored
+        x = x + block.attn.attend(q, keys[layer], values[layer], mask, n_memory=memory)
         x = block.feed_forward(x)
     fill[:1].add_(1)
     return model.output(x)[:, -1]
@@ -259,8 +262,15 @@ class HalfWeightLinear(nn.Module):
         if linear.bias is not None:
             raise DsmrError("HalfWeightLinear: linear layers with a bias are not supported")
         self.register_buffer("weight", linear.weight.detach().to(torch.float16))
+        # dsmr.kernels' layout of the same weight, for few rows on a CPU (not saved; None without the kernels)
+        packed = kernels.pack_half(self.weight) if kernels.loaded() and self.weight.device.type == "cpu" else None
+        self.register_buffer("packed", packed, persistent=False)
+
+    KERNEL_ROWS = 32  # below this many rows, dsmr.kernels' half_linear where it is loaded
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.packed is not None and x.numel() < self.KERNEL_ROWS * x.shape[-1] and kernels.usable_for(x, self.packed):
+            return kernels.half_linear(x, self.packed, self.weight.shape[0])
         if x.device.type == "cpu" and x.numel() >= self.MATRIX_ROWS * x.shape[-1]:
             return F.linear(x, self.weight.to(x.dtype))
         return F.linear(x.to(torch.float16), self.weight).to(x.dtype)
@@ -271,6 +281,8 @@ def half_weight_model(model):
     weights; embeddings, norms, attention and the key/value memory stay float32. Logits differ from the
     float32 model by float16 rounding (~1e-3 relative), which does not matter for sampling."""
     model = copy.deepcopy(model).eval()
+    if model.embedding.weight.device.type == "cpu":
+        kernels.load()  # built once per machine; the PyTorch path where it cannot be
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, nn.Linear):
@@ -497,13 +509,14 @@ def batch_summary(results: Sequence[GenerationResult]) -> dict:
 
 
 def decoding_state_dtype(model, compile: bool) -> Optional[torch.dtype]:
-    """float16 keys/values for the compiled step of a float16-weight model on a CPU (`half_weight_model`),
-    else the model's dtype (None). Every step reads the whole state, and inductor widens it inside its
-    kernels: half the bytes, x1.4 for 16 lanes on 2 threads (docs/generation.md). An eager step would widen
-    the whole state into a copy every step (x0.5 there), and a float32 model keeps a float32 state."""
+    """float16 keys/values for a float16-weight model on a CPU (`half_weight_model`) where its steps widen
+    them inside a kernel (dsmr.kernels' attention, or the compiled step's), else the model's dtype (None).
+    Every step reads the whole state: half the bytes, x1.4 for 16 lanes on 2 threads (docs/generation.md).
+    An eager step without dsmr.kernels would widen the whole state into a copy every step (x0.5 there), and
+    a float32 model keeps a float32 state."""
     on_cpu = model.embedding.weight.device.type == "cpu"
     half = any(isinstance(m, HalfWeightLinear) for m in model.modules())
-    return torch.float16 if compile and on_cpu and half else None
+    return torch.float16 if (compile or kernels.loaded()) and on_cpu and half else None
 
 
 def compile_available(device) -> bool:

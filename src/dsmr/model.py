@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dsmr import kernels
 from dsmr.configs import dataclass_from_dict
 from dsmr.errors import DsmrError
 
@@ -290,14 +291,19 @@ class MemoryAttention(nn.Module):
             memory_slot = torch.arange(k.shape[2], device=q.device) < n_memory
             gate = torch.where(memory_slot, bias.to(q.dtype).view(1, -1, 1, 1), 0.0)  # [1, 1|H, 1, N]
             mask = gate if mask is None else mask + gate
-        if T == 1 and not torch.is_grad_enabled() and torch.compiler.is_compiling():
+        if T == 1 and kernels.usable_for(q, k):
+            # one query per lane when decoding on a CPU: one pass over a float16 or float32 buffer
+            if mask is None:
+                mask = q.new_zeros(1, 1, 1, k.shape[2])
+            out = kernels.decode_attention(q, k, v, mask.to(q.dtype), 1.0 / math.sqrt(D))
+        elif T == 1 and not torch.is_grad_enabled() and torch.compiler.is_compiling():
             # one query per lane in a compiled decoding step: plain products and a softmax that inductor
             # fuses with the mask (the CPU SDPA kernel's per-call cost is far above a single query's work)
-            scores = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(D))
-            out = (scores if mask is None else scores + mask).softmax(dim=-1) @ v
+            scores = (q @ k.to(q.dtype).transpose(-1, -2)) * (1.0 / math.sqrt(D))
+            out = (scores if mask is None else scores + mask).softmax(dim=-1) @ v.to(q.dtype)
         else:
             out = F.scaled_dot_product_attention(
-                q, k, v,
+                q, k.to(q.dtype), v.to(q.dtype),
                 attn_mask=mask,
                 is_causal=mask is None and T > 1,
                 dropout_p=self.dropout if self.training else 0.0,

@@ -71,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
+    from dsmr import kernels
     from dsmr.checkpoint import load_model
     from dsmr.runtime import resolve_device
     from dsmr.generate import (SamplingConfig, batch_summary, generate_batch, half_weight_model, load_prompt,
@@ -93,6 +94,8 @@ def run(args: argparse.Namespace) -> int:
     if not isinstance(segment_len, int) or segment_len < 1:
         raise DsmrError(f"{args.checkpoint}: config.json has no segment_len; it is not a dsmr run folder")
     precision = args.precision if args.precision != "auto" else ("float16" if device.type == "cpu" else "float32")
+    if device.type == "cpu" and not kernels.disabled() and kernels.supported_cpu() and not kernels.built():
+        print("dsmr: building the CPU decoding kernels (once per machine, about a minute)...", file=sys.stderr)
     if precision == "float16":
         model = half_weight_model(model)
 
@@ -104,6 +107,7 @@ def run(args: argparse.Namespace) -> int:
     results = generate_batch(model, tokenizer, segment_len, prompt_ids, sampling, num_samples=args.num_samples,
                              progress=args.progress, compile=args.compile)
     runtime = {"precision": precision, "device": str(device), "threads": torch.get_num_threads(),
+               "kernels": kernels.loaded(),
                "segment_len": segment_len, "horizons": list(model.cfg.horizons)}
     samples = []
     for result in results:

@@ -1,0 +1,125 @@
+"""CPU kernels for one-token decoding: `dsmr::half_linear` (float32 x times float16 weights, packed once by `pack_half`) and
+`dsmr::decode_attention` (one query over a float16 or float32 key/value buffer), from kernels.cpp.
+
+They are built once per machine on first use (`load()`: torch.utils.cpp_extension with the system's C++
+compiler and ninja, cached under ~/.cache/torch_extensions, ~1 minute the first time) and need an x86-64
+CPU with AVX2, FMA and F16C. Where they cannot be built, or with DSMR_KERNELS=0, decoding runs the
+PyTorch path (same results up to float rounding) after one warning. Both are registered torch ops with
+fake implementations, so a torch.compile'd decoding step calls them from its graph.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("kernels.cpp")
+NAME = "dsmr_cpu_kernels"
+_state = {"loaded": False, "error": None, "enabled": True}
+
+
+def supported_cpu() -> bool:
+    """An x86-64 CPU with AVX2 (every such CPU also has FMA and F16C)."""
+    return platform.machine().lower() in ("x86_64", "amd64") and torch.backends.cpu.get_cpu_capability() in (
+        "AVX2", "AVX512")
+
+
+def disabled() -> bool:
+    return os.environ.get("DSMR_KERNELS", "1").strip().lower() in ("0", "false", "no", "off")
+
+
+def load(verbose: bool = False) -> bool:
+    """Build (once per machine) and load the kernels; False, with one warning, where they cannot be."""
+    if _state["loaded"]:
+        return True
+    if _state["error"] is not None or disabled():
+        return False
+    if not supported_cpu():
+        _state["error"] = f"this CPU ({platform.machine()}, {torch.backends.cpu.get_cpu_capability()}) lacks AVX2"
+        return False
+    try:
+        from torch.utils.cpp_extension import load as build
+
+        build(name=NAME, sources=[str(SOURCE)], is_python_module=False, verbose=verbose,
+              extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c"])
+    except Exception as e:  # no compiler, no ninja, a read-only cache...: decoding still works, slower
+        _state["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+        warnings.warn(f"dsmr: the CPU decoding kernels could not be built ({_state['error']}); decoding uses "
+                      f"PyTorch's kernels (slower). Set DSMR_KERNELS=0 to skip trying.", RuntimeWarning,
+                      stacklevel=2)
+        return False
+    _register_fakes()
+    _state["loaded"] = True
+    return True
+
+
+def built() -> bool:
+    """Whether a build from an earlier process is in torch's extension cache (loading it is then quick)."""
+    try:
+        from torch.utils.cpp_extension import _get_build_directory  # private; only for this hint
+
+        return (Path(_get_build_directory(NAME, False)) / f"{NAME}.so").exists()
+    except Exception:
+        return False
+
+
+def loaded() -> bool:
+    """Whether the kernels are in use in this process (never builds them)."""
+    return _state["loaded"] and _state["enabled"]
+
+
+def set_enabled(enabled: bool) -> bool:
+    """Use the loaded kernels or not (benchmarks and tests compare both paths); returns the old setting.
+    Decoders built before a change keep the state dtype they chose; a compiled step keeps its graph."""
+    old = _state["enabled"]
+    _state["enabled"] = bool(enabled)
+    return old
+
+
+def load_error() -> str | None:
+    """Why `load()` failed, or None."""
+    return _state["error"]
+
+
+def _register_fakes() -> None:
+    # shapes and dtypes for torch.compile's tracing
+    @torch.library.register_fake("dsmr::half_linear")
+    def _(x, packed, out):
+        return x.new_empty((*x.shape[:-1], out))
+
+    @torch.library.register_fake("dsmr::decode_attention")
+    def _(q, k, v, mask, scale):
+        return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+def pack_half(weight: torch.Tensor) -> torch.Tensor | None:
+    """A float16 weight [out, in] in half_linear's layout [ceil(out / 8), in / 8, 8, 8] (block b, chunk c,
+    row j = weight[8b + j, 8c : 8c + 8]; missing rows zero): each block of eight output rows is one
+    sequential run of memory. None when `in` is not a multiple of 8."""
+    out, inputs = weight.shape
+    if inputs % 8:
+        return None
+    w = torch.nn.functional.pad(weight.detach().to(torch.float16), (0, 0, 0, (-out) % 8))
+    return w.view(-1, 8, inputs // 8, 8).permute(0, 2, 1, 3).contiguous()
+
+
+def half_linear(x: torch.Tensor, packed: torch.Tensor, out: int) -> torch.Tensor:
+    """x [..., in] float32 @ weight.T for a weight [out, in] packed by `pack_half`: float32 [..., out],
+    summed in float32."""
+    return torch.ops.dsmr.half_linear(x, packed, out)
+
+
+def decode_attention(q, k, v, mask, scale: float) -> torch.Tensor:
+    """softmax(q k^T scale + mask) v for q [B, H, 1, D] float32, k/v [B, H, N, D] float16/float32 and an
+    additive float32 mask broadcastable to [B, H, 1, N] (keys masked with -inf are not read)."""
+    return torch.ops.dsmr.decode_attention(q, k, v, mask, scale)
+
+
+def usable_for(x: torch.Tensor, *tensors: torch.Tensor) -> bool:
+    """Whether a kernel may take these inputs: loaded, CPU, float32 activations, no autograd."""
+    return (loaded() and x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
+            and all(t.device.type == "cpu" for t in tensors))

@@ -1,0 +1,134 @@
+"""dsmr.kernels: the CPU kernels of one-token decoding against PyTorch's products and attention, the
+decoder with and without them, and the fallback when they cannot be built."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dsmr import kernels
+from dsmr.generate import IncrementalDecoder, half_weight_model
+from tests.test_generate import SEG, streaming_logits, tiny_model
+
+pytestmark = pytest.mark.skipif(not kernels.supported_cpu(), reason="dsmr.kernels need an x86-64 CPU with AVX2")
+
+
+@pytest.fixture(scope="module")
+def built():
+    if not kernels.load():
+        pytest.skip(f"dsmr.kernels could not be built here: {kernels.load_error()}")
+
+
+def test_pack_half_layout():
+    w = torch.arange(10 * 16, dtype=torch.float32).view(10, 16).half()
+    packed = kernels.pack_half(w)
+    assert packed.shape == (2, 2, 8, 8) and packed.dtype == torch.float16 and packed.is_contiguous()
+    assert torch.equal(packed[1, 1, 1], w[9, 8:16]) and torch.equal(packed[0, 1, 3], w[3, 8:16])
+    assert not packed[1, :, 2:].any()  # rows 10..15 do not exist: zeros
+    assert kernels.pack_half(torch.zeros(4, 12).half()) is None  # inputs not a multiple of 8: no kernel
+
+
+@pytest.mark.parametrize("out,inputs,lead", [(768, 256, (1,)), (13, 16, (3,)), (9, 8, (2, 5)), (400, 256, (16,)),
+                                             (256, 1024, (1, 1))])
+def test_half_linear_matches_the_float32_product(built, out, inputs, lead):
+    g = torch.Generator().manual_seed(out)
+    w = torch.randn(out, inputs, generator=g).half()
+    x = torch.randn(*lead, inputs, generator=g)
+    y = kernels.half_linear(x, kernels.pack_half(w), out)
+    assert y.shape == (*lead, out) and y.dtype == torch.float32
+    torch.testing.assert_close(y, F.linear(x, w.float()), rtol=1e-5, atol=1e-4)
+
+
+def test_half_linear_rejects_what_it_cannot_take(built):
+    packed = kernels.pack_half(torch.randn(16, 8).half())
+    with pytest.raises(RuntimeError, match="not packed"):
+        kernels.half_linear(torch.randn(1, 8), packed, 3)  # 16 rows packed, not 3
+    with pytest.raises(RuntimeError, match="float32 x"):
+        kernels.half_linear(torch.randn(1, 8).double(), packed, 16)
+    with pytest.raises(RuntimeError, match=r"x \[\.\.\., 8\]"):
+        kernels.half_linear(torch.randn(1, 16), packed, 16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_decode_attention_matches_sdpa(built, dtype):
+    g = torch.Generator().manual_seed(1)
+    B, H, N, D = 3, 4, 37, 16
+    q = torch.randn(B, 1, H, D, generator=g).transpose(1, 2)  # not contiguous, as qkv's output
+    k, v = (torch.randn(B, H, N, D, generator=g).to(dtype) for _ in range(2))
+    filled = torch.zeros(1, 1, 1, N).masked_fill_(torch.arange(N) > 29, float("-inf"))
+    gate = torch.where(torch.arange(N) < 10, torch.tensor([-0.5, -1.0, 0.0, -2.0]).view(1, H, 1, 1), 0.0)
+    for mask in (filled, filled + gate, torch.zeros(B, 1, 1, N).masked_fill_(torch.rand(B, 1, 1, N, generator=g) < 0.5,
+                                                                             float("-inf"))):
+        mask[..., 0] = 0.0  # every row sees a key
+        expected = F.scaled_dot_product_attention(q, k.float(), v.float(), attn_mask=mask, scale=0.3)
+        torch.testing.assert_close(kernels.decode_attention(q, k, v, mask, 0.3), expected, rtol=1e-5, atol=1e-5)
+    nothing = torch.full((1, 1, 1, N), float("-inf"))
+    assert kernels.decode_attention(q, k, v, nothing, 0.3).isnan().all()  # what softmax over no key gives
+
+
+def test_decoder_with_kernels_matches_the_pytorch_path(built, monkeypatch):
+    model = tiny_model(gate="soft", per_head=True)
+    half = half_weight_model(model)
+    ids = torch.randint(3, 50, (2, 30), generator=torch.Generator().manual_seed(4))
+    calls = {"attention": 0, "linear": 0}
+    real_attention, real_linear = kernels.decode_attention, kernels.half_linear
+
+    def counted(name, fn):
+        def call(*args):
+            calls[name] += 1
+            return fn(*args)
+        return call
+
+    monkeypatch.setattr(kernels, "decode_attention", counted("attention", real_attention))
+    monkeypatch.setattr(kernels, "half_linear", counted("linear", real_linear))
+
+    def decode(model, state_dtype=None):
+        decoder = IncrementalDecoder(model, SEG, batch_size=2, state_dtype=state_dtype)
+        decoder.feed(ids[:, :5])
+        return torch.stack([decoder.step(ids[:, i]) for i in range(5, 30)], dim=1)
+
+    expected = streaming_logits(model, ids, SEG)[:, 5:]
+    torch.testing.assert_close(decode(model), expected, rtol=0, atol=2e-5)  # float32 model, float32 state
+    with_kernels = decode(half, torch.float16)
+    torch.testing.assert_close(with_kernels, expected, rtol=0, atol=2e-3)
+    # every step of every layer went through the attention kernel (both decoders: float32 and float16 state)
+    # and every float16 product through half_linear (4 per block + the head, for the prompt and each step)
+    assert calls["attention"] == 2 * 25 * len(model.blocks)
+    assert calls["linear"] == (4 * len(model.blocks) + 1) * (1 + 25)
+    old = kernels.set_enabled(False)
+    try:
+        seen = dict(calls)
+        without = decode(half, torch.float16)
+        assert calls == seen  # the PyTorch path
+    finally:
+        kernels.set_enabled(old)
+    torch.testing.assert_close(with_kernels, without, rtol=0, atol=1e-3)
+
+
+def test_a_failed_build_warns_once_and_decoding_still_works(monkeypatch):
+    import torch.utils.cpp_extension
+
+    def no_compiler(*args, **kwargs):
+        raise OSError("g++: command not found")
+
+    monkeypatch.setattr(kernels, "_state", {"loaded": False, "error": None, "enabled": True})
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", no_compiler)
+    monkeypatch.delenv("DSMR_KERNELS", raising=False)
+    with pytest.warns(RuntimeWarning, match="could not be built.*g\\+\\+: command not found"):
+        assert not kernels.load()
+    assert not kernels.load() and "g++" in kernels.load_error()  # tried once: no second warning
+    model = half_weight_model(tiny_model())
+    assert all(getattr(m, "packed", None) is None for m in model.modules())
+    ids = torch.randint(3, 50, (1, 12), generator=torch.Generator().manual_seed(5))
+    decoder = IncrementalDecoder(model, SEG)
+    decoder.feed(ids[:, :4])
+    stepped = torch.stack([decoder.step(ids[:, i]) for i in range(4, 12)], dim=1)
+    torch.testing.assert_close(stepped, streaming_logits(tiny_model(), ids, SEG)[:, 4:], rtol=0, atol=2e-3)
+
+
+def test_dsmr_kernels_0_skips_them(monkeypatch, recwarn):
+    monkeypatch.setattr(kernels, "_state", {"loaded": False, "error": None, "enabled": True})
+    monkeypatch.setenv("DSMR_KERNELS", "0")
+    assert not kernels.load() and not kernels.loaded()
+    assert not [w for w in recwarn if "dsmr" in str(w.message)]
