@@ -25,11 +25,15 @@ the dataset is present). With --checkpoint the generated music's own duration is
     # each run's share of the bound set by the machine's read bandwidth (weights + state read once per step)
     .venv/bin/python benchmarks/bench_generate.py --speed-only --precisions float16 --modes eager,compile --roofline
 
+    # a one-lane step's time: whole (eager, compiled) against dsmr.kernels' products and attentions alone
+    .venv/bin/python benchmarks/bench_generate.py --kernel-split
+
     # state bytes and per-event time after 10k and after 100k generated events, in one process
     .venv/bin/python benchmarks/bench_generate.py --flat 10000,100000 --modes compile
 
 Modes: `eager` runs the decoding step as it is; `compile` compiles it first (torch.compile; the warm-up
-is reported separately and not in events/s); `before` runs the same measurement with the `src/` tree of
+is reported separately and not in events/s); `eager-pt` / `compile-pt` the same without dsmr.kernels
+(DSMR_KERNELS=0: PyTorch's kernels only); `before` runs the same measurement with the `src/` tree of
 the commit given by --before (extracted with git archive), for before/after ratios from one run.
 """
 
@@ -58,7 +62,6 @@ def worker(args) -> dict:
 
     import dsmr.generate as gen
     from dsmr.generate import SamplingConfig, half_weight_model
-    from dsmr.model import DSMR, DSMRConfig
     from dsmr.tokenizer import make_tokenizer
 
     torch.set_num_threads(args.threads)
@@ -70,9 +73,7 @@ def worker(args) -> dict:
         weights = f"checkpoint {args.checkpoint}"
     else:
         tokenizer = make_tokenizer("performance")
-        torch.manual_seed(0)
-        model = DSMR(DSMRConfig(vocab_size=tokenizer.vocab_size, n_layers=6, d_model=256, n_heads=4,
-                                horizons=(1024, 1024, 128, 128, 128, 128))).eval()
+        model = default_model(tokenizer.vocab_size)
         segment_len = 256
         weights = "random"
     if args.precision == "float16":
@@ -82,9 +83,9 @@ def worker(args) -> dict:
     sampling = SamplingConfig(seed=0, max_tokens=args.tokens, stop_at_eos=False)
     if hasattr(gen, "generate_batch"):
         results = gen.generate_batch(model, tokenizer, segment_len, prompt, sampling, num_samples=args.num_samples,
-                                     progress=False, compile=args.mode == "compile")
+                                     progress=False, compile=args.mode.startswith("compile"))
     else:  # the code before batched generation (mode "before")
-        if args.num_samples != 1 or args.mode == "compile":
+        if args.num_samples != 1 or args.mode.startswith("compile"):
             sys.exit("this version of dsmr has neither batched generation nor a compiled step")
         results = [gen.generate(model, tokenizer, segment_len, prompt, sampling, progress=False)]
     result = results[0]
@@ -95,6 +96,7 @@ def worker(args) -> dict:
     sampling_s = max(result.wall_seconds - result.prefill_seconds, 1e-9)
     return {**result.summary(), "weights": weights, "precision": args.precision, "threads": args.threads,
             "mode": args.mode, "num_samples": len(results), "source": gen.__file__,
+            "kernels": bool(getattr(sys.modules.get("dsmr.kernels"), "loaded", lambda: False)()),
             "horizons": list(model.cfg.horizons), "segment_len": segment_len,
             "tokens_per_s": round(new_tokens / sampling_s, 1),  # all lanes together
             "tokens_per_s_per_sample": round(new_tokens / sampling_s / len(results), 1),
@@ -105,6 +107,73 @@ def worker(args) -> dict:
             "warmup_seconds": round(getattr(result, "warmup_seconds", 0.0), 2),
             "weight_bytes_per_step": weight_bytes_per_step(model),
             "ru_maxrss_bytes": peak_rss}
+
+
+def default_model(vocab_size: int):
+    """The default trainer size with random weights (seed 0): 6 layers, d_model 256, two-scale horizons."""
+    import torch
+
+    from dsmr.model import DSMR, DSMRConfig
+
+    torch.manual_seed(0)
+    return DSMR(DSMRConfig(vocab_size=vocab_size, n_layers=6, d_model=256, n_heads=4,
+                           horizons=(1024, 1024, 128, 128, 128, 128))).eval()
+
+
+def kernel_split(threads: int, steps: int = 300) -> None:
+    """Where a one-lane float16 step's time goes: the whole eager and compiled steps, then dsmr.kernels'
+    parts alone on the same weights and (prompt-filled) state: the 25 products, the 6 attentions, both."""
+    import torch
+
+    from dsmr import kernels
+    from dsmr.generate import IncrementalDecoder, decoding_state_dtype, half_weight_model
+    from dsmr.tokenizer import make_tokenizer
+
+    torch.set_num_threads(threads)
+    model = half_weight_model(default_model(make_tokenizer("performance").vocab_size))
+    if not kernels.loaded():
+        sys.exit(f"dsmr.kernels are not loaded here: {kernels.load_error() or 'DSMR_KERNELS=0'}")
+    vocab = model.cfg.vocab_size
+    prompt = torch.randint(3, vocab, (1, 2048), generator=torch.Generator().manual_seed(1))
+    ids = torch.tensor([5])
+
+    def per_step_ms(fn) -> float:
+        for _ in range(20):
+            fn()
+        start = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        return (time.perf_counter() - start) / steps * 1e3
+
+    rows = []
+    for compile in (False, True):
+        decoder = IncrementalDecoder(model, 256, compile=compile, state_dtype=decoding_state_dtype(model, compile))
+        decoder.warm_up()
+        decoder.feed(prompt, last_only=True)
+        rows.append((f"whole step, {'compiled' if compile else 'eager'}", per_step_ms(lambda: decoder.step(ids))))
+    linears = [m for m in model.modules() if getattr(m, "packed", None) is not None]
+    xs = [torch.randn(1, m.packed.shape[1] * 8) for m in linears]
+    masks = [torch.zeros(1, 1, 1, k.shape[2]) for k in decoder.keys]
+    q = torch.randn(1, model.cfg.n_heads, 1, model.cfg.head_dim)
+    scale = model.cfg.head_dim ** -0.5
+
+    def products():
+        for m, x in zip(linears, xs):
+            kernels.half_linear(x, m.packed, m.weight.shape[0])
+
+    def attentions():
+        for k, v, mask in zip(decoder.keys, decoder.values, masks):
+            kernels.decode_attention(q, k, v, mask, scale)
+
+    with torch.inference_mode():
+        rows += [(f"the {len(linears)} products alone", per_step_ms(products)),
+                 (f"the {len(masks)} attentions alone", per_step_ms(attentions)),
+                 ("products + attentions", per_step_ms(lambda: (products(), attentions())))]
+    weights = sum(m.packed.nbytes for m in linears)
+    state = sum(t.nbytes for t in (*decoder.keys, *decoder.values))
+    print(f"one lane, {threads} thread(s); float16 weights {weights / 1e6:.2f} MB (packed), state {state / 1e6:.2f} MB")
+    for name, ms in rows:
+        print(f"{name:>28}: {ms:6.3f} ms per step ({1e3 / ms:6.0f} per s)")
 
 
 def weight_bytes_per_step(model) -> int:
@@ -131,21 +200,18 @@ def flat_worker(args) -> dict:
 
     from dsmr.generate import (IncrementalDecoder, SamplingConfig, banned_mask, decoding_state_dtype, half_weight_model,
                                sample_next)
-    from dsmr.model import DSMR, DSMRConfig
     from dsmr.tokenizer import make_tokenizer
 
     torch.set_num_threads(args.threads)
     tokenizer = make_tokenizer("performance")
-    torch.manual_seed(0)
-    model = DSMR(DSMRConfig(vocab_size=tokenizer.vocab_size, n_layers=6, d_model=256, n_heads=4,
-                            horizons=(1024, 1024, 128, 128, 128, 128))).eval()
+    model = default_model(tokenizer.vocab_size)
     if args.precision == "float16":
         model = half_weight_model(model)
     checkpoints = sorted(int(n) for n in args.flat.split(","))
     sampling = SamplingConfig(seed=0, max_tokens=None, stop_at_eos=False)
     banned = banned_mask(tokenizer, sampling)[None]
     generator = torch.Generator().manual_seed(0)
-    compiled = args.mode == "compile"  # the state generate_batch would use
+    compiled = args.mode.startswith("compile")  # the state generate_batch would use
     decoder = IncrementalDecoder(model, 256, compile=compiled, state_dtype=decoding_state_dtype(model, compiled))
     warmup = decoder.warm_up()
     events = array("q")
@@ -187,6 +253,8 @@ def spawn(tokens: int, precision: str, threads: int, prompt_tokens: int, checkpo
     if checkpoint:
         cmd += ["--checkpoint", checkpoint]
     env = dict(os.environ)
+    if mode.endswith("-pt"):  # the same code without dsmr.kernels: PyTorch's kernels only
+        env["DSMR_KERNELS"] = "0"
     if mode == "before":  # the other commit's package first on the path
         env["PYTHONPATH"] = os.pathsep.join([str(before_src), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)
@@ -232,6 +300,9 @@ def main() -> None:
     parser.add_argument("--roofline", action="store_true",
                         help="also measure the read bandwidth at each run's working set (weights + state) and "
                              "report the events/s that bandwidth allows, and each run's share of it")
+    parser.add_argument("--kernel-split", action="store_true",
+                        help="instead of the speed runs: a one-lane float16 step eager and compiled, and "
+                             "dsmr.kernels' products and attentions alone on the same weights and state")
     parser.add_argument("--window", type=int, default=1000, help="events per timing window of --flat")
     parser.add_argument("--progress-file", help="--flat: append 'events seconds' to this file after each window")
     # worker mode (internal)
@@ -248,6 +319,9 @@ def main() -> None:
     if args.flat:
         run_flat(args)
         return
+    if args.kernel_split:
+        kernel_split(int(args.threads_list.split(",")[0]))
+        return
 
     speed_tokens, memory_tokens = (2000, (5_000, 20_000)) if args.quick else (4000, (10_000, 100_000))
     speed_tokens = args.speed_tokens or speed_tokens
@@ -261,7 +335,7 @@ def main() -> None:
     speed = []
     print(f"{speed_tokens} new events per run after a 2048-event prompt, {args.num_samples} sample(s) per run"
           + (f"; 'before' = src/ of {args.before}" if before_src else ""))
-    print(f"{'mode':>8} {'precision':>9} {'threads':>7} {'tokens/s':>9} {'x real time':>11} {'prefill tok/s':>13}"
+    print(f"{'mode':>10} {'precision':>9} {'threads':>7} {'tokens/s':>9} {'x real time':>11} {'prefill tok/s':>13}"
           f" {'load':>5} {'tokens/CPU-s':>12} {'x real time/CPU-s':>17} {'warm-up s':>9}")
     for precision in args.precisions.split(","):
         for threads in (int(t) for t in args.threads_list.split(",")):
@@ -270,7 +344,7 @@ def main() -> None:
                 r["realtime_factor_maestro"] = round(r["tokens_per_s"] / rate, 2)
                 r["load_average"] = round(os.getloadavg()[0], 2)  # other work on the machine slows this down
                 speed.append(r)
-                print(f"{mode:>8} {precision:>9} {threads:>7} {r['tokens_per_s']:>9.0f} "
+                print(f"{mode:>10} {precision:>9} {threads:>7} {r['tokens_per_s']:>9.0f} "
                       f"{r['realtime_factor_maestro']:>11.1f} {r['prefill_tokens_per_s']:>13.0f} "
                       f"{r['load_average']:>5.1f} {r['tokens_per_cpu_s']:>12.0f} {r['tokens_per_cpu_s'] / rate:>17.1f}"
                       f" {r['warmup_seconds']:>9.1f}"
@@ -280,7 +354,7 @@ def main() -> None:
         print("\nratios to the first mode (same precision and threads), per wall second and per CPU second:")
         for r in speed:
             ref = next(x for x in speed if (x["precision"], x["threads"]) == (r["precision"], r["threads"]))
-            print(f"{r['mode']:>8} {r['precision']:>9} {r['threads']:>7}  x{r['tokens_per_s'] / ref['tokens_per_s']:.2f}"
+            print(f"{r['mode']:>10} {r['precision']:>9} {r['threads']:>7}  x{r['tokens_per_s'] / ref['tokens_per_s']:.2f}"
                   f"  x{r['tokens_per_cpu_s'] / ref['tokens_per_cpu_s']:.2f}")
 
     if args.roofline:
@@ -310,7 +384,7 @@ def print_roofline(speed: list) -> None:
     from machine_peak import read_bandwidth
 
     print("\nroofline: one step reads the weights and the whole state once (read bandwidth measured at that size)")
-    print(f"{'mode':>8} {'precision':>9} {'threads':>7} {'weights MB':>10} {'state MB':>8} {'GB/s':>6} "
+    print(f"{'mode':>10} {'precision':>9} {'threads':>7} {'weights MB':>10} {'state MB':>8} {'GB/s':>6} "
           f"{'bound events/s':>14} {'measured':>8} {'of bound':>8}")
     measured = {}  # one bandwidth per working set and thread count: the modes of a row share it
     for r in speed:
@@ -319,7 +393,7 @@ def print_roofline(speed: list) -> None:
         bandwidth = measured[key] = measured.get(key) or read_bandwidth(step_bytes, r["threads"])
         r["read_bytes_per_s"] = round(bandwidth)
         r["roofline_tokens_per_s"] = round(bandwidth / step_bytes * r["num_samples"], 1)
-        print(f"{r['mode']:>8} {r['precision']:>9} {r['threads']:>7} {r['weight_bytes_per_step'] / 1e6:>10.2f} "
+        print(f"{r['mode']:>10} {r['precision']:>9} {r['threads']:>7} {r['weight_bytes_per_step'] / 1e6:>10.2f} "
               f"{r['state_bytes'] / 1e6:>8.2f} {bandwidth / 1e9:>6.1f} {r['roofline_tokens_per_s']:>14.0f} "
               f"{r['tokens_per_s']:>8.0f} {r['tokens_per_s'] / r['roofline_tokens_per_s']:>8.0%}")
 

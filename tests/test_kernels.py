@@ -50,10 +50,11 @@ def test_half_linear_rejects_what_it_cannot_take(built):
         kernels.half_linear(torch.randn(1, 16), packed, 16)
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
-def test_decode_attention_matches_sdpa(built, dtype):
+@pytest.mark.parametrize("dtype,D", [(torch.float16, 64), (torch.float32, 16), (torch.float16, 12)])
+def test_decode_attention_matches_sdpa(built, dtype, D):
+    """Head dims with a register-resident kernel (16, 64) and one without (12); 37 keys: not a multiple of 4."""
     g = torch.Generator().manual_seed(1)
-    B, H, N, D = 3, 4, 37, 16
+    B, H, N = 3, 4, 37
     q = torch.randn(B, 1, H, D, generator=g).transpose(1, 2)  # not contiguous, as qkv's output
     k, v = (torch.randn(B, H, N, D, generator=g).to(dtype) for _ in range(2))
     filled = torch.zeros(1, 1, 1, N).masked_fill_(torch.arange(N) > 29, float("-inf"))

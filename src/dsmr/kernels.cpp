@@ -97,38 +97,86 @@ at::Tensor half_linear(const at::Tensor& x, const at::Tensor& packed, int64_t ou
 
 namespace {
 
-// One query against n keys/values of one head: scores, softmax, weighted sum. Keys whose mask is -inf are
-// not read (the unfilled slots of a decoder's buffer).
-template <typename T>
-void attend_one(const float* q, const T* k, const T* v, const float* mask, int64_t n, int64_t d, float scale,
-                float* out, float* scores) {
+// One query against n keys/values of one head: scores, softmax, weighted sum. DC = head dims / 8 is a
+// compile-time constant so that the query and the output stay in registers; four keys are scored at once
+// (independent sums). Keys whose mask is -inf (a decoder's unfilled slots) are neither scored nor weighted.
+template <typename T, int DC>
+void attend_one(const float* q, const T* k, const T* v, const float* mask, int64_t n, float scale, float* out,
+                float* scores) {
+  constexpr int64_t d = 8 * DC;
   const float neg_inf = -std::numeric_limits<float>::infinity();
+  __m256 qv[DC];
+  for (int c = 0; c < DC; ++c) qv[c] = _mm256_loadu_ps(q + 8 * c);
   float top = neg_inf;
-  for (int64_t j = 0; j < n; ++j) {
-    const float m = mask[j];
-    if (m == neg_inf) { scores[j] = neg_inf; continue; }
-    const float s = dot(q, k + j * d, d) * scale + m;
+  int64_t j = 0;
+  for (; j + 4 <= n; j += 4) {
+    if (mask[j] == neg_inf && mask[j + 1] == neg_inf && mask[j + 2] == neg_inf && mask[j + 3] == neg_inf) {
+      scores[j] = scores[j + 1] = scores[j + 2] = scores[j + 3] = neg_inf;
+      continue;
+    }
+    const T* kj = k + j * d;
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+    for (int c = 0; c < DC; ++c) {
+      a0 = _mm256_fmadd_ps(qv[c], load8(kj + 8 * c), a0);
+      a1 = _mm256_fmadd_ps(qv[c], load8(kj + d + 8 * c), a1);
+      a2 = _mm256_fmadd_ps(qv[c], load8(kj + 2 * d + 8 * c), a2);
+      a3 = _mm256_fmadd_ps(qv[c], load8(kj + 3 * d + 8 * c), a3);
+    }
+    const float s4[4] = {hsum(a0), hsum(a1), hsum(a2), hsum(a3)};
+    for (int u = 0; u < 4; ++u) {
+      const float s = mask[j + u] == neg_inf ? neg_inf : s4[u] * scale + mask[j + u];
+      scores[j + u] = s;
+      top = s > top ? s : top;
+    }
+  }
+  for (; j < n; ++j) {
+    const float s = mask[j] == neg_inf ? neg_inf : dot(q, k + j * d, d) * scale + mask[j];
     scores[j] = s;
     top = s > top ? s : top;
   }
-  for (int64_t i = 0; i < d; ++i) out[i] = 0.0f;
   if (top == neg_inf) {  // every key masked: what softmax gives (NaN), as SDPA would
     for (int64_t i = 0; i < d; ++i) out[i] = std::numeric_limits<float>::quiet_NaN();
     return;
   }
+  __m256 acc[DC];
+  for (int c = 0; c < DC; ++c) acc[c] = _mm256_setzero_ps();
+  float total = 0.0f;
+  for (j = 0; j < n; ++j) {
+    if (scores[j] == neg_inf) continue;
+    const float p = std::exp(scores[j] - top);
+    total += p;
+    const __m256 pv = _mm256_set1_ps(p);
+    const T* vj = v + j * d;
+    for (int c = 0; c < DC; ++c) acc[c] = _mm256_fmadd_ps(pv, load8(vj + 8 * c), acc[c]);
+  }
+  const __m256 inv = _mm256_set1_ps(1.0f / total);
+  for (int c = 0; c < DC; ++c) _mm256_storeu_ps(out + 8 * c, _mm256_mul_ps(acc[c], inv));
+}
+
+// Any other head size: the same computation, one key at a time, the output accumulated in memory.
+template <typename T>
+void attend_one_any(const float* q, const T* k, const T* v, const float* mask, int64_t n, int64_t d, float scale,
+                    float* out, float* scores) {
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  float top = neg_inf;
+  for (int64_t j = 0; j < n; ++j) {
+    const float s = mask[j] == neg_inf ? neg_inf : dot(q, k + j * d, d) * scale + mask[j];
+    scores[j] = s;
+    top = s > top ? s : top;
+  }
+  if (top == neg_inf) {
+    for (int64_t i = 0; i < d; ++i) out[i] = std::numeric_limits<float>::quiet_NaN();
+    return;
+  }
+  for (int64_t i = 0; i < d; ++i) out[i] = 0.0f;
   float total = 0.0f;
   for (int64_t j = 0; j < n; ++j) {
     if (scores[j] == neg_inf) continue;
     const float p = std::exp(scores[j] - top);
     total += p;
-    const T* vj = v + j * d;
-    const __m256 pv = _mm256_set1_ps(p);
-    int64_t i = 0;
-    for (; i + 8 <= d; i += 8) _mm256_storeu_ps(out + i, _mm256_fmadd_ps(pv, load8(vj + i), _mm256_loadu_ps(out + i)));
-    for (; i < d; ++i) out[i] += p * static_cast<float>(vj[i]);
+    for (int64_t i = 0; i < d; ++i) out[i] += p * static_cast<float>(v[j * d + i]);
   }
-  const float inv = 1.0f / total;
-  for (int64_t i = 0; i < d; ++i) out[i] *= inv;
+  for (int64_t i = 0; i < d; ++i) out[i] /= total;
 }
 
 template <typename T>
@@ -145,8 +193,16 @@ void attend_all(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, c
     std::vector<float> scores(n);
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / H, h = bh % H;
-      attend_one(qp + bh * d, kp + bh * n * d, vp + bh * n * d, mp + b * mb + h * mh, n, d, scale, op + bh * d,
-                 scores.data());
+      const float *qh = qp + bh * d, *mrow = mp + b * mb + h * mh;
+      const T *kh = kp + bh * n * d, *vh = vp + bh * n * d;
+      float* oh = op + bh * d;
+      switch (d) {
+        case 16: attend_one<T, 2>(qh, kh, vh, mrow, n, scale, oh, scores.data()); break;
+        case 32: attend_one<T, 4>(qh, kh, vh, mrow, n, scale, oh, scores.data()); break;
+        case 64: attend_one<T, 8>(qh, kh, vh, mrow, n, scale, oh, scores.data()); break;
+        case 128: attend_one<T, 16>(qh, kh, vh, mrow, n, scale, oh, scores.data()); break;
+        default: attend_one_any(qh, kh, vh, mrow, n, d, scale, oh, scores.data());
+      }
     }
   });
 }
