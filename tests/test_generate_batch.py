@@ -115,6 +115,21 @@ def test_float16_state_halves_the_bytes_and_keeps_the_logits():
         kernels.set_enabled(old)
 
 
+def test_float16_state_saturates_instead_of_overflowing():
+    """Keys/values beyond float16's range are clamped into it when stored: logits stay finite (stored as inf,
+    a value would turn its attention row into NaN)."""
+    model = tiny_model()
+    with torch.no_grad():
+        for block in model.blocks:
+            block.attn.qkv_proj.weight[2 * model.cfg.attn_dim:] *= 1e6  # the value rows: values ~1e5
+    ids = torch.randint(3, 50, (1, 20), generator=torch.Generator().manual_seed(3))
+    decoder = IncrementalDecoder(model, SEG, state_dtype=torch.float16)
+    prompt = decoder.feed(ids[:, :6])
+    stepped = torch.stack([decoder.step(ids[:, i]) for i in range(6, 20)], dim=1)
+    assert decoder.values[0].abs().max() == 65504  # saturated, not inf
+    assert torch.isfinite(prompt).all() and torch.isfinite(stepped).all()
+
+
 def test_generate_batch_uses_the_float16_state_when_compiled(perf_model, perf_tok, monkeypatch, kernels_off):
     """compile=True with float16 weights: lanes get a float16 state, the prompt fed once in the same dtype
     (the step itself runs eager here: compiling is tested above; without dsmr.kernels, so that the eager

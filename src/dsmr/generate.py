@@ -193,8 +193,8 @@ class IncrementalDecoder:
             memory = self.memory_fill[layer]
             start = memory + t
             end = start + n
-            self.keys[layer].narrow(2, start, n).copy_(k)
-            self.values[layer].narrow(2, start, n).copy_(v)
+            self.keys[layer].narrow(2, start, n).copy_(_storable(k, self.state_dtype))
+            self.values[layer].narrow(2, start, n).copy_(_storable(v, self.state_dtype))
             mask = None if n == 1 else self._mask(memory, t, n)
             keys, values = (buf.narrow(2, 0, end).to(q.dtype) for buf in (self.keys[layer], self.values[layer]))
             x = x + block.attn.attend(q, keys, values, mask, n_memory=memory)
@@ -223,8 +223,8 @@ def _decode_step(model, ids: Tensor, fill: Tensor, rope: tuple[Tensor, Tensor], 
         q, k, v = block.attn.qkv(block.norm1(x), rope=(cos, sin))
         memory = fill[1 + layer]
         slot = (memory + t).view(1)
-        keys[layer].index_copy_(2, slot, k.to(keys[layer].dtype))
-        values[layer].index_copy_(2, slot, v.to(values[layer].dtype))
+        keys[layer].index_copy_(2, slot, _storable(k, keys[layer].dtype))
+        values[layer].index_copy_(2, slot, _storable(v, values[layer].dtype))
         filled = torch.arange(keys[layer].shape[2], device=ids.device) <= slot
         mask = torch.where(filled, 0.0, float("-inf")).to(q.dtype).view(1, 1, 1, -1)
         # a float16 state is widened inside the attention kernels (dsmr.kernels or inductor's), never stored
@@ -232,6 +232,14 @@ def _decode_step(model, ids: Tensor, fill: Tensor, rope: tuple[Tensor, Tensor], 
         x = block.feed_forward(x)
     fill[:1].add_(1)
     return model.output(x)[:, -1]
+
+
+def _storable(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """x in the state's dtype; into a float16 state clamped to its finite range first: a key or value beyond
+    65,504 would be stored as inf and turn its attention row into NaN, clamped it only saturates."""
+    if dtype == torch.float16 and x.dtype != dtype:
+        x = x.clamp(-65504.0, 65504.0)
+    return x.to(dtype)
 
 
 _COMPILED_STEP = None
