@@ -107,7 +107,6 @@ def test_float16_state_halves_the_bytes_and_keeps_the_logits():
     assert decoding_state_dtype(model, compile=True) is None
     from dsmr import kernels
 
-    assert decoding_state_dtype(half_model, compile=False) == (torch.float16 if kernels.loaded() else None)
     old = kernels.set_enabled(False)
     try:
         assert decoding_state_dtype(half_model, compile=False) is None

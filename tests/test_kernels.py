@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from dsmr import kernels
-from dsmr.generate import IncrementalDecoder, half_weight_model
+from dsmr.generate import IncrementalDecoder, decoding_state_dtype, half_weight_model
 from tests.test_generate import SEG, streaming_logits, tiny_model
 
 pytestmark = pytest.mark.skipif(not kernels.supported_cpu(), reason="dsmr.kernels need an x86-64 CPU with AVX2")
@@ -50,13 +50,17 @@ def test_half_linear_rejects_what_it_cannot_take(built):
         kernels.half_linear(torch.randn(1, 16), packed, 16)
 
 
-@pytest.mark.parametrize("dtype,D", [(torch.float16, 64), (torch.float32, 16), (torch.float16, 12)])
-def test_decode_attention_matches_sdpa(built, dtype, D):
-    """Head dims with a register-resident kernel (16, 64) and one without (12); 37 keys: not a multiple of 4."""
+@pytest.mark.parametrize("dtype,D,threads", [(torch.float16, 64, 1), (torch.float32, 16, 1), (torch.float16, 12, 1),
+                                             (torch.float32, 32, 2), (torch.float16, 128, 2)])
+def test_decode_attention_matches_sdpa(built, dtype, D, threads):
+    """Every head dim with a register-resident kernel (16-128) and one without (12); 37 keys: not a multiple
+    of 4; keys/values a narrowed view of a longer buffer (as `feed` passes them); two threads split the heads."""
     g = torch.Generator().manual_seed(1)
     B, H, N = 3, 4, 37
     q = torch.randn(B, 1, H, D, generator=g).transpose(1, 2)  # not contiguous, as qkv's output
-    k, v = (torch.randn(B, H, N, D, generator=g).to(dtype) for _ in range(2))
+    k, v = (torch.randn(B, H, N + 5, D, generator=g).to(dtype).narrow(2, 0, N) for _ in range(2))
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
     filled = torch.zeros(1, 1, 1, N).masked_fill_(torch.arange(N) > 29, float("-inf"))
     gate = torch.where(torch.arange(N) < 10, torch.tensor([-0.5, -1.0, 0.0, -2.0]).view(1, H, 1, 1), 0.0)
     for mask in (filled, filled + gate, torch.zeros(B, 1, 1, N).masked_fill_(torch.rand(B, 1, 1, N, generator=g) < 0.5,
@@ -64,8 +68,46 @@ def test_decode_attention_matches_sdpa(built, dtype, D):
         mask[..., 0] = 0.0  # every row sees a key
         expected = F.scaled_dot_product_attention(q, k.float(), v.float(), attn_mask=mask, scale=0.3)
         torch.testing.assert_close(kernels.decode_attention(q, k, v, mask, 0.3), expected, rtol=1e-5, atol=1e-5)
-    nothing = torch.full((1, 1, 1, N), float("-inf"))
-    assert kernels.decode_attention(q, k, v, nothing, 0.3).isnan().all()  # what softmax over no key gives
+    strided = filled.expand(B, H, 1, N).transpose(0, 1).contiguous().transpose(0, 1)  # batch stride != H * N
+    torch.testing.assert_close(kernels.decode_attention(q, k, v, strided, 0.3),
+                               F.scaled_dot_product_attention(q, k.float(), v.float(), attn_mask=filled, scale=0.3),
+                               rtol=1e-5, atol=1e-5)
+    nothing = torch.full((1, 1, 1, N), float("-inf"))  # no key to attend to: zeros, as SDPA gives
+    torch.testing.assert_close(kernels.decode_attention(q, k, v, nothing, 0.3),
+                               F.scaled_dot_product_attention(q, k.float(), v.float(), attn_mask=nothing, scale=0.3))
+    torch.set_num_threads(saved)
+
+
+def test_half_linear_on_two_threads(built):
+    saved = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        w = torch.randn(1000, 64, generator=torch.Generator().manual_seed(3)).half()  # 125 blocks to split
+        x = torch.randn(3, 64)
+        torch.testing.assert_close(kernels.half_linear(x, kernels.pack_half(w), 1000), F.linear(x, w.float()),
+                                   rtol=1e-5, atol=1e-4)
+    finally:
+        torch.set_num_threads(saved)
+
+
+def test_half_weight_model_after_float_load_state_dict_and_other_states(built):
+    """The packed copy follows the weights: loading a state dict packs again; .float() (a float32 packed
+    copy) and a bfloat16 state (which the attention kernel cannot take) fall back to PyTorch."""
+    model = tiny_model()
+    half = half_weight_model(model)
+    head = half.head
+    x = torch.randn(2, model.cfg.d_model)
+    with torch.inference_mode():
+        zeros = {k: torch.zeros_like(t) for k, t in half.state_dict().items()}
+        half.load_state_dict(zeros)
+        assert head(x).abs().max() == 0  # the kernel reads the new (zero) weights
+        widened = half_weight_model(model).float()
+        torch.testing.assert_close(widened.head(x), model.head(x), rtol=1e-3, atol=1e-3)
+    ids = torch.randint(3, 50, (1, 12), generator=torch.Generator().manual_seed(6))
+    decoder = IncrementalDecoder(model, SEG, state_dtype=torch.bfloat16)
+    decoder.feed(ids[:, :4])
+    stepped = torch.stack([decoder.step(ids[:, i]) for i in range(4, 12)], dim=1)
+    torch.testing.assert_close(stepped, streaming_logits(model, ids, SEG)[:, 4:], rtol=0, atol=5e-2)
 
 
 def test_decoder_with_kernels_matches_the_pytorch_path(built, monkeypatch):
@@ -89,6 +131,7 @@ def test_decoder_with_kernels_matches_the_pytorch_path(built, monkeypatch):
         decoder.feed(ids[:, :5])
         return torch.stack([decoder.step(ids[:, i]) for i in range(5, 30)], dim=1)
 
+    assert decoding_state_dtype(half, compile=False) == torch.float16  # the kernel widens it: eager keeps float16
     expected = streaming_logits(model, ids, SEG)[:, 5:]
     torch.testing.assert_close(decode(model), expected, rtol=0, atol=2e-5)  # float32 model, float32 state
     with_kernels = decode(half, torch.float16)
@@ -133,3 +176,23 @@ def test_dsmr_kernels_0_skips_them(monkeypatch, recwarn):
     monkeypatch.setenv("DSMR_KERNELS", "0")
     assert not kernels.load() and not kernels.loaded()
     assert not [w for w in recwarn if "dsmr" in str(w.message)]
+
+
+def test_a_stale_build_lock_is_removed(monkeypatch, tmp_path):
+    """torch waits for a build's lock without a timeout: one left by a killed process must not hang us."""
+    import os
+    import time
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    folder = kernels.build_directory()
+    assert folder.parent == tmp_path and torch.__version__.replace("+", "_") in folder.name
+    folder.mkdir()
+    lock = folder / "lock"
+    lock.touch()
+    kernels._remove_stale_lock(folder)
+    assert lock.exists()  # fresh: a build may be running
+    old = time.time() - kernels.STALE_LOCK_SECONDS - 60
+    os.utime(lock, (old, old))
+    with pytest.warns(RuntimeWarning, match="stale build lock"):
+        kernels._remove_stale_lock(folder)
+    assert not lock.exists()

@@ -270,18 +270,25 @@ class HalfWeightLinear(nn.Module):
         if linear.bias is not None:
             raise DsmrError("HalfWeightLinear: linear layers with a bias are not supported")
         self.register_buffer("weight", linear.weight.detach().to(torch.float16))
-        # dsmr.kernels' layout of the same weight, for few rows on a CPU (not saved; None without the kernels)
-        packed = kernels.pack_half(self.weight) if kernels.loaded() and self.weight.device.type == "cpu" else None
-        self.register_buffer("packed", packed, persistent=False)
+        # dsmr.kernels' layout of the same weight, for few rows on a CPU (not saved; None without the kernels).
+        # Loading a state dict packs again; an in-place edit of `weight` must call repack().
+        self.register_buffer("packed", None, persistent=False)
+        self.repack()
+        self.register_load_state_dict_post_hook(lambda module, keys: module.repack())
 
     KERNEL_ROWS = 32  # below this many rows, dsmr.kernels' half_linear where it is loaded
 
+    def repack(self) -> None:
+        usable = kernels.loaded() and self.weight.device.type == "cpu" and self.weight.dtype == torch.float16
+        self.packed = kernels.pack_half(self.weight) if usable else None
+
     def forward(self, x: Tensor) -> Tensor:
-        if self.packed is not None and x.numel() < self.KERNEL_ROWS * x.shape[-1] and kernels.usable_for(x, self.packed):
+        if (self.packed is not None and self.packed.dtype == torch.float16  # not after .float() / .double()
+                and x.numel() < self.KERNEL_ROWS * x.shape[-1] and kernels.usable_for(x, self.packed)):
             return kernels.half_linear(x, self.packed, self.weight.shape[0])
         if x.device.type == "cpu" and x.numel() >= self.MATRIX_ROWS * x.shape[-1]:
             return F.linear(x, self.weight.to(x.dtype))
-        return F.linear(x.to(torch.float16), self.weight).to(x.dtype)
+        return F.linear(x.to(self.weight.dtype), self.weight).to(x.dtype)  # float16 unless .float() widened it
 
 
 def half_weight_model(model):

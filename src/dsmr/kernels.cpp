@@ -99,7 +99,8 @@ namespace {
 
 // One query against n keys/values of one head: scores, softmax, weighted sum. DC = head dims / 8 is a
 // compile-time constant so that the query and the output stay in registers; four keys are scored at once
-// (independent sums). Keys whose mask is -inf (a decoder's unfilled slots) are neither scored nor weighted.
+// (independent sums). Keys whose mask is -inf (a decoder's unfilled slots) get no weight; groups of four
+// such keys are not read at all.
 template <typename T, int DC>
 void attend_one(const float* q, const T* k, const T* v, const float* mask, int64_t n, float scale, float* out,
                 float* scores) {
@@ -134,8 +135,8 @@ void attend_one(const float* q, const T* k, const T* v, const float* mask, int64
     scores[j] = s;
     top = s > top ? s : top;
   }
-  if (top == neg_inf) {  // every key masked: what softmax gives (NaN), as SDPA would
-    for (int64_t i = 0; i < d; ++i) out[i] = std::numeric_limits<float>::quiet_NaN();
+  if (top == neg_inf) {  // every key masked: zeros, as PyTorch's SDPA gives for such a row
+    for (int64_t i = 0; i < d; ++i) out[i] = 0.0f;
     return;
   }
   __m256 acc[DC];
@@ -165,7 +166,7 @@ void attend_one_any(const float* q, const T* k, const T* v, const float* mask, i
     top = s > top ? s : top;
   }
   if (top == neg_inf) {
-    for (int64_t i = 0; i < d; ++i) out[i] = std::numeric_limits<float>::quiet_NaN();
+    for (int64_t i = 0; i < d; ++i) out[i] = 0.0f;
     return;
   }
   for (int64_t i = 0; i < d; ++i) out[i] = 0.0f;

@@ -1,17 +1,19 @@
 """CPU kernels for one-token decoding: `dsmr::half_linear` (float32 x times float16 weights, packed once by `pack_half`) and
 `dsmr::decode_attention` (one query over a float16 or float32 key/value buffer), from kernels.cpp.
 
-They are built once per machine on first use (`load()`: torch.utils.cpp_extension with the system's C++
-compiler and ninja, cached under ~/.cache/torch_extensions, ~1 minute the first time) and need an x86-64
-CPU with AVX2, FMA and F16C. Where they cannot be built, or with DSMR_KERNELS=0, decoding runs the
-PyTorch path (same results up to float rounding) after one warning. Both are registered torch ops with
-fake implementations, so a torch.compile'd decoding step calls them from its graph.
+They are built once per machine and torch version on first use (`load()`: torch.utils.cpp_extension with
+the system's C++ compiler and ninja, in `build_directory()`, ~1 minute the first time) and need an x86-64
+CPU with AVX2, FMA and F16C. Where they cannot be built decoding runs the PyTorch path (same results up to
+float rounding) after one warning; on another CPU, or with DSMR_KERNELS=0, silently. Both are registered
+torch ops with fake implementations, so a torch.compile'd decoding step calls them from its graph.
 """
 
 from __future__ import annotations
 
 import os
 import platform
+import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -19,6 +21,7 @@ import torch
 
 SOURCE = Path(__file__).with_name("kernels.cpp")
 NAME = "dsmr_cpu_kernels"
+STALE_LOCK_SECONDS = 600  # a build takes ~1 minute: a lock this old was left by a killed process
 _state = {"loaded": False, "error": None, "enabled": True}
 
 
@@ -44,7 +47,10 @@ def load(verbose: bool = False) -> bool:
     try:
         from torch.utils.cpp_extension import load as build
 
-        build(name=NAME, sources=[str(SOURCE)], is_python_module=False, verbose=verbose,
+        folder = build_directory()
+        folder.mkdir(parents=True, exist_ok=True)
+        _remove_stale_lock(folder)
+        build(name=NAME, sources=[str(SOURCE)], is_python_module=False, verbose=verbose, build_directory=str(folder),
               extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c"])
     except Exception as e:  # no compiler, no ninja, a read-only cache...: decoding still works, slower
         _state["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
@@ -57,14 +63,30 @@ def load(verbose: bool = False) -> bool:
     return True
 
 
-def built() -> bool:
-    """Whether a build from an earlier process is in torch's extension cache (loading it is then quick)."""
-    try:
-        from torch.utils.cpp_extension import _get_build_directory  # private; only for this hint
+def build_directory() -> Path:
+    """Where the kernels are built: per torch and Python version (a torch upgrade rebuilds them), under
+    TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions."""
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions"
+    version = torch.__version__.replace("+", "_")
+    return Path(root) / f"{NAME}-torch{version}-py{sys.version_info.major}{sys.version_info.minor}"
 
-        return (Path(_get_build_directory(NAME, False)) / f"{NAME}.so").exists()
-    except Exception:
-        return False
+
+def built() -> bool:
+    """Whether an earlier process built the kernels for this torch (loading them is then quick)."""
+    return (build_directory() / f"{NAME}.so").exists()
+
+
+def _remove_stale_lock(folder: Path) -> None:
+    # torch waits without a timeout for the lock a build holds; a process killed mid-build leaves it behind
+    lock = folder / "lock"
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return
+    if age > STALE_LOCK_SECONDS:
+        warnings.warn(f"dsmr: removing a stale build lock ({lock}, {age / 60:.0f} minutes old)", RuntimeWarning,
+                      stacklevel=3)
+        lock.unlink(missing_ok=True)
 
 
 def loaded() -> bool:
@@ -74,7 +96,8 @@ def loaded() -> bool:
 
 def set_enabled(enabled: bool) -> bool:
     """Use the loaded kernels or not (benchmarks and tests compare both paths); returns the old setting.
-    Decoders built before a change keep the state dtype they chose; a compiled step keeps its graph."""
+    Decoders built before a change keep the state dtype they chose (a compiled step recompiles: its graph is
+    guarded on this setting)."""
     old = _state["enabled"]
     _state["enabled"] = bool(enabled)
     return old
@@ -115,11 +138,13 @@ def half_linear(x: torch.Tensor, packed: torch.Tensor, out: int) -> torch.Tensor
 
 def decode_attention(q, k, v, mask, scale: float) -> torch.Tensor:
     """softmax(q k^T scale + mask) v for q [B, H, 1, D] float32, k/v [B, H, N, D] float16/float32 and an
-    additive float32 mask broadcastable to [B, H, 1, N] (keys masked with -inf are not read)."""
+    additive float32 mask broadcastable to [B, H, 1, N] (keys masked with -inf get no weight; runs of them
+    are skipped unread). A row with every key masked gives zeros, as PyTorch's SDPA does."""
     return torch.ops.dsmr.decode_attention(q, k, v, mask, scale)
 
 
 def usable_for(x: torch.Tensor, *tensors: torch.Tensor) -> bool:
-    """Whether a kernel may take these inputs: loaded, CPU, float32 activations, no autograd."""
+    """Whether a kernel may take these inputs: loaded, CPU, float32 activations, float16 or float32 operands
+    (weights, keys, values), no autograd."""
     return (loaded() and x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
-            and all(t.device.type == "cpu" for t in tensors))
+            and all(t.device.type == "cpu" and t.dtype in (torch.float16, torch.float32) for t in tensors))

@@ -291,7 +291,7 @@ class MemoryAttention(nn.Module):
             memory_slot = torch.arange(k.shape[2], device=q.device) < n_memory
             gate = torch.where(memory_slot, bias.to(q.dtype).view(1, -1, 1, 1), 0.0)  # [1, 1|H, 1, N]
             mask = gate if mask is None else mask + gate
-        if T == 1 and kernels.usable_for(q, k):
+        if T == 1 and k.dtype == v.dtype and kernels.usable_for(q, k, v):
             # one query per lane when decoding on a CPU: one pass over a float16 or float32 buffer
             if mask is None:
                 mask = q.new_zeros(1, 1, 1, k.shape[2])
