@@ -174,6 +174,7 @@ def test_a_failed_build_warns_once_and_decoding_still_works(monkeypatch):
 def test_dsmr_kernels_0_skips_them(monkeypatch, recwarn):
     monkeypatch.setattr(kernels, "_state", {"loaded": False, "error": None, "enabled": True})
     monkeypatch.setenv("DSMR_KERNELS", "0")
+    assert not kernels.needs_build()  # so `dsmr generate` does not announce a build
     assert not kernels.load() and not kernels.loaded()
     assert not [w for w in recwarn if "dsmr" in str(w.message)]
 
@@ -196,3 +197,13 @@ def test_a_stale_build_lock_is_removed(monkeypatch, tmp_path):
     with pytest.warns(RuntimeWarning, match="stale build lock"):
         kernels._remove_stale_lock(folder)
     assert not lock.exists()
+
+
+def test_needs_build_until_a_build_is_in_the_folder(monkeypatch, tmp_path):
+    monkeypatch.setattr(kernels, "_state", {"loaded": False, "error": None, "enabled": True})
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.delenv("DSMR_KERNELS", raising=False)
+    assert kernels.needs_build()
+    kernels.build_directory().mkdir()
+    (kernels.build_directory() / f"{kernels.NAME}.so").touch()
+    assert not kernels.needs_build()

@@ -165,11 +165,8 @@ void attend_one_any(const float* q, const T* k, const T* v, const float* mask, i
     scores[j] = s;
     top = s > top ? s : top;
   }
-  if (top == neg_inf) {
-    for (int64_t i = 0; i < d; ++i) out[i] = 0.0f;
-    return;
-  }
   for (int64_t i = 0; i < d; ++i) out[i] = 0.0f;
+  if (top == neg_inf) return;  // every key masked: zeros, as in attend_one
   float total = 0.0f;
   for (int64_t j = 0; j < n; ++j) {
     if (scores[j] == neg_inf) continue;

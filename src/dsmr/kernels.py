@@ -71,6 +71,13 @@ def build_directory() -> Path:
     return Path(root) / f"{NAME}-torch{version}-py{sys.version_info.major}{sys.version_info.minor}"
 
 
+def needs_build() -> bool:
+    """Whether `load()` would build the kernels now (about a minute): not loaded or given up in this process,
+    not switched off, a supported CPU, and no build from an earlier process."""
+    return (not _state["loaded"] and _state["error"] is None and not disabled() and supported_cpu()
+            and not built())
+
+
 def built() -> bool:
     """Whether an earlier process built the kernels for this torch (loading them is then quick)."""
     return (build_directory() / f"{NAME}.so").exists()

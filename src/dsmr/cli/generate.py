@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
     if not isinstance(segment_len, int) or segment_len < 1:
         raise DsmrError(f"{args.checkpoint}: config.json has no segment_len; it is not a dsmr run folder")
     precision = args.precision if args.precision != "auto" else ("float16" if device.type == "cpu" else "float32")
-    if device.type == "cpu" and not kernels.disabled() and kernels.supported_cpu() and not kernels.built():
+    if device.type == "cpu" and kernels.needs_build():
         print("dsmr: building the CPU decoding kernels (once per machine, about a minute)...", file=sys.stderr)
     if precision == "float16":
         model = half_weight_model(model)
