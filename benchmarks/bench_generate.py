@@ -83,7 +83,9 @@ def worker(args) -> dict:
     sampling = SamplingConfig(seed=0, max_tokens=args.tokens, stop_at_eos=False)
     if hasattr(gen, "generate_batch"):
         results = gen.generate_batch(model, tokenizer, segment_len, prompt, sampling, num_samples=args.num_samples,
-                                     progress=False, compile=args.mode.startswith("compile"))
+                                     progress=False, compile=args.mode.startswith("compile"),
+                                     **({"fused": args.mode == "fused"}
+                                        if "fused" in inspect.signature(gen.generate_batch).parameters else {}))
     else:  # the code before batched generation (mode "before")
         if args.num_samples != 1 or args.mode.startswith("compile"):
             sys.exit("this version of dsmr has neither batched generation nor a compiled step")
@@ -212,7 +214,8 @@ def flat_worker(args) -> dict:
     banned = banned_mask(tokenizer, sampling)[None]
     generator = torch.Generator().manual_seed(0)
     compiled = args.mode.startswith("compile")  # the state generate_batch would use
-    decoder = IncrementalDecoder(model, 256, compile=compiled, state_dtype=decoding_state_dtype(model, compiled))
+    decoder = IncrementalDecoder(model, 256, compile=compiled, state_dtype=decoding_state_dtype(model, compiled),
+                                 fused=args.mode == "fused")
     warmup = decoder.warm_up()
     events = array("q")
     rows = []
@@ -290,8 +293,10 @@ def main() -> None:
     parser.add_argument("--speed-only", action="store_true", help="skip the 10k vs 100k memory runs")
     parser.add_argument("--precisions", default="float32,float16", help="precisions to time")
     parser.add_argument("--json-out", type=Path, help="also write all figures to this JSON file")
-    parser.add_argument("--modes", default="eager",
-                        help="decoding step(s) to time: eager, compile, before (the code of --before)")
+    parser.add_argument("--modes", default="fused",
+                        help="decoding step(s) to time: fused (dsmr.kernels' whole-step op, generate's default on "
+                             "a CPU), eager, compile (PyTorch's step with dsmr.kernels' ops), eager-pt, compile-pt "
+                             "(without dsmr.kernels), before (the code of --before)")
     parser.add_argument("--before", default="HEAD", help="git revision whose src/ the 'before' mode runs")
     parser.add_argument("--num-samples", type=int, default=1, help="lanes sampled together (batched generation)")
     parser.add_argument("--speed-tokens", type=int, help="new events per speed run (default 4000; 2000 --quick)")

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from dsmr import kernels
-from dsmr.generate import IncrementalDecoder, decoding_state_dtype, half_weight_model
+from dsmr.generate import IncrementalDecoder, decoding_state_dtype, fused_step_params, half_weight_model
+from dsmr.model import DSMR, DSMRConfig
 from tests.test_generate import SEG, streaming_logits, tiny_model
 
 pytestmark = pytest.mark.skipif(not kernels.supported_cpu(), reason="dsmr.kernels need an x86-64 CPU with AVX2")
@@ -42,7 +43,7 @@ def test_half_linear_matches_the_float32_product(built, out, inputs, lead):
 
 def test_half_linear_rejects_what_it_cannot_take(built):
     packed = kernels.pack_half(torch.randn(16, 8).half())
-    with pytest.raises(RuntimeError, match="not packed"):
+    with pytest.raises(RuntimeError, match="packed by pack_half for 3 outputs"):
         kernels.half_linear(torch.randn(1, 8), packed, 3)  # 16 rows packed, not 3
     with pytest.raises(RuntimeError, match="float32 x"):
         kernels.half_linear(torch.randn(1, 8).double(), packed, 16)
@@ -126,8 +127,8 @@ def test_decoder_with_kernels_matches_the_pytorch_path(built, monkeypatch):
     monkeypatch.setattr(kernels, "decode_attention", counted("attention", real_attention))
     monkeypatch.setattr(kernels, "half_linear", counted("linear", real_linear))
 
-    def decode(model, state_dtype=None):
-        decoder = IncrementalDecoder(model, SEG, batch_size=2, state_dtype=state_dtype)
+    def decode(model, state_dtype=None):  # PyTorch's step with the kernels' ops (the fused step: next test)
+        decoder = IncrementalDecoder(model, SEG, batch_size=2, state_dtype=state_dtype, fused=False)
         decoder.feed(ids[:, :5])
         return torch.stack([decoder.step(ids[:, i]) for i in range(5, 30)], dim=1)
 
@@ -148,6 +149,75 @@ def test_decoder_with_kernels_matches_the_pytorch_path(built, monkeypatch):
     finally:
         kernels.set_enabled(old)
     torch.testing.assert_close(with_kernels, without, rtol=0, atol=1e-3)
+
+
+FUSED_CONFIGS = {
+    "layernorm": dict(horizons=(0, 3, 8, 13)),
+    "rmsnorm, soft gate per head, head dim 12, partial rotary": dict(
+        horizons=(5, 2), d_model=48, n_heads=4, head_dim=12, norm="rmsnorm", gate="soft", gate_per_head=True,
+        rotary_fraction=0.5),
+    "ste gate, d_ff 40, untied": dict(horizons=(9, 0, 4), d_model=32, n_heads=2, gate="ste", d_ff=40,
+                                      tie_embeddings=False),
+}
+
+
+@pytest.mark.parametrize("name", FUSED_CONFIGS)
+@pytest.mark.parametrize("state_dtype", [torch.float16, torch.float32])
+def test_fused_step_matches_the_pytorch_step(built, name, state_dtype):
+    """dsmr::decode_step (the whole step in one call) against PyTorch's step on the same float16 weights and
+    against the float32 model's training-time forward, across segment boundaries, three lanes."""
+    cfg = dict(vocab_size=50, n_layers=len(FUSED_CONFIGS[name]["horizons"]), **FUSED_CONFIGS[name])
+    torch.manual_seed(0)
+    model = DSMR(DSMRConfig(**cfg)).eval()
+    half = half_weight_model(model)
+    ids = torch.randint(3, 50, (3, 30), generator=torch.Generator().manual_seed(5))
+
+    def decode(fused):
+        decoder = IncrementalDecoder(half, SEG, batch_size=3, state_dtype=state_dtype, fused=fused)
+        assert decoder.step_kind == ("fused" if fused else "eager")
+        decoder.feed(ids[:, :4])
+        return torch.stack([decoder.step(ids[:, i]) for i in range(4, 30)], dim=1)
+
+    fused = decode(True)
+    torch.testing.assert_close(fused, decode(False), rtol=0, atol=5e-5)
+    torch.testing.assert_close(fused, streaming_logits(model, ids, SEG)[:, 4:], rtol=0, atol=3e-3)
+
+
+def test_which_step_a_decoder_runs(built):
+    model = tiny_model()
+    half = half_weight_model(model)
+    assert IncrementalDecoder(half, SEG).step_kind == "fused"
+    assert IncrementalDecoder(half, SEG, compile=True).step_kind == "fused"  # nothing left to compile
+    assert IncrementalDecoder(half, SEG, fused=False).step_kind == "eager"
+    assert IncrementalDecoder(model, SEG).step_kind == "eager"  # float32 weights: not packed
+    assert IncrementalDecoder(half, SEG, state_dtype=torch.bfloat16).step_kind == "eager"
+    tanh = half_weight_model(model)
+    for block in tanh.blocks:
+        block.mlp[1] = torch.nn.GELU(approximate="tanh")
+    assert fused_step_params(tanh) is None  # the op computes exact GELU only
+    old = kernels.set_enabled(False)
+    try:
+        assert IncrementalDecoder(half, SEG).step_kind == "eager"
+    finally:
+        kernels.set_enabled(old)
+
+
+def test_fused_step_rejects_what_it_cannot_take(built):
+    half = half_weight_model(tiny_model())
+    decoder = IncrementalDecoder(half, SEG)
+    params, rmsnorm, eps = fused_step_params(half)
+    args = dict(ids=torch.tensor([3]), embedding=half.embedding.weight, params=params, keys=decoder.keys,
+                values=decoder.values, memory_fill=[0] * 4, t=0, cos=decoder._rope[0], sin=decoder._rope[1],
+                n_heads=4, ff_dim=half.cfg.ff_dim, rmsnorm=rmsnorm, eps=eps)
+    assert kernels.decode_step(**args).shape == (1, 50)
+    with pytest.raises(RuntimeError, match="outside the vocabulary"):
+        kernels.decode_step(**{**args, "ids": torch.tensor([50])})
+    with pytest.raises(RuntimeError, match="slot 11 outside layer 1's buffer of 11"):  # horizon 3 + segment 8
+        kernels.decode_step(**{**args, "memory_fill": [0, 4, 0, 0], "t": SEG - 1})
+    with pytest.raises(RuntimeError, match="parameters"):
+        kernels.decode_step(**{**args, "params": params[:-1]})
+    with pytest.raises(RuntimeError, match="state"):
+        kernels.decode_step(**{**args, "keys": [k.half() for k in decoder.keys]})  # values stay float32
 
 
 def test_a_failed_build_warns_once_and_decoding_still_works(monkeypatch):

@@ -42,10 +42,14 @@ class IncrementalDecoder:
     compiled with torch.compile once per process and shape: `warm_up()` pays for it up front.
 
     `state_dtype`: the keys' and values' dtype (default the model's); attention runs in the model's dtype.
+
+    `fused`: where dsmr.kernels can run the model (a CPU model made by `half_weight_model`, see
+    `fused_step_params`), a step is one call of its whole-step op, which needs no compiling and is faster
+    than the compiled step; `compile` then has no effect. `step_kind` says which step runs.
     """
 
     def __init__(self, model, segment_len: int, batch_size: int = 1, device=None, compile: bool = False,
-                 state_dtype: Optional[torch.dtype] = None):
+                 state_dtype: Optional[torch.dtype] = None, fused: bool = True):
         if not isinstance(segment_len, int) or segment_len < 1:
             raise DsmrError(f"segment_len must be a positive integer, got {segment_len!r}")
         if batch_size < 1:
@@ -72,9 +76,15 @@ class IncrementalDecoder:
         self._fill = torch.zeros(1 + len(self.horizons), dtype=torch.long, device=self.device)
         # this segment's rotary table, cos/sin [1, 1, T, rotary_dims]: static buffers, refilled per segment
         self._rope = tuple(t.clone() for t in self._segment_rope(0))
-        self.compiled = bool(compile)
-        self._step_fn = _compiled_step() if compile else _decode_step
+        self._fused = fused_step_params(model) if fused and self.state_dtype in (torch.float16, torch.float32) else None
+        self.compiled = bool(compile) and self._fused is None
+        self._step_fn = _compiled_step() if self.compiled else _decode_step
         self.reset()
+
+    @property
+    def step_kind(self) -> str:
+        """The one-token step in use: "fused" (dsmr.kernels' whole-step op), "compiled" or "eager"."""
+        return "fused" if self._fused is not None else "compiled" if self.compiled else "eager"
 
     # ---- state
 
@@ -139,8 +149,11 @@ class IncrementalDecoder:
         decoder's own state does not change. Returns the seconds it took."""
         start = time.perf_counter()
         ids = torch.zeros(self.batch_size, 1, dtype=torch.long, device=self.device)
-        self._step_fn(self.model, ids, self._fill.clone(), self._rope,
-                      [k.clone() for k in self.keys], [v.clone() for v in self.values])
+        keys, values = [k.clone() for k in self.keys], [v.clone() for v in self.values]
+        if self._fused is not None:
+            self._fused_step(ids.view(-1), keys, values)
+        else:
+            self._step_fn(self.model, ids, self._fill.clone(), self._rope, keys, values)
         return time.perf_counter() - start
 
     @torch.inference_mode()
@@ -148,11 +161,21 @@ class IncrementalDecoder:
         """Feed one token per lane (ids [B] long); returns the next-token logits [B, vocab]."""
         if self.seg_fill == self.segment_len:
             self._next_segment()
-        logits = self._step_fn(self.model, ids.view(self.batch_size, 1).to(self.device), self._fill, self._rope,
-                               self.keys, self.values)
+        if self._fused is not None:
+            logits = self._fused_step(ids.view(self.batch_size).to(self.device), self.keys, self.values)
+            self._fill[0] += 1  # what _decode_step advances; kept in step should the path change
+        else:
+            logits = self._step_fn(self.model, ids.view(self.batch_size, 1).to(self.device), self._fill, self._rope,
+                                   self.keys, self.values)
         self.seg_fill += 1
         self.position += 1
         return logits
+
+    def _fused_step(self, ids: Tensor, keys: list, values: list) -> Tensor:
+        params, rmsnorm, eps = self._fused
+        cfg = self.model.cfg
+        return kernels.decode_step(ids, self.model.embedding.weight, params, keys, values, self.memory_fill,
+                                   self.seg_fill, *self._rope, cfg.n_heads, cfg.ff_dim, rmsnorm, eps)
 
     @torch.inference_mode()
     def feed(self, ids: Tensor, last_only: bool = False) -> Tensor:
@@ -289,6 +312,39 @@ class HalfWeightLinear(nn.Module):
         if x.device.type == "cpu" and x.numel() >= self.MATRIX_ROWS * x.shape[-1]:
             return F.linear(x, self.weight.to(x.dtype))
         return F.linear(x.to(self.weight.dtype), self.weight).to(x.dtype)  # float16 unless .float() widened it
+
+
+def fused_step_params(model) -> Optional[tuple[list[Tensor], bool, float]]:
+    """What dsmr.kernels' whole-step op (`kernels.decode_step`) needs of `model`: its tensors in the op's
+    order, whether the norms are RMSNorm, and their eps; None where the op cannot run the model. It runs a
+    CPU model from `half_weight_model` (every projection float16 and packed, float32 embedding and norms)
+    with exact GELU and one kind of norm of one eps, with the kernels loaded. The gates' memory bias is
+    taken now: it is a constant at inference."""
+    table = model.embedding.weight
+    if not kernels.loaded() or table.device.type != "cpu" or table.dtype != torch.float32 or table.shape[1] % 8:
+        return None
+    norms = [n for block in model.blocks for n in (block.norm1, block.norm2)] + [model.norm]
+    rmsnorm = isinstance(norms[0], nn.RMSNorm)
+    eps = {n.eps if n.eps is not None else torch.finfo(torch.float32).eps for n in norms}
+    if len(eps) != 1 or any(type(n) is not type(norms[0]) or n.weight is None for n in norms):
+        return None
+    if not rmsnorm and any(not isinstance(n, nn.LayerNorm) or n.bias is None for n in norms):
+        return None
+    linears = [model.head] + [m for block in model.blocks
+                              for m in (block.attn.qkv_proj, block.attn.out_proj, block.mlp[0], block.mlp[2])]
+    if any(not isinstance(m, HalfWeightLinear) or m.packed is None or m.packed.dtype != torch.float16 for m in linears):
+        return None
+    if any(not isinstance(block.mlp[1], nn.GELU) or block.mlp[1].approximate != "none" for block in model.blocks):
+        return None
+    empty = table.new_zeros(0)
+    params = []
+    for block in model.blocks:
+        gate = block.attn.memory_bias()
+        params += [block.norm1.weight, empty if rmsnorm else block.norm1.bias, block.attn.qkv_proj.packed,
+                   block.attn.out_proj.packed, block.norm2.weight, empty if rmsnorm else block.norm2.bias,
+                   block.mlp[0].packed, block.mlp[2].packed, empty if gate is None else gate.float()]
+    params += [model.norm.weight, empty if rmsnorm else model.norm.bias, model.head.packed]
+    return [p.detach().contiguous() for p in params], rmsnorm, float(eps.pop())
 
 
 def half_weight_model(model):
@@ -485,6 +541,7 @@ class GenerationResult:
     num_samples: int = 1         # lanes sampled together (this result is one of them)
     sample_index: int = 0
     compiled: bool = False       # the decoding step ran compiled (torch.compile)
+    decoding_step: str = "eager"  # IncrementalDecoder.step_kind: "fused", "compiled" or "eager"
 
     @property
     def tokens_per_s(self) -> float:
@@ -505,7 +562,7 @@ class GenerationResult:
             "peak_memory_bytes": self.peak_memory_bytes, "memory_method": self.memory_method,
             "stop_reason": self.stop_reason, "seed": self.seed,
             "prefill_seconds": round(self.prefill_seconds, 3), "warmup_seconds": round(self.warmup_seconds, 3),
-            "compiled": self.compiled,
+            "compiled": self.compiled, "decoding_step": self.decoding_step,
         }
 
 
@@ -520,6 +577,7 @@ def batch_summary(results: Sequence[GenerationResult]) -> dict:
             "wall_seconds": round(first.wall_seconds, 3), "prefill_seconds": round(first.prefill_seconds, 3),
             "warmup_seconds": round(first.warmup_seconds, 3), "state_bytes": first.state_bytes,
             "peak_memory_bytes": first.peak_memory_bytes, "compiled": first.compiled,
+            "decoding_step": first.decoding_step,
             "seeds": [r.seed for r in results]}
 
 
@@ -543,19 +601,21 @@ def compile_available(device) -> bool:
 
 
 def generate(model, tokenizer, segment_len: int, prompt_ids: Optional[Sequence[int]] = None,
-             sampling: SamplingConfig = SamplingConfig(), progress: bool = True, compile=False) -> GenerationResult:
+             sampling: SamplingConfig = SamplingConfig(), progress: bool = True, compile=False,
+             fused: bool = True) -> GenerationResult:
     """Sample one piece: BOS, the prompt's events, then new events until EOS or a limit.
 
     Runs where the model is; the model is put in eval mode. The same seed on the same device gives the
     same piece. `compile`: True compiles the decoding step (paid once per process, `warmup_seconds`),
-    "auto" where `compile_available`.
+    "auto" where `compile_available`. `fused`: dsmr.kernels' whole-step op where it can run the model
+    (`IncrementalDecoder`); it then replaces the compiled step.
     """
-    return generate_batch(model, tokenizer, segment_len, prompt_ids, sampling, 1, progress, compile)[0]
+    return generate_batch(model, tokenizer, segment_len, prompt_ids, sampling, 1, progress, compile, fused)[0]
 
 
 def generate_batch(model, tokenizer, segment_len: int, prompt_ids: Optional[Sequence[int]] = None,
                    sampling: SamplingConfig = SamplingConfig(), num_samples: int = 1, progress: bool = True,
-                   compile=False) -> list[GenerationResult]:
+                   compile=False, fused: bool = True) -> list[GenerationResult]:
     """Sample `num_samples` continuations of one prompt together, as lanes of one decoder: the prompt is
     fed once, each lane draws from its own seed (`sampling.seed + i`, recorded in its result) and stops at
     its own EOS or limit; the batch ends when every lane has stopped. Lanes that stopped keep running
@@ -578,7 +638,7 @@ def generate_batch(model, tokenizer, segment_len: int, prompt_ids: Optional[Sequ
     lanes = _Lanes(tokenizer, sampling, prompt, B, progress)
     with PeakMemory(device) as meter, torch.inference_mode():
         decoder = IncrementalDecoder(model, segment_len, batch_size=B, device=device, compile=bool(compile),
-                                     state_dtype=decoding_state_dtype(model, bool(compile)))
+                                     state_dtype=decoding_state_dtype(model, bool(compile)), fused=fused)
         warmup = decoder.warm_up()  # compiles the step once; not part of the timed generation
         start = time.perf_counter()
         logits = _prefill(decoder, tokenizer, prompt)
@@ -590,7 +650,7 @@ def generate_batch(model, tokenizer, segment_len: int, prompt_ids: Optional[Sequ
     lanes.close_bar()
     timing = dict(wall_seconds=wall, prefill_seconds=prefill, sampling_cpu_seconds=cpu, warmup_seconds=warmup,
                   state_bytes=decoder.state_bytes(), peak_memory_bytes=meter.peak_bytes,
-                  memory_method=meter.method, compiled=decoder.compiled)
+                  memory_method=meter.method, compiled=decoder.compiled, decoding_step=decoder.step_kind)
     return [lanes.result(i, seeds[i], timing) for i in range(B)]
 
 

@@ -1,11 +1,13 @@
-"""CPU kernels for one-token decoding: `dsmr::half_linear` (float32 x times float16 weights, packed once by `pack_half`) and
-`dsmr::decode_attention` (one query over a float16 or float32 key/value buffer), from kernels.cpp.
+"""CPU kernels for one-token decoding, from kernels.cpp: `dsmr::decode_step` (the whole step of a model with
+float16 weights in one call), and its parts as ops of their own for PyTorch's step: `dsmr::half_linear`
+(float32 x times float16 weights, packed once by `pack_half`) and `dsmr::decode_attention` (one query over a
+float16 or float32 key/value buffer).
 
 They are built once per machine and torch version on first use (`load()`: torch.utils.cpp_extension with
 the system's C++ compiler and ninja, in `build_directory()`, ~1 minute the first time) and need an x86-64
 CPU with AVX2, FMA and F16C. Where they cannot be built decoding runs the PyTorch path (same results up to
-float rounding) after one warning; on another CPU, or with DSMR_KERNELS=0, silently. Both are registered
-torch ops with fake implementations, so a torch.compile'd decoding step calls them from its graph.
+float rounding) after one warning; on another CPU, or with DSMR_KERNELS=0, silently. half_linear and
+decode_attention have fake implementations, so a torch.compile'd decoding step calls them from its graph.
 """
 
 from __future__ import annotations
@@ -148,6 +150,16 @@ def decode_attention(q, k, v, mask, scale: float) -> torch.Tensor:
     additive float32 mask broadcastable to [B, H, 1, N] (keys masked with -inf get no weight; runs of them
     are skipped unread). A row with every key masked gives zeros, as PyTorch's SDPA does."""
     return torch.ops.dsmr.decode_attention(q, k, v, mask, scale)
+
+
+def decode_step(ids, embedding, params, keys, values, memory_fill, t: int, cos, sin, n_heads: int, ff_dim: int,
+                rmsnorm: bool, eps: float) -> torch.Tensor:
+    """The whole one-token step of a model with packed float16 weights (dsmr.generate.fused_step_params gives
+    `params`): ids [B] -> float32 logits [B, vocab]; each layer's key/value is written in place at slot
+    memory_fill[l] + t of keys[l] / values[l] [B, H, h_l + T, D] (float16 or float32), and attention runs over
+    the slots up to it. cos/sin: the segment's rotary table [.., T, r]."""
+    return torch.ops.dsmr.decode_step(ids, embedding, params, keys, values, memory_fill, t, cos, sin, n_heads, ff_dim,
+                                      rmsnorm, eps)
 
 
 def usable_for(x: torch.Tensor, *tensors: torch.Tensor) -> bool:
