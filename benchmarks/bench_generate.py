@@ -78,6 +78,10 @@ def worker(args) -> dict:
         weights = "random"
     if args.precision == "float16":
         model = half_weight_model(model)
+    elif args.precision == "int8":  # imported here: the code of mode "before" may not have it
+        from dsmr.generate import int8_weight_model
+
+        model = int8_weight_model(model)
     prompt = torch.randint(3, tokenizer.vocab_size, (args.prompt_tokens,),
                            generator=torch.Generator().manual_seed(1)).tolist() if args.prompt_tokens else None
     sampling = SamplingConfig(seed=0, max_tokens=args.tokens, stop_at_eos=False)
@@ -123,16 +127,18 @@ def default_model(vocab_size: int):
 
 
 def kernel_split(threads: int, steps: int = 300) -> None:
-    """Where a one-lane float16 step's time goes: the whole eager and compiled steps, then dsmr.kernels'
-    parts alone on the same weights and (prompt-filled) state: the 25 products, the 6 attentions, both."""
+    """Where a one-lane float16 step's time goes: the whole eager, compiled and fused steps (and the fused one
+    with int8 weights), then dsmr.kernels' parts alone on the same weights and (prompt-filled) state: the 25
+    products, the 6 attentions, both."""
     import torch
 
     from dsmr import kernels
-    from dsmr.generate import IncrementalDecoder, decoding_state_dtype, half_weight_model
+    from dsmr.generate import IncrementalDecoder, decoding_state_dtype, half_weight_model, int8_weight_model
     from dsmr.tokenizer import make_tokenizer
 
     torch.set_num_threads(threads)
-    model = half_weight_model(default_model(make_tokenizer("performance").vocab_size))
+    base = default_model(make_tokenizer("performance").vocab_size)
+    model = half_weight_model(base)
     if not kernels.loaded():
         sys.exit(f"dsmr.kernels are not loaded here: {kernels.load_error() or 'DSMR_KERNELS=0'}")
     vocab = model.cfg.vocab_size
@@ -148,11 +154,14 @@ def kernel_split(threads: int, steps: int = 300) -> None:
         return (time.perf_counter() - start) / steps * 1e3
 
     rows = []
-    for compile in (False, True):
-        decoder = IncrementalDecoder(model, 256, compile=compile, state_dtype=decoding_state_dtype(model, compile))
+    for name, weights, compile, fused in (("fused, int8 weights", int8_weight_model(base), False, True),
+                                          ("fused", model, False, True), ("compiled", model, True, False),
+                                          ("eager", model, False, False)):
+        decoder = IncrementalDecoder(weights, 256, compile=compile, state_dtype=decoding_state_dtype(model, compile),
+                                     fused=fused)
         decoder.warm_up()
         decoder.feed(prompt, last_only=True)
-        rows.append((f"whole step, {'compiled' if compile else 'eager'}", per_step_ms(lambda: decoder.step(ids))))
+        rows.append((f"whole step, {name}", per_step_ms(lambda: decoder.step(ids))))
     linears = [m for m in model.modules() if getattr(m, "packed", None) is not None]
     xs = [torch.randn(1, m.packed.shape[1] * 8) for m in linears]
     masks = [torch.zeros(1, 1, 1, k.shape[2]) for k in decoder.keys]
@@ -182,7 +191,7 @@ def weight_bytes_per_step(model) -> int:
     """Bytes of weights one decoding step reads: every parameter and buffer once, except the embedding
     table, of which it reads one row (the whole table when it is also the output head)."""
     # a packed copy of a weight (dsmr.kernels.pack_half) is read instead of the weight, not as well
-    buffers = [b for name, b in model.named_buffers() if not name.endswith(".packed")]
+    buffers = [b for name, b in model.named_buffers() if not name.endswith((".packed", ".packed_scale"))]
     tensors = {id(t): t for t in (*model.parameters(), *buffers)}
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     table = model.embedding.weight
@@ -209,6 +218,10 @@ def flat_worker(args) -> dict:
     model = default_model(tokenizer.vocab_size)
     if args.precision == "float16":
         model = half_weight_model(model)
+    elif args.precision == "int8":  # imported here: the code of mode "before" may not have it
+        from dsmr.generate import int8_weight_model
+
+        model = int8_weight_model(model)
     checkpoints = sorted(int(n) for n in args.flat.split(","))
     sampling = SamplingConfig(seed=0, max_tokens=None, stop_at_eos=False)
     banned = banned_mask(tokenizer, sampling)[None]

@@ -137,6 +137,17 @@ def test_train_and_eval_commands_print_json(bach_cache, tmp_path, capsys):
                              "--split", "test", "--no-progress")
     assert code == 0 and "ppl" in out and "NLL by position" in out
 
+    # the weights rounded as `dsmr generate --precision` decodes with: float16 all but exact, int8 close
+    for precision, tolerance in (("float16", 1e-3), ("int8", 3e-2)):
+        code, out, err = run_cli(capsys, "eval", str(run), "--cache", str(bach_cache.path), "--split", "validation",
+                                 "--weights", "latest", "--json", "--no-progress", "--max-pieces", "2",
+                                 "--precision", precision)
+        assert code == 0, err
+        rounded = json.loads(out)
+        assert rounded["precision"] == precision and rounded["tokens"] == evaluated["tokens"]
+        assert rounded["nll"] == pytest.approx(evaluated["nll"], rel=tolerance)
+        assert rounded["nll"] != evaluated["nll"]  # the weights were rounded
+
     # resume with more steps continues; with another width it is refused in one line
     code, out, err = run_cli(capsys, "train", "--cache", str(bach_cache.path), "--out", str(run), "--resume",
                              "--steps", "6", "--json", "--no-progress")

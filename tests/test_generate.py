@@ -329,6 +329,19 @@ def test_cli_generates_midi_pianoroll_and_json(run_dir, tmp_path, capsys):
     assert "wrote" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("precision", ["float16", "int8", "auto"])
+def test_cli_precisions_run_the_fused_step_where_the_kernels_are(run_dir, tmp_path, capsys, precision):
+    from dsmr import kernels
+
+    out = tmp_path / f"{precision}.mid"
+    assert main(["generate", str(run_dir), "--out", str(out), "--max-tokens", "40", "--seed", "1", "--ignore-eos",
+                 "--precision", precision, "--json", "--no-progress"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    expected = precision if precision != "auto" else "int8" if kernels.load() else "float16"  # on a CPU
+    assert report["precision"] == expected and report["tokens"] == 40 and out.stat().st_size > 0
+    assert report["decoding_step"] == ("fused" if kernels.load() else "eager")
+
+
 def _one_line_error(capsys, argv) -> str:
     code = main(argv)
     err = capsys.readouterr().err.strip()

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from dsmr import kernels
-from dsmr.generate import IncrementalDecoder, decoding_state_dtype, fused_step_params, half_weight_model
+from dsmr.generate import (IncrementalDecoder, Int8WeightLinear, decoding_state_dtype, fused_step_params,
+                           half_weight_model, int8_weight_model)
 from dsmr.model import DSMR, DSMRConfig
 from tests.test_generate import SEG, streaming_logits, tiny_model
 
@@ -43,7 +44,7 @@ def test_half_linear_matches_the_float32_product(built, out, inputs, lead):
 
 def test_half_linear_rejects_what_it_cannot_take(built):
     packed = kernels.pack_half(torch.randn(16, 8).half())
-    with pytest.raises(RuntimeError, match="packed by pack_half for 3 outputs"):
+    with pytest.raises(RuntimeError, match="for 3 outputs expected"):
         kernels.half_linear(torch.randn(1, 8), packed, 3)  # 16 rows packed, not 3
     with pytest.raises(RuntimeError, match="float32 x"):
         kernels.half_linear(torch.randn(1, 8).double(), packed, 16)
@@ -151,6 +152,54 @@ def test_decoder_with_kernels_matches_the_pytorch_path(built, monkeypatch):
     torch.testing.assert_close(with_kernels, without, rtol=0, atol=1e-3)
 
 
+def test_int8_weights_round_each_row_to_its_own_scale(built):
+    linear = torch.nn.Linear(24, 13, bias=False)
+    with torch.no_grad():
+        linear.weight[3] *= 100  # one loud row does not coarsen the others
+    q = Int8WeightLinear(linear)
+    w = linear.weight.detach()
+    assert q.weight.dtype == torch.int8 and q.weight.abs().max() == 127
+    assert torch.all((q.dequantized() - w).abs() <= q.scale[:, None] / 2 + 1e-7)
+    torch.testing.assert_close(q.scale, w.abs().amax(dim=1) / 127)
+    x = torch.randn(5, 24)
+    with torch.inference_mode():
+        kernel = q(x)  # 5 rows: dsmr::int8_linear
+        torch.testing.assert_close(kernel, F.linear(x, q.dequantized()), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(q(x.repeat(8, 1))[:5], kernel, rtol=1e-5, atol=1e-5)  # 40 rows: PyTorch
+        old = kernels.set_enabled(False)
+        try:
+            torch.testing.assert_close(q(x), kernel, rtol=1e-5, atol=1e-5)
+        finally:
+            kernels.set_enabled(old)
+        q.load_state_dict({"weight": torch.ones(13, 24, dtype=torch.int8), "scale": torch.full((13,), 0.5)})
+        torch.testing.assert_close(q(x), x.sum(dim=1, keepdim=True).expand(5, 13) * 0.5)  # packed again
+
+
+@pytest.mark.parametrize("memory", ["kv", "hidden"])
+def test_an_int8_model_is_the_float_model_of_its_dequantized_weights(memory):
+    """Training-time streaming (many rows: PyTorch's product) of an int8 model equals the float32 model whose
+    weights are the int8 ones times their scales; hidden memory re-projects its keys/values with them too."""
+    torch.manual_seed(0)
+    model = DSMR(DSMRConfig(vocab_size=50, n_layers=3, d_model=32, n_heads=4, horizons=(9, 4, 0),
+                            memory=memory, tie_embeddings=False)).eval()  # tied, the head would set the embedding
+    int8 = int8_weight_model(model)
+    for name, module in int8.named_modules():
+        if isinstance(module, Int8WeightLinear):
+            model.get_submodule(name).weight.data = module.dequantized()
+    ids = torch.randint(3, 50, (2, 30), generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(streaming_logits(int8, ids, SEG), streaming_logits(model, ids, SEG),
+                               rtol=0, atol=1e-5)
+
+
+def test_int8_linear_rejects_what_it_cannot_take(built):
+    packed, scale = kernels.pack_int8(torch.ones(16, 8, dtype=torch.int8), torch.ones(16))
+    assert packed.shape == (2, 1, 8, 8) and packed.dtype == torch.int8 and scale.shape == (16,)
+    with pytest.raises(RuntimeError, match="scales, one per packed row"):
+        kernels.int8_linear(torch.randn(1, 8), packed, scale[:10], 16)
+    with pytest.raises(RuntimeError, match="int8 weights, got Half"):
+        kernels.int8_linear(torch.randn(1, 8), kernels.pack_half(torch.ones(16, 8).half()), scale, 16)
+
+
 FUSED_CONFIGS = {
     "layernorm": dict(horizons=(0, 3, 8, 13)),
     "rmsnorm, soft gate per head, head dim 12, partial rotary": dict(
@@ -162,14 +211,15 @@ FUSED_CONFIGS = {
 
 
 @pytest.mark.parametrize("name", FUSED_CONFIGS)
-@pytest.mark.parametrize("state_dtype", [torch.float16, torch.float32])
-def test_fused_step_matches_the_pytorch_step(built, name, state_dtype):
-    """dsmr::decode_step (the whole step in one call) against PyTorch's step on the same float16 weights and
-    against the float32 model's training-time forward, across segment boundaries, three lanes."""
+@pytest.mark.parametrize("state_dtype,weights", [(torch.float16, "float16"), (torch.float32, "float16"),
+                                                 (torch.float16, "int8")])
+def test_fused_step_matches_the_pytorch_step(built, name, state_dtype, weights):
+    """dsmr::decode_step (the whole step in one call) against PyTorch's step on the same float16 or int8
+    weights and against the float32 model's training-time forward, across segment boundaries, three lanes."""
     cfg = dict(vocab_size=50, n_layers=len(FUSED_CONFIGS[name]["horizons"]), **FUSED_CONFIGS[name])
     torch.manual_seed(0)
     model = DSMR(DSMRConfig(**cfg)).eval()
-    half = half_weight_model(model)
+    half = (half_weight_model if weights == "float16" else int8_weight_model)(model)
     ids = torch.randint(3, 50, (3, 30), generator=torch.Generator().manual_seed(5))
 
     def decode(fused):
@@ -180,7 +230,9 @@ def test_fused_step_matches_the_pytorch_step(built, name, state_dtype):
 
     fused = decode(True)
     torch.testing.assert_close(fused, decode(False), rtol=0, atol=5e-5)
-    torch.testing.assert_close(fused, streaming_logits(model, ids, SEG)[:, 4:], rtol=0, atol=3e-3)
+    # against float32: float16 rounding, or int8's (~1% of a weight, hence of the logits' size here)
+    torch.testing.assert_close(fused, streaming_logits(model, ids, SEG)[:, 4:], rtol=0,
+                               atol=3e-3 if weights == "float16" else 3e-2)
 
 
 def test_which_step_a_decoder_runs(built):
@@ -205,8 +257,9 @@ def test_which_step_a_decoder_runs(built):
 def test_fused_step_rejects_what_it_cannot_take(built):
     half = half_weight_model(tiny_model())
     decoder = IncrementalDecoder(half, SEG)
-    params, rmsnorm, eps = fused_step_params(half)
-    args = dict(ids=torch.tensor([3]), embedding=half.embedding.weight, params=params, keys=decoder.keys,
+    params, scales, rmsnorm, eps = fused_step_params(half)
+    assert scales == []
+    args = dict(ids=torch.tensor([3]), embedding=half.embedding.weight, params=params, scales=[], keys=decoder.keys,
                 values=decoder.values, memory_fill=[0] * 4, t=0, cos=decoder._rope[0], sin=decoder._rope[1],
                 n_heads=4, ff_dim=half.cfg.ff_dim, rmsnorm=rmsnorm, eps=eps)
     assert kernels.decode_step(**args).shape == (1, 50)
@@ -216,6 +269,13 @@ def test_fused_step_rejects_what_it_cannot_take(built):
         kernels.decode_step(**{**args, "memory_fill": [0, 4, 0, 0], "t": SEG - 1})
     with pytest.raises(RuntimeError, match="parameters"):
         kernels.decode_step(**{**args, "params": params[:-1]})
+    with pytest.raises(RuntimeError, match="scales"):  # float16 weights take none
+        kernels.decode_step(**{**args, "scales": [torch.ones(8)] * 17})
+    int8 = int8_weight_model(tiny_model())
+    int8_params, scales, _, _ = fused_step_params(int8)
+    assert len(scales) == 17 and all(p.dtype == torch.float32 for p in scales)
+    with pytest.raises(RuntimeError, match="int8 weights need float32 scales"):
+        kernels.decode_step(**{**args, "params": int8_params, "embedding": int8.embedding.weight})
     with pytest.raises(RuntimeError, match="state"):
         kernels.decode_step(**{**args, "keys": [k.half() for k in decoder.keys]})  # values stay float32
 

@@ -43,9 +43,10 @@ class IncrementalDecoder:
 
     `state_dtype`: the keys' and values' dtype (default the model's); attention runs in the model's dtype.
 
-    `fused`: where dsmr.kernels can run the model (a CPU model made by `half_weight_model`, see
-    `fused_step_params`), a step is one call of its whole-step op, which needs no compiling and is faster
-    than the compiled step; `compile` then has no effect. `step_kind` says which step runs.
+    `fused`: where dsmr.kernels can run the model (a CPU model made by `half_weight_model` or
+    `int8_weight_model`, see `fused_step_params`), a step is one call of its whole-step op, which needs no
+    compiling and is faster than the compiled step; `compile` then has no effect. The op reads the
+    weights and gates as they are when the decoder is made. `step_kind` says which step runs.
     """
 
     def __init__(self, model, segment_len: int, batch_size: int = 1, device=None, compile: bool = False,
@@ -163,7 +164,6 @@ class IncrementalDecoder:
             self._next_segment()
         if self._fused is not None:
             logits = self._fused_step(ids.view(self.batch_size).to(self.device), self.keys, self.values)
-            self._fill[0] += 1  # what _decode_step advances; kept in step should the path change
         else:
             logits = self._step_fn(self.model, ids.view(self.batch_size, 1).to(self.device), self._fill, self._rope,
                                    self.keys, self.values)
@@ -172,9 +172,9 @@ class IncrementalDecoder:
         return logits
 
     def _fused_step(self, ids: Tensor, keys: list, values: list) -> Tensor:
-        params, rmsnorm, eps = self._fused
+        params, scales, rmsnorm, eps = self._fused
         cfg = self.model.cfg
-        return kernels.decode_step(ids, self.model.embedding.weight, params, keys, values, self.memory_fill,
+        return kernels.decode_step(ids, self.model.embedding.weight, params, scales, keys, values, self.memory_fill,
                                    self.seg_fill, *self._rope, cfg.n_heads, cfg.ff_dim, rmsnorm, eps)
 
     @torch.inference_mode()
@@ -287,6 +287,7 @@ class HalfWeightLinear(nn.Module):
     """
 
     MATRIX_ROWS = 8  # from this many tokens per call on, multiply in float32
+    PACKED_DTYPE = torch.float16
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
@@ -314,12 +315,12 @@ class HalfWeightLinear(nn.Module):
         return F.linear(x.to(self.weight.dtype), self.weight).to(x.dtype)  # float16 unless .float() widened it
 
 
-def fused_step_params(model) -> Optional[tuple[list[Tensor], bool, float]]:
+def fused_step_params(model) -> Optional[tuple[list[Tensor], list[Tensor], bool, float]]:
     """What dsmr.kernels' whole-step op (`kernels.decode_step`) needs of `model`: its tensors in the op's
-    order, whether the norms are RMSNorm, and their eps; None where the op cannot run the model. It runs a
-    CPU model from `half_weight_model` (every projection float16 and packed, float32 embedding and norms)
-    with exact GELU and one kind of norm of one eps, with the kernels loaded. The gates' memory bias is
-    taken now: it is a constant at inference."""
+    order, the int8 weights' scales (empty for float16), whether the norms are RMSNorm, and their eps; None
+    where the op cannot run the model. It runs a CPU model from `half_weight_model` or `int8_weight_model`
+    (every projection packed, float32 embedding and norms) with exact GELU and one kind of norm of one eps,
+    with the kernels loaded. The gates' memory bias is taken now: it is a constant at inference."""
     table = model.embedding.weight
     if not kernels.loaded() or table.device.type != "cpu" or table.dtype != torch.float32 or table.shape[1] % 8:
         return None
@@ -330,9 +331,11 @@ def fused_step_params(model) -> Optional[tuple[list[Tensor], bool, float]]:
         return None
     if not rmsnorm and any(not isinstance(n, nn.LayerNorm) or n.bias is None for n in norms):
         return None
-    linears = [model.head] + [m for block in model.blocks
-                              for m in (block.attn.qkv_proj, block.attn.out_proj, block.mlp[0], block.mlp[2])]
-    if any(not isinstance(m, HalfWeightLinear) or m.packed is None or m.packed.dtype != torch.float16 for m in linears):
+    linears = [m for block in model.blocks
+               for m in (block.attn.qkv_proj, block.attn.out_proj, block.mlp[0], block.mlp[2])] + [model.head]
+    kind = type(linears[0])
+    if kind not in (HalfWeightLinear, Int8WeightLinear) or any(
+            type(m) is not kind or m.packed is None or m.packed.dtype != m.PACKED_DTYPE for m in linears):
         return None
     if any(not isinstance(block.mlp[1], nn.GELU) or block.mlp[1].approximate != "none" for block in model.blocks):
         return None
@@ -344,20 +347,80 @@ def fused_step_params(model) -> Optional[tuple[list[Tensor], bool, float]]:
                    block.attn.out_proj.packed, block.norm2.weight, empty if rmsnorm else block.norm2.bias,
                    block.mlp[0].packed, block.mlp[2].packed, empty if gate is None else gate.float()]
     params += [model.norm.weight, empty if rmsnorm else model.norm.bias, model.head.packed]
-    return [p.detach().contiguous() for p in params], rmsnorm, float(eps.pop())
+    scales = [m.packed_scale for m in linears] if kind is Int8WeightLinear else []
+    return [p.detach().contiguous() for p in params], scales, rmsnorm, float(eps.pop())
+
+
+class Int8WeightLinear(nn.Module):
+    """A bias-free Linear whose weight is kept in int8 with one float32 scale per output row (symmetric: the
+    row's largest |w| maps to 127). A quarter of float32's bytes, half of float16's: a one-token step reads
+    every weight, and on a CPU with a small cache the default model's 9.6 MB of float16 weights plus a lane's
+    state spill to main memory where its 4.8 MB of int8 weights do not (docs/generation.md, "int8 weights").
+    Few rows go through dsmr.kernels' int8_linear (summed in float32); many rows (a prompt), or any row
+    without the kernels, through a float32 product with the dequantized weight.
+    """
+
+    KERNEL_ROWS = 32  # below this many rows, dsmr.kernels' int8_linear where it is loaded
+    PACKED_DTYPE = torch.int8
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        if linear.bias is not None:
+            raise DsmrError("Int8WeightLinear: linear layers with a bias are not supported")
+        w = linear.weight.detach().float()
+        scale = w.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny) / 127
+        self.register_buffer("weight", torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8))
+        self.register_buffer("scale", scale)
+        self.register_buffer("packed", None, persistent=False)  # dsmr.kernels' layouts (None without them)
+        self.register_buffer("packed_scale", None, persistent=False)
+        self.repack()
+        self.register_load_state_dict_post_hook(lambda module, keys: module.repack())
+
+    def repack(self) -> None:
+        usable = kernels.loaded() and self.weight.device.type == "cpu" and self.weight.dtype == torch.int8
+        packed = kernels.pack_int8(self.weight, self.scale) if usable else None
+        self.packed, self.packed_scale = packed if packed is not None else (None, None)
+
+    def dequantized(self) -> Tensor:
+        """The float32 weight the int8 one stands for."""
+        return self.weight.float() * self.scale[:, None].float()
+
+    def forward(self, x: Tensor) -> Tensor:
+        if (self.packed is not None and x.numel() < self.KERNEL_ROWS * x.shape[-1]
+                and kernels.usable_for(x, self.packed_scale)):
+            return kernels.int8_linear(x, self.packed, self.packed_scale, self.weight.shape[0])
+        return F.linear(x, self.dequantized().to(x.dtype))
 
 
 def half_weight_model(model):
     """A copy of `model` for fast CPU decoding: every Linear (projections, MLP, output head) keeps float16
     weights; embeddings, norms, attention and the key/value memory stay float32. Logits differ from the
     float32 model by float16 rounding (~1e-3 relative), which does not matter for sampling."""
+    return _with_linears(model, HalfWeightLinear)
+
+
+def int8_weight_model(model):
+    """A copy of `model` whose Linears keep int8 weights with per-row scales (`Int8WeightLinear`); the rest
+    as in `half_weight_model`. Faster than float16 on a CPU whose cache cannot hold the float16 weights
+    and a lane's state; the rounding costs a little likelihood (docs/generation.md, "int8 weights")."""
+    return _with_linears(model, Int8WeightLinear)
+
+
+def default_cpu_precision() -> str:
+    """What `--precision auto` means on a CPU: "int8" where dsmr.kernels load (on the shipped model about
+    twice float16's sampling speed for +0.02% validation perplexity, docs/generation.md), else "float16"
+    (without the kernels an int8 product dequantizes its whole weight every call)."""
+    return "int8" if kernels.load() else "float16"
+
+
+def _with_linears(model, linear_class):
     model = copy.deepcopy(model).eval()
     if model.embedding.weight.device.type == "cpu":
         kernels.load()  # built once per machine; the PyTorch path where it cannot be
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, nn.Linear):
-                setattr(module, name, HalfWeightLinear(child))
+                setattr(module, name, linear_class(child))
     return model
 
 
@@ -582,13 +645,14 @@ def batch_summary(results: Sequence[GenerationResult]) -> dict:
 
 
 def decoding_state_dtype(model, compile: bool) -> Optional[torch.dtype]:
-    """float16 keys/values for a float16-weight model on a CPU (`half_weight_model`) where its steps widen
-    them inside a kernel (dsmr.kernels' attention, or the compiled step's), else the model's dtype (None).
+    """float16 keys/values for a float16- or int8-weight model on a CPU (`half_weight_model`,
+    `int8_weight_model`) where its steps widen them inside a kernel (dsmr.kernels' attention, or the compiled
+    step's), else the model's dtype (None).
     Every step reads the whole state: half the bytes, x1.4 for 16 lanes on 2 threads (docs/generation.md).
     An eager step without dsmr.kernels would widen the whole state into a copy every step (x0.5 there), and
     a float32 model keeps a float32 state."""
     on_cpu = model.embedding.weight.device.type == "cpu"
-    half = any(isinstance(m, HalfWeightLinear) for m in model.modules())
+    half = any(isinstance(m, (HalfWeightLinear, Int8WeightLinear)) for m in model.modules())
     return torch.float16 if (compile or kernels.loaded()) and on_cpu and half else None
 
 

@@ -25,6 +25,9 @@ inline float hsum(__m256 v) {
 
 inline __m256 load8(const at::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
 
 template <typename T>
 inline float dot(const float* x, const T* w, int64_t n) {
@@ -58,53 +61,121 @@ inline void block_dot(const float* x, const T* p, int64_t chunks, float* y) {
 }
 
 
-// y = x @ w.T for `rows` float32 rows x [rows, in] and a weight packed by pack_half (`blocks` blocks of eight
-// output rows, `out` of them real): y [rows, out]. Blocks are shared between threads.
-void packed_linear(const float* xp, int64_t rows, const at::Half* wp, int64_t blocks, int64_t in, int64_t out,
-                   float* yp) {
+// NL lanes against rows j0..j0+3 of a block widened to float32 (`wide`, pack_half's layout): twelve
+// accumulators at most, each weight vector loaded once for all NL lanes.
+template <int NL>
+inline void lanes_dot(const float* x, int64_t in, const float* wide, int64_t chunks, int j0, float out[NL][4]) {
+  __m256 acc[NL][4];
+  for (int l = 0; l < NL; ++l)
+    for (int r = 0; r < 4; ++r) acc[l][r] = _mm256_setzero_ps();
+  for (int64_t c = 0; c < chunks; ++c) {
+    __m256 xv[NL];
+    for (int l = 0; l < NL; ++l) xv[l] = _mm256_loadu_ps(x + l * in + 8 * c);
+    const float* w = wide + c * 8 * kRows + 8 * j0;
+    for (int r = 0; r < 4; ++r) {
+      const __m256 wv = _mm256_loadu_ps(w + 8 * r);
+      for (int l = 0; l < NL; ++l) acc[l][r] = _mm256_fmadd_ps(xv[l], wv, acc[l][r]);
+    }
+  }
+  for (int l = 0; l < NL; ++l)
+    for (int r = 0; r < 4; ++r) out[l][r] = hsum(acc[l][r]);
+}
+
+// y = x @ w.T for `rows` float32 rows x [rows, in] and a weight packed by pack_half or pack_int8 (`blocks`
+// blocks of eight output rows, `out` of them real; int8 rows times their `scale`): y [rows, out]. Blocks are
+// shared between threads.
+template <typename T>
+void packed_linear(const float* xp, int64_t rows, const T* wp, const float* scale, int64_t blocks, int64_t in,
+                   int64_t out, float* yp) {
   const int64_t chunks = in / 8;
   at::parallel_for(0, blocks, 8, [&](int64_t begin, int64_t end) {
     std::vector<float> wide(rows > 1 ? kRows * in : 0);
-    float tmp[kRows];
+    float tmp[kRows], lanes[3][4];
     for (int64_t b = begin; b < end; ++b) {
-      const at::Half* block = wp + b * kRows * in;
+      const T* block = wp + b * kRows * in;
       const int64_t o = kRows * b, n = std::min<int64_t>(kRows, out - o);
-      if (rows > 1) {  // several lanes: widen the block once, keep it in L1 for every lane
-        for (int64_t i = 0; i < kRows * in; i += 8) _mm256_storeu_ps(wide.data() + i, load8(block + i));
+      if (rows == 1) {
+        block_dot(xp, block, chunks, tmp);
+        for (int64_t j = 0; j < n; ++j) yp[o + j] = scale ? tmp[j] * scale[o + j] : tmp[j];
+        continue;
       }
-      for (int64_t r = 0; r < rows; ++r) {
-        if (rows > 1) block_dot(xp + r * in, wide.data(), chunks, tmp);
-        else block_dot(xp + r * in, block, chunks, tmp);
-        for (int64_t j = 0; j < n; ++j) yp[r * out + o + j] = tmp[j];
+      // several lanes: widen the block once, then up to three lanes x four rows per pass over it
+      for (int64_t i = 0; i < kRows * in; i += 8) _mm256_storeu_ps(wide.data() + i, load8(block + i));
+      for (int64_t r0 = 0; r0 < rows; r0 += 3) {
+        const int nl = static_cast<int>(std::min<int64_t>(3, rows - r0));
+        for (int j0 = 0; j0 < kRows; j0 += 4) {
+          const float* x = xp + r0 * in;
+          if (nl == 3) lanes_dot<3>(x, in, wide.data(), chunks, j0, lanes);
+          else if (nl == 2) lanes_dot<2>(x, in, wide.data(), chunks, j0, reinterpret_cast<float(*)[4]>(lanes));
+          else lanes_dot<1>(x, in, wide.data(), chunks, j0, reinterpret_cast<float(*)[4]>(lanes));
+          for (int l = 0; l < nl; ++l)
+            for (int r = 0; r < 4 && j0 + r < n; ++r) {
+              const int64_t j = o + j0 + r;
+              yp[(r0 + l) * out + j] = scale ? lanes[l][r] * scale[j] : lanes[l][r];
+            }
+        }
       }
     }
   });
 }
 
 void check_packed(const at::Tensor& packed, int64_t out, const char* op) {
-  TORCH_CHECK(packed.device().is_cpu() && packed.scalar_type() == at::kHalf && packed.dim() == 4 &&
-              packed.size(2) == kRows && packed.size(3) == 8 && packed.is_contiguous() && out > 0 &&
-              out <= kRows * packed.size(0) && out > kRows * (packed.size(0) - 1),
-              op, ": float16 weights packed by pack_half for ", out, " outputs expected, got ", packed.scalar_type(),
-              " ", packed.sizes());
+  TORCH_CHECK(packed.device().is_cpu() && (packed.scalar_type() == at::kHalf || packed.scalar_type() == at::kChar) &&
+              packed.dim() == 4 && packed.size(2) == kRows && packed.size(3) == 8 && packed.is_contiguous() &&
+              out > 0 && out <= kRows * packed.size(0) && out > kRows * (packed.size(0) - 1),
+              op, ": float16 or int8 weights packed by pack_half / pack_int8 for ", out, " outputs expected, got ",
+              packed.scalar_type(), " ", packed.sizes());
+}
+
+// An int8 weight's scales: float32, one per packed row. Null for float16 weights.
+const float* checked_scale(const at::Tensor& packed, const at::Tensor* scale, const char* op) {
+  if (packed.scalar_type() == at::kHalf) {
+    TORCH_CHECK(scale == nullptr || !scale->numel(), op, ": float16 weights take no scales");
+    return nullptr;
+  }
+  TORCH_CHECK(scale != nullptr && scale->device().is_cpu() && scale->scalar_type() == at::kFloat &&
+              scale->is_contiguous() && scale->numel() == kRows * packed.size(0),
+              op, ": int8 weights need float32 scales, one per packed row (", kRows * packed.size(0), ")");
+  return scale->data_ptr<float>();
+}
+
+void linear_any(const float* x, int64_t rows, const at::Tensor& packed, const float* scale, int64_t out, float* y) {
+  const int64_t in = 8 * packed.size(1);
+  if (packed.scalar_type() == at::kHalf) {
+    packed_linear(x, rows, packed.data_ptr<at::Half>(), scale, packed.size(0), in, out, y);
+  } else {
+    packed_linear(x, rows, packed.data_ptr<int8_t>(), scale, packed.size(0), in, out, y);
+  }
+}
+
+at::Tensor packed_linear_op(const at::Tensor& x, const at::Tensor& packed, const at::Tensor* scale, int64_t out,
+                            const char* op) {
+  TORCH_CHECK(x.device().is_cpu() && packed.device().is_cpu(), op, ": CPU tensors only");
+  TORCH_CHECK(x.scalar_type() == at::kFloat, op, ": float32 x expected, got ", x.scalar_type());
+  check_packed(packed, out, op);
+  const float* s = checked_scale(packed, scale, op);
+  const int64_t in = 8 * packed.size(1);
+  TORCH_CHECK(x.size(-1) == in, op, ": x [..., ", in, "] expected, got ", x.sizes());
+  const at::Tensor xs = x.reshape({-1, in}).contiguous();
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = out;
+  at::Tensor y = at::empty({xs.size(0), out}, x.options());
+  linear_any(xs.data_ptr<float>(), xs.size(0), packed, s, out, y.data_ptr<float>());
+  return y.view(out_shape);
 }
 
 }  // namespace
 
 // y = x @ w.T for float32 x [..., in] and packed float16 w (pack_half of [out, in]): float32 y [..., out].
 at::Tensor half_linear(const at::Tensor& x, const at::Tensor& packed, int64_t out) {
-  TORCH_CHECK(x.device().is_cpu() && packed.device().is_cpu(), "dsmr::half_linear: CPU tensors only");
-  TORCH_CHECK(x.scalar_type() == at::kFloat, "dsmr::half_linear: float32 x expected, got ", x.scalar_type());
-  check_packed(packed, out, "dsmr::half_linear");
-  const int64_t in = 8 * packed.size(1);
-  TORCH_CHECK(x.size(-1) == in, "dsmr::half_linear: x [..., ", in, "] expected, got ", x.sizes());
-  const at::Tensor xs = x.reshape({-1, in}).contiguous();
-  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
-  out_shape.back() = out;
-  at::Tensor y = at::empty({xs.size(0), out}, x.options());
-  packed_linear(xs.data_ptr<float>(), xs.size(0), packed.data_ptr<at::Half>(), packed.size(0), in, out,
-                y.data_ptr<float>());
-  return y.view(out_shape);
+  TORCH_CHECK(packed.scalar_type() == at::kHalf, "dsmr::half_linear: float16 weights, got ", packed.scalar_type());
+  return packed_linear_op(x, packed, nullptr, out, "dsmr::half_linear");
+}
+
+// The same for int8 weights (pack_int8 of [out, in]) and their per-row float32 scales.
+at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale, int64_t out) {
+  TORCH_CHECK(packed.scalar_type() == at::kChar, "dsmr::int8_linear: int8 weights, got ", packed.scalar_type());
+  return packed_linear_op(x, packed, &scale, out, "dsmr::int8_linear");
 }
 
 namespace {
@@ -304,26 +375,21 @@ void rotate(float* x, const float* cos, const float* sin, int64_t r) {
 
 template <typename T>
 inline void store(T* dst, const float* src, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) {
-    if constexpr (std::is_same_v<T, at::Half>) {  // saturate at float16's range, as generate._storable does
-      dst[i] = static_cast<at::Half>(std::min(std::max(src[i], -65504.0f), 65504.0f));
-    } else {
-      dst[i] = src[i];
+  int64_t i = 0;
+  if constexpr (std::is_same_v<T, at::Half>) {  // saturate at float16's range, as generate._storable does
+    const __m256 lo = _mm256_set1_ps(-65504.0f), hi = _mm256_set1_ps(65504.0f);
+    for (; i + 8 <= n; i += 8) {
+      const __m256 v = _mm256_min_ps(_mm256_max_ps(_mm256_loadu_ps(src + i), lo), hi);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
     }
+    for (; i < n; ++i) dst[i] = static_cast<at::Half>(std::min(std::max(src[i], -65504.0f), 65504.0f));
+  } else {
+    for (; i < n; ++i) dst[i] = src[i];
   }
 }
 
-// One query over the first n keys/values of one head, every one of them valid; the first n_memory get
-// the additive `bias` (a memory gate). scores: n floats of scratch.
-template <typename T>
-void attend_prefix(const float* q, const T* k, const T* v, int64_t n, int64_t d, int64_t n_memory, float bias,
-                   float scale, float* out, float* scores) {
-  float top = -std::numeric_limits<float>::infinity();
-  for (int64_t j = 0; j < n; ++j) {
-    const float s = dot(q, k + j * d, d) * scale + (j < n_memory ? bias : 0.0f);
-    scores[j] = s;
-    top = s > top ? s : top;
-  }
+// Softmax of n scores in place (exp(s - top), vectorized); returns their sum.
+inline float softmax_numerators(float* scores, int64_t n, float top) {
   int64_t j = 0;
   __m256 sum8 = _mm256_setzero_ps();
   const __m256 top8 = _mm256_set1_ps(top);
@@ -334,30 +400,94 @@ void attend_prefix(const float* q, const T* k, const T* v, int64_t n, int64_t d,
   }
   float total = hsum(sum8);
   for (; j < n; ++j) total += (scores[j] = std::exp(scores[j] - top));
-  for (int64_t i = 0; i < d; ++i) out[i] = 0.0f;
-  if (d % 8 == 0) {
-    for (j = 0; j < n; ++j) {
-      const __m256 p = _mm256_set1_ps(scores[j]);
-      const T* vj = v + j * d;
-      for (int64_t i = 0; i < d; i += 8) _mm256_storeu_ps(out + i, _mm256_fmadd_ps(p, load8(vj + i), _mm256_loadu_ps(out + i)));
+  return total;
+}
+
+// One query over the first n keys/values of one head, every one of them valid; the first n_memory get
+// the additive `bias` (a memory gate). DC = head dims / 8, known at compile time: the query and the output
+// stay in registers, four keys are scored at once. scores: n floats of scratch.
+template <typename T, int DC>
+void attend_prefix(const float* q, const T* k, const T* v, int64_t n, int64_t n_memory, float bias, float scale,
+                   float* out, float* scores) {
+  constexpr int64_t d = 8 * DC;
+  __m256 qv[DC];
+  for (int c = 0; c < DC; ++c) qv[c] = _mm256_loadu_ps(q + 8 * c);
+  float top = -std::numeric_limits<float>::infinity();
+  int64_t j = 0;
+  for (; j + 4 <= n; j += 4) {
+    const T* kj = k + j * d;
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+    for (int c = 0; c < DC; ++c) {
+      a0 = _mm256_fmadd_ps(qv[c], load8(kj + 8 * c), a0);
+      a1 = _mm256_fmadd_ps(qv[c], load8(kj + d + 8 * c), a1);
+      a2 = _mm256_fmadd_ps(qv[c], load8(kj + 2 * d + 8 * c), a2);
+      a3 = _mm256_fmadd_ps(qv[c], load8(kj + 3 * d + 8 * c), a3);
     }
-  } else {
-    for (j = 0; j < n; ++j)
-      for (int64_t i = 0; i < d; ++i) out[i] += scores[j] * static_cast<float>(v[j * d + i]);
+    const float s4[4] = {hsum(a0), hsum(a1), hsum(a2), hsum(a3)};
+    for (int u = 0; u < 4; ++u) {
+      const float s = s4[u] * scale + (j + u < n_memory ? bias : 0.0f);
+      scores[j + u] = s;
+      top = s > top ? s : top;
+    }
   }
-  const float inv = 1.0f / total;
+  for (; j < n; ++j) {
+    const float s = dot(q, k + j * d, d) * scale + (j < n_memory ? bias : 0.0f);
+    scores[j] = s;
+    top = s > top ? s : top;
+  }
+  const float inv = 1.0f / softmax_numerators(scores, n, top);
+  __m256 acc[DC];
+  for (int c = 0; c < DC; ++c) acc[c] = _mm256_setzero_ps();
+  for (j = 0; j < n; ++j) {
+    const __m256 p = _mm256_set1_ps(scores[j]);
+    const T* vj = v + j * d;
+    for (int c = 0; c < DC; ++c) acc[c] = _mm256_fmadd_ps(p, load8(vj + 8 * c), acc[c]);
+  }
+  for (int c = 0; c < DC; ++c) _mm256_storeu_ps(out + 8 * c, _mm256_mul_ps(acc[c], _mm256_set1_ps(inv)));
+}
+
+// Any other head size: the same, one key at a time, the output accumulated in memory.
+template <typename T>
+void attend_prefix_any(const float* q, const T* k, const T* v, int64_t n, int64_t d, int64_t n_memory, float bias,
+                       float scale, float* out, float* scores) {
+  float top = -std::numeric_limits<float>::infinity();
+  for (int64_t j = 0; j < n; ++j) {
+    const float s = dot(q, k + j * d, d) * scale + (j < n_memory ? bias : 0.0f);
+    scores[j] = s;
+    top = s > top ? s : top;
+  }
+  const float inv = 1.0f / softmax_numerators(scores, n, top);
+  for (int64_t i = 0; i < d; ++i) out[i] = 0.0f;
+  for (int64_t j = 0; j < n; ++j)
+    for (int64_t i = 0; i < d; ++i) out[i] += scores[j] * static_cast<float>(v[j * d + i]);
   for (int64_t i = 0; i < d; ++i) out[i] *= inv;
+}
+
+template <typename T>
+void attend_prefix_dispatch(const float* q, const T* k, const T* v, int64_t n, int64_t d, int64_t n_memory,
+                            float bias, float scale, float* out, float* scores) {
+  switch (d) {
+    case 16: attend_prefix<T, 2>(q, k, v, n, n_memory, bias, scale, out, scores); break;
+    case 32: attend_prefix<T, 4>(q, k, v, n, n_memory, bias, scale, out, scores); break;
+    case 64: attend_prefix<T, 8>(q, k, v, n, n_memory, bias, scale, out, scores); break;
+    case 128: attend_prefix<T, 16>(q, k, v, n, n_memory, bias, scale, out, scores); break;
+    default: attend_prefix_any(q, k, v, n, d, n_memory, bias, scale, out, scores);
+  }
 }
 
 constexpr int64_t kLayerParams = 9;  // norm1 weight, bias; qkv, out; norm2 weight, bias; fc1, fc2; gate bias
 
-int64_t packed_out(const at::Tensor& packed, int64_t out, const char* what) {
+void packed_out(const at::Tensor& packed, int64_t out, const at::Tensor& first, at::TensorList scales, int64_t i,
+                const char* what) {
   check_packed(packed, out, what);
-  return out;
+  TORCH_CHECK(packed.scalar_type() == first.scalar_type(), what, ": ", packed.scalar_type(), " weights, the first are ",
+              first.scalar_type());
+  checked_scale(packed, scales.empty() ? nullptr : &scales[i], what);
 }
 
 template <typename T>
-void step_layers(const at::Tensor& ids, const at::Tensor& embedding, at::TensorList params, at::TensorList keys,
+void step_layers(const at::Tensor& ids, const at::Tensor& embedding, at::TensorList params, at::TensorList scales,
+                 at::TensorList keys,
                  at::TensorList values, at::IntArrayRef memory_fill, int64_t t, const float* cos, const float* sin,
                  int64_t rot, int64_t H, int64_t ff, bool rms, float eps, float* logits) {
   const int64_t B = ids.size(0), d = embedding.size(1), V = embedding.size(0), L = keys.size();
@@ -375,13 +505,14 @@ void step_layers(const at::Tensor& ids, const at::Tensor& embedding, at::TensorL
       norm_row(x.data() + b * d, w.data_ptr<float>(), bias.numel() ? bias.data_ptr<float>() : nullptr, d, rms, eps,
                hn.data() + b * d);
   };
-  auto linear = [&](const float* in, int64_t n_in, const at::Tensor& packed, int64_t out, float* y) {
-    packed_linear(in, B, packed.data_ptr<at::Half>(), packed.size(0), n_in, out, y);
+  // the i-th product of the step (per layer qkv, out, fc1, fc2; then the head): int8 weights have scales
+  auto linear = [&](const float* in, const at::Tensor& packed, int64_t i, int64_t out, float* y) {
+    linear_any(in, B, packed, scales.empty() ? nullptr : scales[i].data_ptr<float>(), out, y);
   };
   for (int64_t l = 0; l < L; ++l) {
     const at::Tensor* p = params.data() + l * kLayerParams;
     norm(p[0], p[1]);
-    linear(hn.data(), d, p[2], 3 * A, wide.data());
+    linear(hn.data(), p[2], 4 * l, 3 * A, wide.data());
     const int64_t slot = memory_fill[l] + t, N = keys[l].size(2);
     T* kp = keys[l].data_ptr<T>();
     T* vp = values[l].data_ptr<T>();
@@ -400,42 +531,46 @@ void step_layers(const at::Tensor& ids, const at::Tensor& embedding, at::TensorL
       for (int64_t bh = begin; bh < end; ++bh) {
         const int64_t b = bh / H, h = bh % H;
         const float bias = gate ? gate[p[8].numel() == 1 ? 0 : h] : 0.0f;
-        attend_prefix(wide.data() + b * 3 * A + h * D, kp + bh * N * D, vp + bh * N * D, slot + 1, D,
-                      memory_fill[l], bias, scale, att.data() + b * A + h * D, scores.data());
+        attend_prefix_dispatch(wide.data() + b * 3 * A + h * D, kp + bh * N * D, vp + bh * N * D, slot + 1, D,
+                               memory_fill[l], bias, scale, att.data() + b * A + h * D, scores.data());
       }
     });
-    linear(att.data(), A, p[3], d, add.data());
+    linear(att.data(), p[3], 4 * l + 1, d, add.data());
     for (int64_t i = 0; i < B * d; ++i) x[i] += add[i];
     norm(p[4], p[5]);
-    linear(hn.data(), d, p[6], ff, wide.data());
+    linear(hn.data(), p[6], 4 * l + 2, ff, wide.data());
     int64_t i = 0;
     for (; i + 8 <= B * ff; i += 8) _mm256_storeu_ps(wide.data() + i, gelu8(_mm256_loadu_ps(wide.data() + i)));
     for (; i < B * ff; ++i) wide[i] = 0.5f * wide[i] * (1.0f + std::erf(wide[i] * 0.70710678118654752f));
-    linear(wide.data(), ff, p[7], d, add.data());
+    linear(wide.data(), p[7], 4 * l + 3, d, add.data());
     for (int64_t j = 0; j < B * d; ++j) x[j] += add[j];
   }
   const at::Tensor* f = params.data() + L * kLayerParams;
   norm(f[0], f[1]);
-  linear(hn.data(), d, f[2], V, logits);
+  linear(hn.data(), f[2], 4 * L, V, logits);
 }
 
 }  // namespace
 
-// The whole one-token step of a DSMR model with float16 packed weights: embedding, every block (norm, qkv,
+// The whole one-token step of a DSMR model with float16 or int8 packed weights: embedding, every block (norm, qkv,
 // RoPE, key/value written at slot memory_fill[l] + t of its buffer, attention over the filled slots with the
 // gate bias on the memory ones, output projection, norm, GELU MLP), final norm and head. One call instead of
 // ~100 PyTorch operations: on a CPU a one-token step is otherwise mostly per-operation cost.
 // params: per layer (norm1 w, b, qkv, out, norm2 w, b, fc1, fc2, gate bias [0|1|H]), then final norm w, b and
-// the head; b is empty for RMSNorm. keys/values [B, H, h_l + T, D] float16 or float32, written in place.
+// the head; b is empty for RMSNorm. scales: for int8 weights, per layer those of qkv, out, fc1, fc2, then the
+// head's; empty for float16 weights. keys/values [B, H, h_l + T, D] float16 or float32, written in place.
 // cos/sin: the segment's rotary table [.., T, r] float32. Returns float32 logits [B, vocab].
-at::Tensor decode_step(const at::Tensor& ids, const at::Tensor& embedding, at::TensorList params, at::TensorList keys,
+at::Tensor decode_step(const at::Tensor& ids, const at::Tensor& embedding, at::TensorList params, at::TensorList scales,
+                       at::TensorList keys,
                        at::TensorList values, at::IntArrayRef memory_fill, int64_t t, const at::Tensor& cos,
                        const at::Tensor& sin, int64_t n_heads, int64_t ff_dim, bool rmsnorm, double eps) {
   const int64_t L = keys.size();
   TORCH_CHECK(L > 0 && values.size() == keys.size() && memory_fill.size() == keys.size() &&
-              static_cast<int64_t>(params.size()) == L * kLayerParams + 3,
+              static_cast<int64_t>(params.size()) == L * kLayerParams + 3 &&
+              (scales.empty() || static_cast<int64_t>(scales.size()) == 4 * L + 1),
               "dsmr::decode_step: ", L, " layers of keys, ", values.size(), " of values, ", memory_fill.size(),
-              " fills and ", params.size(), " parameters (", kLayerParams, " per layer + 3 expected)");
+              " fills, ", params.size(), " parameters (", kLayerParams, " per layer + 3 expected) and ", scales.size(),
+              " scales (none, or 4 per layer + 1)");
   TORCH_CHECK(ids.device().is_cpu() && ids.dim() == 1 && ids.scalar_type() == at::kLong,
               "dsmr::decode_step: ids [B] int64 on the CPU, got ", ids.scalar_type(), " ", ids.sizes());
   const at::Tensor id = ids.contiguous();
@@ -454,10 +589,10 @@ at::Tensor decode_step(const at::Tensor& ids, const at::Tensor& embedding, at::T
     TORCH_CHECK(memory_fill[l] >= 0 && t >= 0 && memory_fill[l] + t < keys[l].size(2),
                 "dsmr::decode_step: slot ", memory_fill[l] + t, " outside layer ", l, "'s buffer of ", keys[l].size(2));
     const at::Tensor* p = params.data() + l * kLayerParams;
-    packed_out(p[2], 3 * A, "dsmr::decode_step qkv");
-    packed_out(p[3], d, "dsmr::decode_step out");
-    packed_out(p[6], ff_dim, "dsmr::decode_step fc1");
-    packed_out(p[7], d, "dsmr::decode_step fc2");
+    packed_out(p[2], 3 * A, params[2], scales, 4 * l, "dsmr::decode_step qkv");
+    packed_out(p[3], d, params[2], scales, 4 * l + 1, "dsmr::decode_step out");
+    packed_out(p[6], ff_dim, params[2], scales, 4 * l + 2, "dsmr::decode_step fc1");
+    packed_out(p[7], d, params[2], scales, 4 * l + 3, "dsmr::decode_step fc2");
     TORCH_CHECK(p[2].size(1) * 8 == d && p[3].size(1) * 8 == A && p[6].size(1) * 8 == d && p[7].size(1) * 8 == ff_dim,
                 "dsmr::decode_step: layer ", l, " weights do not match d_model ", d, ", attention ", A, ", ff ", ff_dim);
     for (int i : {0, 1, 4, 5, 8})  // norm weights [d], biases [d] (LayerNorm) or empty (RMSNorm), gate bias
@@ -469,7 +604,7 @@ at::Tensor decode_step(const at::Tensor& ids, const at::Tensor& embedding, at::T
                 p[8].numel(), " values for ", n_heads, " heads");
   }
   const at::Tensor* f = params.data() + L * kLayerParams;
-  packed_out(f[2], V, "dsmr::decode_step head");
+  packed_out(f[2], V, params[2], scales, 4 * L, "dsmr::decode_step head");
   TORCH_CHECK(f[2].size(1) * 8 == d && f[0].numel() == d && (f[1].numel() == d || f[1].numel() == 0),
               "dsmr::decode_step: final norm or head does not match d_model ", d);
   const int64_t rot = cos.size(-1);
@@ -480,10 +615,10 @@ at::Tensor decode_step(const at::Tensor& ids, const at::Tensor& embedding, at::T
   at::Tensor logits = at::empty({B, V}, embedding.options());
   const float *c = cos.data_ptr<float>() + t * rot, *s = sin.data_ptr<float>() + t * rot;
   if (state == at::kHalf) {
-    step_layers<at::Half>(id, embedding, params, keys, values, memory_fill, t, c, s, rot, n_heads, ff_dim, rmsnorm,
+    step_layers<at::Half>(id, embedding, params, scales, keys, values, memory_fill, t, c, s, rot, n_heads, ff_dim, rmsnorm,
                           static_cast<float>(eps), logits.data_ptr<float>());
   } else {
-    step_layers<float>(id, embedding, params, keys, values, memory_fill, t, c, s, rot, n_heads, ff_dim, rmsnorm,
+    step_layers<float>(id, embedding, params, scales, keys, values, memory_fill, t, c, s, rot, n_heads, ff_dim, rmsnorm,
                        static_cast<float>(eps), logits.data_ptr<float>());
   }
   return logits;
@@ -492,12 +627,14 @@ at::Tensor decode_step(const at::Tensor& ids, const at::Tensor& embedding, at::T
 TORCH_LIBRARY(dsmr, m) {
   m.def("half_linear(Tensor x, Tensor packed, int out) -> Tensor");
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor mask, float scale) -> Tensor");
-  m.def("decode_step(Tensor ids, Tensor embedding, Tensor[] params, Tensor(a!)[] keys, Tensor(b!)[] values, "
+  m.def("decode_step(Tensor ids, Tensor embedding, Tensor[] params, Tensor[] scales, Tensor(a!)[] keys, Tensor(b!)[] values, "
         "int[] memory_fill, int t, Tensor cos, Tensor sin, int n_heads, int ff_dim, bool rmsnorm, float eps) -> Tensor");
+  m.def("int8_linear(Tensor x, Tensor packed, Tensor scale, int out) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(dsmr, CPU, m) {
   m.impl("half_linear", &half_linear);
   m.impl("decode_attention", &decode_attention);
   m.impl("decode_step", &decode_step);
+  m.impl("int8_linear", &int8_linear);
 }

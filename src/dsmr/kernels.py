@@ -1,12 +1,12 @@
 """CPU kernels for one-token decoding, from kernels.cpp: `dsmr::decode_step` (the whole step of a model with
-float16 weights in one call), and its parts as ops of their own for PyTorch's step: `dsmr::half_linear`
-(float32 x times float16 weights, packed once by `pack_half`) and `dsmr::decode_attention` (one query over a
-float16 or float32 key/value buffer).
+float16 or int8 weights in one call), and its parts as ops of their own for PyTorch's step: `dsmr::half_linear`
+and `dsmr::int8_linear` (float32 x times float16 / int8 weights, packed once by `pack_half` / `pack_int8`) and
+`dsmr::decode_attention` (one query over a float16 or float32 key/value buffer).
 
 They are built once per machine and torch version on first use (`load()`: torch.utils.cpp_extension with
 the system's C++ compiler and ninja, in `build_directory()`, ~1 minute the first time) and need an x86-64
 CPU with AVX2, FMA and F16C. Where they cannot be built decoding runs the PyTorch path (same results up to
-float rounding) after one warning; on another CPU, or with DSMR_KERNELS=0, silently. half_linear and
+float rounding) after one warning; on another CPU, or with DSMR_KERNELS=0, silently. The products and
 decode_attention have fake implementations, so a torch.compile'd decoding step calls them from its graph.
 """
 
@@ -123,6 +123,10 @@ def _register_fakes() -> None:
     def _(x, packed, out):
         return x.new_empty((*x.shape[:-1], out))
 
+    @torch.library.register_fake("dsmr::int8_linear")
+    def _(x, packed, scale, out):
+        return x.new_empty((*x.shape[:-1], out))
+
     @torch.library.register_fake("dsmr::decode_attention")
     def _(q, k, v, mask, scale):
         return torch.empty_like(q, memory_format=torch.contiguous_format)
@@ -132,10 +136,23 @@ def pack_half(weight: torch.Tensor) -> torch.Tensor | None:
     """A float16 weight [out, in] in half_linear's layout [ceil(out / 8), in / 8, 8, 8] (block b, chunk c,
     row j = weight[8b + j, 8c : 8c + 8]; missing rows zero): each block of eight output rows is one
     sequential run of memory. None when `in` is not a multiple of 8."""
-    out, inputs = weight.shape
+    return _pack(weight.detach().to(torch.float16))
+
+
+def pack_int8(weight: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """An int8 weight [out, in] and its float32 row scales [out] in int8_linear's layout: the weight as
+    pack_half lays it out, the scales padded with zeros to the packed rows. None when `in` is not a multiple of 8."""
+    packed = _pack(weight.detach().to(torch.int8))
+    if packed is None:
+        return None
+    return packed, torch.nn.functional.pad(scale.detach().float(), (0, (-weight.shape[0]) % 8)).contiguous()
+
+
+def _pack(w: torch.Tensor) -> torch.Tensor | None:
+    out, inputs = w.shape
     if inputs % 8:
         return None
-    w = torch.nn.functional.pad(weight.detach().to(torch.float16), (0, 0, 0, (-out) % 8))
+    w = torch.nn.functional.pad(w, (0, 0, 0, (-out) % 8))
     return w.view(-1, 8, inputs // 8, 8).permute(0, 2, 1, 3).contiguous()
 
 
@@ -152,14 +169,20 @@ def decode_attention(q, k, v, mask, scale: float) -> torch.Tensor:
     return torch.ops.dsmr.decode_attention(q, k, v, mask, scale)
 
 
-def decode_step(ids, embedding, params, keys, values, memory_fill, t: int, cos, sin, n_heads: int, ff_dim: int,
-                rmsnorm: bool, eps: float) -> torch.Tensor:
-    """The whole one-token step of a model with packed float16 weights (dsmr.generate.fused_step_params gives
-    `params`): ids [B] -> float32 logits [B, vocab]; each layer's key/value is written in place at slot
+def int8_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, out: int) -> torch.Tensor:
+    """x [..., in] float32 @ (weight * scale[:, None]).T for an int8 weight [out, in] packed by `pack_int8`:
+    float32 [..., out], summed in float32."""
+    return torch.ops.dsmr.int8_linear(x, packed, scale, out)
+
+
+def decode_step(ids, embedding, params, scales, keys, values, memory_fill, t: int, cos, sin, n_heads: int,
+                ff_dim: int, rmsnorm: bool, eps: float) -> torch.Tensor:
+    """The whole one-token step of a model with packed float16 or int8 weights (dsmr.generate.fused_step_params
+    gives `params` and `scales`, empty for float16): ids [B] -> float32 logits [B, vocab]; each layer's key/value is written in place at slot
     memory_fill[l] + t of keys[l] / values[l] [B, H, h_l + T, D] (float16 or float32), and attention runs over
     the slots up to it. cos/sin: the segment's rotary table [.., T, r]."""
-    return torch.ops.dsmr.decode_step(ids, embedding, params, keys, values, memory_fill, t, cos, sin, n_heads, ff_dim,
-                                      rmsnorm, eps)
+    return torch.ops.dsmr.decode_step(ids, embedding, params, scales, keys, values, memory_fill, t, cos, sin, n_heads,
+                                      ff_dim, rmsnorm, eps)
 
 
 def usable_for(x: torch.Tensor, *tensors: torch.Tensor) -> bool:

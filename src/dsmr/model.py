@@ -251,7 +251,9 @@ class MemoryAttention(nn.Module):
         """Keys (rotated) and values [B, H, M, D] of normalised layer inputs x [B, M, d_model]: what hidden
         memory recomputes with the current weights each segment."""
         B, M, _ = x.shape
-        w = self.qkv_proj.weight
+        # an int8 Linear (generate.Int8WeightLinear) keeps int8 values and row scales: use their product
+        proj = self.qkv_proj
+        w = proj.dequantized() if hasattr(proj, "dequantized") else proj.weight
         d = self.n_heads * self.head_dim
         kv = F.linear(x, w[d:].to(x.dtype)).view(B, M, 2, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         return RotaryEmbedding.rotate(kv[0], *rope), kv[1]

@@ -25,6 +25,9 @@ def register(subparsers) -> None:
     p.add_argument("--segment", type=int, default=None,
                    help="tokens per segment (default: the run's; a different one changes the context)")
     p.add_argument("--max-pieces", type=int, default=None, help="evaluate the first N pieces only")
+    p.add_argument("--precision", choices=("float32", "float16", "int8"), default="float32",
+                   help="the projection weights' precision (as `dsmr generate --precision` decodes with): what "
+                        "rounding them to float16 or int8 costs in perplexity (default float32)")
     add_device(p)
     add_threads(p)
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
@@ -51,6 +54,10 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     model, tokenizer, config = load_model(args.checkpoint, device=device, which=args.weights)
     check_tokenizer(config, cache.tokenizer, f"the cache {cache.path}")
+    if args.precision != "float32":
+        from dsmr.generate import half_weight_model, int8_weight_model
+
+        model = (half_weight_model if args.precision == "float16" else int8_weight_model)(model)
     pieces = cache.pieces(args.split)[: args.max_pieces]
     if not pieces:
         raise DsmrError(f"split {args.split!r} of the cache {cache.path} has no pieces")
@@ -62,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     if nll is None or not math.isfinite(nll):
         raise DsmrError(f"{args.checkpoint}: the weights give a non-finite loss ({nll}) on {args.split}; the "
                         f"checkpoint is damaged or diverged (try --weights latest, or an earlier run)")
-    result.update(split=args.split, checkpoint=str(args.checkpoint))
+    result.update(split=args.split, checkpoint=str(args.checkpoint), precision=args.precision)
     if args.json:
         print(json.dumps(result))
     else:
