@@ -174,6 +174,27 @@ def test_sampling_controls():
     assert set(cold) == {2}
 
 
+def test_sampling_draws_each_event_with_its_probability():
+    """Inverse-CDF sampling: frequencies match the softmax (chi-square, 5 events, 20,000 draws), events of
+    probability 0 (banned, or below top-k) never come, and a seed repeats its draws, per lane too."""
+    logits = torch.tensor([[0.0, 1.0, 3.0, 2.0, -1.0]])
+    gen = torch.Generator().manual_seed(1)
+    draws = sample_next(logits.expand(20_000, -1), SamplingConfig(), gen)
+    counts = torch.bincount(draws, minlength=5).double()
+    expected = logits.softmax(dim=-1)[0].double() * 20_000
+    assert ((counts - expected) ** 2 / expected).sum() < 18.5  # chi-square, 4 dof: p = 0.001
+    banned = torch.tensor([False, False, True, True, False])
+    kept = sample_next(logits.expand(5_000, -1), SamplingConfig(top_k=3), gen, banned)
+    assert set(kept.tolist()) == {0, 1, 4}  # top-3 of what is left after the ban
+    def lanes():
+        return [torch.Generator().manual_seed(seed) for seed in (5, 6)]
+
+    once = [sample_next(logits.expand(2, -1), SamplingConfig(), lanes()).tolist() for _ in range(3)]
+    assert once[0] == once[1] == once[2]
+    # lane 1 draws from its own seed only
+    assert sample_next(logits, SamplingConfig(), torch.Generator().manual_seed(6)).tolist() == [once[0][1]]
+
+
 def test_sampling_config_validation():
     with pytest.raises(DsmrError, match="temperature"):
         SamplingConfig(temperature=-1).validate()

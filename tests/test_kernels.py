@@ -153,7 +153,7 @@ def test_decoder_with_kernels_matches_the_pytorch_path(built, monkeypatch):
 
 
 def test_int8_weights_round_each_row_to_its_own_scale(built):
-    linear = torch.nn.Linear(24, 13, bias=False)
+    linear = torch.nn.Linear(32, 13, bias=False)
     with torch.no_grad():
         linear.weight[3] *= 100  # one loud row does not coarsen the others
     q = Int8WeightLinear(linear)
@@ -161,7 +161,7 @@ def test_int8_weights_round_each_row_to_its_own_scale(built):
     assert q.weight.dtype == torch.int8 and q.weight.abs().max() == 127
     assert torch.all((q.dequantized() - w).abs() <= q.scale[:, None] / 2 + 1e-7)
     torch.testing.assert_close(q.scale, w.abs().amax(dim=1) / 127)
-    x = torch.randn(5, 24)
+    x = torch.randn(5, 32)
     with torch.inference_mode():
         kernel = q(x)  # 5 rows: dsmr::int8_linear
         torch.testing.assert_close(kernel, F.linear(x, q.dequantized()), rtol=1e-5, atol=1e-5)
@@ -171,7 +171,7 @@ def test_int8_weights_round_each_row_to_its_own_scale(built):
             torch.testing.assert_close(q(x), kernel, rtol=1e-5, atol=1e-5)
         finally:
             kernels.set_enabled(old)
-        q.load_state_dict({"weight": torch.ones(13, 24, dtype=torch.int8), "scale": torch.full((13,), 0.5)})
+        q.load_state_dict({"weight": torch.ones(13, 32, dtype=torch.int8), "scale": torch.full((13,), 0.5)})
         torch.testing.assert_close(q(x), x.sum(dim=1, keepdim=True).expand(5, 13) * 0.5)  # packed again
 
 
@@ -191,13 +191,33 @@ def test_an_int8_model_is_the_float_model_of_its_dequantized_weights(memory):
                                rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("out,inputs,rows", [(768, 256, 1), (13, 16, 1), (256, 1024, 1), (400, 256, 16), (9, 32, 3)])
+def test_int8_linear_matches_the_float32_product(built, out, inputs, rows):
+    """One row: activations rounded to int16 (2^-14 of the largest or finer) and integer multiply-adds; more
+    rows: the block widened to float32. Both against float32 products of the dequantized weight."""
+    g = torch.Generator().manual_seed(out)
+    w = torch.randint(-127, 128, (out, inputs), generator=g, dtype=torch.int8)
+    scale = torch.rand(out, generator=g) / 100
+    x = torch.randn(rows, inputs, generator=g)
+    y = kernels.int8_linear(x, *kernels.pack_int8(w, scale), out)
+    expected = F.linear(x.double(), w.double() * scale.double()[:, None]).float()
+    assert y.shape == (rows, out)
+    bound = 2.0 ** -14 * x.abs().max() * (w.double().abs().sum(dim=1) * scale.double()).max()  # the rounding of x
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=float(bound) + 1e-5)
+    assert torch.equal(kernels.int8_linear(torch.zeros(1, inputs), *kernels.pack_int8(w, scale), out),
+                       torch.zeros(1, out))
+
+
 def test_int8_linear_rejects_what_it_cannot_take(built):
-    packed, scale = kernels.pack_int8(torch.ones(16, 8, dtype=torch.int8), torch.ones(16))
-    assert packed.shape == (2, 1, 8, 8) and packed.dtype == torch.int8 and scale.shape == (16,)
+    w = torch.arange(10 * 32).view(10, 32).remainder(127).to(torch.int8)
+    packed, scale = kernels.pack_int8(w, torch.ones(10))
+    assert packed.shape == (2, 2, 8, 16) and packed.dtype == torch.int8 and scale.shape == (16,)
+    assert torch.equal(packed[1, 1, 1], w[9, 16:32]) and not packed[1, :, 2:].any() and not scale[10:].any()
+    assert kernels.pack_int8(torch.ones(16, 8, dtype=torch.int8), torch.ones(16)) is None  # in % 16: no kernel
     with pytest.raises(RuntimeError, match="scales, one per packed row"):
-        kernels.int8_linear(torch.randn(1, 8), packed, scale[:10], 16)
+        kernels.int8_linear(torch.randn(1, 32), packed, scale[:10], 10)
     with pytest.raises(RuntimeError, match="int8 weights, got Half"):
-        kernels.int8_linear(torch.randn(1, 8), kernels.pack_half(torch.ones(16, 8).half()), scale, 16)
+        kernels.int8_linear(torch.randn(1, 32), kernels.pack_half(torch.ones(10, 32).half()), scale, 10)
 
 
 FUSED_CONFIGS = {
@@ -205,7 +225,7 @@ FUSED_CONFIGS = {
     "rmsnorm, soft gate per head, head dim 12, partial rotary": dict(
         horizons=(5, 2), d_model=48, n_heads=4, head_dim=12, norm="rmsnorm", gate="soft", gate_per_head=True,
         rotary_fraction=0.5),
-    "ste gate, d_ff 40, untied": dict(horizons=(9, 0, 4), d_model=32, n_heads=2, gate="ste", d_ff=40,
+    "ste gate, d_ff 48, untied": dict(horizons=(9, 0, 4), d_model=32, n_heads=2, gate="ste", d_ff=48,
                                       tie_embeddings=False),
 }
 

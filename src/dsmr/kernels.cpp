@@ -81,26 +81,84 @@ inline void lanes_dot(const float* x, int64_t in, const float* wide, int64_t chu
     for (int r = 0; r < 4; ++r) out[l][r] = hsum(acc[l][r]);
 }
 
+inline int32_t hsum_epi32(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+  return _mm_cvtsi128_si32(s);
+}
+
+// int8 weights are packed by sixteens ([out/8, in/16, 8, 16]): one lane's activations, rounded to int16
+// (`xq`), times a block's int8 rows sixteen at a time with integer multiply-adds (vpmaddwd), twice the
+// weights per instruction of a float multiply-add after widening; exact int32 sums.
+inline void block_dot_int8(const int16_t* xq, const int8_t* p, int64_t chunks16, int32_t* y) {
+  __m256i a[kRows];
+  for (int j = 0; j < kRows; ++j) a[j] = _mm256_setzero_si256();
+  for (int64_t c = 0; c < chunks16; ++c, p += 16 * kRows) {
+    const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + 16 * c));
+    for (int j = 0; j < kRows; ++j) {
+      const __m256i w = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16 * j)));
+      a[j] = _mm256_add_epi32(a[j], _mm256_madd_epi16(xv, w));
+    }
+  }
+  for (int j = 0; j < kRows; ++j) y[j] = hsum_epi32(a[j]);
+}
+
+// x rounded to int16 with one scale: as fine as int32 sums of `in` products with int8 weights allow
+// (|x| <= 2^31 / (127 in), at most 32,767), i.e. 2^-14 of the largest |x| or finer for in <= 1024. Returns
+// the scale (0 for an all-zero x).
+inline float quantize_int16(const float* x, int64_t in, int16_t* xq) {
+  float top = 0.0f;
+  for (int64_t i = 0; i < in; ++i) top = std::max(top, std::abs(x[i]));
+  if (top == 0.0f || !std::isfinite(top)) {
+    for (int64_t i = 0; i < in; ++i) xq[i] = 0;
+    return top == 0.0f ? 0.0f : top;  // a non-finite x gives non-finite outputs, as a float product would
+  }
+  const float qmax = static_cast<float>(std::min<int64_t>(32767, 2147483647LL / (127 * in)));
+  const float inv = qmax / top;
+  for (int64_t i = 0; i < in; ++i) xq[i] = static_cast<int16_t>(std::lrintf(x[i] * inv));
+  return top / qmax;
+}
+
 // y = x @ w.T for `rows` float32 rows x [rows, in] and a weight packed by pack_half or pack_int8 (`blocks`
 // blocks of eight output rows, `out` of them real; int8 rows times their `scale`): y [rows, out]. Blocks are
 // shared between threads.
 template <typename T>
 void packed_linear(const float* xp, int64_t rows, const T* wp, const float* scale, int64_t blocks, int64_t in,
                    int64_t out, float* yp) {
+  constexpr bool int8 = std::is_same_v<T, int8_t>;
   const int64_t chunks = in / 8;
+  std::vector<int16_t> xq(int8 && rows == 1 ? in : 0);
+  const float x_scale = int8 && rows == 1 ? quantize_int16(xp, in, xq.data()) : 1.0f;
   at::parallel_for(0, blocks, 8, [&](int64_t begin, int64_t end) {
     std::vector<float> wide(rows > 1 ? kRows * in : 0);
     float tmp[kRows], lanes[3][4];
+    int32_t sums[kRows];
     for (int64_t b = begin; b < end; ++b) {
       const T* block = wp + b * kRows * in;
       const int64_t o = kRows * b, n = std::min<int64_t>(kRows, out - o);
       if (rows == 1) {
-        block_dot(xp, block, chunks, tmp);
-        for (int64_t j = 0; j < n; ++j) yp[o + j] = scale ? tmp[j] * scale[o + j] : tmp[j];
+        if constexpr (int8) {
+          block_dot_int8(xq.data(), block, in / 16, sums);
+          for (int64_t j = 0; j < n; ++j) yp[o + j] = static_cast<float>(sums[j]) * x_scale * scale[o + j];
+          if (!std::isfinite(x_scale))
+            for (int64_t j = 0; j < n; ++j) yp[o + j] = std::numeric_limits<float>::quiet_NaN();
+        } else {
+          block_dot(xp, block, chunks, tmp);
+          for (int64_t j = 0; j < n; ++j) yp[o + j] = scale ? tmp[j] * scale[o + j] : tmp[j];
+        }
         continue;
       }
-      // several lanes: widen the block once, then up to three lanes x four rows per pass over it
-      for (int64_t i = 0; i < kRows * in; i += 8) _mm256_storeu_ps(wide.data() + i, load8(block + i));
+      // several lanes: widen the block once (to pack_half's layout), then up to three lanes x four rows per
+      // pass over it
+      if constexpr (int8) {
+        for (int64_t c = 0; c < in / 16; ++c)
+          for (int j = 0; j < kRows; ++j)
+            for (int h = 0; h < 2; ++h)
+              _mm256_storeu_ps(wide.data() + ((2 * c + h) * kRows + j) * 8, load8(block + (c * kRows + j) * 16 + 8 * h));
+      } else {
+        for (int64_t i = 0; i < kRows * in; i += 8) _mm256_storeu_ps(wide.data() + i, load8(block + i));
+      }
       for (int64_t r0 = 0; r0 < rows; r0 += 3) {
         const int nl = static_cast<int>(std::min<int64_t>(3, rows - r0));
         for (int j0 = 0; j0 < kRows; j0 += 4) {
@@ -119,9 +177,13 @@ void packed_linear(const float* xp, int64_t rows, const T* wp, const float* scal
   });
 }
 
+// Inputs of a packed weight: float16 ones come by eights, int8 ones by sixteens.
+int64_t packed_in(const at::Tensor& packed) { return packed.size(1) * packed.size(3); }
+
 void check_packed(const at::Tensor& packed, int64_t out, const char* op) {
-  TORCH_CHECK(packed.device().is_cpu() && (packed.scalar_type() == at::kHalf || packed.scalar_type() == at::kChar) &&
-              packed.dim() == 4 && packed.size(2) == kRows && packed.size(3) == 8 && packed.is_contiguous() &&
+  TORCH_CHECK(packed.device().is_cpu() && packed.dim() == 4 && packed.size(2) == kRows && packed.is_contiguous() &&
+              ((packed.scalar_type() == at::kHalf && packed.size(3) == 8) ||
+               (packed.scalar_type() == at::kChar && packed.size(3) == 16)) &&
               out > 0 && out <= kRows * packed.size(0) && out > kRows * (packed.size(0) - 1),
               op, ": float16 or int8 weights packed by pack_half / pack_int8 for ", out, " outputs expected, got ",
               packed.scalar_type(), " ", packed.sizes());
@@ -140,7 +202,7 @@ const float* checked_scale(const at::Tensor& packed, const at::Tensor* scale, co
 }
 
 void linear_any(const float* x, int64_t rows, const at::Tensor& packed, const float* scale, int64_t out, float* y) {
-  const int64_t in = 8 * packed.size(1);
+  const int64_t in = packed_in(packed);
   if (packed.scalar_type() == at::kHalf) {
     packed_linear(x, rows, packed.data_ptr<at::Half>(), scale, packed.size(0), in, out, y);
   } else {
@@ -154,7 +216,7 @@ at::Tensor packed_linear_op(const at::Tensor& x, const at::Tensor& packed, const
   TORCH_CHECK(x.scalar_type() == at::kFloat, op, ": float32 x expected, got ", x.scalar_type());
   check_packed(packed, out, op);
   const float* s = checked_scale(packed, scale, op);
-  const int64_t in = 8 * packed.size(1);
+  const int64_t in = packed_in(packed);
   TORCH_CHECK(x.size(-1) == in, op, ": x [..., ", in, "] expected, got ", x.sizes());
   const at::Tensor xs = x.reshape({-1, in}).contiguous();
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
@@ -593,7 +655,7 @@ at::Tensor decode_step(const at::Tensor& ids, const at::Tensor& embedding, at::T
     packed_out(p[3], d, params[2], scales, 4 * l + 1, "dsmr::decode_step out");
     packed_out(p[6], ff_dim, params[2], scales, 4 * l + 2, "dsmr::decode_step fc1");
     packed_out(p[7], d, params[2], scales, 4 * l + 3, "dsmr::decode_step fc2");
-    TORCH_CHECK(p[2].size(1) * 8 == d && p[3].size(1) * 8 == A && p[6].size(1) * 8 == d && p[7].size(1) * 8 == ff_dim,
+    TORCH_CHECK(packed_in(p[2]) == d && packed_in(p[3]) == A && packed_in(p[6]) == d && packed_in(p[7]) == ff_dim,
                 "dsmr::decode_step: layer ", l, " weights do not match d_model ", d, ", attention ", A, ", ff ", ff_dim);
     for (int i : {0, 1, 4, 5, 8})  // norm weights [d], biases [d] (LayerNorm) or empty (RMSNorm), gate bias
       TORCH_CHECK(p[i].device().is_cpu() && p[i].scalar_type() == at::kFloat && p[i].is_contiguous() &&
@@ -605,7 +667,7 @@ at::Tensor decode_step(const at::Tensor& ids, const at::Tensor& embedding, at::T
   }
   const at::Tensor* f = params.data() + L * kLayerParams;
   packed_out(f[2], V, params[2], scales, 4 * L, "dsmr::decode_step head");
-  TORCH_CHECK(f[2].size(1) * 8 == d && f[0].numel() == d && (f[1].numel() == d || f[1].numel() == 0),
+  TORCH_CHECK(packed_in(f[2]) == d && f[0].numel() == d && (f[1].numel() == d || f[1].numel() == 0),
               "dsmr::decode_step: final norm or head does not match d_model ", d);
   const int64_t rot = cos.size(-1);
   TORCH_CHECK(cos.scalar_type() == at::kFloat && sin.sizes() == cos.sizes() && sin.scalar_type() == at::kFloat &&

@@ -140,20 +140,21 @@ def pack_half(weight: torch.Tensor) -> torch.Tensor | None:
 
 
 def pack_int8(weight: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """An int8 weight [out, in] and its float32 row scales [out] in int8_linear's layout: the weight as
-    pack_half lays it out, the scales padded with zeros to the packed rows. None when `in` is not a multiple of 8."""
-    packed = _pack(weight.detach().to(torch.int8))
+    """An int8 weight [out, in] and its float32 row scales [out] in int8_linear's layout: blocks of eight
+    rows as in pack_half but by sixteen inputs ([ceil(out / 8), in / 16, 8, 16], for 16-wide integer
+    multiply-adds), the scales padded with zeros to the packed rows. None when `in` is not a multiple of 16."""
+    packed = _pack(weight.detach().to(torch.int8), 16)
     if packed is None:
         return None
     return packed, torch.nn.functional.pad(scale.detach().float(), (0, (-weight.shape[0]) % 8)).contiguous()
 
 
-def _pack(w: torch.Tensor) -> torch.Tensor | None:
+def _pack(w: torch.Tensor, width: int = 8) -> torch.Tensor | None:
     out, inputs = w.shape
-    if inputs % 8:
+    if inputs % width:
         return None
     w = torch.nn.functional.pad(w, (0, 0, 0, (-out) % 8))
-    return w.view(-1, 8, inputs // 8, 8).permute(0, 2, 1, 3).contiguous()
+    return w.view(-1, 8, inputs // width, width).permute(0, 2, 1, 3).contiguous()
 
 
 def half_linear(x: torch.Tensor, packed: torch.Tensor, out: int) -> torch.Tensor:
