@@ -476,8 +476,12 @@ void attend_prefix(const float* q, const T* k, const T* v, int64_t n, int64_t n_
   for (int c = 0; c < DC; ++c) qv[c] = _mm256_loadu_ps(q + 8 * c);
   float top = -std::numeric_limits<float>::infinity();
   int64_t j = 0;
+  constexpr int64_t ahead = 1024 / sizeof(T);  // prefetch distance: across the 4 KB pages where the
+                                               // hardware's own prefetcher stops
   for (; j + 4 <= n; j += 4) {
     const T* kj = k + j * d;
+    for (int64_t b = 0; b < 4 * d; b += 64 / static_cast<int64_t>(sizeof(T)))
+      _mm_prefetch(reinterpret_cast<const char*>(kj + ahead + b), _MM_HINT_T0);
     __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
     for (int c = 0; c < DC; ++c) {
       a0 = _mm256_fmadd_ps(qv[c], load8(kj + 8 * c), a0);
@@ -503,6 +507,8 @@ void attend_prefix(const float* q, const T* k, const T* v, int64_t n, int64_t n_
   for (j = 0; j < n; ++j) {
     const __m256 p = _mm256_set1_ps(scores[j]);
     const T* vj = v + j * d;
+    for (int64_t b = 0; b < d; b += 64 / static_cast<int64_t>(sizeof(T)))
+      _mm_prefetch(reinterpret_cast<const char*>(vj + ahead + b), _MM_HINT_T0);
     for (int c = 0; c < DC; ++c) acc[c] = _mm256_fmadd_ps(p, load8(vj + 8 * c), acc[c]);
   }
   for (int c = 0; c < DC; ++c) _mm256_storeu_ps(out + 8 * c, _mm256_mul_ps(acc[c], _mm256_set1_ps(inv)));
