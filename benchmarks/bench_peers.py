@@ -5,9 +5,10 @@ Training: tokens/s and peak memory of one optimizer step per segment (random tok
 machine's measured float32 matmul peak (2048 x 2048, same thread count). dsmr trains with key/value
 memory (`dsmr`) and with hidden memory (`dsmr-hidden`, the layer inputs, projected again each segment,
 which is what x-transformers' Transformer-XL memory keeps and dsmr train's default). Generation: events/s of
-sampling after a prompt, dsmr's decoder (float32 and float16 weights) vs x-transformers' cached-KV
-`generate`; `dsmr-float16-compile` is the compiled decoding step (`--compile`; its one-off warm-up is
-reported apart). Every measurement runs in a fresh subprocess (peak memory of its own).
+sampling after a prompt, dsmr's decoder (float32, float16 and int8 weights; float16 and int8 run dsmr's
+fused CPU step, int8 is `dsmr generate`'s CPU default) vs x-transformers' cached-KV `generate`;
+`dsmr-float16-compile` is PyTorch's compiled decoding step instead of the fused one (`--compile` with
+float32 weights; its one-off warm-up is reported apart). Every measurement runs in a fresh subprocess (peak memory of its own).
 
 x-transformers is a benchmark-only extra, never a dependency of dsmr:
 
@@ -94,7 +95,7 @@ def generate_worker(args) -> dict:
     torch.manual_seed(0)
     prompt = torch.randint(3, VOCAB, (1, args.prompt_tokens))
     if args.lib.startswith("dsmr"):
-        from dsmr.generate import SamplingConfig, generate_batch, half_weight_model
+        from dsmr.generate import SamplingConfig, generate_batch, half_weight_model, int8_weight_model
         from dsmr.model import DSMR, DSMRConfig
         from dsmr.tokenizer import make_tokenizer
 
@@ -103,9 +104,12 @@ def generate_worker(args) -> dict:
                                 horizons=(args.memory,) * 6)).eval()
         if "float16" in args.lib:
             model = half_weight_model(model)
+        elif "int8" in args.lib:
+            model = int8_weight_model(model)
+        compile = "compile" in args.lib
         result = generate_batch(model, tokenizer, args.segment, prompt[0].tolist(),
                                 SamplingConfig(seed=0, max_tokens=args.tokens, stop_at_eos=False), progress=False,
-                                compile="compile" in args.lib)[0]
+                                compile=compile, fused=not compile)[0]
         return {"lib": args.lib, "tokens_per_s": round(result.tokens_per_s, 1),
                 "warmup_seconds": round(result.warmup_seconds, 1), "state_bytes": result.state_bytes}
     from x_transformers import AutoregressiveWrapper, Decoder, TransformerWrapper
@@ -178,7 +182,8 @@ def main() -> None:
                     print(f"{'':>6} {r['lib'] + ' / x-tr.':>14} x{r['tokens_per_s'] / peer['tokens_per_s']:.2f} speed, "
                           f"x{r['peak_rss_rise_mib'] / max(peer['peak_rss_rise_mib'], 1e-9):.2f} memory")
     if not args.skip_generation:
-        libs = ["dsmr-float32", "dsmr-float16"] + ([] if args.no_compile else ["dsmr-float16-compile"]) + ["x-transformers"]
+        libs = (["dsmr-float32", "dsmr-float16", "dsmr-int8"] + ([] if args.no_compile else ["dsmr-float16-compile"])
+                + ["x-transformers"])
         print(f"\ngeneration: same size, memory 2048 per layer, {gen_tokens} events after a {prompt_tokens}-event "
               f"prompt, {args.gen_threads} thread(s)")
         for lib in libs:
