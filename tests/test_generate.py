@@ -184,8 +184,12 @@ def test_sampling_draws_each_event_with_its_probability():
     expected = logits.softmax(dim=-1)[0].double() * 20_000
     assert ((counts - expected) ** 2 / expected).sum() < 18.5  # chi-square, 4 dof: p = 0.001
     banned = torch.tensor([False, False, True, True, False])
-    kept = sample_next(logits.expand(5_000, -1), SamplingConfig(top_k=3), gen, banned)
-    assert set(kept.tolist()) == {0, 1, 4}  # top-3 of what is left after the ban
+    kept = sample_next(logits.expand(5_000, -1), SamplingConfig(top_k=2), gen, banned)
+    assert set(kept.tolist()) == {0, 1}  # the top 2 of what is left after the ban
+    tiny = sample_next(logits, SamplingConfig(temperature=1e-39), gen)  # logits / T would overflow to inf
+    assert tiny.tolist() == [2]
+    with pytest.raises(DsmrError, match="non-finite logits"):
+        sample_next(torch.tensor([[0.0, float("nan"), 1.0]]), SamplingConfig(), gen)
     def lanes():
         return [torch.Generator().manual_seed(seed) for seed in (5, 6)]
 

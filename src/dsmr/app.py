@@ -65,7 +65,7 @@ class ModelStore:
             if not isinstance(segment_len, int) or segment_len < 1:
                 raise DsmrError(f"{ref}: config.json has no segment_len")
             if self.device == "cpu":  # as `dsmr generate --precision auto`
-                model = (int8_weight_model if default_cpu_precision() == "int8" else half_weight_model)(model)
+                model = (int8_weight_model if default_cpu_precision(model) == "int8" else half_weight_model)(model)
             self._models[ref] = Loaded(ref, model, tokenizer, config, segment_len)
         return self._models[ref]
 

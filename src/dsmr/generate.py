@@ -325,9 +325,12 @@ def fused_step_params(model) -> Optional[tuple[list[Tensor], list[Tensor], bool,
     if not kernels.loaded() or table.device.type != "cpu" or table.dtype != torch.float32 or table.shape[1] % 8:
         return None
     norms = [n for block in model.blocks for n in (block.norm1, block.norm2)] + [model.norm]
+    if any(not isinstance(n, (nn.LayerNorm, nn.RMSNorm)) for n in norms):
+        return None
     rmsnorm = isinstance(norms[0], nn.RMSNorm)
     eps = {n.eps if n.eps is not None else torch.finfo(torch.float32).eps for n in norms}
-    if len(eps) != 1 or any(type(n) is not type(norms[0]) or n.weight is None for n in norms):
+    if len(eps) != 1 or any(type(n) is not type(norms[0]) or n.weight is None or n.weight.dtype != torch.float32
+                            for n in norms):
         return None
     if not rmsnorm and any(not isinstance(n, nn.LayerNorm) or n.bias is None for n in norms):
         return None
@@ -337,12 +340,17 @@ def fused_step_params(model) -> Optional[tuple[list[Tensor], list[Tensor], bool,
     if kind not in (HalfWeightLinear, Int8WeightLinear) or any(
             type(m) is not kind or m.packed is None or m.packed.dtype != m.PACKED_DTYPE for m in linears):
         return None
-    if any(not isinstance(block.mlp[1], nn.GELU) or block.mlp[1].approximate != "none" for block in model.blocks):
+    if any(len(block.mlp) != 3 or not isinstance(block.mlp[1], nn.GELU) or block.mlp[1].approximate != "none"
+           for block in model.blocks):
+        return None
+    if kind is Int8WeightLinear and any(m.packed_scale.dtype != torch.float32 for m in linears):
         return None
     empty = table.new_zeros(0)
     params = []
     for block in model.blocks:
         gate = block.attn.memory_bias()
+        if gate is not None and gate.dtype != torch.float32:
+            return None
         params += [block.norm1.weight, empty if rmsnorm else block.norm1.bias, block.attn.qkv_proj.packed,
                    block.attn.out_proj.packed, block.norm2.weight, empty if rmsnorm else block.norm2.bias,
                    block.mlp[0].packed, block.mlp[2].packed, empty if gate is None else gate.float()]
@@ -356,8 +364,9 @@ class Int8WeightLinear(nn.Module):
     row's largest |w| maps to 127). A quarter of float32's bytes, half of float16's: a one-token step reads
     every weight, and on a CPU with a small cache the default model's 9.6 MB of float16 weights plus a lane's
     state spill to main memory where its 4.8 MB of int8 weights do not (docs/generation.md, "int8 weights").
-    Few rows go through dsmr.kernels' int8_linear (summed in float32); many rows (a prompt), or any row
-    without the kernels, through a float32 product with the dequantized weight.
+    Few rows go through dsmr.kernels' int8_linear (one row: activations rounded to int16, exact int32 sums;
+    several: float32 sums); many rows (a prompt), or any row without the kernels, through a float32 product
+    with the dequantized weight. So the logits of one lane and of a lane among several differ by ~1e-5.
     """
 
     KERNEL_ROWS = 32  # below this many rows, dsmr.kernels' int8_linear where it is loaded
@@ -386,8 +395,8 @@ class Int8WeightLinear(nn.Module):
         return self.weight.float() * self.scale[:, None].float()
 
     def forward(self, x: Tensor) -> Tensor:
-        if (self.packed is not None and x.numel() < self.KERNEL_ROWS * x.shape[-1]
-                and kernels.usable_for(x, self.packed_scale)):
+        if (self.packed is not None and self.packed_scale.dtype == torch.float32
+                and x.numel() < self.KERNEL_ROWS * x.shape[-1] and kernels.usable_for(x, self.packed_scale)):
             return kernels.int8_linear(x, self.packed, self.packed_scale, self.weight.shape[0])
         return F.linear(x, self.dequantized().to(x.dtype))
 
@@ -406,11 +415,14 @@ def int8_weight_model(model):
     return _with_linears(model, Int8WeightLinear)
 
 
-def default_cpu_precision() -> str:
-    """What `--precision auto` means on a CPU: "int8" where dsmr.kernels load (on the shipped model about
-    twice float16's sampling speed for +0.02% validation perplexity, docs/generation.md), else "float16"
-    (without the kernels an int8 product dequantizes its whole weight every call)."""
-    return "int8" if kernels.load() else "float16"
+def default_cpu_precision(model) -> str:
+    """What `--precision auto` means on a CPU: "int8" where dsmr.kernels load and can run the model's int8
+    products (every Linear's inputs a multiple of 16): on the shipped model about twice float16's sampling
+    speed for +0.02% validation perplexity (docs/generation.md). Else "float16": without the int8 kernel a
+    product dequantizes its whole weight every call."""
+    kernels.load()
+    int8_ready = all(m.in_features % 16 == 0 for m in model.modules() if isinstance(m, nn.Linear))
+    return "int8" if kernels.loaded() and int8_ready else "float16"
 
 
 def _with_linears(model, linear_class):
@@ -501,8 +513,8 @@ def sample_next(logits: Tensor, sampling: SamplingConfig, generator, banned: Opt
         logits = logits.masked_fill(banned, float("-inf"))
     if sampling.temperature == 0:
         return logits.argmax(dim=-1)
-    if sampling.temperature != 1.0:
-        logits = logits / sampling.temperature
+    if sampling.temperature != 1.0:  # the largest logit at 0 first: a tiny temperature cannot overflow
+        logits = (logits - logits.amax(dim=-1, keepdim=True)) / sampling.temperature
     if 0 < sampling.top_k < logits.shape[-1]:
         kth = torch.topk(logits, sampling.top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -515,6 +527,9 @@ def sample_next(logits: Tensor, sampling: SamplingConfig, generator, banned: Opt
     # One uniform draw per lane through the cumulative distribution: torch.multinomial costs ~50 us per call
     # on a CPU (an exponential draw per event of the vocabulary), as much as a whole decoding step
     cdf = logits.softmax(dim=-1).cumsum(dim=-1)
+    if not bool(torch.isfinite(cdf[:, -1]).all()):
+        raise DsmrError("sampling: the model gave non-finite logits (NaN or inf); its weights are damaged or "
+                        "diverged")
     cdf = cdf / cdf[:, -1:]  # ends at exactly 1 > u: the event found has a probability > 0
     if isinstance(generator, (list, tuple)):
         if len(generator) != cdf.shape[0]:

@@ -1,5 +1,6 @@
 // CPU kernels for one-token decoding (x86-64, AVX2 + FMA + F16C), registered as the torch ops
-// dsmr::half_linear and dsmr::decode_attention. Built on first use by dsmr/kernels.py.
+// dsmr::decode_step (the whole step), dsmr::half_linear, dsmr::int8_linear and dsmr::decode_attention.
+// Built on first use by dsmr/kernels.py.
 //
 // Why hand-written: a one-token step reads every weight and the whole key/value state once, and does
 // little arithmetic on each byte. PyTorch's CPU float16 matrix-vector product converts and reads the
@@ -106,13 +107,18 @@ inline void block_dot_int8(const int16_t* xq, const int8_t* p, int64_t chunks16,
 
 // x rounded to int16 with one scale: as fine as int32 sums of `in` products with int8 weights allow
 // (|x| <= 2^31 / (127 in), at most 32,767), i.e. 2^-14 of the largest |x| or finer for in <= 1024. Returns
-// the scale (0 for an all-zero x).
+// the scale (0 for an all-zero x, NaN for a non-finite one).
 inline float quantize_int16(const float* x, int64_t in, int16_t* xq) {
   float top = 0.0f;
-  for (int64_t i = 0; i < in; ++i) top = std::max(top, std::abs(x[i]));
-  if (top == 0.0f || !std::isfinite(top)) {
+  bool finite = true;
+  for (int64_t i = 0; i < in; ++i) {
+    top = std::max(top, std::abs(x[i]));
+    finite = finite && std::isfinite(x[i]);
+  }
+  if (top == 0.0f || !finite) {
     for (int64_t i = 0; i < in; ++i) xq[i] = 0;
-    return top == 0.0f ? 0.0f : top;  // a non-finite x gives non-finite outputs, as a float product would
+    // a NaN or inf in x gives NaN outputs (the caller's scale), as a float product would
+    return finite ? 0.0f : std::numeric_limits<float>::quiet_NaN();
   }
   const float qmax = static_cast<float>(std::min<int64_t>(32767, 2147483647LL / (127 * in)));
   const float inv = qmax / top;
@@ -380,8 +386,9 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
 namespace {
 
 // exp of eight floats (Cephes' polynomial, as in the common AVX "mathfun" code): ~1 ulp; exactly 0 below
-// -87.3, where float32's exp underflows anyway.
+// -87.3, where float32's exp underflows anyway; NaN stays NaN.
 inline __m256 exp8(__m256 x) {
+  const __m256 nan = _mm256_cmp_ps(x, x, _CMP_UNORD_Q);
   const __m256 small = _mm256_cmp_ps(x, _mm256_set1_ps(-87.3f), _CMP_GE_OQ);
   x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
   __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
@@ -395,7 +402,7 @@ inline __m256 exp8(__m256 x) {
   y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
   y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
   const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(127)), 23);
-  return _mm256_and_ps(_mm256_mul_ps(y, _mm256_castsi256_ps(e)), small);
+  return _mm256_or_ps(_mm256_and_ps(_mm256_mul_ps(y, _mm256_castsi256_ps(e)), small), nan);
 }
 
 // x * Phi(x), nn.GELU's exact form, with erf as PyTorch's AVX2 kernel computes it (Abramowitz-Stegun 7.1.26).
@@ -441,7 +448,8 @@ inline void store(T* dst, const float* src, int64_t n) {
   if constexpr (std::is_same_v<T, at::Half>) {  // saturate at float16's range, as generate._storable does
     const __m256 lo = _mm256_set1_ps(-65504.0f), hi = _mm256_set1_ps(65504.0f);
     for (; i + 8 <= n; i += 8) {
-      const __m256 v = _mm256_min_ps(_mm256_max_ps(_mm256_loadu_ps(src + i), lo), hi);
+      // max/min return their second operand when either is NaN: a NaN stays NaN, as in _storable
+      const __m256 v = _mm256_min_ps(hi, _mm256_max_ps(lo, _mm256_loadu_ps(src + i)));
       _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
     }
     for (; i < n; ++i) dst[i] = static_cast<at::Half>(std::min(std::max(src[i], -65504.0f), 65504.0f));
@@ -673,13 +681,18 @@ at::Tensor decode_step(const at::Tensor& ids, const at::Tensor& embedding, at::T
   }
   const at::Tensor* f = params.data() + L * kLayerParams;
   packed_out(f[2], V, params[2], scales, 4 * L, "dsmr::decode_step head");
-  TORCH_CHECK(packed_in(f[2]) == d && f[0].numel() == d && (f[1].numel() == d || f[1].numel() == 0),
-              "dsmr::decode_step: final norm or head does not match d_model ", d);
-  const int64_t rot = cos.size(-1);
+  for (int i : {0, 1})
+    TORCH_CHECK(f[i].device().is_cpu() && f[i].scalar_type() == at::kFloat && f[i].is_contiguous() &&
+                (f[i].numel() == d || (i == 1 && f[i].numel() == 0)),
+                "dsmr::decode_step: final norm parameter ", i, " is not float32 [", d, "]: ", f[i].scalar_type(), " ",
+                f[i].sizes());
+  TORCH_CHECK(packed_in(f[2]) == d, "dsmr::decode_step: the head does not match d_model ", d);
+  const int64_t rot = cos.dim() >= 2 ? cos.size(-1) : 0;
   TORCH_CHECK(cos.scalar_type() == at::kFloat && sin.sizes() == cos.sizes() && sin.scalar_type() == at::kFloat &&
-              cos.is_contiguous() && sin.is_contiguous() && rot % 2 == 0 && rot <= D && t < cos.numel() / rot,
-              "dsmr::decode_step: rotary tables [.., T, r <= ", D, "] float32 with row ", t, " expected, got ",
-              cos.sizes());
+              cos.is_contiguous() && sin.is_contiguous() && rot >= 2 && rot % 2 == 0 && rot <= D &&
+              cos.numel() == cos.size(-2) * rot && t < cos.size(-2),
+              "dsmr::decode_step: one rotary table [.., T, r] float32 (even r <= ", D, ") with a row ", t,
+              " expected, got ", cos.scalar_type(), " ", cos.sizes());
   at::Tensor logits = at::empty({B, V}, embedding.options());
   const float *c = cos.data_ptr<float>() + t * rot, *s = sin.data_ptr<float>() + t * rot;
   if (state == at::kHalf) {

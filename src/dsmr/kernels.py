@@ -143,7 +143,10 @@ def pack_int8(weight: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, 
     """An int8 weight [out, in] and its float32 row scales [out] in int8_linear's layout: blocks of eight
     rows as in pack_half but by sixteen inputs ([ceil(out / 8), in / 16, 8, 16], for 16-wide integer
     multiply-adds), the scales padded with zeros to the packed rows. None when `in` is not a multiple of 16."""
-    packed = _pack(weight.detach().to(torch.int8), 16)
+    if weight.dtype != torch.int8 or (weight.numel() and int(weight.min()) < -127):
+        # -128 would let int8_linear's int32 sums overflow (its bound assumes |w| <= 127)
+        raise ValueError(f"pack_int8: int8 weights in [-127, 127] expected, got {weight.dtype}")
+    packed = _pack(weight.detach(), 16)
     if packed is None:
         return None
     return packed, torch.nn.functional.pad(scale.detach().float(), (0, (-weight.shape[0]) % 8)).contiguous()
@@ -172,16 +175,18 @@ def decode_attention(q, k, v, mask, scale: float) -> torch.Tensor:
 
 def int8_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, out: int) -> torch.Tensor:
     """x [..., in] float32 @ (weight * scale[:, None]).T for an int8 weight [out, in] packed by `pack_int8`:
-    float32 [..., out], summed in float32."""
+    float32 [..., out]. One row: x rounded to int16 (2^-14 of its largest |x| or finer up to in = 1024,
+    coarser beyond: int32 sums must not overflow) and exact integer sums; several rows: float32 sums."""
     return torch.ops.dsmr.int8_linear(x, packed, scale, out)
 
 
 def decode_step(ids, embedding, params, scales, keys, values, memory_fill, t: int, cos, sin, n_heads: int,
                 ff_dim: int, rmsnorm: bool, eps: float) -> torch.Tensor:
     """The whole one-token step of a model with packed float16 or int8 weights (dsmr.generate.fused_step_params
-    gives `params` and `scales`, empty for float16): ids [B] -> float32 logits [B, vocab]; each layer's key/value is written in place at slot
-    memory_fill[l] + t of keys[l] / values[l] [B, H, h_l + T, D] (float16 or float32), and attention runs over
-    the slots up to it. cos/sin: the segment's rotary table [.., T, r]."""
+    gives `params` and `scales`, empty for float16): ids [B] -> float32 logits [B, vocab]. Each layer's
+    key/value is written in place at slot memory_fill[l] + t of keys[l] / values[l] [B, H, h_l + T, D]
+    (float16 or float32), and attention runs over the slots up to it. cos/sin: the segment's rotary table
+    [.., T, r]."""
     return torch.ops.dsmr.decode_step(ids, embedding, params, scales, keys, values, memory_fill, t, cos, sin, n_heads,
                                       ff_dim, rmsnorm, eps)
 

@@ -26,8 +26,8 @@ def register(subparsers) -> None:
                    help="tokens per segment (default: the run's; a different one changes the context)")
     p.add_argument("--max-pieces", type=int, default=None, help="evaluate the first N pieces only")
     p.add_argument("--precision", choices=("float32", "float16", "int8"), default="float32",
-                   help="the projection weights' precision (as `dsmr generate --precision` decodes with): what "
-                        "rounding them to float16 or int8 costs in perplexity (default float32)")
+                   help="round the projection weights to float16 or int8, as `dsmr generate --precision` keeps "
+                        "them: what that rounding costs in perplexity (products here stay float32; default float32)")
     add_device(p)
     add_threads(p)
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")

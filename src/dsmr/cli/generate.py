@@ -100,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
         print("dsmr: building the CPU decoding kernels (once per machine, about a minute)...", file=sys.stderr)
     precision = args.precision
     if precision == "auto":
-        precision = default_cpu_precision() if device.type == "cpu" else "float32"
+        precision = default_cpu_precision(model) if device.type == "cpu" else "float32"
     if precision == "float16":
         model = half_weight_model(model)
     elif precision == "int8":
