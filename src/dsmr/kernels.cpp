@@ -252,6 +252,20 @@ namespace {
 // compile-time constant so that the query and the output stay in registers; four keys are scored at once
 // (independent sums). Keys whose mask is -inf (a decoder's unfilled slots) get no weight; groups of four
 // such keys are not read at all.
+// A query held in registers (DC vectors) against four consecutive keys: four independent sums.
+template <typename T, int DC>
+inline void dot4(const __m256 (&qv)[DC], const T* kj, float s4[4]) {
+  constexpr int64_t d = 8 * DC;
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+  for (int c = 0; c < DC; ++c) {
+    a0 = _mm256_fmadd_ps(qv[c], load8(kj + 8 * c), a0);
+    a1 = _mm256_fmadd_ps(qv[c], load8(kj + d + 8 * c), a1);
+    a2 = _mm256_fmadd_ps(qv[c], load8(kj + 2 * d + 8 * c), a2);
+    a3 = _mm256_fmadd_ps(qv[c], load8(kj + 3 * d + 8 * c), a3);
+  }
+  s4[0] = hsum(a0), s4[1] = hsum(a1), s4[2] = hsum(a2), s4[3] = hsum(a3);
+}
+
 template <typename T, int DC>
 void attend_one(const float* q, const T* k, const T* v, const float* mask, int64_t n, float scale, float* out,
                 float* scores) {
@@ -267,14 +281,8 @@ void attend_one(const float* q, const T* k, const T* v, const float* mask, int64
       continue;
     }
     const T* kj = k + j * d;
-    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
-    for (int c = 0; c < DC; ++c) {
-      a0 = _mm256_fmadd_ps(qv[c], load8(kj + 8 * c), a0);
-      a1 = _mm256_fmadd_ps(qv[c], load8(kj + d + 8 * c), a1);
-      a2 = _mm256_fmadd_ps(qv[c], load8(kj + 2 * d + 8 * c), a2);
-      a3 = _mm256_fmadd_ps(qv[c], load8(kj + 3 * d + 8 * c), a3);
-    }
-    const float s4[4] = {hsum(a0), hsum(a1), hsum(a2), hsum(a3)};
+    float s4[4];
+    dot4<T, DC>(qv, kj, s4);
     for (int u = 0; u < 4; ++u) {
       const float s = mask[j + u] == neg_inf ? neg_inf : s4[u] * scale + mask[j + u];
       scores[j + u] = s;
@@ -490,14 +498,8 @@ void attend_prefix(const float* q, const T* k, const T* v, int64_t n, int64_t n_
     const T* kj = k + j * d;
     for (int64_t b = 0; b < 4 * d; b += 64 / static_cast<int64_t>(sizeof(T)))
       _mm_prefetch(reinterpret_cast<const char*>(kj + ahead + b), _MM_HINT_T0);
-    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
-    for (int c = 0; c < DC; ++c) {
-      a0 = _mm256_fmadd_ps(qv[c], load8(kj + 8 * c), a0);
-      a1 = _mm256_fmadd_ps(qv[c], load8(kj + d + 8 * c), a1);
-      a2 = _mm256_fmadd_ps(qv[c], load8(kj + 2 * d + 8 * c), a2);
-      a3 = _mm256_fmadd_ps(qv[c], load8(kj + 3 * d + 8 * c), a3);
-    }
-    const float s4[4] = {hsum(a0), hsum(a1), hsum(a2), hsum(a3)};
+    float s4[4];
+    dot4<T, DC>(qv, kj, s4);
     for (int u = 0; u < 4; ++u) {
       const float s = s4[u] * scale + (j + u < n_memory ? bias : 0.0f);
       scores[j + u] = s;
