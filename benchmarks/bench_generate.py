@@ -16,25 +16,30 @@ the dataset is present). With --checkpoint the generated music's own duration is
     .venv/bin/python benchmarks/bench_generate.py                 # full run (~8 minutes on 2 cores)
     .venv/bin/python benchmarks/bench_generate.py --quick         # 2k-token speed runs, 5k vs 20k memory
     .venv/bin/python benchmarks/bench_generate.py --threads-list 1,2 --speed-only
-    # the decoding step eager vs compiled vs the code of another commit, one process each, same machine
-    .venv/bin/python benchmarks/bench_generate.py --speed-only --precisions float16 --modes before,eager,compile \
-        --before HEAD~1 --speed-tokens 500
+    # the fused step with int8 and float16 weights (dsmr generate's CPU default is int8)
+    .venv/bin/python benchmarks/bench_generate.py --speed-only --precisions int8,float16 --modes fused,fused
+    # the decoding steps against the code of another commit, one process each, same machine
+    .venv/bin/python benchmarks/bench_generate.py --speed-only --precisions float16 --modes before,compile,fused \
+        --before 3161ab8 --speed-tokens 2000
     # batched sampling: 16 lanes on 2 threads (total and per-sample events/s)
     .venv/bin/python benchmarks/bench_generate.py --speed-only --precisions float16 --threads-list 2 --num-samples 16
 
     # each run's share of the bound set by the machine's read bandwidth (weights + state read once per step)
     .venv/bin/python benchmarks/bench_generate.py --speed-only --precisions float16 --modes eager,compile --roofline
 
-    # a one-lane step's time: whole (eager, compiled) against dsmr.kernels' products and attentions alone
+    # a one-lane step's time: whole (fused int8 / float16, compiled, eager) against dsmr.kernels' products and
+    # attentions alone
     .venv/bin/python benchmarks/bench_generate.py --kernel-split
 
     # state bytes and per-event time after 10k and after 100k generated events, in one process
-    .venv/bin/python benchmarks/bench_generate.py --flat 10000,100000 --modes compile
+    .venv/bin/python benchmarks/bench_generate.py --flat 10000,100000 --modes fused --precisions int8
 
-Modes: `eager` runs the decoding step as it is; `compile` compiles it first (torch.compile; the warm-up
-is reported separately and not in events/s); `eager-pt` / `compile-pt` the same without dsmr.kernels
-(DSMR_KERNELS=0: PyTorch's kernels only); `before` runs the same measurement with the `src/` tree of
-the commit given by --before (extracted with git archive), for before/after ratios from one run.
+Modes: `fused` (default) is what generate runs on a CPU: dsmr.kernels' whole-step op; `eager` runs
+PyTorch's decoding step (with dsmr.kernels' products and attention inside), `compile` compiles it first
+(torch.compile; the warm-up is reported separately and not in events/s); `eager-pt` / `compile-pt` the
+same without dsmr.kernels (DSMR_KERNELS=0: PyTorch's kernels only); `before` runs the same measurement with
+the `src/` tree of the commit given by --before (extracted with git archive), for before/after ratios from
+one run. Precisions: float32, float16, int8 (int8 needs this tree: not with `before`).
 """
 
 from __future__ import annotations
