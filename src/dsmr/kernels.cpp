@@ -105,6 +105,27 @@ inline void block_dot_int8(const int16_t* xq, const int8_t* p, int64_t chunks16,
   for (int j = 0; j < kRows; ++j) y[j] = hsum_epi32(a[j]);
 }
 
+// NL lanes' int16 activations (rows `in` apart) against rows j0..j0+3 of an int8 block (pack_int8's layout):
+// twelve int32 accumulators at most, each weight vector widened to int16 once for all NL lanes.
+template <int NL>
+inline void lanes_dot_int8(const int16_t* xq, int64_t in, const int8_t* block, int64_t chunks16, int j0,
+                           int32_t out[NL][4]) {
+  __m256i acc[NL][4];
+  for (int l = 0; l < NL; ++l)
+    for (int r = 0; r < 4; ++r) acc[l][r] = _mm256_setzero_si256();
+  for (int64_t c = 0; c < chunks16; ++c) {
+    __m256i xv[NL];
+    for (int l = 0; l < NL; ++l) xv[l] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + l * in + 16 * c));
+    const int8_t* w = block + (c * kRows + j0) * 16;
+    for (int r = 0; r < 4; ++r) {
+      const __m256i wv = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 16 * r)));
+      for (int l = 0; l < NL; ++l) acc[l][r] = _mm256_add_epi32(acc[l][r], _mm256_madd_epi16(xv[l], wv));
+    }
+  }
+  for (int l = 0; l < NL; ++l)
+    for (int r = 0; r < 4; ++r) out[l][r] = hsum_epi32(acc[l][r]);
+}
+
 // x rounded to int16 with one scale: as fine as int32 sums of `in` products with int8 weights allow
 // (|x| <= 2^31 / (127 in), at most 32,767), i.e. 2^-14 of the largest |x| or finer for in <= 1024. Returns
 // the scale (0 for an all-zero x, NaN for a non-finite one).
@@ -134,37 +155,47 @@ void packed_linear(const float* xp, int64_t rows, const T* wp, const float* scal
                    int64_t out, float* yp) {
   constexpr bool int8 = std::is_same_v<T, int8_t>;
   const int64_t chunks = in / 8;
-  std::vector<int16_t> xq(int8 && rows == 1 ? in : 0);
-  const float x_scale = int8 && rows == 1 ? quantize_int16(xp, in, xq.data()) : 1.0f;
+  // int8 weights: every lane's activations rounded to int16 with a scale of its own, so that a lane gets the
+  // same outputs alone or among others
+  std::vector<int16_t> xq(int8 ? rows * in : 0);
+  std::vector<float> x_scale(int8 ? rows : 0);
+  for (int64_t r = 0; int8 && r < rows; ++r) x_scale[r] = quantize_int16(xp + r * in, in, xq.data() + r * in);
   at::parallel_for(0, blocks, 8, [&](int64_t begin, int64_t end) {
-    std::vector<float> wide(rows > 1 ? kRows * in : 0);
+    std::vector<float> wide(rows > 1 && !int8 ? kRows * in : 0);
     float tmp[kRows], lanes[3][4];
-    int32_t sums[kRows];
+    int32_t sums[kRows], isums[3][4];
     for (int64_t b = begin; b < end; ++b) {
       const T* block = wp + b * kRows * in;
       const int64_t o = kRows * b, n = std::min<int64_t>(kRows, out - o);
       if (rows == 1) {
         if constexpr (int8) {
           block_dot_int8(xq.data(), block, in / 16, sums);
-          for (int64_t j = 0; j < n; ++j) yp[o + j] = static_cast<float>(sums[j]) * x_scale * scale[o + j];
-          if (!std::isfinite(x_scale))
-            for (int64_t j = 0; j < n; ++j) yp[o + j] = std::numeric_limits<float>::quiet_NaN();
+          for (int64_t j = 0; j < n; ++j) yp[o + j] = static_cast<float>(sums[j]) * x_scale[0] * scale[o + j];
         } else {
           block_dot(xp, block, chunks, tmp);
           for (int64_t j = 0; j < n; ++j) yp[o + j] = scale ? tmp[j] * scale[o + j] : tmp[j];
         }
         continue;
       }
-      // several lanes: widen the block once (to pack_half's layout), then up to three lanes x four rows per
-      // pass over it
-      if constexpr (int8) {
-        for (int64_t c = 0; c < in / 16; ++c)
-          for (int j = 0; j < kRows; ++j)
-            for (int h = 0; h < 2; ++h)
-              _mm256_storeu_ps(wide.data() + ((2 * c + h) * kRows + j) * 8, load8(block + (c * kRows + j) * 16 + 8 * h));
-      } else {
-        for (int64_t i = 0; i < kRows * in; i += 8) _mm256_storeu_ps(wide.data() + i, load8(block + i));
+      if constexpr (int8) {  // several lanes: up to three lanes x four rows per pass, integer multiply-adds
+        for (int64_t r0 = 0; r0 < rows; r0 += 3) {
+          const int nl = static_cast<int>(std::min<int64_t>(3, rows - r0));
+          for (int j0 = 0; j0 < kRows; j0 += 4) {
+            const int16_t* x = xq.data() + r0 * in;
+            if (nl == 3) lanes_dot_int8<3>(x, in, block, in / 16, j0, isums);
+            else if (nl == 2) lanes_dot_int8<2>(x, in, block, in / 16, j0, reinterpret_cast<int32_t(*)[4]>(isums));
+            else lanes_dot_int8<1>(x, in, block, in / 16, j0, reinterpret_cast<int32_t(*)[4]>(isums));
+            for (int l = 0; l < nl; ++l)
+              for (int r = 0; r < 4 && j0 + r < n; ++r) {
+                const int64_t j = o + j0 + r;
+                yp[(r0 + l) * out + j] = static_cast<float>(isums[l][r]) * x_scale[r0 + l] * scale[j];
+              }
+          }
+        }
+        continue;
       }
+      // several lanes: widen the block once, then up to three lanes x four rows per pass over it
+      for (int64_t i = 0; i < kRows * in; i += 8) _mm256_storeu_ps(wide.data() + i, load8(block + i));
       for (int64_t r0 = 0; r0 < rows; r0 += 3) {
         const int nl = static_cast<int>(std::min<int64_t>(3, rows - r0));
         for (int j0 = 0; j0 < kRows; j0 += 4) {
