@@ -364,9 +364,9 @@ class Int8WeightLinear(nn.Module):
     row's largest |w| maps to 127). A quarter of float32's bytes, half of float16's: a one-token step reads
     every weight, and on a CPU with a small cache the default model's 9.6 MB of float16 weights plus a lane's
     state spill to main memory where its 4.8 MB of int8 weights do not (docs/generation.md, "int8 weights").
-    Few rows go through dsmr.kernels' int8_linear (one row: activations rounded to int16, exact int32 sums;
-    several: float32 sums); many rows (a prompt), or any row without the kernels, through a float32 product
-    with the dequantized weight. So the logits of one lane and of a lane among several differ by ~1e-5.
+    Few rows go through dsmr.kernels' int8_linear (each row's activations rounded to int16, exact int32
+    sums); many rows (a prompt), or any row without the kernels, through a float32 product with the
+    dequantized weight.
     """
 
     KERNEL_ROWS = 32  # below this many rows, dsmr.kernels' int8_linear where it is loaded

@@ -175,8 +175,9 @@ def decode_attention(q, k, v, mask, scale: float) -> torch.Tensor:
 
 def int8_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, out: int) -> torch.Tensor:
     """x [..., in] float32 @ (weight * scale[:, None]).T for an int8 weight [out, in] packed by `pack_int8`:
-    float32 [..., out]. One row: x rounded to int16 (2^-14 of its largest |x| or finer up to in = 1024,
-    coarser beyond: int32 sums must not overflow) and exact integer sums; several rows: float32 sums."""
+    float32 [..., out]. Each row of x rounded to int16 (2^-14 of its largest |x| or finer up to in = 1024,
+    coarser beyond: int32 sums must not overflow), then exact integer sums: a row gives the same alone or
+    among others."""
     return torch.ops.dsmr.int8_linear(x, packed, scale, out)
 
 
