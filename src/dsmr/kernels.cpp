@@ -108,8 +108,8 @@ inline void block_dot_int8(const int16_t* xq, const int8_t* p, int64_t chunks16,
 // NL lanes' int16 activations (rows `in` apart) against rows j0..j0+3 of an int8 block (pack_int8's layout):
 // twelve int32 accumulators at most, each weight vector widened to int16 once for all NL lanes.
 template <int NL>
-inline void lanes_dot_int8(const int16_t* xq, int64_t in, const int8_t* block, int64_t chunks16, int j0,
-                           int32_t out[NL][4]) {
+inline void lanes_dot(const int16_t* xq, int64_t in, const int8_t* block, int64_t chunks16, int j0,
+                      int32_t out[NL][4]) {
   __m256i acc[NL][4];
   for (int l = 0; l < NL; ++l)
     for (int r = 0; r < 4; ++r) acc[l][r] = _mm256_setzero_si256();
@@ -147,6 +147,29 @@ inline float quantize_int16(const float* x, int64_t in, int16_t* xq) {
   return top / qmax;
 }
 
+// Every lane of x (float32 rows, or int16 rows for int8 weights) against the block `w` of eight output rows
+// starting at `o` (`n` of them real), in tiles of up to three lanes x four rows (lanes_dot); output j of lane r
+// is finish(the tile's sum, r, j).
+template <typename X, typename W, typename Sum, typename Finish>
+void lane_tiles(const X* x, int64_t rows, int64_t in, const W* w, int64_t chunks, int64_t o, int64_t n, int64_t out,
+                float* y, Finish finish) {
+  Sum sums[3][4];
+  for (int64_t r0 = 0; r0 < rows; r0 += 3) {
+    const int nl = static_cast<int>(std::min<int64_t>(3, rows - r0));
+    for (int j0 = 0; j0 < kRows; j0 += 4) {
+      const X* xr = x + r0 * in;
+      if (nl == 3) lanes_dot<3>(xr, in, w, chunks, j0, sums);
+      else if (nl == 2) lanes_dot<2>(xr, in, w, chunks, j0, reinterpret_cast<Sum(*)[4]>(sums));
+      else lanes_dot<1>(xr, in, w, chunks, j0, reinterpret_cast<Sum(*)[4]>(sums));
+      for (int l = 0; l < nl; ++l)
+        for (int r = 0; r < 4 && j0 + r < n; ++r) {
+          const int64_t j = o + j0 + r;
+          y[(r0 + l) * out + j] = finish(static_cast<float>(sums[l][r]), r0 + l, j);
+        }
+    }
+  }
+}
+
 // y = x @ w.T for `rows` float32 rows x [rows, in] and a weight packed by pack_half or pack_int8 (`blocks`
 // blocks of eight output rows, `out` of them real; int8 rows times their `scale`): y [rows, out]. Blocks are
 // shared between threads.
@@ -160,55 +183,33 @@ void packed_linear(const float* xp, int64_t rows, const T* wp, const float* scal
   std::vector<int16_t> xq(int8 ? rows * in : 0);
   std::vector<float> x_scale(int8 ? rows : 0);
   for (int64_t r = 0; int8 && r < rows; ++r) x_scale[r] = quantize_int16(xp + r * in, in, xq.data() + r * in);
+  // output j of lane r from its sum: times the lane's and the row's int8 scales, or the row's optional scale
+  const auto finish = [&](float sum, int64_t r, int64_t j) {
+    if constexpr (int8) return sum * x_scale[r] * scale[j];
+    else return scale ? sum * scale[j] : sum;
+  };
   at::parallel_for(0, blocks, 8, [&](int64_t begin, int64_t end) {
     std::vector<float> wide(rows > 1 && !int8 ? kRows * in : 0);
-    float tmp[kRows], lanes[3][4];
-    int32_t sums[kRows], isums[3][4];
+    float tmp[kRows];
+    int32_t sums[kRows];
     for (int64_t b = begin; b < end; ++b) {
       const T* block = wp + b * kRows * in;
       const int64_t o = kRows * b, n = std::min<int64_t>(kRows, out - o);
       if (rows == 1) {
         if constexpr (int8) {
           block_dot_int8(xq.data(), block, in / 16, sums);
-          for (int64_t j = 0; j < n; ++j) yp[o + j] = static_cast<float>(sums[j]) * x_scale[0] * scale[o + j];
+          for (int64_t j = 0; j < n; ++j) yp[o + j] = finish(static_cast<float>(sums[j]), 0, o + j);
         } else {
           block_dot(xp, block, chunks, tmp);
-          for (int64_t j = 0; j < n; ++j) yp[o + j] = scale ? tmp[j] * scale[o + j] : tmp[j];
+          for (int64_t j = 0; j < n; ++j) yp[o + j] = finish(tmp[j], 0, o + j);
         }
         continue;
       }
-      if constexpr (int8) {  // several lanes: up to three lanes x four rows per pass, integer multiply-adds
-        for (int64_t r0 = 0; r0 < rows; r0 += 3) {
-          const int nl = static_cast<int>(std::min<int64_t>(3, rows - r0));
-          for (int j0 = 0; j0 < kRows; j0 += 4) {
-            const int16_t* x = xq.data() + r0 * in;
-            if (nl == 3) lanes_dot_int8<3>(x, in, block, in / 16, j0, isums);
-            else if (nl == 2) lanes_dot_int8<2>(x, in, block, in / 16, j0, reinterpret_cast<int32_t(*)[4]>(isums));
-            else lanes_dot_int8<1>(x, in, block, in / 16, j0, reinterpret_cast<int32_t(*)[4]>(isums));
-            for (int l = 0; l < nl; ++l)
-              for (int r = 0; r < 4 && j0 + r < n; ++r) {
-                const int64_t j = o + j0 + r;
-                yp[(r0 + l) * out + j] = static_cast<float>(isums[l][r]) * x_scale[r0 + l] * scale[j];
-              }
-          }
-        }
-        continue;
-      }
-      // several lanes: widen the block once, then up to three lanes x four rows per pass over it
-      for (int64_t i = 0; i < kRows * in; i += 8) _mm256_storeu_ps(wide.data() + i, load8(block + i));
-      for (int64_t r0 = 0; r0 < rows; r0 += 3) {
-        const int nl = static_cast<int>(std::min<int64_t>(3, rows - r0));
-        for (int j0 = 0; j0 < kRows; j0 += 4) {
-          const float* x = xp + r0 * in;
-          if (nl == 3) lanes_dot<3>(x, in, wide.data(), chunks, j0, lanes);
-          else if (nl == 2) lanes_dot<2>(x, in, wide.data(), chunks, j0, reinterpret_cast<float(*)[4]>(lanes));
-          else lanes_dot<1>(x, in, wide.data(), chunks, j0, reinterpret_cast<float(*)[4]>(lanes));
-          for (int l = 0; l < nl; ++l)
-            for (int r = 0; r < 4 && j0 + r < n; ++r) {
-              const int64_t j = o + j0 + r;
-              yp[(r0 + l) * out + j] = scale ? lanes[l][r] * scale[j] : lanes[l][r];
-            }
-        }
+      if constexpr (int8) {  // several lanes: integer multiply-adds on the block as packed
+        lane_tiles<int16_t, int8_t, int32_t>(xq.data(), rows, in, block, in / 16, o, n, out, yp, finish);
+      } else {  // several lanes: the block widened to float32 once, then every lane against it
+        for (int64_t i = 0; i < kRows * in; i += 8) _mm256_storeu_ps(wide.data() + i, load8(block + i));
+        lane_tiles<float, float, float>(xp, rows, in, wide.data(), chunks, o, n, out, yp, finish);
       }
     }
   });
