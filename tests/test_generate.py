@@ -15,7 +15,9 @@ from dsmr.checkpoint import save_checkpoint
 from dsmr.cli import main
 from dsmr.errors import DsmrError
 from dsmr.generate import (
+    HalfWeightLinear,
     IncrementalDecoder,
+    Int8WeightLinear,
     MusicClock,
     SamplingConfig,
     banned_mask,
@@ -25,6 +27,7 @@ from dsmr.generate import (
     load_prompt,
     pitch_range_bans,
     sample_next,
+    with_precision,
 )
 from dsmr.model import DSMR, DSMRConfig
 from dsmr.tokenizer import make_tokenizer
@@ -115,6 +118,15 @@ def test_closed_ste_gate_matters():
     b = torch.stack([d.step(ids[:, i]) for d in [IncrementalDecoder(closed, SEG)] for i in range(30)], 1)
     assert torch.allclose(a[:, :SEG], b[:, :SEG], atol=1e-6)  # first segment: no memory yet
     assert not torch.allclose(a[:, SEG:], b[:, SEG:], atol=1e-3)
+
+
+def test_with_precision_names_the_weight_copies():
+    model = tiny_model()
+    assert with_precision(model, "float32") is model
+    assert isinstance(with_precision(model, "float16").head, HalfWeightLinear)
+    assert isinstance(with_precision(model, "int8").head, Int8WeightLinear)
+    with pytest.raises(DsmrError, match="precision must be one of float32, float16, int8, got 'bf16'"):
+        with_precision(model, "bf16")
 
 
 def test_half_weight_model_is_close_to_float32():

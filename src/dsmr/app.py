@@ -58,14 +58,14 @@ class ModelStore:
             raise DsmrError(NO_MODEL_HELP)
         if ref not in self._models:
             from dsmr.checkpoint import load_model
-            from dsmr.generate import default_cpu_precision, half_weight_model, int8_weight_model
+            from dsmr.generate import default_cpu_precision, with_precision
 
             model, tokenizer, config = load_model(ref, device=self.device)
             segment_len = config.get("segment_len") or (config.get("train") or {}).get("segment")
             if not isinstance(segment_len, int) or segment_len < 1:
                 raise DsmrError(f"{ref}: config.json has no segment_len")
             if self.device == "cpu":  # as `dsmr generate --precision auto`
-                model = (int8_weight_model if default_cpu_precision(model) == "int8" else half_weight_model)(model)
+                model = with_precision(model, default_cpu_precision(model))
             self._models[ref] = Loaded(ref, model, tokenizer, config, segment_len)
         return self._models[ref]
 

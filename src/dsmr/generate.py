@@ -332,7 +332,7 @@ def fused_step_params(model) -> Optional[tuple[list[Tensor], list[Tensor], bool,
     if len(eps) != 1 or any(type(n) is not type(norms[0]) or n.weight is None or n.weight.dtype != torch.float32
                             for n in norms):
         return None
-    if not rmsnorm and any(not isinstance(n, nn.LayerNorm) or n.bias is None for n in norms):
+    if not rmsnorm and any(n.bias is None for n in norms):  # all LayerNorm here (one type, checked above)
         return None
     linears = [m for block in model.blocks
                for m in (block.attn.qkv_proj, block.attn.out_proj, block.mlp[0], block.mlp[2])] + [model.head]
@@ -423,6 +423,15 @@ def default_cpu_precision(model) -> str:
     kernels.load()
     int8_ready = all(m.in_features % 16 == 0 for m in model.modules() if isinstance(m, nn.Linear))
     return "int8" if kernels.loaded() and int8_ready else "float16"
+
+
+def with_precision(model, precision: str):
+    """`model` with its projection weights as `precision` keeps them for decoding: "float32" (the model
+    itself), "float16" (`half_weight_model`) or "int8" (`int8_weight_model`)."""
+    converters = {"float32": lambda m: m, "float16": half_weight_model, "int8": int8_weight_model}
+    if precision not in converters:
+        raise DsmrError(f"precision must be one of {', '.join(converters)}, got {precision!r}")
+    return converters[precision](model)
 
 
 def _with_linears(model, linear_class):

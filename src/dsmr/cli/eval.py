@@ -55,9 +55,9 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer, config = load_model(args.checkpoint, device=device, which=args.weights)
     check_tokenizer(config, cache.tokenizer, f"the cache {cache.path}")
     if args.precision != "float32":
-        from dsmr.generate import half_weight_model, int8_weight_model
+        from dsmr.generate import with_precision
 
-        model = (half_weight_model if args.precision == "float16" else int8_weight_model)(model)
+        model = with_precision(model, args.precision)
     pieces = cache.pieces(args.split)[: args.max_pieces]
     if not pieces:
         raise DsmrError(f"split {args.split!r} of the cache {cache.path} has no pieces")

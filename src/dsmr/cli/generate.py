@@ -77,8 +77,8 @@ def run(args: argparse.Namespace) -> int:
     from dsmr import kernels
     from dsmr.checkpoint import load_model
     from dsmr.runtime import resolve_device
-    from dsmr.generate import (SamplingConfig, batch_summary, default_cpu_precision, generate_batch, half_weight_model,
-                               int8_weight_model, load_prompt, pitch_range_bans)
+    from dsmr.generate import (SamplingConfig, batch_summary, default_cpu_precision, generate_batch, load_prompt,
+                               pitch_range_bans, with_precision)
     from dsmr.render import find_fluidsynth, find_soundfont, plot_pianoroll, render_wav
 
     max_tokens = args.max_tokens if args.max_tokens is not None else (None if args.max_seconds else 2048)
@@ -101,10 +101,7 @@ def run(args: argparse.Namespace) -> int:
     precision = args.precision
     if precision == "auto":
         precision = default_cpu_precision(model) if device.type == "cpu" else "float32"
-    if precision == "float16":
-        model = half_weight_model(model)
-    elif precision == "int8":
-        model = int8_weight_model(model)
+    model = with_precision(model, precision)
 
     prompt_ids = None if args.prompt is None else load_prompt(args.prompt, tokenizer, args.prompt_seconds)
     if (args.min_pitch, args.max_pitch) != (0, 127):
