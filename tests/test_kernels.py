@@ -366,24 +366,39 @@ def test_dsmr_kernels_0_skips_them(monkeypatch, recwarn):
     assert not [w for w in recwarn if "dsmr" in str(w.message)]
 
 
-def test_a_stale_build_lock_is_removed(monkeypatch, tmp_path):
-    """torch waits for a build's lock without a timeout: one left by a killed process must not hang us."""
-    import os
+def test_a_build_lock_left_by_a_killed_process_is_removed_at_once(monkeypatch, tmp_path):
+    """torch waits for a build's lock without a timeout: one left by a killed process (however fresh) must not
+    hang us; a build running in a live process is waited for, up to a limit."""
+    import subprocess
+    import sys
     import time
 
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     folder = kernels.build_directory()
     assert folder.parent == tmp_path and torch.__version__.replace("+", "_") in folder.name
     folder.mkdir()
-    lock = folder / "lock"
-    lock.touch()
-    kernels._remove_stale_lock(folder)
-    assert lock.exists()  # fresh: a build may be running
-    old = time.time() - kernels.STALE_LOCK_SECONDS - 60
-    os.utime(lock, (old, old))
-    with pytest.warns(RuntimeWarning, match="stale build lock"):
-        kernels._remove_stale_lock(folder)
-    assert not lock.exists()
+    # a builder killed with SIGKILL while holding both locks: the flock dies with it, torch's file stays
+    holder = subprocess.Popen([sys.executable, "-c", f"""
+import fcntl, pathlib, time
+folder = pathlib.Path({str(folder)!r})
+handle = open(folder / "dsmr-build.flock", "a+")
+fcntl.flock(handle, fcntl.LOCK_EX)
+(folder / "lock").touch()
+print("held", flush=True)
+time.sleep(60)
+"""], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(kernels.BuildLockTimeout, match="another process"):
+        with kernels.build_lock(folder, wait_seconds=0.5):
+            pass
+    assert (folder / "lock").exists(), "a live build's lock is left alone"
+    holder.kill()
+    holder.wait()
+    start = time.monotonic()
+    with pytest.warns(RuntimeWarning, match="killed build"):
+        with kernels.build_lock(folder, wait_seconds=30):
+            assert not (folder / "lock").exists()
+    assert time.monotonic() - start < 5
 
 
 def test_needs_build_until_a_build_is_in_the_folder(monkeypatch, tmp_path):

@@ -226,3 +226,52 @@ def test_excerpt_positions_are_absolute_and_phase_varies_by_epoch():
     next(it)
     resumed.load_state_dict(s.state_dict())
     assert next(it).ids.equal(next(iter(resumed)).ids)
+
+
+def test_refilling_lanes_keep_every_batch_full_across_epochs_and_hand_out_each_piece_once_per_epoch():
+    # One long piece among short ones: a draining epoch ends with lanes idle while the long piece finishes.
+    lengths = [40, 900, 35, 50, 61, 20, 33, 47, 58, 29]
+    pieces = unique_pieces(lengths)
+    kw = dict(batch_size=3, segment_len=16, bos_id=BOS, eos_id=EOS, pad_id=PAD, seed=2)
+    draining = one_epoch(PieceStream(pieces, **kw))
+    assert min(int(b.token_mask[:, 0].sum()) for b in draining) == 1, "the draining epoch ends on one lane"
+
+    stream = PieceStream(pieces, refill=True, **kw)
+    steps = stream.steps_for_epochs(3)
+    segments = sum(-(-(n + 1) // 16) for n in lengths)
+    assert steps == -(-3 * segments // 3)
+    batches = [b for b, _ in zip(iter(stream), range(steps))]
+    # every lane is reading a piece in every batch but the last (where the stream may stop mid-piece)
+    assert all(bool(b.token_mask[:, 0].all()) for b in batches[:-1])
+    # each epoch's order hands out every piece once, and all of one epoch's pieces before the next's
+    starts = [int(b.targets[row, 0]) for b in batches for row in range(3) if b.reset[row] and b.token_mask[row, 0]]
+    firsts = [int(p[0]) for p in pieces]
+    n = len(pieces)
+    for e in range(len(starts) // n):
+        assert sorted(starts[e * n:(e + 1) * n]) == sorted(firsts)
+    assert len(starts) >= 2 * n and stream.epoch >= 2
+    # every piece a lane finished is rebuilt exactly; the ones still being read at the end are prefixes
+    by_first = {int(p[0]): [BOS] + p.tolist() for p in pieces}
+    for inputs, targets in lane_rows(batches):
+        want = by_first[targets[0]]
+        assert inputs == want[:len(inputs)] and (targets[-1] != EOS or inputs == want)
+
+
+def test_refilling_stream_resumes_at_the_exact_segment_across_an_epoch_boundary():
+    pieces = unique_pieces(LENGTHS)
+    kw = dict(batch_size=3, segment_len=50, bos_id=BOS, eos_id=EOS, pad_id=PAD, seed=3, refill=True)
+    a = PieceStream(pieces, **kw)
+    it = iter(a)
+    n_epoch = a.steps_for_epochs(1)
+    for _ in range(n_epoch - 2):
+        next(it)
+    saved = json.loads(json.dumps(a.state_dict()))
+    rest_a = [next(it) for _ in range(n_epoch + 3)]
+    b = PieceStream(pieces, **kw)
+    b.load_state_dict(saved)
+    it_b = iter(b)
+    rest_b = [next(it_b) for _ in range(n_epoch + 3)]
+    for x, y in zip(rest_a, rest_b):
+        for f in ("ids", "targets", "positions", "reset", "token_mask"):
+            assert getattr(x, f).equal(getattr(y, f))
+    assert a.epoch == b.epoch >= 1 and a.state_dict() == b.state_dict()

@@ -166,15 +166,14 @@ def test_final_evaluation_and_recipe_options_reach_the_table(bach_cache, tmp_pat
 def test_epochs_train_every_variant_for_whole_passes(bach_cache, tmp_path):
     """--epochs N: the steps of N passes of the full-piece lanes over the training split, the same count
     `dsmr train --epochs N` trains for those lanes, segment and seed; recorded in study.json."""
-    from dsmr.stream import PieceStream
-    from dsmr.train import TrainConfig, total_steps
+    from dsmr.train import TrainConfig, total_steps, training_stream
 
     cfg = StudyConfig(**dict(TINY, batch_size=8, segment=64, epochs=1, eval_every=1000, val_pieces=1))
     steps = study.epoch_steps(bach_cache, cfg)
-    assert steps >= bach_cache.num_tokens("train") / (8 * 64)  # every token once, padding at lane ends
-    tok = bach_cache.tokenizer
-    lanes = PieceStream(bach_cache.pieces("train"), 8, 64, tok.bos_id, tok.eos_id, tok.pad_id, seed=0)
-    assert steps == total_steps(TrainConfig(steps=None, epochs=1, batch_size=8, segment=64), lanes)
+    assert steps >= bach_cache.num_tokens("train") / (8 * 64)  # every token once, padding at piece ends
+    train_cfg = TrainConfig(steps=None, epochs=1, batch_size=8, segment=64)
+    lanes = training_stream(train_cfg, bach_cache.pieces("train"), bach_cache.tokenizer)
+    assert steps == total_steps(train_cfg, lanes)
     assert study.epoch_steps(bach_cache, StudyConfig(**dict(TINY, batch_size=8, segment=64, epochs=2))) > steps
     records = study.run_study(bach_cache.path, tmp_path / "s", cfg, variants=["none"], fresh_process=False,
                               progress=False)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -330,3 +331,47 @@ def test_initial_weights_scale_with_width_unless_given():
         weights = DSMR(cfg).blocks[0].mlp[0].weight
         assert weights.std().item() == pytest.approx(d_model ** -0.5, rel=0.05)
     assert make_model_config(TrainConfig(init_std=0.03), vocab_size=50).init_std == 0.03
+
+
+def test_a_diverging_run_stops_with_an_error_and_keeps_its_last_good_checkpoint(bach_cache, tmp_path, monkeypatch):
+    import dsmr.train as train_module
+    from dsmr.train import TrainingDiverged
+
+    # a learning rate that throws the weights to 1e12 in one step: nothing of it is saved
+    with pytest.raises(TrainingDiverged, match="diverged by step 1: weight"):
+        train(tiny(steps=30, save_every=1, lr=1e12, warmup_steps=0), bach_cache, tmp_path / "wild", progress=False)
+    assert not (tmp_path / "wild" / "model.safetensors").exists()
+
+    # a loss that turns NaN at the third step: the run stops there, the second step's checkpoint stays
+    real, calls = train_module.token_nll, {"n": 0}
+
+    def nan_at_third(logits, targets):
+        calls["n"] += 1
+        nll = real(logits, targets)
+        return nll * float("nan") if calls["n"] == 3 else nll
+
+    monkeypatch.setattr(train_module, "token_nll", nan_at_third)
+    run = tmp_path / "run"
+    with pytest.raises(TrainingDiverged, match="diverged at step 3"):
+        train(tiny(steps=30, save_every=1), bach_cache, run, progress=False)
+    saved = load_model(run)[0].state_dict()
+    assert all(torch.isfinite(t).all() for t in saved.values())
+    assert load_trainer_state(run)["step"] == 2
+
+
+@pytest.mark.parametrize("option,value", [("lr", math.inf), ("lr", math.nan), ("gate_lambda", math.inf),
+                                          ("gate_init", math.nan), ("init_std", 1e12), ("seed", -1)])
+def test_non_finite_and_absurd_training_options_are_refused_up_front(option, value):
+    with pytest.raises(DsmrError, match=option):
+        tiny(**{option: value}).validate()
+
+
+def test_resume_of_a_run_killed_in_its_first_save_starts_it_from_step_0(bach_cache, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    # what a kill at the first rename of the first save leaves: temporaries, no config.json, no state
+    (run / ".config.json.abc123.tmp").write_text("{")
+    (run / ".model.safetensors.def456.tmp").write_bytes(b"\0" * 1000)
+    result = train(tiny(steps=3, save_every=1), bach_cache, run, progress=False, resume=True)
+    assert result["steps"] == 3 and load_trainer_state(run)["step"] == 3
+    assert not [p.name for p in run.iterdir() if p.name.endswith(".tmp")], "a finished run leaves no temporaries"

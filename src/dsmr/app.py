@@ -43,6 +43,13 @@ class Loaded:
     config: dict
     segment_len: int
 
+    @property
+    def guards_notes(self) -> bool:
+        """The encoding ends notes with NOTE_OFFs, so the page's longest-note limit applies."""
+        from dsmr.note_guard import has_note_offs
+
+        return has_note_offs(self.tokenizer)
+
 
 class ModelStore:
     """Loads each model once; one generation at a time (CPU-bound: parallel requests only slow each other)."""
@@ -108,15 +115,18 @@ def check_request(prompt_seconds, seconds, temperature, top_p, variations, min_p
 def generate_variations(loaded: Loaded, prompt_path, out_dir, *, prompt_seconds: float | None = 10.0,
                         seconds: float = 30.0, temperature: float = 1.0, top_p: float = 0.95,
                         seed: int | None = None, variations: int = 1, min_pitch: int = 0, max_pitch: int = 127,
-                        render_audio: bool = True, progress=None) -> list[dict]:
+                        max_note_seconds: float | None = None, render_audio: bool = True,
+                        progress=None) -> list[dict]:
     """Continue `prompt_path` (None: start from nothing) `variations` times (seeds seed, seed + 1, ...).
 
+    `max_note_seconds`: the note guard's longest note (None: its default; 0: no limit; dsmr.note_guard).
     Each result: {"midi", "pianoroll", "wav" (None without FluidSynth), "audio_note", and the generation
     summary}. DsmrError for bad input (non-MIDI prompt, no notes, settings out of range)."""
     import dataclasses
     import random
 
     from dsmr.generate import SamplingConfig, generate, load_prompt, pitch_range_bans
+    from dsmr.note_guard import guard_for
     from dsmr.render import find_fluidsynth, find_soundfont, plot_pianoroll, render_wav
 
     variations = int(variations)
@@ -143,7 +153,8 @@ def generate_variations(loaded: Loaded, prompt_path, out_dir, *, prompt_seconds:
     results = []
     for k in range(variations):
         sampling = SamplingConfig(temperature=float(temperature), top_p=float(top_p), seed=seed + k,
-                                  max_seconds=float(seconds), max_tokens=None, stop_at_eos=False)
+                                  max_seconds=float(seconds), max_tokens=None, stop_at_eos=False,
+                                  **guard_for(tokenizer, max_note_seconds))
         if (min_pitch, max_pitch) != (0, 127):
             sampling = dataclasses.replace(sampling, banned_ids=tuple(pitch_range_bans(tokenizer, min_pitch,
                                                                                         max_pitch)))
@@ -191,6 +202,8 @@ def _gradio():
 def build_app(model=None, cache=None, device: str = "cpu", out_root=None, render_audio: bool = True):
     """The Gradio Blocks of the page. `model`: the initial model reference; `cache`: a TokenCache whose
     validation pieces the page offers as prompts."""
+    from dsmr.note_guard import DEFAULT_MAX_NOTE_SECONDS
+
     gr = _gradio()
     store = ModelStore(device)
     out_root = Path(out_root or tempfile.mkdtemp(prefix="dsmr-app-"))
@@ -198,7 +211,7 @@ def build_app(model=None, cache=None, device: str = "cpu", out_root=None, render
     pieces = cache_pieces(cache)
 
     def run(model_ref, upload, piece, prompt_seconds, seconds, temperature, top_p, seed, variations,
-            min_pitch, max_pitch, progress=gr.Progress()):
+            min_pitch, max_pitch, max_note_seconds, progress=gr.Progress()):
         hidden = [gr.update(visible=False)] * MAX_VARIATIONS
         empty = ([None] * MAX_VARIATIONS) * 3
         try:
@@ -215,8 +228,9 @@ def build_app(model=None, cache=None, device: str = "cpu", out_root=None, render
                     loaded, prompt, out_dir, prompt_seconds=_num(prompt_seconds), seconds=_num(seconds),
                     temperature=_num(temperature), top_p=_num(top_p),
                     seed=None if seed in (None, "") else int(seed), variations=int(variations or 1),
-                    min_pitch=int(min_pitch), max_pitch=int(max_pitch), render_audio=render_audio,
-                    progress=progress)
+                    min_pitch=int(min_pitch), max_pitch=int(max_pitch),
+                    max_note_seconds=_num(max_note_seconds) if loaded.guards_notes else 0,
+                    render_audio=render_audio, progress=progress)
         except DsmrError as err:
             return [f"**Error**: {err}"] + hidden + empty
         except Exception as err:  # the server keeps serving; say what happened
@@ -251,11 +265,13 @@ def build_app(model=None, cache=None, device: str = "cpu", out_root=None, render
                 with gr.Row():
                     min_pitch = gr.Slider(0, 127, value=21, step=1, label="Lowest pitch")
                     max_pitch = gr.Slider(0, 127, value=108, step=1, label="Highest pitch")
+                max_note_seconds = gr.Slider(0, 30, value=DEFAULT_MAX_NOTE_SECONDS, step=0.5,
+                                             label="Longest note (seconds; 0: no limit)")
                 button = gr.Button("Generate", variant="primary", elem_id="generate")
             with gr.Column(scale=2):
                 status, groups, audios, rolls, files = _result_column(gr, ready=bool(model))
         button.click(run, inputs=[model_box, upload, piece, prompt_seconds, seconds, temperature, top_p, seed,
-                                  variations, min_pitch, max_pitch],
+                                  variations, min_pitch, max_pitch, max_note_seconds],
                      outputs=[status] + groups + audios + rolls + files, api_name="generate",
                      concurrency_limit=1)
     demo.dsmr_out_root = out_root

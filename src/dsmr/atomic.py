@@ -8,11 +8,14 @@ loss) can leave a temporary file `.NAME.XXXX.tmp`; `remove_stale_temporaries` de
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import tempfile
 from pathlib import Path
 from typing import Iterator
+
+from dsmr.errors import DsmrError
 
 
 @contextlib.contextmanager
@@ -22,6 +25,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     Use it for writers that want a filename (torch.save, safetensors, symusic's dump_midi, savefig).
     """
     path = Path(path)
+    if os.path.lexists(path) and not (path.is_file() or path.is_symlink()):
+        # a rename would put the file in place of a device (/dev/full), a FIFO or a socket
+        raise DsmrError(f"{path} exists and is not a regular file: refusing to replace it")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -37,9 +43,27 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        if err.filename is None:  # say where: a write() error names no file
+            raise OSError(err.errno, f"{err.strerror} (writing {path})") from err
+        raise
+    except Exception as err:
+        # writers in C++ (torch.save, safetensors) report a full disk in their own words
+        if _disk_full(path.parent):
+            raise OSError(errno.ENOSPC, f"no space left on the device (writing {path}); the earlier file, "
+                                        f"if any, is unchanged") from err
+        raise
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+
+
+def _disk_full(folder: Path, margin: int = 1 << 20) -> bool:
+    try:
+        stat = os.statvfs(folder)
+    except OSError:
+        return False
+    return stat.f_bavail * stat.f_frsize < margin
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

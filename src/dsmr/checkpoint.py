@@ -335,13 +335,15 @@ def prepare_run(run_dir, config: dict, resume: bool, world_size: int) -> dict | 
     if not resume:
         if (run_dir / CONFIG_FILE).exists() or (run_dir / TRAINER_STATE_FILE).exists():
             raise DsmrError(f"{run_dir} already holds a run: resume it (--resume) or choose another --out")
+        if run_dir.is_dir():
+            remove_run_temporaries(run_dir)
         return None
-    remove_run_temporaries(run_dir)  # left by a save that was killed
-    started = (run_dir / METRICS_FILE).exists() and not (run_dir / TRAINER_STATE_FILE).exists()
-    if not (run_dir / CONFIG_FILE).exists() and started:
-        # killed inside its first save, after metrics.jsonl and before config.json
-        print(f"dsmr train: {run_dir} has no {CONFIG_FILE} (the run stopped in its first save); starting "
-              f"it again from step 0", file=sys.stderr)
+    if run_dir.is_dir():
+        remove_run_temporaries(run_dir)  # left by a save that was killed
+    if not (run_dir / CONFIG_FILE).exists() and not (run_dir / TRAINER_STATE_FILE).exists():
+        # never saved, or killed inside its first save (before config.json was renamed into place)
+        print(f"dsmr train: {run_dir} holds no save to resume (the run stopped before or in its first save); "
+              f"starting it from step 0", file=sys.stderr)
         return None
     check_resume(run_dir, config)
     if not (run_dir / TRAINER_STATE_FILE).exists():

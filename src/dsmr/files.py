@@ -122,6 +122,8 @@ def check_output_file(path: str | os.PathLike, option: str) -> None:
     path = Path(path).expanduser()
     if path.is_dir():
         raise DsmrError(f"{option} {path} is a folder; give a file name (e.g. {path / 'out.mid'})")
+    if os.path.lexists(path) and not (path.is_file() or path.is_symlink()):
+        raise DsmrError(f"{option} {path} is not a regular file (a device, FIFO or socket): give a file name")
     _check_writable_parent(path, option)
 
 

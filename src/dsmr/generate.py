@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from dsmr import kernels
 from dsmr.errors import DsmrError
+from dsmr.note_guard import NoteGuard, check_guard_options
 from dsmr.model import attention_mask
 
 class IncrementalDecoder:
@@ -458,6 +459,14 @@ class SamplingConfig:
     max_seconds: Optional[float] = None  # stop once the piece (prompt included) is this long
     stop_at_eos: bool = True       # False: EOS is banned and the piece goes on until a limit
     banned_ids: Sequence[int] = ()  # events never sampled (BOS and PAD never are)
+    # the note guard (dsmr.note_guard; encodings with NOTE_OFF events): no note longer than this, no more
+    # notes sounding at once than that; either one turns the guard on
+    max_note_seconds: Optional[float] = None
+    max_polyphony: Optional[int] = None
+
+    @property
+    def guards_notes(self) -> bool:
+        return self.max_note_seconds is not None or self.max_polyphony is not None
 
     def validate(self, vocab_size: Optional[int] = None) -> None:
         problems = []
@@ -475,6 +484,7 @@ class SamplingConfig:
             problems.append("give max_tokens or max_seconds (or both): a piece needs a limit")
         if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 2**63):
             problems.append(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
+        problems += check_guard_options(self.max_note_seconds, self.max_polyphony)
         if vocab_size is not None:
             bad = [i for i in self.banned_ids if not 0 <= int(i) < vocab_size]
             if bad:
@@ -729,6 +739,10 @@ def generate_batch(model, tokenizer, segment_len: int, prompt_ids: Optional[Sequ
     generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
     banned = banned_mask(tokenizer, sampling, device=device)[None]
     lanes = _Lanes(tokenizer, sampling, prompt, B, progress)
+    guard = None
+    if sampling.guards_notes:
+        guard = NoteGuard(tokenizer, B, sampling.max_note_seconds, sampling.max_polyphony, device=device)
+        guard.feed(prompt.tolist())
     with PeakMemory(device) as meter, torch.inference_mode():
         decoder = IncrementalDecoder(model, segment_len, batch_size=B, device=device, compile=bool(compile),
                                      state_dtype=decoding_state_dtype(model, bool(compile)), fused=fused)
@@ -737,7 +751,7 @@ def generate_batch(model, tokenizer, segment_len: int, prompt_ids: Optional[Sequ
         logits = _prefill(decoder, tokenizer, prompt)
         prefill = time.perf_counter() - start
         cpu_start = time.process_time()
-        _sample_lanes(decoder, logits, lanes, sampling, generators[0] if B == 1 else generators, banned)
+        _sample_lanes(decoder, logits, lanes, sampling, generators[0] if B == 1 else generators, banned, guard)
         wall = time.perf_counter() - start
         cpu = time.process_time() - cpu_start
     lanes.close_bar()
@@ -775,12 +789,19 @@ def _prefill(decoder: "IncrementalDecoder", tokenizer, prompt: np.ndarray) -> Te
 
 
 def _sample_lanes(decoder: "IncrementalDecoder", logits: Tensor, lanes: "_Lanes", sampling: SamplingConfig,
-                  generator, banned: Tensor) -> None:
+                  generator, banned: Tensor, guard: Optional[NoteGuard] = None) -> None:
     """Sample, record and step until every lane has stopped (or Ctrl-C: the live lanes stop 'interrupted')."""
     step_input = torch.zeros(decoder.batch_size, dtype=torch.long, device=decoder.device)
     try:
         while True:
-            tokens = sample_next(logits, sampling, generator, banned)
+            ban = banned
+            if guard is not None:
+                ban = banned | guard.banned()
+                stuck = ban.all(dim=-1, keepdim=True)  # the user's bans and the guard's leave nothing
+                ban = torch.where(stuck, banned, ban)
+            tokens = sample_next(logits, sampling, generator, ban)
+            if guard is not None:
+                guard.update(tokens)
             if lanes.record(tokens.tolist()) == 0:
                 return
             step_input.copy_(tokens)

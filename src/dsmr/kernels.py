@@ -12,6 +12,7 @@ decode_attention have fake implementations, so a torch.compile'd decoding step c
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import sys
@@ -23,7 +24,7 @@ import torch
 
 SOURCE = Path(__file__).with_name("kernels.cpp")
 NAME = "dsmr_cpu_kernels"
-STALE_LOCK_SECONDS = 600  # a build takes ~1 minute: a lock this old was left by a killed process
+BUILD_WAIT_SECONDS = 600  # a build takes ~1 minute; waiting longer for another process's build: give up
 _state = {"loaded": False, "error": None, "enabled": True}
 
 
@@ -51,9 +52,9 @@ def load(verbose: bool = False) -> bool:
 
         folder = build_directory()
         folder.mkdir(parents=True, exist_ok=True)
-        _remove_stale_lock(folder)
-        build(name=NAME, sources=[str(SOURCE)], is_python_module=False, verbose=verbose, build_directory=str(folder),
-              extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c"])
+        with build_lock(folder):
+            build(name=NAME, sources=[str(SOURCE)], is_python_module=False, verbose=verbose,
+                  build_directory=str(folder), extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c"])
     except Exception as e:  # no compiler, no ninja, a read-only cache...: decoding still works, slower
         _state["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
         warnings.warn(f"dsmr: the CPU decoding kernels could not be built ({_state['error']}); decoding uses "
@@ -85,17 +86,39 @@ def built() -> bool:
     return (build_directory() / f"{NAME}.so").exists()
 
 
-def _remove_stale_lock(folder: Path) -> None:
-    # torch waits without a timeout for the lock a build holds; a process killed mid-build leaves it behind
-    lock = folder / "lock"
-    try:
-        age = time.time() - lock.stat().st_mtime
-    except FileNotFoundError:
-        return
-    if age > STALE_LOCK_SECONDS:
-        warnings.warn(f"dsmr: removing a stale build lock ({lock}, {age / 60:.0f} minutes old)", RuntimeWarning,
-                      stacklevel=3)
-        lock.unlink(missing_ok=True)
+class BuildLockTimeout(RuntimeError):
+    pass
+
+
+@contextlib.contextmanager
+def build_lock(folder: Path, wait_seconds: float = BUILD_WAIT_SECONDS):
+    """Hold the right to build in `folder`. torch's own build lock is a plain file that waits without end and
+    stays behind when its process is killed; dsmr builds only while holding an flock on `dsmr-build.flock`,
+    which the system releases when its holder dies. So whoever holds the flock knows that a torch lock
+    left in the folder belongs to nobody, and removes it. Another process building: wait up to
+    `wait_seconds`, then BuildLockTimeout (decoding goes on without the kernels)."""
+    import fcntl
+
+    with open(folder / "dsmr-build.flock", "a+") as handle:
+        deadline = time.monotonic() + wait_seconds
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise BuildLockTimeout(f"another process has been building the kernels in {folder} for "
+                                           f"over {wait_seconds:.0f} s") from None
+                time.sleep(0.2)
+        try:
+            stale = folder / "lock"
+            if stale.exists():
+                warnings.warn(f"dsmr: removing a build lock left by a killed build ({stale})", RuntimeWarning,
+                              stacklevel=4)
+                stale.unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def loaded() -> bool:

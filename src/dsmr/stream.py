@@ -6,9 +6,16 @@ whole pieces one after another, `segment_len` tokens at a time: a piece starts a
 with `reset=True`, and its last segment is padded (input PAD, target -100, token_mask False).
 
 Lanes take the next piece of a per-epoch shuffled order whenever they need one (dynamic assignment keeps
-the lanes busy whatever the piece lengths). An epoch ends with the batch that holds the last segment of
-its last piece; lanes that run out of work before then emit padding rows with `reset=True`. Every target
-of every piece therefore counts exactly once per epoch.
+the lanes busy whatever the piece lengths). Two ways to end an epoch:
+
+* draining (evaluation, `refill=False`): the epoch ends with the batch that holds the last segment of its
+  last piece; lanes that run out of work before then emit padding rows with `reset=True`. Every target of
+  every piece counts exactly once per epoch.
+* refilling (training, `refill=True`): a lane that needs a piece once the epoch's order is used up takes
+  the first free piece of the next epoch's order, so every batch is full; on MAESTRO a draining epoch ends
+  with a few hundred steps on the last 2-5 long pieces, which pulls the model toward them. Every piece is
+  still handed out once per epoch, and all of an epoch's pieces before any of the next; "N epochs" of
+  training is the number of full batches that hold N epochs' segments (`steps_for_epochs`).
 
 Distributed training: the `world_size * batch_size` lanes of all ranks share one assignment, and rank r
 reads lanes `[r * batch_size, (r + 1) * batch_size)`. Ranks get disjoint pieces, their load stays
@@ -138,6 +145,13 @@ class _Stream:
     def _next_batch(self) -> SegmentBatch:
         raise NotImplementedError
 
+    def count_batches(self, epoch: int | None = None) -> int:
+        raise NotImplementedError
+
+    def steps_for_epochs(self, epochs: int) -> int:
+        """Batches in `epochs` whole epochs from the first."""
+        return sum(self.count_batches(e) for e in range(epochs))
+
     def _fingerprint(self) -> dict:
         return {"n_pieces": len(self.pieces), "tokens": int(self.inputs_per_piece.sum()),
                 "batch_size": self.batch_size, "segment_len": self.segment_len,
@@ -145,13 +159,17 @@ class _Stream:
 
 
 class PieceStream(_Stream):
-    """Full-piece lanes: deterministic for a seed, resumable at the exact next segment."""
+    """Full-piece lanes: deterministic for a seed, resumable at the exact next segment.
+
+    `refill=True` (training) carries lanes over epoch boundaries instead of draining them (module docstring).
+    """
 
     def __init__(self, pieces: Sequence[np.ndarray], batch_size: int, segment_len: int, bos_id: int,
                  eos_id: int, pad_id: int, shuffle: bool = True, seed: int = 0, rank: int = 0,
-                 world_size: int = 1):
+                 world_size: int = 1, refill: bool = False):
         super().__init__(pieces, batch_size, segment_len, bos_id, eos_id, pad_id, shuffle, seed, rank, world_size)
         self.n_lanes = batch_size * world_size  # lanes of all ranks, assigned together
+        self.refill = refill
         self._start_epoch(0)
 
     # ----- epoch plan -----
@@ -160,11 +178,15 @@ class PieceStream(_Stream):
         return _epoch_rng(self.seed, epoch).permutation(n) if self.shuffle else np.arange(n)
 
     def _start_epoch(self, epoch: int) -> None:
+        self._begin_order(epoch)
+        self._lane_piece = np.full(self.n_lanes, -1, dtype=np.int64)  # -1: idle
+        self._lane_offset = np.zeros(self.n_lanes, dtype=np.int64)    # next input position to read
+
+    def _begin_order(self, epoch: int) -> None:
+        """Hand out pieces from `epoch`'s order (lanes keep what they are reading)."""
         self.epoch = epoch
         self._order_cache = self._order(epoch)
         self._next = 0                                            # next entry of the order to hand out
-        self._lane_piece = np.full(self.n_lanes, -1, dtype=np.int64)  # -1: idle
-        self._lane_offset = np.zeros(self.n_lanes, dtype=np.int64)    # next input position to read
         self.batches_in_epoch = 0                                # batches emitted so far this epoch
 
     def _lane_busy(self, lane: int) -> bool:
@@ -187,13 +209,22 @@ class PieceStream(_Stream):
             end = max(end, t + int(segments[p]))
         return end
 
+    def steps_for_epochs(self, epochs: int) -> int:
+        """Batches in `epochs` epochs: with refilling lanes, the full batches that hold their segments."""
+        if not self.refill:
+            return super().steps_for_epochs(epochs)
+        segments = int((-(-self.inputs_per_piece // self.segment_len)).sum())
+        return -(-epochs * segments // self.n_lanes)
+
     # ----- iteration -----
     def _next_batch(self) -> SegmentBatch:
-        order = self._order_cache
         T = self.segment_len
         started = np.zeros(self.n_lanes, dtype=bool)
         for lane in range(self.n_lanes):  # free lanes take the next piece, in lane order
             if not self._lane_busy(lane):
+                if self.refill and self._next >= len(self._order_cache):
+                    self._begin_order(self.epoch + 1)
+                order = self._order_cache
                 if self._next < len(order):
                     self._lane_piece[lane] = order[self._next]
                     self._lane_offset[lane] = 0
@@ -212,7 +243,8 @@ class PieceStream(_Stream):
                 writer.write(row, self.pieces[p], start, count, reset=bool(started[lane]))
         self._lane_offset[self._lane_piece >= 0] += T
         self.batches_in_epoch += 1
-        if self._next >= len(order) and not any(self._lane_busy(lane) for lane in range(self.n_lanes)):
+        if (not self.refill and self._next >= len(self._order_cache)
+                and not any(self._lane_busy(lane) for lane in range(self.n_lanes))):
             self._start_epoch(self.epoch + 1)  # roll over eagerly: `epoch` is exact after the last batch
         return writer.batch()
 

@@ -37,6 +37,7 @@ from dsmr import __version__
 from dsmr.atomic import atomic_path, atomic_write_json, atomic_write_text
 from dsmr.configs import dataclass_from_dict
 from dsmr.errors import DsmrError
+from dsmr.model_config import MEMORIES, recipe_default
 from dsmr.options import option
 
 STUDY_FILE = "study.json"
@@ -55,16 +56,20 @@ SHARED_OPTIONS = ("layers", "d_model", "heads", "head_dim", "tie_embeddings", "i
 
 @dataclass
 class StudyConfig:
-    """Options every variant shares. The defaults are the published MAESTRO study (docs/study/)."""
+    """Options every variant shares. The model's recipe (output head, initial std, memory) defaults to
+    DSMRConfig's, like `dsmr train`; PRESETS name other option sets (the first study's old recipe)."""
 
     # model
     layers: int = option(4, "decoder blocks")
     d_model: int = option(128, "model width")
     heads: int = option(4, "attention heads")
     head_dim: int | None = option(None, "width of each head", default_text="d-model / heads")
-    tie_embeddings: bool = option(True, "separate output head instead of the tied embedding")
-    init_std: float = option(0.02, "std of the initial weights (dsmr train's default is 1 / sqrt(d-model))")
-    memory: str = option("kv", "what the memory holds in training (see dsmr train --help)", choices=("kv", "hidden"))
+    tie_embeddings: bool = option(recipe_default("tie_embeddings"), "output head tied to the token embedding",
+                                  negative="--no-tie-embeddings", negative_help="a separate output head (the default)")
+    init_std: float | None = option(recipe_default("init_std"), "std of the initial weights",
+                                    default_text="1 / sqrt(d-model)")
+    memory: str = option(recipe_default("memory"), "what the memory holds in training (see dsmr train --help)",
+                         choices=MEMORIES)
     # data: every variant reads the same lanes of whole pieces in the same order (same seed)
     segment: int = option(128, "tokens per segment")
     batch_size: int = option(8, "lanes")
@@ -81,11 +86,11 @@ class StudyConfig:
     curriculum: float = option(0.5, "the *-curriculum variants grow their horizons from 0 over this fraction of "
                                     "the steps")
     # optimization and evaluation
-    steps: int = option(800, "optimizer steps per variant")
+    steps: int = option(6000, "optimizer steps per variant")
     epochs: int | None = option(None, "instead of --steps: the steps of this many passes of the lanes over every "
                                       "training piece (the same for every variant)")
     lr: float = option(1e-3, "peak learning rate")
-    eval_every: int = option(200, "steps between validations, for the curves")
+    eval_every: int = option(500, "steps between validations, for the curves")
     # the first N validation pieces, each in full (None here, 0 on the command line: all)
     val_pieces: int | None = option(6, "validate on the first N validation pieces, each in full",
                                     default_text="6; 0 = all")
@@ -94,7 +99,7 @@ class StudyConfig:
                                "(in the tables)")
     seed: int = option(0, "seed for initialization and data order")
     # runtime: the command line spells these as every command does (dsmr.cli.common)
-    device: str = "cpu"
+    device: str = "auto"            # what `--device` says: cuda where there is one, else cpu
     threads: int | None = 1          # torch CPU threads per variant (1 is fastest for small models; None: torch's)
 
     def validate(self) -> None:
@@ -106,6 +111,18 @@ class StudyConfig:
                 problems.append(f"{name} must be a positive integer, got {value!r}")
         if isinstance(self.budget, bool) or not isinstance(self.budget, int) or self.budget < 1:
             problems.append(f"budget must be a positive integer, got {self.budget!r}")
+        for name in ("lr", "gate_init", "gate_lambda", "curriculum"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value)):
+                problems.append(f"{name} must be a finite number, got {value!r}")
+        if not self.lr > 0:
+            problems.append(f"lr must be > 0, got {self.lr}")
+        if self.gate_lambda < 0:
+            problems.append(f"gate_lambda must be >= 0, got {self.gate_lambda}")
+        if self.init_std is not None and not (0 < self.init_std <= 10 and math.isfinite(self.init_std)):
+            problems.append(f"init_std must be in (0, 10], got {self.init_std}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
+            problems.append(f"seed must be an integer in [0, 2**32), got {self.seed!r}")
         if not 0 < self.curriculum <= 1:
             problems.append(f"curriculum must be a fraction in (0, 1], got {self.curriculum}")
         if self.layers < 2:
@@ -123,6 +140,24 @@ class StudyConfig:
     @property
     def excerpt_context(self) -> int:
         return self.context or self.horizon
+
+    @property
+    def resolved_init_std(self) -> float:
+        return self.init_std if self.init_std is not None else 1.0 / math.sqrt(self.d_model)
+
+
+# Named option sets of `dsmr study --preset NAME` (options given on the command line override them).
+PRESETS = {
+    # The first study (docs/study/first-study): GPT-2's tied head and init std 0.02, key/value memory, 800 steps.
+    "first-study": {"tie_embeddings": True, "init_std": 0.02, "memory": "kv", "steps": 800, "eval_every": 200},
+}
+
+
+def preset_config(name: str, **options) -> StudyConfig:
+    """StudyConfig of the preset `name`, with `options` on top."""
+    if name not in PRESETS:
+        raise DsmrError(f"unknown study preset {name!r}; expected one of {', '.join(PRESETS)}")
+    return StudyConfig(**{**PRESETS[name], **options})
 
 
 @dataclass(frozen=True)
@@ -192,7 +227,7 @@ def train_config(cfg: StudyConfig, variant: Variant):
     from dsmr.train import TrainConfig
 
     base = dict(layers=cfg.layers, d_model=cfg.d_model, heads=cfg.heads, head_dim=cfg.head_dim,
-                tie_embeddings=cfg.tie_embeddings, init_std=cfg.init_std, memory=cfg.memory, segment=cfg.segment,
+                tie_embeddings=cfg.tie_embeddings, init_std=cfg.resolved_init_std, memory=cfg.memory, segment=cfg.segment,
                 batch_size=cfg.batch_size, steps=cfg.steps, lr=cfg.lr, eval_every=cfg.eval_every,
                 val_pieces=cfg.val_pieces, eval_batch_size=cfg.eval_batch_size or cfg.batch_size,
                 seed=cfg.seed, device=cfg.device, tensorboard=False, log_every=10)
@@ -378,15 +413,14 @@ def run_study(cache, out_dir, cfg: StudyConfig | None = None, variants: list[str
 
 
 def epoch_steps(cache, cfg: StudyConfig) -> int:
-    """Optimizer steps of `cfg.epochs` passes over the training split: the batches of the full-piece lanes
-    every variant reads (same pieces, lanes, segment and seed; pieces end at different steps in different
-    lanes, so an epoch is a little more than tokens / (lanes x segment))."""
+    """Optimizer steps of `cfg.epochs` passes over the training split: the full batches of the refilling
+    full-piece lanes every variant reads (dsmr.stream), the same count `dsmr train --epochs` trains."""
     from dsmr.stream import PieceStream
 
     tokenizer = cache.tokenizer
     stream = PieceStream(cache.pieces("train"), cfg.batch_size, cfg.segment, tokenizer.bos_id, tokenizer.eos_id,
-                         tokenizer.pad_id, shuffle=True, seed=cfg.seed)
-    return sum(stream.count_batches(epoch) for epoch in range(cfg.epochs))
+                         tokenizer.pad_id, shuffle=True, seed=cfg.seed, refill=True)
+    return stream.steps_for_epochs(cfg.epochs)
 
 
 def _run_in_process(spec: dict) -> dict:
@@ -435,9 +469,16 @@ def _comparable(config: dict) -> dict:
     """The options that decide what a study trains: not the seed, threads or device; the defaults for options
     a study file from older code lacks; not the steps of `--epochs` (an epoch's steps depend on the seed's
     piece order)."""
-    config = {**StudyConfig().to_dict(), **config}
+    config = {**_OLD_STUDY_DEFAULTS, **config}
+    if config.get("init_std") is None:  # the default, 1 / sqrt(d_model), spelled out or not
+        config["init_std"] = 1.0 / math.sqrt(config["d_model"])
     ignored = {"seed", "threads", "device"} | ({"steps"} if config.get("epochs") else set())
     return {k: v for k, v in config.items() if k not in ignored}
+
+
+# What a study.json written before an option existed (or before its default changed) was run with.
+_OLD_STUDY_DEFAULTS = {**StudyConfig(**PRESETS["first-study"]).to_dict(), "head_dim": None, "curriculum": 0.5,
+                       "epochs": None, "test": False}
 
 
 def _read_json(path: Path) -> dict:

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any, Protocol, Sequence, runtime_checkable
 import numpy as np
 import symusic
 
-from dsmr.atomic import atomic_path
+from dsmr.atomic import atomic_write_bytes
 from dsmr.errors import DsmrError
 from dsmr.files import MAX_FILE_BYTES, MAX_PIECE_SECONDS, read_regular
 
@@ -79,6 +79,7 @@ class Tokenizer(Protocol):
     def vocabulary(self) -> list[str]: ...
     def seconds(self, ids: Sequence[int]) -> float: ...
     def note_pitch(self, i: int) -> int | None: ...
+    def note_off_pitch(self, i: int) -> int | None: ...
     def event_seconds(self, i: int) -> float | None: ...
 
 
@@ -133,9 +134,9 @@ def _duration_words(seconds: float) -> str:
 
 
 def write_midi(score: symusic.Score, path: str | os.PathLike) -> None:
-    """Write a Score as a standard MIDI file, atomically."""
-    with atomic_path(path) as tmp:
-        score.dump_midi(tmp)
+    """Write a Score as a standard MIDI file, atomically. The bytes are written from Python, so that a full
+    disk is an error (symusic's own file writer can leave an empty file without one)."""
+    atomic_write_bytes(path, score.dumps_midi())
 
 
 def canonical_hash(cfg: dict) -> str:
@@ -248,6 +249,11 @@ class _TokenizerBase:
         """The MIDI pitch of event `i` when it starts a note, else None."""
         return None
 
+    def note_off_pitch(self, i: int) -> int | None:
+        """The MIDI pitch of event `i` when it ends a note, else None (also for encodings whose notes carry
+        their duration, which cannot leave a note hanging)."""
+        return None
+
     def event_seconds(self, i: int) -> float | None:
         """Seconds that event `i` adds to the music wherever it occurs, so that a piece lasts the sum over its
         events (a time shift's length; 0 for events that take no time); None when the id alone does not
@@ -356,6 +362,11 @@ class PerformanceTokenizer(_TokenizerBase):
         """The pitch of a NOTE_ON event, else None."""
         i = self._checked_id(i)
         return self.min_pitch + i - self.note_on_base if self.note_on_base <= i < self.note_off_base else None
+
+    def note_off_pitch(self, i: int) -> int | None:
+        """The pitch of a NOTE_OFF event, else None."""
+        i = self._checked_id(i)
+        return self.min_pitch + i - self.note_off_base if self.note_off_base <= i < self.time_shift_base else None
 
     def event_seconds(self, i: int) -> float | None:
         """The length of a TIME_SHIFT event; 0.0 for every other event (a piece lasts the sum of its shifts)."""

@@ -39,9 +39,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dsmr.checkpoint import (METRICS_FILE, TENSORBOARD_DIR, TRAINER_STATE_FILE, check_optimizer_state,
-                             memory_from_cpu, memory_to_cpu, prepare_run, resume_weights, rng_state,
-                             save_checkpoint, set_rng_state)
+from dsmr.checkpoint import (MAX_ABS_WEIGHT, METRICS_FILE, TENSORBOARD_DIR, TRAINER_STATE_FILE,
+                             check_optimizer_state, memory_from_cpu, memory_to_cpu, prepare_run,
+                             remove_run_temporaries, resume_weights, rng_state, save_checkpoint, set_rng_state)
 from dsmr.distributed import DistContext, init_distributed, reduce_evaluation, split_pieces, wrap_model
 from dsmr.errors import DsmrError
 from dsmr.evaluate import NLL_BUCKETS, evaluate
@@ -125,13 +125,26 @@ def _val_pieces(cfg: TrainConfig, cache) -> list:
     return pieces[: cfg.val_pieces] if cfg.val_pieces else pieces
 
 
+def training_stream(cfg: TrainConfig, pieces, tokenizer, rank: int = 0, world_size: int = 1):
+    """The shuffled training batches: excerpts for the baseline, otherwise full-piece lanes that refill
+    across epoch boundaries (every batch full)."""
+    common = dict(shuffle=True, seed=cfg.seed, rank=rank, world_size=world_size)
+    ids = (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id)
+    if cfg.baseline:
+        return ExcerptStream(pieces, cfg.batch_size, cfg.segment_len, *ids, **common)
+    return PieceStream(pieces, cfg.batch_size, cfg.segment_len, *ids, refill=True, **common)
+
+
 def total_steps(cfg: TrainConfig, stream) -> int:
     if cfg.steps is not None:
         return cfg.steps
     if cfg.epochs is not None:
-        batches = sum(stream.count_batches(e) for e in range(cfg.epochs))
-        return max(1, -(-batches // cfg.grad_accum))
+        return max(1, -(-stream.steps_for_epochs(cfg.epochs) // cfg.grad_accum))
     return DEFAULT_STEPS
+
+
+class TrainingDiverged(DsmrError):
+    """A non-finite loss or gradient: the run stops before the weights take it."""
 
 
 class TrainStep(torch.nn.Module):
@@ -248,10 +261,7 @@ class Trainer:
         if ctx.enabled:  # same initial weights (DDP broadcasts rank 0's anyway), different dropout draws
             torch.manual_seed(int(np.random.SeedSequence([cfg.seed, ctx.rank]).generate_state(1)[0]))
         self.optimizer = make_optimizer(self.model, cfg, self.device)
-        stream_cls = ExcerptStream if cfg.baseline else PieceStream
-        self.stream = stream_cls(train_pieces, cfg.batch_size, cfg.segment_len, tokenizer.bos_id, tokenizer.eos_id,
-                                 tokenizer.pad_id, shuffle=True, seed=cfg.seed, rank=ctx.rank,
-                                 world_size=ctx.world_size)
+        self.stream = training_stream(cfg, train_pieces, tokenizer, rank=ctx.rank, world_size=ctx.world_size)
         self.total = total = total_steps(cfg, self.stream)
         ctx.check_same("the run config and training data",
                        (self.config["train"], self.config["tokenizer_hash"], len(train_pieces),
@@ -367,8 +377,13 @@ class Trainer:
                 loss.backward()
             s.memory = [m.detached() for m in new_state]
             nll_total += float(nll.detach())
-        if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        # the norm of all gradients (after DDP's all-reduce: the same on every rank, so ranks stop together)
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip or math.inf)
+        if not math.isfinite(float(norm)):
+            raise TrainingDiverged(
+                f"training diverged at step {s.step + 1}: the loss or its gradients are not finite (gradient norm "
+                f"{float(norm)}); the weights were not updated with them and the last saved checkpoint is "
+                f"kept. Lower --lr (now {cfg.lr:g}) or --init-std, or raise --warmup-steps")
         return nll_total
 
     def log_interval(self) -> None:
@@ -407,14 +422,29 @@ class Trainer:
         result = reduce_evaluation(result, self.ctx, len(NLL_BUCKETS))
         self.metrics.log({"step": s.step, "val_nll": result["nll"], "val_ppl": result["ppl"],
                           "val_tokens_per_s": result["tokens_per_s"]})
+        if not math.isfinite(result["nll"]):
+            raise TrainingDiverged(f"training diverged by step {s.step}: the validation loss is {result['nll']}; "
+                                   f"the last saved checkpoint is kept. Lower --lr (now {cfg.lr:g}) or --init-std")
         if result["nll"] < s.best_nll:
+            self.check_weights()
             s.best_nll = result["nll"]
             if self.main:
                 save_checkpoint(self.run_dir, self.model, self.config, {"step": s.step}, best=True)
         return dict(result, step=s.step)
 
+    def check_weights(self) -> None:
+        """TrainingDiverged when a weight is no longer finite or beyond any trained network's (what the loader
+        refuses as damaged): such weights are never saved. The same on every rank (DDP keeps them equal)."""
+        for name, p in self.model.named_parameters():
+            top = float(p.detach().abs().max()) if p.numel() else 0.0
+            if not top <= MAX_ABS_WEIGHT:  # NaN fails too
+                raise TrainingDiverged(
+                    f"training diverged by step {self.state.step}: weight {name} reached {top:.3g}; it was not "
+                    f"saved and the last saved checkpoint is kept. Lower --lr (now {self.cfg.lr:g}) or --init-std")
+
     def save_latest(self) -> None:
         """The resumable checkpoint of this step (a collective: every rank calls it at the same step)."""
+        self.check_weights()
         saved_state = self._resumable_state()
         if self.main:
             self.metrics.flush()  # first: every record up to the checkpoint's step is on disk before it exists
@@ -445,6 +475,8 @@ class Trainer:
             s.saved_step = None  # best_val_nll changed: the trainer state must record it
         if s.saved_step != s.step:
             self.save_latest()
+        if self.main:
+            remove_run_temporaries(self.run_dir)  # of saves killed earlier in this run's life
         self.metrics.close()
         # the slowest rank sets the pace; peak memory is per process (the largest of any rank)
         train_seconds, train_peak = ctx.all_max([s.train_seconds, train_memory.peak_bytes])

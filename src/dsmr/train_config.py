@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from dsmr import __version__
 from dsmr.configs import dataclass_from_dict
 from dsmr.errors import DsmrError
+from dsmr.model_config import MEMORIES, recipe_default
 from dsmr.options import float_pair, int_list, option
 from dsmr.schedule import KINDS, Schedule, make_schedule
 
@@ -44,23 +45,26 @@ RUNTIME_OPTIONS = ("seed", "device", "amp", "compile")
 @dataclass
 class TrainConfig:
     # model
-    layers: int = option(6, "decoder blocks")
-    d_model: int = option(256, "model width")
-    heads: int = option(4, "attention heads")
-    d_ff: int | None = option(None, "feed-forward width", default_text="4 x d-model")
-    dropout: float = option(0.0, "dropout", default_text="0")
-    # untied output head: -1.2 PPL at +6% parameters (docs/training.md)
-    tie_embeddings: bool = option(False, "output head tied to the token embedding (default: a separate head)",
+    # the model's defaults are DSMRConfig's (dsmr.model_config), the one place they are declared
+    layers: int = option(recipe_default("n_layers"), "decoder blocks")
+    d_model: int = option(recipe_default("d_model"), "model width")
+    heads: int = option(recipe_default("n_heads"), "attention heads")
+    d_ff: int | None = option(recipe_default("d_ff"), "feed-forward width", default_text="4 x d-model")
+    dropout: float = option(recipe_default("dropout"), "dropout", default_text="0")
+    tie_embeddings: bool = option(recipe_default("tie_embeddings"),
+                                  "output head tied to the token embedding (default: a separate head)",
                                   negative="--no-tie-embeddings", negative_help="a separate output head (the default)")
-    head_dim: int | None = option(None, "width of each attention head", default_text="d-model / heads")
-    rotary_fraction: float = option(1.0, "share of each head's dims rotated by RoPE", default_text="1")
-    norm: str = option("layernorm", "normalization layers", choices=("layernorm", "rmsnorm"))
-    # 1/sqrt(d_model) instead of GPT-2's 0.02 (made for width 768): at width 128, 0.08 and 0.04 gave -5.1 and
-    # -3.4 PPL against 0.02 after 2,400 steps (docs/training.md)
-    init_std: float | None = option(None, "std of the initial weights", default_text="1 / sqrt(d-model)")
-    memory: str = option("hidden", "what the memory holds in training: hidden (default) = detached layer inputs, "
-                                   "projected with the current weights every segment (memory pays, docs/training.md); "
-                                   "kv = detached keys/values (faster)", choices=("kv", "hidden"), default_text="")
+    head_dim: int | None = option(recipe_default("head_dim"), "width of each attention head",
+                                  default_text="d-model / heads")
+    rotary_fraction: float = option(recipe_default("rotary_fraction"), "share of each head's dims rotated by RoPE",
+                                    default_text="1")
+    norm: str = option(recipe_default("norm"), "normalization layers", choices=("layernorm", "rmsnorm"))
+    init_std: float | None = option(recipe_default("init_std"), "std of the initial weights",
+                                    default_text="1 / sqrt(d-model)")
+    memory: str = option(recipe_default("memory"), "what the memory holds in training: hidden = detached layer "
+                                                   "inputs, projected with the current weights every segment; kv = "
+                                                   "detached keys/values, nothing re-projected (docs/training.md)",
+                         choices=MEMORIES)
     # memory schedule (dsmr.schedule.make_schedule): two-scale 2 x 1024 + 4 x 128 = 2560 by default
     schedule: str = option("two-scale", "how the budget is spread over layers", choices=KINDS)
     budget: int | None = option(2560, "total horizon in KV positions for uniform/two-scale/binary")
@@ -139,8 +143,17 @@ class TrainConfig:
             problems.append(f"gate must be one of {', '.join(GATE_KINDS)}, got {self.gate!r}")
         if self.baseline and self.gate != "none":
             problems.append("the excerpt baseline has no memory, so no gates")
-        if not self.lr > 0:
-            problems.append(f"lr must be > 0, got {self.lr}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            problems.append(f"lr must be a finite number > 0, got {self.lr}")
+        for name in ("min_lr_ratio", "weight_decay", "grad_clip", "gate_lambda", "gate_init", "dropout",
+                     "rotary_fraction"):
+            value = getattr(self, name)
+            if isinstance(value, (int, float)) and not math.isfinite(value):
+                problems.append(f"{name} must be a finite number, got {value}")
+        if self.init_std is not None and not (0 < self.init_std <= 10 and math.isfinite(self.init_std)):
+            problems.append(f"init_std must be in (0, 10], got {self.init_std}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
+            problems.append(f"seed must be an integer in [0, 2**32), got {self.seed!r}")
         if not 0 <= self.min_lr_ratio <= 1:
             problems.append(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         for name in ("weight_decay", "grad_clip", "gate_lambda", "eval_every"):

@@ -41,6 +41,13 @@ def register(subparsers) -> None:
     sampling.add_argument("--seed", type=int, metavar="N", help="random seed: the same seed gives the same piece")
     sampling.add_argument("--min-pitch", type=int, default=0, metavar="PITCH", help="never start a note below this MIDI pitch")
     sampling.add_argument("--max-pitch", type=int, default=127, metavar="PITCH", help="never start a note above this MIDI pitch")
+    guard = parser.add_argument_group("note guard (encodings whose notes end with a NOTE_OFF, such as the "
+                                      "performance encoding: no note can hang)")
+    guard.add_argument("--max-note-seconds", type=float, metavar="S",
+                       help="end any note that has sounded S seconds (default 10: longer than 99.9%% of MAESTRO's "
+                            "notes; 0: no limit)")
+    guard.add_argument("--max-polyphony", type=int, metavar="N",
+                       help="start no note while N notes sound (default 0: no limit)")
     outputs = parser.add_argument_group("outputs")
     outputs.add_argument("--wav", type=Path, metavar="FILE.wav", help="also render a WAV with FluidSynth")
     outputs.add_argument("--soundfont", type=Path, metavar="FILE.sf2",
@@ -79,6 +86,7 @@ def run(args: argparse.Namespace) -> int:
     from dsmr.runtime import resolve_device
     from dsmr.generate import (SamplingConfig, batch_summary, default_cpu_precision, generate_batch, load_prompt,
                                pitch_range_bans, with_precision)
+    from dsmr.note_guard import guard_for
     from dsmr.render import find_fluidsynth, find_soundfont, plot_pianoroll, render_wav
 
     max_tokens = args.max_tokens if args.max_tokens is not None else (None if args.max_seconds else 2048)
@@ -103,6 +111,7 @@ def run(args: argparse.Namespace) -> int:
         precision = default_cpu_precision(model) if device.type == "cpu" else "float32"
     model = with_precision(model, precision)
 
+    sampling = dataclasses.replace(sampling, **guard_for(tokenizer, args.max_note_seconds, args.max_polyphony))
     prompt_ids = None if args.prompt is None else load_prompt(args.prompt, tokenizer, args.prompt_seconds)
     if (args.min_pitch, args.max_pitch) != (0, 127):
         banned = pitch_range_bans(tokenizer, args.min_pitch, args.max_pitch)
@@ -174,6 +183,10 @@ def _check_args(args) -> None:
         raise DsmrError(f"--max-seconds must be > 0, got {args.max_seconds}")
     if args.num_samples < 1:
         raise DsmrError(f"--num-samples must be >= 1, got {args.num_samples}")
+    if args.max_note_seconds is not None and not (args.max_note_seconds == 0 or 0.01 <= args.max_note_seconds <= 3600):
+        raise DsmrError(f"--max-note-seconds must be 0 (no limit) or in [0.01, 3600], got {args.max_note_seconds}")
+    if args.max_polyphony is not None and not 0 <= args.max_polyphony <= 128:
+        raise DsmrError(f"--max-polyphony must be 0 (no limit) to 128, got {args.max_polyphony}")
     if args.soundfont is not None and args.wav is None:
         raise DsmrError("--soundfont is only used with --wav OUT.wav")
     outputs = [_numbered(p, i, args.num_samples).resolve() for p in (args.out, args.wav, args.pianoroll)

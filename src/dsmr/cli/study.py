@@ -21,7 +21,7 @@ from dsmr.cli.common import add_device, add_no_progress, add_options, add_thread
 
 
 def register(subparsers) -> None:
-    from dsmr.study import SHARED_OPTIONS, StudyConfig
+    from dsmr.study import PRESETS, SHARED_OPTIONS, StudyConfig
 
     p = subparsers.add_parser(
         "study", help="train memory-schedule variants side by side; tables and figures",
@@ -42,7 +42,10 @@ def register(subparsers) -> None:
                    help="train every variant in this process (faster start; peak-memory figures then "
                         "inherit earlier variants' memory)")
     m = p.add_argument_group("shared model and training options")
-    add_options(m, StudyConfig, SHARED_OPTIONS)
+    m.add_argument("--preset", choices=sorted(PRESETS),
+                   help="start from a named set of options (first-study: the first study's old recipe, tied head, "
+                        "init std 0.02, kv memory, 800 steps); options given here override it")
+    add_options(m, StudyConfig, SHARED_OPTIONS, given_only=True)
     add_device(m)
     add_threads(m, default=StudyConfig.threads, help=", per variant")
     p.set_defaults(func=run)
@@ -73,13 +76,15 @@ def _names(text: str) -> list[str]:
 
 
 def _config(args):
-    import dataclasses
+    """StudyConfig from the defaults, then --preset, then the options given on the command line."""
+    from dsmr.study import PRESETS, SHARED_OPTIONS, StudyConfig
 
-    from dsmr.study import StudyConfig
-
-    options = {f.name: getattr(args, f.name) for f in dataclasses.fields(StudyConfig)}
-    # 0 on the command line: all validation pieces, torch's own thread count
-    return StudyConfig(**dict(options, val_pieces=args.val_pieces or None, threads=args.threads or None))
+    given = {name: getattr(args, name) for name in SHARED_OPTIONS if getattr(args, name) is not None}
+    if "val_pieces" in given:
+        given["val_pieces"] = given["val_pieces"] or None  # 0 on the command line: all validation pieces
+    options = {**PRESETS.get(args.preset, {}), **given}
+    # threads 0: torch's own thread count
+    return StudyConfig(**options, device=args.device, threads=args.threads or None)
 
 
 def _command() -> str | None:

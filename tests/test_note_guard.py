@@ -1,0 +1,110 @@
+"""The note guard: no note hangs past its limit, no re-struck sounding pitch, no release of a silent one."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dsmr.errors import DsmrError
+from dsmr.generate import SamplingConfig, generate_batch
+from dsmr.metrics import note_arrays
+from dsmr.model import DSMR, DSMRConfig
+from dsmr.note_guard import NoteGuard
+from dsmr.tokenizer import make_tokenizer
+
+TOK = make_tokenizer("performance")
+ON, OFF = TOK.note_on_base, TOK.note_off_base
+
+
+def shift(seconds: float) -> int:
+    return TOK.time_shift_base + round(seconds * 100) - 1
+
+
+def test_a_silent_pitch_cannot_be_released_and_a_sounding_one_may_be_struck_again():
+    guard = NoteGuard(TOK, num_lanes=2, max_note_seconds=None, max_polyphony=None)
+    guard.update(torch.tensor([ON + 60, ON + 61]))
+    ban = guard.banned()
+    assert not ban[0, OFF + 60] and ban[0, OFF + 61] and ban[1, OFF + 60] and not ban[1, OFF + 61]
+    assert not ban[:, ON:OFF].any(), "a re-struck pitch ends its old note: allowed"
+    guard.update(torch.tensor([OFF + 60, shift(1.0)]))
+    ban = guard.banned()
+    assert ban[0, OFF + 60] and not ban[0, ON + 60]
+    assert not ban[:, shift(1.0)].any(), "no length limit: any shift"
+    guard.update(torch.tensor([ON + 62, ON + 61]))  # lane 1 strikes 61 again: still one note sounding
+    assert not guard.banned()[1, OFF + 61] and int((~guard.onset[1].isnan()).sum()) == 1
+
+
+def test_a_note_at_its_limit_must_end_before_time_moves_on():
+    guard = NoteGuard(TOK, num_lanes=1, max_note_seconds=0.5)
+    guard.feed([ON + 60, shift(0.3), ON + 64])
+    ban = guard.banned()[0]
+    assert not ban[shift(0.2)] and ban[shift(0.21)], "a shift may take the oldest note to its limit, not past"
+    guard.update(torch.tensor([shift(0.2)]))
+    ban = guard.banned()[0]
+    allowed = torch.nonzero(~ban).flatten().tolist()
+    assert allowed == [OFF + 60], "only the note at its limit may come next"
+    guard.update(torch.tensor([OFF + 60]))
+    ban = guard.banned()[0]
+    assert not ban[shift(0.3)] and ban[shift(0.31)], "now the note of 0.2 s is the oldest"
+
+
+def test_polyphony_limit_bans_new_notes_while_full():
+    guard = NoteGuard(TOK, num_lanes=1, max_polyphony=2)
+    guard.feed([ON + 60, ON + 62])
+    ban = guard.banned()[0]
+    assert ban[ON:OFF].all() and not ban[OFF + 60]
+    guard.update(torch.tensor([OFF + 62]))
+    assert not guard.banned()[0, ON + 62]
+
+
+def test_encodings_without_note_offs_are_refused():
+    class NoOffs:
+        vocab_size = 10
+
+        def note_pitch(self, i):
+            return 60 if i == 3 else None
+
+        def event_seconds(self, i):
+            return 0.0
+
+    with pytest.raises(DsmrError, match="NOTE_OFF"):
+        NoteGuard(NoOffs(), 1, max_note_seconds=1.0)
+    with pytest.raises(DsmrError, match="max_note_seconds"):
+        SamplingConfig(max_note_seconds=0.0).validate()
+    with pytest.raises(DsmrError, match="max_polyphony"):
+        SamplingConfig(max_polyphony=0).validate()
+
+
+def longest_note_and_polyphony(ids) -> tuple[float, int]:
+    """The longest decoded note, and the most notes sounding at once in the event stream."""
+    notes = note_arrays(TOK.decode(ids))
+    sounding, most = set(), 0
+    for t in ids.tolist():
+        if ON <= t < OFF:
+            sounding.add(t - ON)
+        elif OFF <= t < TOK.time_shift_base:
+            sounding.discard(t - OFF)
+        most = max(most, len(sounding))
+    return float((notes["end"] - notes["start"]).max()), most
+
+
+def test_generated_music_keeps_the_limits_that_an_unguarded_model_breaks():
+    torch.manual_seed(3)
+    model = DSMR(DSMRConfig(vocab_size=TOK.vocab_size, n_layers=2, d_model=32, n_heads=2, horizons=(16, 4))).eval()
+    plain = SamplingConfig(seed=5, max_tokens=600, stop_at_eos=False)
+    guarded = SamplingConfig(seed=5, max_tokens=600, stop_at_eos=False, max_note_seconds=1.0, max_polyphony=6)
+    free = generate_batch(model, TOK, 8, sampling=plain, num_samples=2, progress=False)
+    kept = generate_batch(model, TOK, 8, sampling=guarded, num_samples=2, progress=False)
+    # an untrained model holds notes for many seconds and piles them up: the limits below are not vacuous
+    assert max(longest_note_and_polyphony(r.ids)[0] for r in free) > 2.0
+    assert max(longest_note_and_polyphony(r.ids)[1] for r in free) > 6
+    for r in kept:
+        longest, polyphony = longest_note_and_polyphony(r.ids)
+        assert longest <= 1.0 + 1e-6 and polyphony <= 6
+        sounding = set()
+        for t in r.ids.tolist():  # the events themselves: no release of a silent pitch
+            if ON <= t < OFF:
+                sounding.add(t - ON)
+            elif OFF <= t < TOK.time_shift_base:
+                assert t - OFF in sounding
+                sounding.discard(t - OFF)
