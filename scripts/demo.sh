@@ -33,7 +33,6 @@ if .venv/bin/python -c "from dsmr.render import find_fluidsynth, find_soundfont;
 else
     echo "(no WAV: FluidSynth or a General MIDI soundfont is missing; apt-get install fluidsynth fluid-soundfont-gm)"
 fi
-# --ignore-eos: write the full 40 s even where the model would end the chorale sooner
-$DSMR generate "$DIR/run" --prompt "$DIR/prompt.mid" --prompt-seconds 8 --max-seconds 40 --ignore-eos --seed 0 \
+$DSMR generate "$DIR/run" --prompt "$DIR/prompt.mid" --prompt-seconds 8 --max-seconds 40 --seed 0 \
     --out "$DIR/generated.mid" --pianoroll "$DIR/generated.png" "${WAV[@]}"
 echo "MIDI: $DIR/generated.mid   piano roll: $DIR/generated.png${WAV:+   audio: $DIR/generated.wav}"

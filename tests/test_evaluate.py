@@ -36,7 +36,8 @@ def full_forward_nll(model, piece) -> torch.Tensor:
 def test_streamed_evaluation_equals_one_full_forward_and_buckets_add_up():
     torch.manual_seed(0)
     pieces = random_pieces([20, 7, 45, 0, 33])
-    model = DSMR(DSMRConfig(vocab_size=40, n_layers=2, d_model=32, n_heads=2, horizons=(64, 64))).eval()
+    model = DSMR(DSMRConfig(vocab_size=40, n_layers=2, d_model=32, n_heads=2, horizons=(64, 64), memory="kv", tie_embeddings=True,
+                            init_std=0.02)).eval()
     result = evaluate(model, pieces, batch_size=2, segment_len=8, buckets=(0, 8, 32), pad_id=PAD, bos_id=BOS,
                       eos_id=EOS)
     per_token = torch.cat([full_forward_nll(model, p) for p in pieces])
@@ -57,7 +58,7 @@ def test_streamed_evaluation_equals_one_full_forward_and_buckets_add_up():
 def test_finite_horizon_evaluation_differs_from_full_context():
     torch.manual_seed(1)
     pieces = random_pieces([60, 50])
-    cfg = dict(vocab_size=40, n_layers=2, d_model=32, n_heads=2)
+    cfg = dict(vocab_size=40, n_layers=2, d_model=32, n_heads=2, tie_embeddings=True, init_std=0.02)
     full = DSMR(DSMRConfig(**cfg, horizons=(64, 64))).eval()
     none = DSMR(DSMRConfig(**cfg, horizons=(0, 0))).eval()
     none.load_state_dict(full.state_dict())

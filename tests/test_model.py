@@ -18,7 +18,10 @@ ATOL = 1e-5
 
 
 def make_model(horizons, seed=0, **kw) -> DSMR:
+    """A small model with key/value memory (what the state checks below inspect), a tied head and std 0.02
+    weights unless told otherwise."""
     torch.manual_seed(seed)
+    kw = {"memory": "kv", "tie_embeddings": True, "init_std": 0.02, **kw}
     cfg = DSMRConfig(vocab_size=VOCAB, n_layers=len(horizons), d_model=32, n_heads=4, horizons=tuple(horizons), **kw)
     model = DSMR(cfg).eval()
     with torch.no_grad():  # sharper attention than the 0.02 init, so that what a token sees shows in its logits

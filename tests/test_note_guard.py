@@ -108,3 +108,14 @@ def test_generated_music_keeps_the_limits_that_an_unguarded_model_breaks():
             elif OFF <= t < TOK.time_shift_base:
                 assert t - OFF in sounding
                 sounding.discard(t - OFF)
+
+
+def test_a_sample_with_no_new_notes_says_so():
+    torch.manual_seed(3)
+    model = DSMR(DSMRConfig(vocab_size=TOK.vocab_size, n_layers=1, d_model=16, n_heads=2, horizons=(8,))).eval()
+    silent = SamplingConfig(seed=1, max_tokens=50, stop_at_eos=False, banned_ids=tuple(range(ON, OFF)))
+    result = generate_batch(model, TOK, 8, sampling=silent, progress=False)[0]
+    assert result.new_notes == 0 and "no new notes" in result.warning and result.summary()["warning"]
+    playing = generate_batch(model, TOK, 8, sampling=SamplingConfig(seed=1, max_tokens=400, stop_at_eos=False),
+                             progress=False)[0]
+    assert playing.new_notes > 0 and playing.warning is None

@@ -64,7 +64,7 @@ def test_schedule_state_bytes_equals_the_model_config_under_its_assumptions():
     from dsmr.model import DSMRConfig
 
     s = make_schedule("two-scale", 6, budget=2560, long_layers=2, short=128)
-    cfg = DSMRConfig(vocab_size=40, n_layers=6, d_model=256, n_heads=4, horizons=s.horizons)  # kv, attn width 256
+    cfg = DSMRConfig(vocab_size=40, n_layers=6, d_model=256, n_heads=4, horizons=s.horizons, memory="kv")  # width 256
     assert cfg.state_bytes(8, 2) == s.state_bytes(256, 2, batch=8)
 
 

@@ -256,9 +256,11 @@ def test_excerpt_baseline_trains_without_memory(bach_cache, tmp_path):
 
 def test_epochs_mode_runs_whole_epochs(bach_cache, tmp_path):
     cfg = tiny(steps=None, epochs=1, segment=256, batch_size=8, budget=320, short=64, val_pieces=1)
-    stream = PieceStream(bach_cache.pieces("train"), 8, 256, 1, 2, 0, seed=0)
+    stream = PieceStream(bach_cache.pieces("train"), 8, 256, 1, 2, 0, seed=0, refill=True)
+    segments = sum(-(-(len(p) + 1) // 256) for p in bach_cache.pieces("train"))
     result = train(cfg, bach_cache, tmp_path / "run", progress=False)
-    assert result["steps"] == stream.count_batches(0) and result["epoch"] == 1
+    # the full batches that hold one epoch's segments (the lanes refill across the epoch's end)
+    assert result["steps"] == stream.steps_for_epochs(1) == -(-segments // 8)
 
 
 def test_bad_config_is_a_clear_error(bach_cache, tmp_path):

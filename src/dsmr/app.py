@@ -181,7 +181,8 @@ def summary_text(results: list[dict], loaded: Loaded) -> str:
     for i, r in enumerate(results):
         lines.append(f"- variation {i + 1}: seed {r['seed']}, {r['music_seconds']:.1f} s of music "
                      f"({r['prompt_seconds']:.1f} s prompt), {r['tokens']} new events, "
-                     f"{r['tokens_per_s']:.0f} events/s")
+                     f"{r['tokens_per_s']:.0f} events/s"
+                     + (f" — **{r['warning']}**" if r.get("warning") else ""))
     if results and results[0]["audio_note"]:
         lines.append(f"\n**No audio**: {results[0]['audio_note']}")
     return "\n".join(lines)

@@ -644,6 +644,19 @@ class GenerationResult:
     sample_index: int = 0
     compiled: bool = False       # the decoding step ran compiled (torch.compile)
     decoding_step: str = "eager"  # IncrementalDecoder.step_kind: "fused", "compiled" or "eager"
+    new_notes: int = 0           # notes started after the prompt (0: nothing new to hear)
+    guard_forced: int = 0        # draws where the note guard allowed only note-offs (all lanes of the batch)
+
+    @property
+    def warning(self) -> Optional[str]:
+        """What a user should be told about this sample: nothing new to hear."""
+        if self.new_notes == 0:
+            how = "the model ended the piece at once" if self.stop_reason == "eos" else "no note was started"
+            return (f"no new notes after the prompt ({how}; {self.new_tokens} new events, stopped at "
+                    f"{self.stop_reason.replace('_', ' ')}): try another seed"
+                    + (", or generate to the length asked without stopping at the end-of-piece event"
+                       if self.stop_reason == "eos" else ""))
+        return None
 
     @property
     def tokens_per_s(self) -> float:
@@ -664,7 +677,8 @@ class GenerationResult:
             "peak_memory_bytes": self.peak_memory_bytes, "memory_method": self.memory_method,
             "stop_reason": self.stop_reason, "seed": self.seed,
             "prefill_seconds": round(self.prefill_seconds, 3), "warmup_seconds": round(self.warmup_seconds, 3),
-            "compiled": self.compiled, "decoding_step": self.decoding_step,
+            "compiled": self.compiled, "decoding_step": self.decoding_step, "new_notes": self.new_notes,
+            "guard_forced": self.guard_forced, "warning": self.warning,
         }
 
 
@@ -757,7 +771,8 @@ def generate_batch(model, tokenizer, segment_len: int, prompt_ids: Optional[Sequ
     lanes.close_bar()
     timing = dict(wall_seconds=wall, prefill_seconds=prefill, sampling_cpu_seconds=cpu, warmup_seconds=warmup,
                   state_bytes=decoder.state_bytes(), peak_memory_bytes=meter.peak_bytes,
-                  memory_method=meter.method, compiled=decoder.compiled, decoding_step=decoder.step_kind)
+                  memory_method=meter.method, compiled=decoder.compiled, decoding_step=decoder.step_kind,
+                  guard_forced=guard.forced_events if guard is not None else 0)
     return [lanes.result(i, seeds[i], timing) for i in range(B)]
 
 
@@ -866,6 +881,8 @@ class _Lanes:
 
     def result(self, i: int, seed: int, timing: dict) -> GenerationResult:
         out = np.frombuffer(self.pieces[i], dtype=np.int64).copy()
+        starts = np.array([self.tokenizer.note_pitch(t) is not None for t in range(self.tokenizer.vocab_size)])
+        timing = dict(timing, new_notes=int(starts[out[self.prompt.size:]].sum()))
         return GenerationResult(
             ids=out, prompt_tokens=int(self.prompt.size), new_tokens=self.new[i],
             prompt_seconds=self.prompt_seconds, music_seconds=float(self.tokenizer.seconds(out)) if out.size else 0.0,

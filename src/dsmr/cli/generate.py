@@ -30,8 +30,11 @@ def register(subparsers) -> None:
                         help="new events to generate (default 2048 unless --max-seconds is given)")
     length.add_argument("--max-seconds", type=float, metavar="S",
                         help="stop when the piece (prompt included) lasts S seconds")
-    length.add_argument("--ignore-eos", action="store_true",
-                        help="never end the piece early: the end-of-piece event is never sampled")
+    length.add_argument("--stop-at-eos", action="store_true",
+                        help="end the piece where the model ends it (its end-of-piece event), which may be before "
+                             "the length asked; by default the end-of-piece event is never sampled, so you get "
+                             "the length you asked for (as in `dsmr app`)")
+    length.add_argument("--ignore-eos", action="store_true", help=argparse.SUPPRESS)  # the default now
     sampling = parser.add_argument_group("sampling")
     sampling.add_argument("--temperature", type=float, default=1.0, metavar="T",
                           help="higher: more adventurous, lower: safer; 0 picks the most likely event (default 1)")
@@ -91,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
 
     max_tokens = args.max_tokens if args.max_tokens is not None else (None if args.max_seconds else 2048)
     sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                              max_tokens=max_tokens, max_seconds=args.max_seconds, stop_at_eos=not args.ignore_eos)
+                              max_tokens=max_tokens, max_seconds=args.max_seconds, stop_at_eos=args.stop_at_eos)
     sampling.validate()
     if args.wav is not None:  # fail before a long generation, not after it
         find_fluidsynth()
@@ -140,6 +143,9 @@ def run(args: argparse.Namespace) -> int:
         report = {**samples[0], **runtime}
     else:
         report = {**batch_summary(results), **runtime, "samples": samples}
+    for sample in samples:
+        if sample["warning"]:
+            print(f"dsmr generate: warning: {sample['out']}: {sample['warning']}", file=sys.stderr)
     if args.json:
         print(json.dumps(report))
     elif len(results) == 1:
