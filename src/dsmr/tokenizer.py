@@ -5,6 +5,8 @@ Two encodings behind one interface (`Tokenizer`):
 * `PerformanceTokenizer`: the performance encoding of Performance RNN / Music Transformer (Oore et al.
   2018), the standard for MAESTRO. Ids: PAD=0, BOS=1, EOS=2, then NOTE_ON per pitch, NOTE_OFF per pitch,
   TIME_SHIFT of 1..max_shift_steps steps of 10 ms, VELOCITY bins (emitted only when the bin changes).
+* `DurationTokenizer` (dsmr.duration_encoding): the same notes, each with its length at its onset, so
+  that no note can hang in generation.
 * `MidiTokTokenizer`: any single-vocabulary miditok tokenizer (REMI, TSD, MIDILike, Structured, ...).
 
 Ids describe the events of a piece without BOS/EOS (the stream adds those). `decode` is total: any
@@ -687,13 +689,14 @@ def _miditok_class(name: str) -> type:
                if isinstance(c, type) and issubclass(c, miditok.MusicTokenizer) and c is not miditok.MusicTokenizer}
     cls = classes.get(MIDITOK_ALIASES.get(name.lower(), name).lower())
     if cls is None:
-        known = ", ".join(["performance", *sorted(classes)])
+        known = ", ".join(["performance", "duration", *sorted(classes)])
         raise DsmrError(f"unknown tokenizer {name!r} (known: {known})")
     return cls
 
 
 def make_tokenizer(name: str = "performance", **options: Any) -> Tokenizer:
-    """Build a tokenizer by name: "performance" (options: PerformanceTokenizer's arguments) or a miditok
+    """Build a tokenizer by name: "performance" (options: PerformanceTokenizer's arguments), "duration" (the
+    same notes with their lengths at their onsets: dsmr.duration_encoding.DurationTokenizer) or a miditok
     encoding ("remi", "tsd", "midilike", "structured", ...; options: `sustain` and TokenizerConfig fields
     overriding dsmr's piano defaults)."""
     if name.lower() == "performance":
@@ -701,6 +704,13 @@ def make_tokenizer(name: str = "performance", **options: Any) -> Tokenizer:
             return PerformanceTokenizer(**options)
         except TypeError as err:
             raise DsmrError(f"bad option for the performance tokenizer: {err}") from err
+    if name.lower() == "duration":
+        from dsmr.duration_encoding import DurationTokenizer
+
+        try:
+            return DurationTokenizer(**options)
+        except TypeError as err:
+            raise DsmrError(f"bad option for the duration tokenizer: {err}") from err
     cls = _miditok_class(name)
     sustain = options.pop("sustain", True)
     config = _default_miditok_config(**options)
@@ -727,6 +737,17 @@ def tokenizer_from_config(cfg: dict) -> Tokenizer:
             return PerformanceTokenizer(**cfg)
         except TypeError as err:
             raise DsmrError(f"bad performance tokenizer config: {err}") from err
+    if kind == "duration":
+        from dsmr.duration_encoding import DURATION_ENCODING_VERSION, DurationTokenizer
+
+        version = cfg.pop("version", DURATION_ENCODING_VERSION)
+        if version != DURATION_ENCODING_VERSION:
+            raise DsmrError(f"duration tokenizer config has encoding version {version}; this dsmr implements "
+                            f"version {DURATION_ENCODING_VERSION} (re-tokenize the data)")
+        try:
+            return DurationTokenizer(**cfg)
+        except TypeError as err:
+            raise DsmrError(f"bad duration tokenizer config: {err}") from err
     if kind == MidiTokTokenizer.kind:
         params = cfg.get("params")
         if not isinstance(params, dict) or "tokenization" not in params:
@@ -742,4 +763,4 @@ def tokenizer_from_config(cfg: dict) -> Tokenizer:
                 raise DsmrError(f"bad miditok {cls.__name__} params in tokenizer config "
                                 f"({type(err).__name__}: {err})") from err
         return MidiTokTokenizer(tokenizer, sustain=cfg.get("sustain", True))
-    raise DsmrError(f"unknown tokenizer kind {kind!r} (known: performance, miditok)")
+    raise DsmrError(f"unknown tokenizer kind {kind!r} (known: performance, duration, miditok)")

@@ -33,7 +33,8 @@ def register(subparsers) -> None:
     build.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: CPU cores, max 8)")
     build.add_argument("--limit", type=int, default=None, help="use at most N files, every split represented")
     build.add_argument("--tokenizer", default="performance",
-                       help="performance (default) or a miditok encoding: remi, tsd, midilike, ...")
+                       help="performance (default), duration (each note with its length at its onset: no note can "
+                            "hang in generation) or a miditok encoding: remi, tsd, midilike, ...")
     build.add_argument("--fractions", default="0.9,0.05,0.05",
                        help="train,validation,test fractions for folder and bach (default 0.9,0.05,0.05)")
     build.add_argument("--max-seconds", type=_positive_float, default=None, metavar="S",
