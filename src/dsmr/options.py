@@ -23,6 +23,9 @@ def option(default, help: str, *, flag: str | None = None, negative: str | None 
     negative       a boolean's second flag, setting the default value explicitly (with `negative_help`)
     type, choices, metavar   as for argparse (type: int, float or str from the field's annotation)
     deprecated     old spellings: they keep working and print a deprecation message
+
+    A config's numeric ranges live in its class attribute BOUNDS ({field: (lowest, highest)}): the command
+    line refuses values outside them with one line (exit 2), and `out_of_bounds` lists them for validate().
     """
     metadata = {"help": help, "flag": flag, "negative": negative, "negative_help": negative_help,
                 "choices": choices, "type": type, "metavar": metavar, "default_text": default_text,
@@ -30,6 +33,37 @@ def option(default, help: str, *, flag: str | None = None, negative: str | None 
     if isinstance(default, (list, dict, set)):
         raise TypeError("mutable option defaults are not supported")
     return dataclasses.field(default=default, metadata=metadata)
+
+
+def bounded(kind, low, high):
+    """An argparse type: a finite int or float (`kind`) in [low, high]. Refuses "1e12" for an int option
+    with the range, not a traceback from an allocation later."""
+    span = f"[{low}, {high}]" if kind is int else f"[{low:g}, {high:g}]"
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'a whole number' if kind is int else 'a number'} in "
+                                             f"{span}, got {text!r}") from None
+        if not (low <= value <= high):  # NaN fails too
+            raise argparse.ArgumentTypeError(f"must be in {span}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+def out_of_bounds(config) -> list[str]:
+    """Problems with the fields of a config dataclass that lie outside its BOUNDS."""
+    problems = []
+    for name, (low, high) in getattr(config, "BOUNDS", {}).items():
+        value = getattr(config, name)
+        if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if not low <= value <= high:  # NaN fails too
+            problems.append(f"{name} must be in [{low}, {high}], got {value}")
+    return problems
 
 
 def int_list(text: str) -> list[int]:

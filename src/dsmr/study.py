@@ -31,6 +31,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import ClassVar
 from pathlib import Path
 
 from dsmr import __version__
@@ -38,7 +39,8 @@ from dsmr.atomic import atomic_path, atomic_write_json, atomic_write_text
 from dsmr.configs import dataclass_from_dict
 from dsmr.errors import DsmrError
 from dsmr.model_config import MEMORIES, recipe_default
-from dsmr.options import option
+from dsmr.options import option, out_of_bounds
+from dsmr.train_config import TrainConfig
 
 STUDY_FILE = "study.json"
 RESULTS_DIR = "results"
@@ -58,6 +60,11 @@ SHARED_OPTIONS = ("layers", "d_model", "heads", "head_dim", "tie_embeddings", "i
 class StudyConfig:
     """Options every variant shares. The model's recipe (output head, initial std, memory) defaults to
     DSMRConfig's, like `dsmr train`; PRESETS name other option sets (the first study's old recipe)."""
+
+    BOUNDS: ClassVar[dict] = {name: TrainConfig.BOUNDS[name] for name in (
+        "layers", "d_model", "heads", "head_dim", "init_std", "segment", "batch_size", "horizon", "budget",
+        "long_layers", "short", "context", "gate_init", "gate_lambda", "steps", "epochs", "lr", "eval_every",
+        "val_pieces", "eval_batch_size", "seed")} | {"curriculum": (1e-6, 1.0)}
 
     # model
     layers: int = option(4, "decoder blocks")
@@ -127,6 +134,8 @@ class StudyConfig:
             problems.append(f"curriculum must be a fraction in (0, 1], got {self.curriculum}")
         if self.layers < 2:
             problems.append("the study compares lower and upper layers: it needs at least 2 layers")
+        reported = {p.split()[0] for p in problems}
+        problems += [p for p in out_of_bounds(self) if p.split()[0] not in reported]
         if problems:
             raise DsmrError("study config: " + "; ".join(problems))
 

@@ -11,12 +11,13 @@ import dataclasses
 import json
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 from dsmr import __version__
 from dsmr.configs import dataclass_from_dict
 from dsmr.errors import DsmrError
 from dsmr.model_config import MEMORIES, recipe_default
-from dsmr.options import float_pair, int_list, option
+from dsmr.options import float_pair, int_list, option, out_of_bounds
 from dsmr.schedule import KINDS, Schedule, make_schedule
 
 DEFAULT_STEPS = 1000  # when neither steps nor epochs is given
@@ -42,8 +43,23 @@ EVALUATION_OPTIONS = ("eval_every", "eval_at_start", "val_split", "val_pieces", 
 RUNTIME_OPTIONS = ("seed", "device", "amp", "compile")
 
 
+BIG = 10**9  # a count no run reaches (steps, cadences)
+
+
 @dataclass
 class TrainConfig:
+    # the numbers each option may take (dsmr.options.out_of_bounds; the command line refuses others)
+    BOUNDS: ClassVar[dict] = {
+        "layers": (1, 256), "d_model": (1, 16384), "heads": (1, 256), "d_ff": (1, 262144), "head_dim": (2, 4096),
+        "dropout": (0.0, 0.99), "rotary_fraction": (0.0, 1.0), "init_std": (1e-6, 10.0), "budget": (1, 2**24),
+        "long_layers": (0, 256), "short": (0, 2**22), "horizon": (0, 2**22), "horizon_warmup": (0, BIG),
+        "gate_init": (-100.0, 100.0), "gate_lambda": (0.0, 1e6), "segment": (1, 65536), "batch_size": (1, 65536),
+        "context": (1, 2**20), "lr": (1e-12, 10.0), "min_lr_ratio": (0.0, 1.0), "warmup_steps": (0, BIG),
+        "weight_decay": (0.0, 100.0), "grad_clip": (0.0, 1e6), "grad_accum": (1, 4096), "steps": (1, BIG),
+        "epochs": (1, 10**4), "eval_every": (0, BIG), "val_pieces": (0, 10**6), "eval_batch_size": (1, 65536),
+        "log_every": (1, BIG), "save_every": (1, BIG), "seed": (0, 2**32 - 1),
+    }
+
     # model
     # the model's defaults are DSMRConfig's (dsmr.model_config), the one place they are declared
     layers: int = option(recipe_default("n_layers"), "decoder blocks")
@@ -165,6 +181,8 @@ class TrainConfig:
             problems.append(f"horizon_warmup must be an integer >= 0, got {self.horizon_warmup!r}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             problems.append(f"betas must be two numbers in [0, 1), got {self.betas}")
+        reported = {p.split()[0] for p in problems}
+        problems += [p for p in out_of_bounds(self) if p.split()[0] not in reported]
         if problems:
             raise DsmrError("train config: " + "; ".join(problems))
 

@@ -17,10 +17,18 @@ from dsmr.errors import DsmrError
 SUBCOMMANDS = ["data", "schedule", "train", "eval", "generate", "study", "export", "metrics", "app"]
 
 
+class OneLineErrors(argparse.ArgumentParser):
+    """Usage errors (a bad value, a missing option) in one line that names the option, exit status 2; the
+    subcommands' parsers are of this class too."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from dsmr import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrors(
         prog="dsmr",
         description="Depth-Structured Music Recurrence: full-piece symbolic music modeling.",
     )

@@ -11,6 +11,8 @@ import argparse
 import dataclasses
 import sys
 
+from dsmr.options import bounded
+
 WEIGHTS = ("best", "latest")
 
 
@@ -51,7 +53,7 @@ def add_threads(parser, default: int = 0, help: str = "") -> None:
     The default differs by command (apply with set_threads): 0 for train and eval; 1 for generate (one-token
     steps are too small to share) and for each study variant (small models on a shared machine)."""
     default_text = "torch's choice" if default == 0 else str(default)
-    parser.add_argument("--threads", type=int, default=default, metavar="N",
+    parser.add_argument("--threads", type=bounded(int, 0, 1024), default=default, metavar="N",
                         help=f"CPU threads for torch, 0 = torch's choice (default {default_text}{help})")
 
 
@@ -89,6 +91,8 @@ def add_options(parser, config_cls, names, given_only: bool = False) -> None:
             continue
         flag = meta["flag"] or "--" + name.replace("_", "-")
         kwargs = {"type": meta["type"] or _field_type(field)}
+        if name in getattr(config_cls, "BOUNDS", {}):
+            kwargs["type"] = bounded(kwargs["type"], *config_cls.BOUNDS[name])
         if meta["choices"]:
             kwargs["choices"] = meta["choices"]
         if meta["metavar"]:

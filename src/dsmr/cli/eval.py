@@ -7,6 +7,7 @@ import json
 import math
 
 from dsmr.cli.common import add_device, add_no_progress, add_threads, add_weights
+from dsmr.options import bounded
 
 
 def register(subparsers) -> None:
@@ -21,10 +22,10 @@ def register(subparsers) -> None:
     p.add_argument("--cache", required=True, help="token cache folder (same tokenizer as the run)")
     p.add_argument("--split", default="validation", help="split to evaluate: validation or test (default validation)")
     add_weights(p)
-    p.add_argument("--batch-size", type=int, default=None, help="lanes (default: the run's batch size)")
-    p.add_argument("--segment", type=int, default=None,
+    p.add_argument("--batch-size", type=bounded(int, 1, 65536), default=None, help="lanes (default: the run's batch size)")
+    p.add_argument("--segment", type=bounded(int, 1, 65536), default=None,
                    help="tokens per segment (default: the run's; a different one changes the context)")
-    p.add_argument("--max-pieces", type=int, default=None, help="evaluate the first N pieces only")
+    p.add_argument("--max-pieces", type=bounded(int, 1, 10**6), default=None, help="evaluate the first N pieces only")
     p.add_argument("--precision", choices=("float32", "float16", "int8"), default="float32",
                    help="round the projection weights to float16 or int8, as `dsmr generate --precision` keeps "
                         "them: what that rounding costs in perplexity (products here stay float32; default float32)")

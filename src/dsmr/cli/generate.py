@@ -9,6 +9,7 @@ from pathlib import Path
 
 from dsmr.cli.common import add_device, add_no_progress, add_threads, add_weights, set_threads
 from dsmr.errors import DsmrError  # standard library only: keeps `dsmr --help` fast
+from dsmr.options import bounded
 
 
 def register(subparsers) -> None:
@@ -23,12 +24,12 @@ def register(subparsers) -> None:
     parser.add_argument("--out", type=Path, required=True, metavar="FILE.mid", help="MIDI file to write")
     prompt = parser.add_argument_group("prompt")
     prompt.add_argument("--prompt", type=Path, metavar="FILE.mid", help="MIDI file to continue (default: start from nothing)")
-    prompt.add_argument("--prompt-seconds", type=float, metavar="S", help="use only the first S seconds of the prompt")
+    prompt.add_argument("--prompt-seconds", type=bounded(float, 0.01, 21600.0), metavar="S", help="use only the first S seconds of the prompt")
     length = parser.add_argument_group("length (generation stops at whichever limit comes first, or at the "
                                        "end-of-piece event)")
-    length.add_argument("--max-tokens", type=int, metavar="N",
+    length.add_argument("--max-tokens", type=bounded(int, 1, 10**8), metavar="N",
                         help="new events to generate (default 2048 unless --max-seconds is given)")
-    length.add_argument("--max-seconds", type=float, metavar="S",
+    length.add_argument("--max-seconds", type=bounded(float, 0.01, 21600.0), metavar="S",
                         help="stop when the piece (prompt included) lasts S seconds")
     length.add_argument("--stop-at-eos", action="store_true",
                         help="end the piece where the model ends it (its end-of-piece event), which may be before "
@@ -36,27 +37,27 @@ def register(subparsers) -> None:
                              "the length you asked for (as in `dsmr app`)")
     length.add_argument("--ignore-eos", action="store_true", help=argparse.SUPPRESS)  # the default now
     sampling = parser.add_argument_group("sampling")
-    sampling.add_argument("--temperature", type=float, default=1.0, metavar="T",
+    sampling.add_argument("--temperature", type=bounded(float, 0.0, 100.0), default=1.0, metavar="T",
                           help="higher: more adventurous, lower: safer; 0 picks the most likely event (default 1)")
-    sampling.add_argument("--top-k", type=int, default=0, metavar="K", help="sample among the K most likely events (0: all)")
-    sampling.add_argument("--top-p", type=float, default=1.0, metavar="P",
+    sampling.add_argument("--top-k", type=bounded(int, 0, 10**6), default=0, metavar="K", help="sample among the K most likely events (0: all)")
+    sampling.add_argument("--top-p", type=bounded(float, 1e-6, 1.0), default=1.0, metavar="P",
                           help="sample among the most likely events that make up probability P (default 1: all)")
-    sampling.add_argument("--seed", type=int, metavar="N", help="random seed: the same seed gives the same piece")
-    sampling.add_argument("--min-pitch", type=int, default=0, metavar="PITCH", help="never start a note below this MIDI pitch")
-    sampling.add_argument("--max-pitch", type=int, default=127, metavar="PITCH", help="never start a note above this MIDI pitch")
+    sampling.add_argument("--seed", type=bounded(int, 0, 2**63 - 1), metavar="N", help="random seed: the same seed gives the same piece")
+    sampling.add_argument("--min-pitch", type=bounded(int, 0, 127), default=0, metavar="PITCH", help="never start a note below this MIDI pitch")
+    sampling.add_argument("--max-pitch", type=bounded(int, 0, 127), default=127, metavar="PITCH", help="never start a note above this MIDI pitch")
     guard = parser.add_argument_group("note guard (encodings whose notes end with a NOTE_OFF, such as the "
                                       "performance encoding: no note can hang)")
-    guard.add_argument("--max-note-seconds", type=float, metavar="S",
+    guard.add_argument("--max-note-seconds", type=bounded(float, 0.0, 3600.0), metavar="S",
                        help="end any note that has sounded S seconds (default 10: longer than 99.9%% of MAESTRO's "
                             "notes; 0: no limit)")
-    guard.add_argument("--max-polyphony", type=int, metavar="N",
+    guard.add_argument("--max-polyphony", type=bounded(int, 0, 128), metavar="N",
                        help="start no note while N notes sound (default 0: no limit)")
     outputs = parser.add_argument_group("outputs")
     outputs.add_argument("--wav", type=Path, metavar="FILE.wav", help="also render a WAV with FluidSynth")
     outputs.add_argument("--soundfont", type=Path, metavar="FILE.sf2",
                          help="General MIDI .sf2 for --wav (default $DSMR_SOUNDFONT or a system soundfont)")
     outputs.add_argument("--pianoroll", type=Path, metavar="FILE.png", help="also draw a piano-roll PNG (prompt boundary marked)")
-    outputs.add_argument("--num-samples", type=int, default=1, metavar="N",
+    outputs.add_argument("--num-samples", type=bounded(int, 1, 256), default=1, metavar="N",
                          help="write N variations of the piece at once (FILE-1.mid ... FILE-N.mid; seeds SEED, "
                               "SEED+1, ...): one prompt, N lanes of one decoder, each stopping at its own end")
     outputs.add_argument("--json", action="store_true", help="print one JSON object with the figures on stdout")

@@ -17,6 +17,7 @@ import os
 import sys
 
 from dsmr.cli.common import add_no_progress, add_options, add_threads, set_threads
+from dsmr.options import bounded
 
 # Options of the launcher itself: not passed on to the processes it starts.
 _LAUNCH_OPTIONS = ("nproc", "nnodes", "node_rank", "master_addr", "master_port")
@@ -51,12 +52,12 @@ def register(subparsers) -> None:
             add_threads(group, help="; 1 is fastest for small models on a busy machine")
 
     n = p.add_argument_group("several processes (DistributedDataParallel; see docs/distributed.md)")
-    n.add_argument("--nproc", type=int, help="start N training processes on this machine through torchrun "
+    n.add_argument("--nproc", type=bounded(int, 1, 1024), help="start N training processes on this machine through torchrun "
                    "(one per GPU; gloo on CPU); resume with the same total")
     n.add_argument("--nnodes", help="with --nproc: number of machines (each runs the same command)")
-    n.add_argument("--node-rank", type=int, help="with --nnodes: this machine's index, 0 .. nnodes-1")
+    n.add_argument("--node-rank", type=bounded(int, 0, 65535), help="with --nnodes: this machine's index, 0 .. nnodes-1")
     n.add_argument("--master-addr", help="with --nnodes: address of the node-rank 0 machine")
-    n.add_argument("--master-port", type=int, help="with --nnodes: its port (default 29500)")
+    n.add_argument("--master-port", type=bounded(int, 1, 65535), help="with --nnodes: its port (default 29500)")
     p.set_defaults(func=run)
     global _PARSER
     _PARSER = p
