@@ -156,7 +156,7 @@ def test_checkpoint_of_another_config_is_a_clear_error(bach_cache, uninterrupted
     config = read_config(run)
     config["model"]["d_model"] = 64
     (run / "config.json").write_text(json.dumps(config))
-    with pytest.raises(DsmrError, match=r"embedding.weight: checkpoint \(391, 32\), model \(391, 64\)"):
+    with pytest.raises(DsmrError, match=r"embedding.weight: file \(391, 32\), config \(391, 64\)"):
         load_model(run)
     other = PerformanceTokenizer(velocity_bins=16)
     with pytest.raises(DsmrError, match="vocab 375"):
@@ -339,9 +339,20 @@ def test_a_diverging_run_stops_with_an_error_and_keeps_its_last_good_checkpoint(
     import dsmr.train as train_module
     from dsmr.train import TrainingDiverged
 
-    # a learning rate that throws the weights to 1e12 in one step: nothing of it is saved
-    with pytest.raises(TrainingDiverged, match="diverged by step 1: weight"):
-        train(tiny(steps=30, save_every=1, lr=1e12, warmup_steps=0), bach_cache, tmp_path / "wild", progress=False)
+    # an update that throws a weight to 1e12 in the first step (finite loss, finite gradients): not saved
+    real_clip = torch.nn.utils.clip_grad_norm_
+
+    def explode(params, *args, **kwargs):
+        params = list(params)
+        norm = real_clip(params, *args, **kwargs)
+        with torch.no_grad():
+            params[0].mul_(1e12)
+        return norm
+
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.nn.utils, "clip_grad_norm_", explode)
+        with pytest.raises(TrainingDiverged, match="diverged by step 1: weight"):
+            train(tiny(steps=30, save_every=1), bach_cache, tmp_path / "wild", progress=False)
     assert not (tmp_path / "wild" / "model.safetensors").exists()
 
     # a loss that turns NaN at the third step: the run stops there, the second step's checkpoint stays

@@ -117,6 +117,35 @@ def check_finite(tensors: dict, path) -> None:
                                 f"far beyond any trained weight; use another checkpoint")
 
 
+FLOAT_DTYPES = ("F32", "F16", "BF16")  # safetensors' names of the dtypes weights may have
+
+
+def check_weights_fit(path, model_cfg) -> None:
+    """DsmrError unless every tensor of the weights file has the shape a model of `model_cfg` gives it and a
+    floating-point dtype. Reads only the file's header and builds the model on the meta device: a config
+    that asks for terabytes is refused here, before anything is allocated."""
+    from dsmr.model import DSMR
+
+    path = Path(path)
+    if not path.is_file():
+        raise DsmrError(f"weights file not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            saved = {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
+    except (SafetensorError, OSError) as err:
+        raise DsmrError(f"{path}: not a readable safetensors file ({err})") from err
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in DSMR(model_cfg).state_dict().items()}
+    problems = [f"{k}: file {saved[k][0]}, config {shape}" for k, shape in expected.items()
+                if k in saved and saved[k][0] != shape]
+    problems += [f"tensor {k} is {dtype}, not floating point" for k, (_, dtype) in saved.items()
+                 if dtype not in FLOAT_DTYPES]
+    problems += [f"unexpected tensor {k}" for k in saved if k not in expected]
+    if problems:
+        raise DsmrError(f"{path} does not fit its config.json: " + "; ".join(problems[:6])
+                        + (f" (and {len(problems) - 6} more)" if len(problems) > 6 else ""))
+
+
 def load_weights(model: torch.nn.Module, path, device="cpu") -> None:
     """Load a weights file into `model`; DsmrError naming every tensor that is missing or of another shape."""
     path = Path(path)
@@ -269,7 +298,8 @@ def remove_run_temporaries(run_dir) -> list[Path]:
 def model_config_from(config: dict):
     from dsmr.model import DSMRConfig
 
-    return DSMRConfig.from_dict(dict(config["model"]))
+    model = config["model"]
+    return DSMRConfig.from_dict(dict(model) if isinstance(model, dict) else model)
 
 
 def resolve_weights(path, which: str = "best") -> tuple[Path, Path]:
@@ -303,9 +333,11 @@ def load_model(path, device="cpu", which: str = "best"):
     weights, run_dir = resolve_weights(resolve_model_ref(path), which)
     config = read_config(run_dir)
     try:
-        model = DSMR(model_config_from(config))
-    except TypeError as err:
-        raise DsmrError(f"{run_dir / CONFIG_FILE}: invalid model config ({err})") from err
+        model_cfg = model_config_from(config)
+    except DsmrError as err:
+        raise DsmrError(f"{run_dir / CONFIG_FILE}: {err}") from err
+    check_weights_fit(weights, model_cfg)  # before allocating what the config asks for
+    model = DSMR(model_cfg)
     load_weights(model, weights)
     tokenizer = tokenizer_from_config(config["tokenizer"])
     if tokenizer.vocab_size != model.cfg.vocab_size:
@@ -338,8 +370,9 @@ def prepare_run(run_dir, config: dict, resume: bool, world_size: int) -> dict | 
         if run_dir.is_dir():
             remove_run_temporaries(run_dir)
         return None
-    if run_dir.is_dir():
-        remove_run_temporaries(run_dir)  # left by a save that was killed
+    if not run_dir.is_dir():
+        raise DsmrError(f"nothing to resume: {run_dir} does not exist (start the run without --resume)")
+    remove_run_temporaries(run_dir)  # left by a save that was killed
     if not (run_dir / CONFIG_FILE).exists() and not (run_dir / TRAINER_STATE_FILE).exists():
         # never saved, or killed inside its first save (before config.json was renamed into place)
         print(f"dsmr train: {run_dir} holds no save to resume (the run stopped before or in its first save); "

@@ -21,6 +21,10 @@ NORMS = ("layernorm", "rmsnorm")
 MEMORIES = ("kv", "hidden")
 # What the recurrent state holds in training (both compute the same thing at inference; docs/training.md).
 DEFAULT_MEMORY = "hidden"
+# The largest sizes a config may give (a config.json is untrusted input: 1e6 would allocate terabytes).
+SIZE_LIMITS = {"vocab_size": 2**20, "n_layers": 256, "d_model": 16384, "n_heads": 256, "d_ff": 262144,
+               "head_dim": 4096}
+MAX_HORIZON = 2**22
 # The values of models saved before a field existed or before its default changed: a config.json "model"
 # section without the key was trained with these.
 LEGACY_DEFAULTS = {"tie_embeddings": True, "head_dim": None, "rotary_fraction": 1.0, "init_std": 0.02,
@@ -51,12 +55,21 @@ class DSMRConfig:
 
     def __post_init__(self) -> None:
         if self.horizons is None:
-            self.horizons = (0,) * self.n_layers
+            self.horizons = (0,) * self.n_layers if isinstance(self.n_layers, int) else ()
+        if isinstance(self.horizons, (str, bytes)) or not all(isinstance(h, int) and not isinstance(h, bool)
+                                                              for h in self.horizons):
+            raise DsmrError(f"model config: horizons must be whole numbers, got {self.horizons!r:.80}")
         self.horizons = tuple(int(h) for h in self.horizons)
         problems = []
-        for name in ("vocab_size", "n_layers", "d_model", "n_heads"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                problems.append(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        # sizes a model folder (untrusted input) may ask for: checked before anything is allocated
+        for name, high in SIZE_LIMITS.items():
+            value = getattr(self, name)
+            if value is None and name in ("d_ff", "head_dim"):
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= high:
+                problems.append(f"{name} must be a whole number in [1, {high}], got {value!r:.40}")
+        if any(h > MAX_HORIZON for h in self.horizons):
+            problems.append(f"horizons must be at most {MAX_HORIZON}, got {max(self.horizons)}")
         if not problems and self.head_dim is None:
             if self.d_model % self.n_heads:
                 problems.append(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads} "
@@ -122,7 +135,12 @@ class DSMRConfig:
     def from_dict(cls, d: dict) -> "DSMRConfig":
         """From a config.json "model" section; keys it lacks (models saved before a field existed, or
         before its default changed) take their LEGACY_DEFAULTS."""
-        return dataclass_from_dict(cls, {**LEGACY_DEFAULTS, **d}, "model config")
+        if not isinstance(d, dict):
+            raise DsmrError(f"model config: expected an object, got {d!r:.40}")
+        try:
+            return dataclass_from_dict(cls, {**LEGACY_DEFAULTS, **d}, "model config")
+        except (TypeError, ValueError) as err:  # "64" for a size, "abc" for a number
+            raise DsmrError(f"model config: a value has the wrong type ({err})") from err
 
 
 def recipe_default(name: str):

@@ -59,7 +59,11 @@ def out_of_bounds(config) -> list[str]:
     problems = []
     for name, (low, high) in getattr(config, "BOUNDS", {}).items():
         value = getattr(config, name)
-        if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+                isinstance(low, int) and isinstance(high, int) and not isinstance(value, int)):
+            problems.append(f"{name} must be a {'whole ' if isinstance(low, int) else ''}number, got {value!r:.40}")
             continue
         if not low <= value <= high:  # NaN fails too
             problems.append(f"{name} must be in [{low}, {high}], got {value}")

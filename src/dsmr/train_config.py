@@ -141,7 +141,9 @@ class TrainConfig:
                 setattr(self, name, tuple(value))
 
     def validate(self) -> None:
-        problems = []
+        problems = [p for p in out_of_bounds(self) if "must be a" in p and "number" in p]
+        if problems:  # the wrong types (a config.json with "lr": "abc"): nothing below can compare them
+            raise DsmrError("train config: " + "; ".join(problems))
 
         def positive(name):
             value = getattr(self, name)
