@@ -47,8 +47,8 @@ def main() -> int:
     p.add_argument("--min-notes", type=int, default=8, help="fewer notes after the prompt: near-empty")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--max-note-seconds", type=float, help="the note guard's longest note (default: off)")
-    p.add_argument("--max-polyphony", type=int, help="the note guard's most notes at once (default: off)")
+    p.add_argument("--max-note-seconds", type=float, help="the note guard's longest note (default, or 0: off)")
+    p.add_argument("--max-polyphony", type=int, help="the note guard's most notes at once (default, or 0: off)")
     p.add_argument("--precision", default="auto", choices=("auto", "float32", "float16", "int8"))
     p.add_argument("--label", help="name of this configuration in the tables (default: the model folder)")
     p.add_argument("--seed", type=int, default=0)
@@ -80,8 +80,8 @@ def main() -> int:
 
     def sampling(seed: int) -> SamplingConfig:
         return SamplingConfig(temperature=args.temperature, top_p=args.top_p, seed=seed, max_seconds=args.seconds,
-                              max_tokens=None, stop_at_eos=False, max_note_seconds=args.max_note_seconds,
-                              max_polyphony=args.max_polyphony)
+                              max_tokens=None, stop_at_eos=False, max_note_seconds=args.max_note_seconds or None,
+                              max_polyphony=args.max_polyphony or None)
 
     start, events = time.perf_counter(), 0
     continued, real, scratch = [], [], []

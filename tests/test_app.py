@@ -261,3 +261,24 @@ def test_cli_app_serves_on_localhost(run_dir, tmp_path, capsys):
             proc.kill()
             _, err = proc.communicate()
     assert f"http://127.0.0.1:{port}/" in err
+
+
+def test_upload_errors_name_the_users_file_and_old_outputs_are_removed(tmp_path):
+    import os
+    import time
+
+    from dsmr.app import _remove_old_outputs, _user_words
+    from dsmr.errors import DsmrError
+
+    upload = tmp_path / "gradio" / "abc123" / "my piece.mid"
+    err = DsmrError(f"not a readable MIDI file: {upload} (its data is damaged or it is not MIDI: ...)")
+    assert _user_words(err, str(upload)) == "not a readable MIDI file: my piece.mid (its data is damaged or it " \
+                                            "is not MIDI: ...)"
+    old, new = tmp_path / "out" / "old", tmp_path / "out" / "new"
+    old.mkdir(parents=True)
+    new.mkdir()
+    (old / "variation-1.wav").write_bytes(b"x" * 100)
+    hours_ago = time.time() - 2 * 3600
+    os.utime(old, (hours_ago, hours_ago))
+    _remove_old_outputs(tmp_path / "out")
+    assert not old.exists() and new.exists()

@@ -125,3 +125,13 @@ def test_cli_metrics_bad_input(bach_cache, tmp_path, capsys):
     good = write_midi_file(tmp_path / "g.mid", CHORD)
     assert main(["metrics", str(good), "--reference", str(bach_cache.path), "--split", "nope"]) == 2
     assert "no split 'nope'" in capsys.readouterr().err
+
+
+def test_small_sets_and_uncropped_sets_of_other_lengths_are_warned_about():
+    from dsmr.cli.metrics import set_warnings
+
+    short = [{"seconds": 30.0}] * 3
+    long = [{"seconds": 400.0}] * 40
+    warnings = set_warnings({"generated": short, "test": long}, crop_seconds=None)
+    assert any("only 3 piece(s)" in w for w in warnings) and any("--crop-seconds" in w for w in warnings)
+    assert set_warnings({"generated": [{"seconds": 30.0}] * 30, "test": long}, crop_seconds=30.0) == []

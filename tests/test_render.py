@@ -136,3 +136,20 @@ def test_render_wav_refuses_a_file_that_is_not_a_soundfont(tmp_path):
     junk.write_text("junk")
     with pytest.raises(DsmrError, match="not a SoundFont"):
         render_wav(midi, tmp_path / "out.wav", soundfont=junk)
+
+
+def test_a_long_piece_is_drawn_in_rows_of_readable_width(tmp_path):
+    import symusic
+    from PIL import Image
+
+    from dsmr.render import plot_pianoroll
+
+    score = symusic.Score(1000)  # 120 qpm: 1000 ticks = 0.5 s
+    track = symusic.Track()
+    for i in range(600):  # 300 s
+        track.notes.append(symusic.Note(i * 1000, 500, 40 + i % 40, 80))
+    score.tracks.append(track)
+    width, height = Image.open(plot_pianoroll(score, tmp_path / "long.png", boundary_seconds=10)).size
+    assert width <= 1400 and height > 1000, "five rows of a minute, not one strip"
+    width, height = Image.open(plot_pianoroll(score.clip(0, 40 * 1000), tmp_path / "short.png")).size
+    assert height == 500

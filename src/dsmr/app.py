@@ -219,6 +219,7 @@ def build_app(model=None, cache=None, device: str = "cpu", out_root=None, render
             with store.lock:
                 progress(0, "loading the model")
                 loaded = store.load(model_ref)
+                _remove_old_outputs(out_root)
                 out_dir = Path(tempfile.mkdtemp(dir=out_root))
                 prompt = None
                 if upload:
@@ -233,7 +234,7 @@ def build_app(model=None, cache=None, device: str = "cpu", out_root=None, render
                     max_note_seconds=_num(max_note_seconds) if loaded.guards_notes else 0,
                     render_audio=render_audio, progress=progress)
         except DsmrError as err:
-            return [f"**Error**: {err}"] + hidden + empty
+            return [f"**Error**: {_user_words(err, upload)}"] + hidden + empty
         except Exception as err:  # the server keeps serving; say what happened
             return [f"**Error**: {type(err).__name__}: {err}"] + hidden + empty
         groups = [gr.update(visible=i < len(results)) for i in range(MAX_VARIATIONS)]
@@ -243,7 +244,8 @@ def build_app(model=None, cache=None, device: str = "cpu", out_root=None, render
         midis = [r["midi"] for r in results] + pad
         return [summary_text(results, loaded)] + groups + audio + rolls + midis
 
-    with gr.Blocks(title="dsmr: continue a piece") as demo:
+    # Gradio keeps every upload and output in its cache: delete what is over an hour old, every 10 minutes
+    with gr.Blocks(title="dsmr: continue a piece", delete_cache=(600, 3600)) as demo:
         gr.Markdown("# dsmr: continue a piece of music\nUpload a MIDI file (or pick a piece), choose how "
                     "much of it to keep and how long the result should be, and press **Generate**.")
         with gr.Row():
@@ -293,6 +295,28 @@ def _result_column(gr, ready: bool):
     return status, groups, audios, rolls, files
 
 
+def _remove_old_outputs(out_root: Path, max_age: float = 3600.0) -> None:
+    """Delete the generations in `out_root` older than `max_age` seconds (the page has long shown them)."""
+    import shutil
+    import time
+
+    for folder in Path(out_root).iterdir():
+        try:
+            if folder.is_dir() and time.time() - folder.stat().st_mtime > max_age:
+                shutil.rmtree(folder, ignore_errors=True)
+        except OSError:
+            continue
+
+
+def _user_words(err: Exception, upload) -> str:
+    """The error with the upload's temporary path replaced by the name the user gave the file."""
+    text = str(err)
+    path = upload if isinstance(upload, str) else getattr(upload, "name", None)
+    if path:
+        text = text.replace(str(path), Path(path).name)
+    return text
+
+
 def _num(value):
     return None if value is None else float(value)
 
@@ -300,8 +324,14 @@ def _num(value):
 def serve(model=None, host: str = "127.0.0.1", port: int = 7860, cache=None, device: str = "cpu",
           block: bool = True, render_audio: bool = True):
     """Build the page and launch it; returns the Blocks (with `block=False` the server runs in a thread)."""
+    import shutil
+
     demo = build_app(model, cache=cache, device=device, render_audio=render_audio)
     demo.queue(default_concurrency_limit=1)
-    demo.launch(server_name=host, server_port=port, prevent_thread_lock=not block, inbrowser=False,
-                share=False, show_error=True, allowed_paths=[str(demo.dsmr_out_root)], quiet=not block)
+    try:
+        demo.launch(server_name=host, server_port=port, prevent_thread_lock=not block, inbrowser=False,
+                    share=False, show_error=True, allowed_paths=[str(demo.dsmr_out_root)], quiet=not block)
+    finally:
+        if block:  # the server stopped (Ctrl-C): its generated files go with it
+            shutil.rmtree(demo.dsmr_out_root, ignore_errors=True)
     return demo

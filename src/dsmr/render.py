@@ -6,6 +6,7 @@ binary with a General MIDI soundfont and says how to install both when they are 
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import subprocess
@@ -96,12 +97,18 @@ def render_wav(
 
 
 def save_figure(fig, png_path) -> Path:
-    """Lay out a matplotlib figure and write it as a PNG atomically; returns the path."""
-    fig.tight_layout()
+    """Lay out a matplotlib figure (unless it has a layout engine of its own) and write it as a PNG
+    atomically; returns the path."""
+    if fig.get_layout_engine() is None:
+        fig.tight_layout()
     png_path = Path(png_path)
     with atomic_path(png_path) as tmp:
         fig.savefig(tmp, format="png")
     return png_path
+
+
+ROW_SECONDS = 60.0  # seconds of music per row of a piano roll
+MAX_ROWS = 8
 
 
 def plot_pianoroll(
@@ -133,9 +140,14 @@ def plot_pianoroll(
     if boundary_seconds is not None:
         duration = max(duration, boundary_seconds)
 
-    # Wider for longer pieces, but bounded so a 20-minute piece still makes a readable file.
-    width = float(np.clip(4.0 + duration / 10.0, 8.0, 40.0))
-    fig, ax = plt.subplots(figsize=(width, 5.0), dpi=dpi)
+    # One row up to ROW_SECONDS; a longer piece is split into rows of equal length (at most MAX_ROWS), so a
+    # 5-minute piece is five readable rows rather than one strip 40 inches wide.
+    rows = min(MAX_ROWS, max(1, math.ceil(duration / ROW_SECONDS - 0.25)))
+    span = duration * 1.01 / rows
+    width = float(np.clip(4.0 + span / 10.0, 8.0, 14.0))
+    fig, axes = plt.subplots(rows, 1, figsize=(width, 5.0 if rows == 1 else 1.2 + 2.4 * rows), dpi=dpi,
+                             squeeze=False, layout="constrained")
+    axes = axes[:, 0]
     try:
         if len(notes):
             boxes = np.stack([
@@ -145,22 +157,25 @@ def plot_pianoroll(
             cmap = plt.get_cmap("viridis")
             colours = cmap(velocities / 127.0)
             colours[:, 3] = 0.35 + 0.65 * velocities / 127.0  # loud notes also more opaque
-            ax.add_collection(PolyCollection(boxes, facecolors=colours, edgecolors="none"))
+            for ax in axes:
+                ax.add_collection(PolyCollection(boxes, facecolors=colours, edgecolors="none"))
             mappable = plt.cm.ScalarMappable(norm=plt.Normalize(0, 127), cmap=cmap)
-            fig.colorbar(mappable, ax=ax, label="velocity", pad=0.01, fraction=0.02)
+            fig.colorbar(mappable, ax=list(axes), label="velocity", pad=0.01, fraction=0.02)
             low, high = pitches.min() - 2, pitches.max() + 2
         else:
             low, high = 21, 108  # the piano's range, so an empty roll still has sensible axes
+        for r, ax in enumerate(axes):
+            if boundary_seconds is not None:
+                ax.axvline(boundary_seconds, color="crimson", linewidth=1.5, linestyle="--",
+                           label="prompt | continuation")
+            ax.set_xlim(r * span, (r + 1) * span)
+            ax.set_ylim(low, high)
+            ax.set_ylabel("MIDI pitch")
         if boundary_seconds is not None:
-            ax.axvline(boundary_seconds, color="crimson", linewidth=1.5, linestyle="--",
-                       label="prompt | continuation")
-            ax.legend(loc="upper right", fontsize=8)
-        ax.set_xlim(0, duration * 1.01)
-        ax.set_ylim(low, high)
-        ax.set_xlabel("time (s)")
-        ax.set_ylabel("MIDI pitch")
+            axes[0].legend(loc="upper right", fontsize=8)
+        axes[-1].set_xlabel("time (s)")
         if title:
-            ax.set_title(title)
+            axes[0].set_title(title)
         return save_figure(fig, png_path)
     finally:
         plt.close(fig)

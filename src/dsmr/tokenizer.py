@@ -99,7 +99,20 @@ def load_midi(path: str | os.PathLike, max_bytes: int | None = MAX_FILE_BYTES) -
         # From bytes, not from the path: symusic picks a parser by file extension, we always want MIDI.
         return symusic.Score.from_midi(data)
     except Exception as err:  # symusic raises plain RuntimeError/ValueError for corrupt data
-        raise DsmrError(f"not a readable MIDI file: {path} ({err})") from err
+        raise DsmrError(f"not a readable MIDI file: {path} (its data is damaged or it is not MIDI: "
+                        f"{_midi_problem(err)})") from err
+
+
+def _midi_problem(err: Exception) -> str:
+    """The MIDI parser's complaint in plain words (it writes "MiniMidi: Invaild midi file! ... iostream")."""
+    text = str(err).lower()
+    if "not mthd" in text:
+        return "it does not start with a MIDI header"
+    if "chunk length" in text or "remaining bytes" in text or "eof" in text or "truncat" in text:
+        return "it ends before the end of its data (truncated?)"
+    if "track" in text or "mtrk" in text:
+        return "a damaged track"
+    return "the parser could not read it"
 
 
 def check_piece_bounds(score: symusic.Score, path, max_seconds: float | None = DEFAULT_MAX_SECONDS) -> None:

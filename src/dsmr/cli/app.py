@@ -34,6 +34,7 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     if not 0 < args.port < 65536:
         raise DsmrError(f"--port must be 1..65535, got {args.port}")
+    print("dsmr app: loading Gradio...", file=sys.stderr, flush=True)
     from dsmr.app import _gradio, default_model, serve
 
     _gradio()  # says how to install Gradio before anything else
@@ -47,12 +48,19 @@ def run(args: argparse.Namespace) -> int:
         cache = TokenCache(args.cache)
     model = args.model or default_model()
     if model is not None:
+        from dsmr import kernels
         from dsmr.app import ModelStore
 
+        print(f"dsmr app: loading the model {model}...", file=sys.stderr, flush=True)
+        if device == "cpu" and kernels.needs_build():
+            print("dsmr app: building the CPU decoding kernels (once per machine, about a minute)...",
+                  file=sys.stderr, flush=True)
         ModelStore(device).load(model)  # a wrong model path fails here, not in the page
     if args.host not in LOOPBACK:
         print(f"dsmr app: listening on {args.host}: anyone who can reach this machine can use the page",
               file=sys.stderr)
+    print("dsmr app: generated files go to a temporary folder, deleted an hour after they are made and when "
+          "the app stops", file=sys.stderr)
     print(f"dsmr app: http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}/ "
           f"(Ctrl-C stops)", file=sys.stderr)
     serve(model, host=args.host, port=args.port, cache=cache, device=device, render_audio=args.audio)

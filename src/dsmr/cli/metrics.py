@@ -78,6 +78,8 @@ def run(args: argparse.Namespace) -> int:
             raise DsmrError(f"set {name!r} has no piece with notes" + (f" ({reasons})" if reasons else ""))
     for s in skipped:
         print(f"dsmr metrics: skipped {s['path']}: {s['reason']}", file=sys.stderr)
+    for warning in set_warnings(sets, args.crop_seconds):
+        print(f"dsmr metrics: warning: {warning}", file=sys.stderr)
 
     report = metrics_report(sets, ref_name)
     if args.plot is not None:
@@ -90,6 +92,24 @@ def run(args: argparse.Namespace) -> int:
         if args.plot is not None:
             print(f"\nfigure: {args.plot}")
     return 0
+
+
+SMALL_SET = 20  # pieces: below this an overlap figure moves a lot with one piece more or less
+
+
+def set_warnings(sets: dict[str, list[dict]], crop_seconds: float | None) -> list[str]:
+    """What makes the comparison shaky: small sets, and sets of very different lengths compared uncropped
+    (range, distinct pitches and the like grow with a piece's length)."""
+    warnings = [f"set {name!r} has only {len(pieces)} piece(s): its overlaps are rough (use {SMALL_SET} or more)"
+                for name, pieces in sets.items() if 0 < len(pieces) < SMALL_SET]
+    if crop_seconds is None:
+        lengths = {name: sorted(p["seconds"] for p in pieces)[len(pieces) // 2] for name, pieces in sets.items()
+                   if pieces}
+        if lengths and max(lengths.values()) > 2 * max(min(lengths.values()), 1e-9):
+            spans = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in lengths.items())
+            warnings.append(f"the sets' pieces differ in length (median {spans}): give --crop-seconds S to "
+                            "compare the first S seconds of each")
+    return warnings
 
 
 def _unique(name: str, taken: dict) -> str:
