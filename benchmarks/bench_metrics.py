@@ -34,6 +34,9 @@ KEEP_WINDOW = 10.0  # seconds of each window compared with the prompt
 
 
 def main() -> int:
+    if sys.argv[1:2] == ["--table"]:  # compare finished runs: --table OUT1 OUT2 ...
+        print(comparison_table([json.loads((Path(d) / "bench.json").read_text()) for d in sys.argv[2:]]))
+        return 0
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", help="run folder, exported model folder or Hub repo id")
     p.add_argument("--cache", required=True, help="token cache of the model's encoding (prompts and reference)")
@@ -243,6 +246,33 @@ def markdown(report: dict) -> str:
         lines.append(f"| {name} | " + " | ".join(f"{v:.2f}" for span in spans.values() for v in span.values()) + " |")
     lines += ["", f"{report['generated_events']:,} events generated in {report['generation_wall_s']:.0f} s "
                   f"({report['events_per_s']:.0f} events/s). Command: `{report['command']}`", ""]
+    return "\n".join(lines)
+
+
+TABLE_FEATURES = ("polyphony", "note_density", "duration_histogram", "pitch_range", "mean_ioi")
+
+
+def comparison_table(reports: list[dict], set_name: str = "generated") -> str:
+    """One row per benchmark run (continuations of the prompts), the real continuations' row last."""
+    head = ("| configuration | " + " | ".join(f"{f.replace('_', ' ')} OA" for f in TABLE_FEATURES)
+            + " | p99 note (s) | longest (s) | near-empty | keeps density (next / last 10 s) |")
+    lines = [head, "|---|" + "---:|" * (len(TABLE_FEATURES) + 4)]
+
+    def row(label: str, s: dict, keep: dict) -> str:
+        oa = " | ".join(f"{s['distances'][f]['overlap']:.2f}" for f in TABLE_FEATURES)
+        dens = f"{keep['next 10 s']['note_density']:.2f} / {keep['last 10 s']['note_density']:.2f}"
+        return (f"| {label} | {oa} | {s['p99_note_s']:.2f} | {s['longest_note_s']:.1f} | "
+                f"{s['near_empty']}/{s['pieces']} | {dens} |")
+
+    for r in reports:
+        lines.append(row(r["label"], r["sets"][set_name], r["keeping"]["generated"]))
+    last = reports[-1]
+    lines.append(row("the test pieces' real continuations", last["sets"]["real continuations"],
+                     last["keeping"]["real continuations"]))
+    ref = last["reference"]
+    lines.append(f"\nOA: overlap with {ref['windows']} random {ref['window_seconds']:.0f}-s windows of the test split "
+                 f"(1 = the same distribution). Notes in those windows: 99th percentile {ref['p99_note_s']:.2f} s, "
+                 f"longest {ref['longest_note_s']:.1f} s. Keeps density: median |log(density after / in the prompt)|.")
     return "\n".join(lines)
 
 

@@ -1,4 +1,4 @@
-"""Command-line values are validated where they enter (issue 12): NaN, infinities, negative seeds, outputs
+"""Command-line values are validated where they enter: NaN, infinities, negative seeds, outputs
 that are folders or files, damaged caches: one-line errors that name the user's path, exit 2."""
 
 from __future__ import annotations

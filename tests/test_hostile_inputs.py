@@ -1,4 +1,4 @@
-"""Hostile but fair inputs (issue 12): expansion-bomb MIDI, FIFOs and devices named *.mid, fuzzed bytes,
+"""Hostile but fair inputs: expansion-bomb MIDI, FIFOs and devices named *.mid, fuzzed bytes,
 corrupt caches, odd paths. Nothing may crash, hang or exhaust memory; every refusal names the file."""
 
 from __future__ import annotations

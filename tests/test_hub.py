@@ -101,7 +101,7 @@ def test_model_card_has_hub_metadata_and_figures(run_dir, tmp_path):
     card = (tmp_path / "m" / "README.md").read_text()
     header, body = card.split("---\n")[1], card.split("---\n", 2)[2]
     assert "license: cc-by-nc-sa-4.0" in header and "library_name: dsmr" in header
-    assert "datasets:\n- maestro" in header and "- symbolic-music" in header
+    assert "- symbolic-music" in header and "- piano" in header and "datasets:" not in header  # not a Hub id
     assert "CC BY-NC-SA 4.0" in body and "non-commercial" in body
     for text in ("| test PPL (full pieces) | 5.250 (3 pieces, 1234 tokens) |", "| training steps (these weights) | 10 |",
                  "| best validation PPL (step) | 4.482 (10) |", "| tokens trained on | 220 |",
@@ -109,6 +109,10 @@ def test_model_card_has_hub_metadata_and_figures(run_dir, tmp_path):
         assert text in body
     with pytest.raises(DsmrError, match="inherits its data's licence cc-by-nc-sa-4.0"):
         export_run(run_dir, tmp_path / "n", license="mit")
+    # no repo id: the usage lines name the folder, never this machine's path
+    export_run(run_dir, tmp_path / "local-model")
+    card = (tmp_path / "local-model" / "README.md").read_text()
+    assert str(tmp_path) not in card and "dsmr generate local-model " in card
 
 
 def test_other_corpus_licence(tmp_path, tok):

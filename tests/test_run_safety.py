@@ -1,4 +1,4 @@
-"""Run folders under kills and damage (issue 12): a kill at any point of a save leaves a resumable run
+"""Run folders under kills and damage: a kill at any point of a save leaves a resumable run
 whose result equals an uninterrupted one; damaged checkpoints are DsmrErrors naming the file; metrics
 survive resumes; every file of a run has the same permissions."""
 

@@ -35,6 +35,9 @@ HUB_FILES = [CONFIG_FILE, MODEL_FILE, CARD_FILE]
 CORPUS_LICENSES = {"maestro": "cc-by-nc-sa-4.0"}
 CORPUS_NAMES = {"maestro": "MAESTRO v3.0.0 (Hawthorne et al., 2019)",
                 "bach": "Bach chorales (music21 corpus)"}
+# Hub tags a card takes from its training corpus (besides the ones every dsmr model has).
+CORPUS_TAGS = {"maestro": ("piano", "classical-music", "maestro"), "bach": ("bach", "chorales", "classical-music")}
+MODEL_TAGS = ("symbolic-music", "midi", "music-generation", "recurrent-transformer", "dsmr")
 # owner/name as the Hub spells repo ids: letters, digits, '-', '_', '.'; no leading '.' or '-'.
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
 
@@ -73,18 +76,18 @@ def resolve_model_ref(ref, *, revision: str | None = None, cache_dir=None,
             local_files_only=offline)
     except LocalEntryNotFoundError as err:
         raise DsmrError(
-            f"{ref}: no such local path, and the Hub repo {ref!r}{_rev(revision)} is not in the Hub cache "
+            f"{ref}: no such local path, and the Hub repo '{ref}'{_rev(revision)} is not in the Hub cache "
             f"{cache} (offline{' because HF_HUB_OFFLINE is set' if constants.HF_HUB_OFFLINE else ''}): "
             f"download it once with network access, or give a local model folder") from err
     except (RepositoryNotFoundError, RevisionNotFoundError) as err:
-        raise DsmrError(f"{ref}: no such local path, and no Hub repo {ref!r}{_rev(revision)} "
+        raise DsmrError(f"{ref}: no such local path, and no Hub repo '{ref}'{_rev(revision)} "
                         f"(or it is private: log in with `hf auth login`)") from err
     except (EntryNotFoundError, HfHubHTTPError, OSError) as err:
         raise DsmrError(f"{ref}: no such local path, and the Hub repo could not be downloaded "
                         f"({type(err).__name__}: {_first_line(err)})") from err
     folder = Path(folder)
     if not (folder / CONFIG_FILE).is_file() or not (folder / MODEL_FILE).is_file():
-        raise DsmrError(f"Hub repo {ref!r}{_rev(revision)} ({folder}) has no {CONFIG_FILE} and {MODEL_FILE}: "
+        raise DsmrError(f"Hub repo '{ref}'{_rev(revision)} ({folder}) has no {CONFIG_FILE} and {MODEL_FILE}: "
                         "not a dsmr model")
     return folder
 
@@ -171,8 +174,9 @@ def export_run(run, out, *, which: str = "best", dtype: str = "float32", license
     exported["dataset"] = {"corpus": corpus, "license": license}
     exported["export"] = {"from": str(run_dir.name), "weights": weights.name, "step": step}
     exported["figures"] = figures
+    # usage lines name the Hub repo, or the folder by its own name: never this machine's paths
     card = model_card(exported, name=name or Path(out).name, dtype=dtype,
-                      ref=name if name and is_repo_id(name) else str(out))
+                      ref=name if name and is_repo_id(name) else Path(out).resolve().name)
     save_pretrained(model, out, exported, dtype=dtype, card=card, step=step)
     return {"out": str(out), "weights": str(weights), "step": step, "dtype": dtype, "license": license,
             "dataset": corpus, "bytes": (Path(out) / MODEL_FILE).stat().st_size, "figures": figures}
@@ -251,11 +255,9 @@ def model_card(config: dict, name: str, dtype: str, ref: str | None = None) -> s
     figures = config.get("figures") or {}
     model = config.get("model") or {}
     tok = config.get("tokenizer") or {}
-    header = ["---", f"license: {license}", "library_name: dsmr"]
-    if corpus:
-        header += ["datasets:", f"- {corpus}"]
-    header += ["tags:"] + [f"- {t}" for t in ("symbolic-music", "midi", "music-generation", "piano",
-                                                "recurrent-transformer", "dsmr")]
+    # no `datasets:` entry: the Hub expects dataset repo ids there, and the corpora are named in the text
+    header = ["---", f"license: {license}", "library_name: dsmr", "tags:"]
+    header += [f"- {t}" for t in (*MODEL_TAGS, *CORPUS_TAGS.get(corpus or "", ()))]
     header += ["---", ""]
     lines = [f"# {name}", "",
              "A Depth-Structured Music Recurrence (DSMR) model: a recurrent Transformer that models whole "

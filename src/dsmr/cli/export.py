@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from dsmr.cli.common import add_weights
@@ -60,6 +61,10 @@ def run(args: argparse.Namespace) -> int:
         evals.append(result)
     summary = export_run(args.run, args.out, which=args.weights, dtype=args.dtype, license=args.license,
                          dataset=args.dataset, evals=evals, name=args.name or args.push)
+    if summary["license"] == "other":
+        print(f"dsmr export: warning: no licence for this model (its corpus {summary['dataset'] or 'is unknown'} "
+              "sets none): the card says so; pass --license ID (a Hub licence identifier, e.g. mit or "
+              "cc-by-4.0) that the training data allows", file=sys.stderr)
     if args.push is not None:
         summary["pushed"] = push_to_hub(args.out, args.push, private=args.private)
     if args.json:
