@@ -118,9 +118,7 @@ def test_max_seconds_option_sets_the_limit(tmp_path, capsys):
     [skipped] = json.loads(out)["skipped"]
     assert skipped["path"].endswith("long.mid") and "lasts 100 seconds" in skipped["reason"]
     for bad in ("0", "-5", "nan", "inf"):
-        with pytest.raises(SystemExit) as exit_:
-            main(["data", "build", "--corpus", "folder", "--root", str(folder), "--max-seconds", bad])
-        assert exit_.value.code == 2
+        assert main(["data", "build", "--corpus", "folder", "--root", str(folder), "--max-seconds", bad]) == 2
 
 
 def test_division_zero_is_a_dsmr_error(tmp_path):

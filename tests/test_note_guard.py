@@ -48,13 +48,13 @@ def test_a_note_at_its_limit_must_end_before_time_moves_on():
     assert not ban[shift(0.3)] and ban[shift(0.31)], "now the note of 0.2 s is the oldest"
 
 
-def test_polyphony_limit_bans_new_notes_while_full():
+def test_at_the_polyphony_limit_the_oldest_note_must_end_next():
     guard = NoteGuard(TOK, num_lanes=1, max_polyphony=2)
-    guard.feed([ON + 60, ON + 62])
-    ban = guard.banned()[0]
-    assert ban[ON:OFF].all() and not ban[OFF + 60]
-    guard.update(torch.tensor([OFF + 62]))
-    assert not guard.banned()[0, ON + 62]
+    guard.feed([ON + 60, shift(0.1), ON + 62])
+    allowed = torch.nonzero(~guard.banned()[0]).flatten().tolist()
+    assert allowed == [OFF + 60], "the oldest note is released before anything else"
+    guard.update(torch.tensor([OFF + 60]))
+    assert not guard.banned()[0, ON:OFF].any() and not guard.banned()[0, shift(1.0)]
 
 
 def test_encodings_without_note_offs_are_refused():

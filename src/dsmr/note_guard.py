@@ -9,7 +9,9 @@ the pitches sounding and when each started, and before every draw bans what woul
   allowed: it ends the old note there (dsmr.tokenizer), and a model that forgot a note often releases it so;
 * with `max_note_seconds`: any TIME_SHIFT that would carry a sounding note past that length; when not even
   the shortest shift fits, only the NOTE_OFFs of the notes at their limit may come next;
-* with `max_polyphony`: a NOTE_ON while that many notes sound.
+* with `max_polyphony`: when that many notes sound, the next event must release the oldest of them (as a
+  synthesizer steals a voice). Banning note-ons instead left a model that wanted to play with nothing to
+  do but emit VELOCITY events, thousands in a row.
 
 Everything else is the model's choice, renormalised over what is left (dsmr.generate.sample_next).
 """
@@ -91,19 +93,22 @@ class NoteGuard:
         lanes = sounding.shape[0]
         ban = torch.zeros(lanes, self.on_pitch.shape[0], dtype=torch.bool, device=self.onset.device)
         ban[:, self.is_off] = ~sounding[:, self.off_pitch[self.is_off]]
-        if self.max_polyphony is not None:
-            full = sounding.sum(dim=1) >= self.max_polyphony
-            ban |= full[:, None] & self.is_on[None]
+        # the notes that must end next (per lane, [lanes, 128]): none by default
+        must_end = torch.zeros_like(sounding)
+        age = torch.where(sounding, self.now[:, None] - self.onset, float("-inf"))
         if self.max_note_seconds is not None:
-            age = torch.where(sounding, self.now[:, None] - self.onset, float("-inf"))
             headroom = self.max_note_seconds - age.amax(dim=1)                     # +inf when nothing sounds
             ban |= self.is_shift[None] & (self.shift[None] > headroom[:, None] + 1e-9)
-            at_limit = age + self.min_shift > self.max_note_seconds + 1e-9         # cannot outlast one more shift
-            forced = at_limit.any(dim=1)
-            if bool(forced.any()):
-                allowed = self.is_off[None] & at_limit[:, self.off_pitch.clamp(min=0)]
-                ban = torch.where(forced[:, None], ~allowed, ban)
-                self.forced_events += int(forced.sum())
+            must_end |= age + self.min_shift > self.max_note_seconds + 1e-9       # cannot outlast one more shift
+        if self.max_polyphony is not None:
+            full = sounding.sum(dim=1) >= self.max_polyphony
+            oldest = torch.nn.functional.one_hot(age.argmax(dim=1), PITCHES).bool()
+            must_end |= full[:, None] & oldest
+        forced = must_end.any(dim=1)
+        if bool(forced.any()):
+            allowed = self.is_off[None] & must_end[:, self.off_pitch.clamp(min=0)]
+            ban = torch.where(forced[:, None], ~allowed, ban)
+            self.forced_events += int(forced.sum())
         return ban
 
 
