@@ -9,9 +9,10 @@ the pitches sounding and when each started, and before every draw bans what woul
   allowed: it ends the old note there (dsmr.tokenizer), and a model that forgot a note often releases it so;
 * with `max_note_seconds`: any TIME_SHIFT that would carry a sounding note past that length; when not even
   the shortest shift fits, only the NOTE_OFFs of the notes at their limit may come next;
-* with `max_polyphony`: when that many notes sound, the next event must release the oldest of them (as a
-  synthesizer steals a voice). Banning note-ons instead left a model that wanted to play with nothing to
-  do but emit VELOCITY events, thousands in a row.
+* with `max_polyphony`: while that many notes sound, no NOTE_ON and no event that only prepares one (a
+  VELOCITY): the model releases a note or lets time pass. (Banning only the note-ons left a model that
+  wanted to play emitting VELOCITY events, tens of thousands in a row; releasing the oldest note instead,
+  as a synthesizer steals a voice, let it add notes as fast as before: measured in docs/generation.md.)
 
 Everything else is the model's choice, renormalised over what is left (dsmr.generate.sample_next).
 """
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -50,7 +52,9 @@ def guard_for(tokenizer, max_note_seconds: Optional[float] = None, max_polyphony
 
 
 class NoteGuard:
-    """The notes sounding in each of `num_lanes` lanes, and the events they forbid next."""
+    """The notes sounding in each of `num_lanes` lanes, and the events they forbid next. Bookkeeping in
+    NumPy: a few arrays of 128 pitches per lane, where PyTorch's per-op overhead would cost more than a
+    decoding step."""
 
     def __init__(self, tokenizer, num_lanes: int, max_note_seconds: Optional[float] = None,
                  max_polyphony: Optional[int] = None, device=None):
@@ -60,56 +64,56 @@ class NoteGuard:
                             "has none (its notes cannot hang: generate without the guard)")
         on = [tokenizer.note_pitch(i) for i in vocab]
         off = [tokenizer.note_off_pitch(i) for i in vocab]
-        shifts = [tokenizer.event_seconds(i) or 0.0 for i in vocab]
         self.device = device
-        self.on_pitch = torch.tensor([-1 if p is None else p for p in on], device=device)
-        self.off_pitch = torch.tensor([-1 if p is None else p for p in off], device=device)
-        self.shift = torch.tensor(shifts, dtype=torch.float64, device=device)
+        self.on_pitch = np.array([-1 if p is None else p for p in on])
+        self.off_pitch = np.array([-1 if p is None else p for p in off])
+        self.shift = np.array([tokenizer.event_seconds(i) or 0.0 for i in vocab], dtype=np.float64)
         self.is_on, self.is_off, self.is_shift = self.on_pitch >= 0, self.off_pitch >= 0, self.shift > 0
-        self.min_shift = float(self.shift[self.is_shift].min()) if bool(self.is_shift.any()) else 0.0
+        # events that take no time and start or end no note (VELOCITY): they only prepare a note-on
+        self.is_setting = ~(self.is_on | self.is_off | self.is_shift)
+        self.is_setting[[tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id]] = False
+        self.off_ids = np.flatnonzero(self.is_off)
+        self.min_shift = float(self.shift[self.is_shift].min()) if self.is_shift.any() else 0.0
         self.max_note_seconds, self.max_polyphony = max_note_seconds, max_polyphony
         # onset time of each sounding pitch (NaN: silent), and the time now, per lane
-        self.onset = torch.full((num_lanes, PITCHES), float("nan"), dtype=torch.float64, device=device)
-        self.now = torch.zeros(num_lanes, dtype=torch.float64, device=device)
+        self.onset = np.full((num_lanes, PITCHES), np.nan)
+        self.now = np.zeros(num_lanes)
         self.forced_events = 0  # draws where only note-offs were allowed (reported in the result)
 
     def feed(self, ids: Sequence[int]) -> None:
         """Account for a prompt's events, in every lane."""
         for token in ids:
-            self.update(torch.full((self.onset.shape[0],), int(token), device=self.device))
+            self.update(np.full(self.onset.shape[0], int(token)))
 
-    def update(self, tokens: Tensor) -> None:
-        """Account for the event just drawn in each lane ([lanes] ids)."""
-        lanes = torch.arange(tokens.shape[0], device=tokens.device)
+    def update(self, tokens) -> None:
+        """Account for the event just drawn in each lane ([lanes] ids: a tensor or an array)."""
+        if isinstance(tokens, torch.Tensor):
+            tokens = tokens.cpu().numpy()
+        lanes = np.arange(len(tokens))
         on, off = self.on_pitch[tokens], self.off_pitch[tokens]
         started, ended = on >= 0, off >= 0
         self.onset[lanes[started], on[started]] = self.now[started]
-        self.onset[lanes[ended], off[ended]] = float("nan")
+        self.onset[lanes[ended], off[ended]] = np.nan
         self.now += self.shift[tokens]
 
     def banned(self) -> Tensor:
         """Bool [lanes, vocab]: the events each lane may not draw next."""
-        sounding = ~self.onset.isnan()
-        lanes = sounding.shape[0]
-        ban = torch.zeros(lanes, self.on_pitch.shape[0], dtype=torch.bool, device=self.onset.device)
-        ban[:, self.is_off] = ~sounding[:, self.off_pitch[self.is_off]]
-        # the notes that must end next (per lane, [lanes, 128]): none by default
-        must_end = torch.zeros_like(sounding)
-        age = torch.where(sounding, self.now[:, None] - self.onset, float("-inf"))
-        if self.max_note_seconds is not None:
-            headroom = self.max_note_seconds - age.amax(dim=1)                     # +inf when nothing sounds
-            ban |= self.is_shift[None] & (self.shift[None] > headroom[:, None] + 1e-9)
-            must_end |= age + self.min_shift > self.max_note_seconds + 1e-9       # cannot outlast one more shift
+        sounding = ~np.isnan(self.onset)
+        ban = np.zeros((sounding.shape[0], len(self.on_pitch)), dtype=bool)
+        ban[:, self.off_ids] = ~sounding[:, self.off_pitch[self.off_ids]]
         if self.max_polyphony is not None:
-            full = sounding.sum(dim=1) >= self.max_polyphony
-            oldest = torch.nn.functional.one_hot(age.argmax(dim=1), PITCHES).bool()
-            must_end |= full[:, None] & oldest
-        forced = must_end.any(dim=1)
-        if bool(forced.any()):
-            allowed = self.is_off[None] & must_end[:, self.off_pitch.clamp(min=0)]
-            ban = torch.where(forced[:, None], ~allowed, ban)
-            self.forced_events += int(forced.sum())
-        return ban
+            full = sounding.sum(axis=1) >= self.max_polyphony
+            ban[full] |= self.is_on | self.is_setting
+        if self.max_note_seconds is not None:
+            age = np.where(sounding, self.now[:, None] - self.onset, -np.inf)
+            headroom = self.max_note_seconds - age.max(axis=1)                      # +inf when nothing sounds
+            ban |= self.is_shift[None] & (self.shift[None] > headroom[:, None] + 1e-9)
+            must_end = age + self.min_shift > self.max_note_seconds + 1e-9         # cannot outlast one more shift
+            for lane in np.flatnonzero(must_end.any(axis=1)):
+                ban[lane] = True
+                ban[lane, self.off_ids[must_end[lane, self.off_pitch[self.off_ids]]]] = False
+                self.forced_events += 1
+        return torch.from_numpy(ban).to(self.device)
 
 
 def check_guard_options(max_note_seconds: Optional[float], max_polyphony: Optional[int]) -> list[str]:
