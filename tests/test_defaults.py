@@ -86,3 +86,28 @@ def test_the_package_exposes_its_main_names():
 
     model = DSMR(Config(vocab_size=VOCAB, n_layers=2, d_model=32, n_heads=2))
     assert model.cfg.tie_embeddings is False
+
+
+def test_dsmr_generate_and_the_app_play_with_the_same_defaults_and_refuse_the_same_values():
+    import inspect
+
+    from dsmr import playing
+    from dsmr.app import check_request, generate_variations
+
+    args = build_parser().parse_args(["generate", "R", "--out", "o.mid"])
+    page = {k: p.default for k, p in inspect.signature(generate_variations).parameters.items()}
+    for name in ("temperature", "top_p", "min_pitch", "max_pitch"):
+        assert getattr(args, name) == page[name] == getattr(playing, name.upper()), name
+    # the guard: None on both sides means dsmr.playing's values (dsmr.note_guard.guard_for)
+    assert args.max_note_seconds is None and page["max_note_seconds"] is None
+    assert args.max_polyphony is None and page["max_polyphony"] is None
+    too_hot = playing.MAX_TEMPERATURE + 1
+    assert build_parser_refuses(["generate", "R", "--out", "o.mid", "--temperature", str(too_hot)])
+    with pytest.raises(DsmrError, match="temperature"):
+        check_request(10, 30, too_hot, 0.9, 1, 21, 108)
+
+
+def build_parser_refuses(argv) -> bool:
+    from dsmr.cli import main
+
+    return main(argv) == 2

@@ -13,6 +13,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from dsmr import playing
 from dsmr.errors import DsmrError
 
 INSTALL_HINT = 'the web app needs Gradio: pip install "dsmr[app]" (or: pip install gradio)'
@@ -102,8 +103,8 @@ def check_request(prompt_seconds, seconds, temperature, top_p, variations, min_p
         raise DsmrError(f"prompt seconds must be between 0 and {MAX_PROMPT_SECONDS:g}, got {prompt_seconds}")
     if prompt_seconds is not None and prompt_seconds >= seconds:
         raise DsmrError(f"the length ({seconds:g} s) must be longer than the prompt kept ({prompt_seconds:g} s)")
-    if not (temperature is not None and 0 <= temperature <= 5):
-        raise DsmrError(f"temperature must be between 0 and 5, got {temperature}")
+    if not (temperature is not None and 0 <= temperature <= playing.MAX_TEMPERATURE):
+        raise DsmrError(f"temperature must be between 0 and {playing.MAX_TEMPERATURE:g}, got {temperature}")
     if not (top_p is not None and 0 < top_p <= 1):
         raise DsmrError(f"top-p must be in (0, 1], got {top_p}")
     if variations not in range(1, MAX_VARIATIONS + 1):
@@ -113,13 +114,14 @@ def check_request(prompt_seconds, seconds, temperature, top_p, variations, min_p
 
 
 def generate_variations(loaded: Loaded, prompt_path, out_dir, *, prompt_seconds: float | None = 10.0,
-                        seconds: float = 30.0, temperature: float = 1.0, top_p: float = 0.95,
-                        seed: int | None = None, variations: int = 1, min_pitch: int = 0, max_pitch: int = 127,
-                        max_note_seconds: float | None = None, render_audio: bool = True,
-                        progress=None) -> list[dict]:
+                        seconds: float = 30.0, temperature: float = playing.TEMPERATURE,
+                        top_p: float = playing.TOP_P, seed: int | None = None, variations: int = 1,
+                        min_pitch: int = playing.MIN_PITCH, max_pitch: int = playing.MAX_PITCH,
+                        max_note_seconds: float | None = None, max_polyphony: int | None = None,
+                        render_audio: bool = True, progress=None) -> list[dict]:
     """Continue `prompt_path` (None: start from nothing) `variations` times (seeds seed, seed + 1, ...).
 
-    `max_note_seconds`: the note guard's longest note (None: its default; 0: no limit; dsmr.note_guard).
+    `max_note_seconds`, `max_polyphony`: the note guard (None: dsmr.playing's defaults; 0: no limit).
     Each result: {"midi", "pianoroll", "wav" (None without FluidSynth), "audio_note", and the generation
     summary}. DsmrError for bad input (non-MIDI prompt, no notes, settings out of range)."""
     import dataclasses
@@ -154,8 +156,9 @@ def generate_variations(loaded: Loaded, prompt_path, out_dir, *, prompt_seconds:
     for k in range(variations):
         sampling = SamplingConfig(temperature=float(temperature), top_p=float(top_p), seed=seed + k,
                                   max_seconds=float(seconds), max_tokens=None, stop_at_eos=False,
-                                  **guard_for(tokenizer, max_note_seconds))
-        if (min_pitch, max_pitch) != (0, 127):
+                                  **guard_for(tokenizer, max_note_seconds, max_polyphony))
+        if (min_pitch, max_pitch) != (0, 127) and any(tokenizer.note_pitch(i) is not None
+                                                      for i in range(tokenizer.vocab_size)):
             sampling = dataclasses.replace(sampling, banned_ids=tuple(pitch_range_bans(tokenizer, min_pitch,
                                                                                         max_pitch)))
         if progress is not None:
@@ -203,8 +206,6 @@ def _gradio():
 def build_app(model=None, cache=None, device: str = "cpu", out_root=None, render_audio: bool = True):
     """The Gradio Blocks of the page. `model`: the initial model reference; `cache`: a TokenCache whose
     validation pieces the page offers as prompts."""
-    from dsmr.note_guard import DEFAULT_MAX_NOTE_SECONDS
-
     gr = _gradio()
     store = ModelStore(device)
     out_root = Path(out_root or tempfile.mkdtemp(prefix="dsmr-app-"))
@@ -212,7 +213,7 @@ def build_app(model=None, cache=None, device: str = "cpu", out_root=None, render
     pieces = cache_pieces(cache)
 
     def run(model_ref, upload, piece, prompt_seconds, seconds, temperature, top_p, seed, variations,
-            min_pitch, max_pitch, max_note_seconds, progress=gr.Progress()):
+            min_pitch, max_pitch, max_note_seconds, max_polyphony, progress=gr.Progress()):
         hidden = [gr.update(visible=False)] * MAX_VARIATIONS
         empty = ([None] * MAX_VARIATIONS) * 3
         try:
@@ -232,6 +233,7 @@ def build_app(model=None, cache=None, device: str = "cpu", out_root=None, render
                     seed=None if seed in (None, "") else int(seed), variations=int(variations or 1),
                     min_pitch=int(min_pitch), max_pitch=int(max_pitch),
                     max_note_seconds=_num(max_note_seconds) if loaded.guards_notes else 0,
+                    max_polyphony=int(max_polyphony or 0) if loaded.guards_notes else 0,
                     render_audio=render_audio, progress=progress)
         except DsmrError as err:
             return [f"**Error**: {_user_words(err, upload)}"] + hidden + empty
@@ -260,21 +262,24 @@ def build_app(model=None, cache=None, device: str = "cpu", out_root=None, render
                                            label="Seconds of the prompt to keep")
                 seconds = gr.Slider(2, MAX_SECONDS, value=30, step=1, label="Length of the piece (seconds)")
                 with gr.Row():
-                    temperature = gr.Slider(0, 2, value=1.0, step=0.05, label="Temperature")
-                    top_p = gr.Slider(0.05, 1, value=0.95, step=0.01, label="Top-p")
+                    temperature = gr.Slider(0, 2, value=playing.TEMPERATURE, step=0.05, label="Temperature")
+                    top_p = gr.Slider(0.05, 1, value=playing.TOP_P, step=0.01, label="Top-p")
                 with gr.Row():
                     seed = gr.Number(value=0, precision=0, label="Seed (same seed: same piece)")
                     variations = gr.Slider(1, MAX_VARIATIONS, value=1, step=1, label="Variations")
                 with gr.Row():
-                    min_pitch = gr.Slider(0, 127, value=21, step=1, label="Lowest pitch")
-                    max_pitch = gr.Slider(0, 127, value=108, step=1, label="Highest pitch")
-                max_note_seconds = gr.Slider(0, 30, value=DEFAULT_MAX_NOTE_SECONDS, step=0.5,
-                                             label="Longest note (seconds; 0: no limit)")
+                    min_pitch = gr.Slider(0, 127, value=playing.MIN_PITCH, step=1, label="Lowest pitch")
+                    max_pitch = gr.Slider(0, 127, value=playing.MAX_PITCH, step=1, label="Highest pitch")
+                with gr.Row():
+                    max_note_seconds = gr.Slider(0, 30, value=playing.MAX_NOTE_SECONDS, step=0.5,
+                                                 label="Longest note (seconds; 0: no limit)")
+                    max_polyphony = gr.Slider(0, 32, value=playing.MAX_POLYPHONY, step=1,
+                                              label="Most notes at once (0: no limit)")
                 button = gr.Button("Generate", variant="primary", elem_id="generate")
             with gr.Column(scale=2):
                 status, groups, audios, rolls, files = _result_column(gr, ready=bool(model))
         button.click(run, inputs=[model_box, upload, piece, prompt_seconds, seconds, temperature, top_p, seed,
-                                  variations, min_pitch, max_pitch, max_note_seconds],
+                                  variations, min_pitch, max_pitch, max_note_seconds, max_polyphony],
                      outputs=[status] + groups + audios + rolls + files, api_name="generate",
                      concurrency_limit=1)
     demo.dsmr_out_root = out_root

@@ -28,9 +28,6 @@ from torch import Tensor
 from dsmr.errors import DsmrError
 
 PITCHES = 128
-# What `dsmr generate` and the app use unless told otherwise, for encodings with NOTE_OFF events: on MAESTRO's
-# training split (sustain pedal applied) 99.9% of notes are shorter than 9.8 s (docs/generation.md).
-DEFAULT_MAX_NOTE_SECONDS = 10.0
 
 
 def has_note_offs(tokenizer) -> bool:
@@ -40,11 +37,16 @@ def has_note_offs(tokenizer) -> bool:
 
 
 def guard_for(tokenizer, max_note_seconds: Optional[float] = None, max_polyphony: Optional[int] = None) -> dict:
-    """SamplingConfig fields from a command line's or the page's guard options: max_note_seconds None means
-    the default (for encodings with NOTE_OFFs), 0 means off; max_polyphony None or 0 means no limit."""
+    """SamplingConfig fields from a command line's or the page's guard options: None means dsmr.playing's
+    default (for encodings with NOTE_OFFs; none for others), 0 means no limit."""
+    from dsmr import playing
+
+    offs = has_note_offs(tokenizer)
     if max_note_seconds is None:
-        max_note_seconds = DEFAULT_MAX_NOTE_SECONDS if has_note_offs(tokenizer) else 0
-    guard = {"max_note_seconds": float(max_note_seconds) or None, "max_polyphony": int(max_polyphony or 0) or None}
+        max_note_seconds = playing.MAX_NOTE_SECONDS if offs else 0
+    if max_polyphony is None:
+        max_polyphony = playing.MAX_POLYPHONY if offs else 0
+    guard = {"max_note_seconds": float(max_note_seconds) or None, "max_polyphony": int(max_polyphony) or None}
     if (guard["max_note_seconds"] or guard["max_polyphony"]) and not has_note_offs(tokenizer):
         raise DsmrError(f"the note guard (longest note, most notes at once) needs an encoding whose notes end "
                         f"with NOTE_OFF events; {tokenizer!r} gives each note its length, so none can hang")

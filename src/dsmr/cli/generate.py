@@ -9,6 +9,7 @@ from pathlib import Path
 
 from dsmr.cli.common import add_device, add_no_progress, add_threads, add_weights, set_threads
 from dsmr.errors import DsmrError  # standard library only: keeps `dsmr --help` fast
+from dsmr import playing
 from dsmr.options import bounded
 
 
@@ -37,21 +38,28 @@ def register(subparsers) -> None:
                              "the length you asked for (as in `dsmr app`)")
     length.add_argument("--ignore-eos", action="store_true", help=argparse.SUPPRESS)  # the default now
     sampling = parser.add_argument_group("sampling")
-    sampling.add_argument("--temperature", type=bounded(float, 0.0, 100.0), default=1.0, metavar="T",
-                          help="higher: more adventurous, lower: safer; 0 picks the most likely event (default 1)")
+    sampling.add_argument("--temperature", type=bounded(float, 0.0, playing.MAX_TEMPERATURE),
+                          default=playing.TEMPERATURE, metavar="T",
+                          help="higher: more adventurous, lower: safer; 0 picks the most likely event "
+                               f"(default {playing.TEMPERATURE:g})")
     sampling.add_argument("--top-k", type=bounded(int, 0, 10**6), default=0, metavar="K", help="sample among the K most likely events (0: all)")
-    sampling.add_argument("--top-p", type=bounded(float, 1e-6, 1.0), default=1.0, metavar="P",
-                          help="sample among the most likely events that make up probability P (default 1: all)")
+    sampling.add_argument("--top-p", type=bounded(float, 1e-6, 1.0), default=playing.TOP_P, metavar="P",
+                          help="sample among the most likely events that make up probability P (default "
+                               f"{playing.TOP_P:g}; 1: all)")
     sampling.add_argument("--seed", type=bounded(int, 0, 2**63 - 1), metavar="N", help="random seed: the same seed gives the same piece")
-    sampling.add_argument("--min-pitch", type=bounded(int, 0, 127), default=0, metavar="PITCH", help="never start a note below this MIDI pitch")
-    sampling.add_argument("--max-pitch", type=bounded(int, 0, 127), default=127, metavar="PITCH", help="never start a note above this MIDI pitch")
+    sampling.add_argument("--min-pitch", type=bounded(int, 0, 127), default=playing.MIN_PITCH, metavar="PITCH",
+                          help=f"never start a note below this MIDI pitch (default {playing.MIN_PITCH}: the piano's "
+                               "lowest key)")
+    sampling.add_argument("--max-pitch", type=bounded(int, 0, 127), default=playing.MAX_PITCH, metavar="PITCH",
+                          help=f"never start a note above this MIDI pitch (default {playing.MAX_PITCH}: the piano's "
+                               "highest)")
     guard = parser.add_argument_group("note guard (encodings whose notes end with a NOTE_OFF, such as the "
                                       "performance encoding: no note can hang)")
     guard.add_argument("--max-note-seconds", type=bounded(float, 0.0, 3600.0), metavar="S",
-                       help="end any note that has sounded S seconds (default 10: longer than 99.9%% of MAESTRO's "
-                            "notes; 0: no limit)")
+                       help=f"end any note that has sounded S seconds (default {playing.MAX_NOTE_SECONDS:g}; "
+                            "0: no limit)")
     guard.add_argument("--max-polyphony", type=bounded(int, 0, 128), metavar="N",
-                       help="start no note while N notes sound (default 0: no limit)")
+                       help=f"start no note while N notes sound (default {playing.MAX_POLYPHONY}; 0: no limit)")
     outputs = parser.add_argument_group("outputs")
     outputs.add_argument("--wav", type=Path, metavar="FILE.wav", help="also render a WAV with FluidSynth")
     outputs.add_argument("--soundfont", type=Path, metavar="FILE.sf2",
@@ -117,7 +125,13 @@ def run(args: argparse.Namespace) -> int:
 
     sampling = dataclasses.replace(sampling, **guard_for(tokenizer, args.max_note_seconds, args.max_polyphony))
     prompt_ids = None if args.prompt is None else load_prompt(args.prompt, tokenizer, args.prompt_seconds)
-    if (args.min_pitch, args.max_pitch) != (0, 127):
+    if prompt_ids is not None and args.max_seconds is not None:
+        kept = tokenizer.seconds(prompt_ids)
+        if kept >= args.max_seconds:  # as the app: the piece must be longer than the prompt it continues
+            raise DsmrError(f"--max-seconds {args.max_seconds:g} is not longer than the prompt kept ({kept:.1f} s "
+                            f"of {args.prompt}): ask for a longer piece or keep less (--prompt-seconds)")
+    if (args.min_pitch, args.max_pitch) != (0, 127) and any(tokenizer.note_pitch(i) is not None
+                                                            for i in range(tokenizer.vocab_size)):
         banned = pitch_range_bans(tokenizer, args.min_pitch, args.max_pitch)
         sampling = dataclasses.replace(sampling, banned_ids=tuple(banned))
 

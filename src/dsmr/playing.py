@@ -1,0 +1,17 @@
+"""What `dsmr generate` and `dsmr app` play with unless told otherwise: one place, so that the two agree.
+
+Standard library only: command-line parsers read it, and `dsmr --help` must not import torch. The library's
+own `SamplingConfig` keeps plain sampling (top-p 1, no guard) as its default; these are the choices made for
+music, each measured in docs/generation.md.
+"""
+
+from __future__ import annotations
+
+TEMPERATURE = 1.0
+MAX_TEMPERATURE = 5.0  # beyond it every event is about as likely as any other
+TOP_P = 0.95
+MIN_PITCH, MAX_PITCH = 21, 108  # the piano's keys
+# The note guard (dsmr.note_guard), for encodings whose notes end with a NOTE_OFF: the longest a note may
+# sound, and the most notes at once (0: no limit).
+MAX_NOTE_SECONDS = 5.0
+MAX_POLYPHONY = 10
