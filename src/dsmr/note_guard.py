@@ -75,6 +75,8 @@ class NoteGuard:
         self.is_setting = ~(self.is_on | self.is_off | self.is_shift)
         self.is_setting[[tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id]] = False
         self.off_ids = np.flatnonzero(self.is_off)
+        self.off_ids_pitch = self.off_pitch[self.off_ids]
+        self.starts_or_prepares = self.is_on | self.is_setting
         self.min_shift = float(self.shift[self.is_shift].min()) if self.is_shift.any() else 0.0
         self.max_note_seconds, self.max_polyphony = max_note_seconds, max_polyphony
         # onset time of each sounding pitch (NaN: silent), and the time now, per lane
@@ -102,10 +104,10 @@ class NoteGuard:
         """Bool [lanes, vocab]: the events each lane may not draw next."""
         sounding = ~np.isnan(self.onset)
         ban = np.zeros((sounding.shape[0], len(self.on_pitch)), dtype=bool)
-        ban[:, self.off_ids] = ~sounding[:, self.off_pitch[self.off_ids]]
+        ban[:, self.off_ids] = ~sounding[:, self.off_ids_pitch]
         if self.max_polyphony is not None:
             full = sounding.sum(axis=1) >= self.max_polyphony
-            ban[full] |= self.is_on | self.is_setting
+            ban[full] |= self.starts_or_prepares
         if self.max_note_seconds is not None:
             age = np.where(sounding, self.now[:, None] - self.onset, -np.inf)
             headroom = self.max_note_seconds - age.max(axis=1)                      # +inf when nothing sounds
@@ -113,7 +115,7 @@ class NoteGuard:
             must_end = age + self.min_shift > self.max_note_seconds + 1e-9         # cannot outlast one more shift
             for lane in np.flatnonzero(must_end.any(axis=1)):
                 ban[lane] = True
-                ban[lane, self.off_ids[must_end[lane, self.off_pitch[self.off_ids]]]] = False
+                ban[lane, self.off_ids[must_end[lane, self.off_ids_pitch]]] = False
                 self.forced_events += 1
         return torch.from_numpy(ban).to(self.device)
 

@@ -13,5 +13,5 @@ TOP_P = 0.95
 MIN_PITCH, MAX_PITCH = 21, 108  # the piano's keys
 # The note guard (dsmr.note_guard), for encodings whose notes end with a NOTE_OFF: the longest a note may
 # sound, and the most notes at once (0: no limit).
-MAX_NOTE_SECONDS = 5.0
-MAX_POLYPHONY = 10
+MAX_NOTE_SECONDS = 4.0
+MAX_POLYPHONY = 8
