@@ -57,6 +57,26 @@ def have_audio() -> bool:
     return True
 
 
+def kernels_must_build() -> bool:
+    """Where dsmr's CPU kernels can be built (an AVX2 CPU, a C++ compiler, not switched off), a failed build
+    is a failure, not a skip: CI has both, and a broken kernel must not pass as "not built here"."""
+    from dsmr import kernels
+
+    return kernels.supported_cpu() and not kernels.disabled() and shutil.which("c++") is not None
+
+
+@pytest.fixture(scope="session")
+def kernels_built() -> bool:
+    """Whether the kernels loaded; fails the test where they should have (kernels_must_build)."""
+    from dsmr import kernels
+
+    if kernels.load():
+        return True
+    if kernels_must_build():
+        pytest.fail(f"dsmr.kernels failed to build on a machine that can build them: {kernels.load_error()}")
+    return False
+
+
 @pytest.fixture(scope="session")
 def maestro_root() -> Path:
     if not (MAESTRO_ROOT / "maestro-v3.0.0.csv").exists() and not (MAESTRO_ROOT / "maestro-v3.0.0.json").exists():

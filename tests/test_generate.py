@@ -141,7 +141,7 @@ def test_half_weight_model_is_close_to_float32():
     stepped = torch.stack([decoder.step(ids[:, i]) for i in range(ids.shape[1])], dim=1)  # float16 GEMV
     for b in (chunked, stepped):
         assert b.dtype == torch.float32
-        assert (a - b).abs().max() < 2e-2 * a.abs().max()
+        assert (a - b).abs().max() < 1.5e-3 * a.abs().max()  # measured 1.6e-4 of the largest logit
         assert not torch.equal(a, b)  # the weights really are float16
 
 
@@ -368,16 +368,16 @@ def test_cli_generates_midi_pianoroll_and_json(run_dir, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("precision", ["float16", "int8", "auto"])
-def test_cli_precisions_run_the_fused_step_where_the_kernels_are(run_dir, tmp_path, capsys, precision):
-    from dsmr import kernels
-
+def test_cli_precisions_run_the_fused_step_where_the_kernels_are(run_dir, tmp_path, capsys, precision,
+                                                                 kernels_built):
     out = tmp_path / f"{precision}.mid"
     assert main(["generate", str(run_dir), "--out", str(out), "--max-tokens", "40", "--seed", "1", "--ignore-eos",
                  "--precision", precision, "--json", "--no-progress"]) == 0
     report = json.loads(capsys.readouterr().out)
-    expected = precision if precision != "auto" else "int8" if kernels.load() else "float16"  # on a CPU
+    # kernels_built: True wherever they can be built (else the fixture fails the test)
+    expected = precision if precision != "auto" else "int8" if kernels_built else "float16"  # on a CPU
     assert report["precision"] == expected and report["tokens"] == 40 and out.stat().st_size > 0
-    assert report["decoding_step"] == ("fused" if kernels.load() else "eager")
+    assert report["decoding_step"] == ("fused" if kernels_built else "eager")
 
 
 def _one_line_error(capsys, argv) -> str:

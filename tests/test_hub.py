@@ -135,7 +135,7 @@ def test_float16_export(run_dir, tmp_path):
     half = load_model(tmp_path / "f16")[0]
     assert next(half.parameters()).dtype == torch.float32  # loaded back as float32
     a, b = _logits(half), _logits(load_model(tmp_path / "f32")[0])
-    assert not torch.equal(a, b) and torch.allclose(a, b, atol=2e-2)
+    assert not torch.equal(a, b) and torch.allclose(a, b, atol=1e-2)  # measured 3.5e-3 (logits up to 4.4)
     assert "| weights | float16 |" in (tmp_path / "f16" / "README.md").read_text()
 
 

@@ -378,7 +378,7 @@ def test_bf16_autocast_carries_state():
         logits, state = stream(model, ids, 8)
     assert state[1].k.dtype == torch.bfloat16 and torch.isfinite(logits).all()
     reference, _ = stream(model, ids, 8)
-    assert (logits.float() - reference).abs().max() < 0.1
+    assert (logits.float() - reference).abs().max() < 0.03  # measured 0.004
 
 
 def test_layer_memory_size():

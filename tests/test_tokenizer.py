@@ -539,3 +539,18 @@ def test_miditok_trained_tokenizer(tmp_path):
     assert tok.decode(ids).note_num() == 60
     again = tokenizer_from_config(json.loads(json.dumps(tok.config())))
     assert np.array_equal(again.encode_file(paths[0]), ids) and again.config_hash() == tok.config_hash()
+
+
+def test_a_velocity_decodes_to_the_middle_of_its_bin():
+    """magenta's binning: bin b holds velocities 1 + b*size .. (b+1)*size and decodes to 1 + b*size + size//2
+    (clipped to 127), so a round trip keeps the bin and lands in its middle, not at its edge."""
+    from dsmr.tokenizer import PerformanceTokenizer
+    from tests.midi_factory import make_score
+
+    for bins in (32, 8):
+        tok = PerformanceTokenizer(velocity_bins=bins)
+        size = tok.velocity_bin_size
+        for velocity in (1, 2, 33, 64, 80, 100, 126, 127):
+            score = tok.decode(tok.encode(make_score([(0.0, 0.5, 60, velocity)])))
+            b = (velocity - 1) // size
+            assert score.tracks[0].notes[0].velocity == min(1 + b * size + size // 2, 127), (bins, velocity)
