@@ -34,8 +34,9 @@ KEEP_WINDOW = 10.0  # seconds of each window compared with the prompt
 
 
 def main() -> int:
-    if sys.argv[1:2] == ["--table"]:  # compare finished runs: --table OUT1 OUT2 ...
-        print(comparison_table([json.loads((Path(d) / "bench.json").read_text()) for d in sys.argv[2:]]))
+    if sys.argv[1:2] == ["--table"]:  # compare finished runs: --table OUT1 OUT2 ... (folders or bench.json files)
+        paths = [Path(d) if Path(d).is_file() else Path(d) / "bench.json" for d in sys.argv[2:]]
+        print(comparison_table([json.loads(path.read_text()) for path in paths]))
         return 0
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", help="run folder, exported model folder or Hub repo id")
