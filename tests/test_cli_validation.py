@@ -73,7 +73,7 @@ def test_train_refuses_a_cache_whose_bytes_changed(bach_cache, tmp_path, capsys)
 
 @pytest.mark.parametrize("argv, message", [
     (["--max-seconds", "inf", "--ignore-eos"], "argument --max-seconds: must be in [0.01, 21600], got inf"),
-    (["--temperature", "nan"], "argument --temperature: must be in [0, 100], got nan"),
+    (["--temperature", "nan"], "argument --temperature: must be in [0, 5], got nan"),
     (["--seed", "-1"], "argument --seed: must be in [0, "),
 ])
 def test_generate_refuses_unbounded_and_non_finite_values(tmp_path, capsys, argv, message):

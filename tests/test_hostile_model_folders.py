@@ -69,3 +69,40 @@ def test_a_segment_length_of_the_wrong_type_is_refused_by_generate(folder, capsy
     edit_config(folder, segment_len="64")
     assert main(["generate", str(folder), "--out", str(folder.parent / "g.mid"), "--max-tokens", "5"]) == 2
     assert "segment_len" in capsys.readouterr().err
+
+
+def test_flipped_bytes_that_stay_finite_are_found_by_the_checksum(folder, capsys):
+    path = folder / "best.safetensors"
+    data = bytearray(path.read_bytes())
+    header = 8 + int.from_bytes(data[:8], "little")
+    data[header + 101] ^= 0x01  # the lowest mantissa bit of one weight: finite, tiny
+    path.write_bytes(bytes(data))
+    with pytest.raises(DsmrError, match="do not match the checksum"):
+        load_model(folder)
+    assert main(["generate", str(folder), "--out", str(folder.parent / "g.mid"), "--max-tokens", "5"]) == 2
+    assert "checksum" in capsys.readouterr().err
+    load_model(folder, which="latest")  # the other weights file is intact
+
+
+def copy_cache(bach_cache, tmp_path):
+    import shutil
+
+    dst = tmp_path / "cache"
+    shutil.copytree(bach_cache.path, dst)
+    return dst
+
+
+def test_a_cache_without_checksums_or_with_a_bad_tokenizer_is_not_verified(bach_cache, tmp_path, capsys):
+    cache = copy_cache(bach_cache, tmp_path)
+    manifest = json.loads((cache / "manifest.json").read_text())
+    bare = dict(manifest)
+    del bare["checksums"]
+    (cache / "manifest.json").write_text(json.dumps(bare))
+    code = main(["train", "--cache", str(cache), "--out", str(tmp_path / "run"), "--steps", "1", "--layers", "2",
+                 "--d-model", "32", "--heads", "2", "--no-progress"])
+    assert code == 2 and "no recorded checksums" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "model.safetensors").exists()
+    tampered = dict(manifest, tokenizer=dict(manifest["tokenizer"], velocity_bins=7))
+    (cache / "manifest.json").write_text(json.dumps(tampered))
+    assert main(["data", "info", str(cache), "--verify"]) == 2
+    assert "tokenizer" in capsys.readouterr().err

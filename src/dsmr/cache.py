@@ -577,6 +577,7 @@ class TokenCache:
                             f"match{'es' if len(damaged) == 1 else ''} what was written; {_REBUILD}")
         for split in self.splits:
             self._split_tokens(split)
+        self.tokenizer  # the manifest's tokenizer section must rebuild the tokenizer that wrote the tokens
         return {"verified": sorted(expected)}
 
     def _check(self, split: str, i: int | None = None) -> None:

@@ -27,6 +27,7 @@ trainer_state.pt holds them.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import random
@@ -37,6 +38,7 @@ import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model as _st_load_model
+from safetensors.torch import _remove_duplicate_names as _st_duplicate_names
 from safetensors.torch import save_model as _st_save_model
 
 from dsmr.atomic import atomic_path, atomic_write_json, remove_stale_temporaries
@@ -83,9 +85,26 @@ def save_weights(model: torch.nn.Module, path, step: int | None = None) -> None:
 
 
 def _write_weights(model: torch.nn.Module, path, step: int | None) -> None:
-    # save_model (not save_file) drops the aliases of tied tensors (embedding = output head).
-    metadata = {"format": "dsmr"} if step is None else {"format": "dsmr", "step": str(step)}
+    # the tensors save_model writes: it drops the aliases of tied tensors (embedding = output head)
+    state = model.state_dict()
+    for aliases in _st_duplicate_names(state).values():
+        for name in aliases:
+            del state[name]
+    metadata = {"format": "dsmr", "sha256": weights_digest(state)}
+    if step is not None:
+        metadata["step"] = str(step)
     _st_save_model(model, str(path), metadata=metadata)
+
+
+def weights_digest(tensors: dict) -> str:
+    """SHA-256 of a weights file's tensors (names, dtypes, shapes and bytes, in name order): written into its
+    metadata, checked on load, so that flipped bytes that stay finite are found too."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
 
 
 def weights_step(path) -> int | None:
@@ -154,6 +173,7 @@ def load_weights(model: torch.nn.Module, path, device="cpu") -> None:
     try:
         with safe_open(str(path), framework="pt") as f:
             saved = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+            digest = (f.metadata() or {}).get("sha256")
     except (SafetensorError, OSError) as err:
         raise DsmrError(f"{path}: not a readable safetensors file ({err})") from err
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -170,6 +190,11 @@ def load_weights(model: torch.nn.Module, path, device="cpu") -> None:
     except (SafetensorError, OSError, ValueError) as err:  # a truncated or damaged data section
         raise DsmrError(f"{path} is damaged: {err}") from err
     check_finite(model.state_dict(), path)
+    if digest is not None:  # last: NaN or huge values get their own, plainer message above
+        with safe_open(str(path), framework="pt") as f:
+            if weights_digest({k: f.get_tensor(k) for k in f.keys()}) != digest:
+                raise DsmrError(f"{path} is damaged: its tensors do not match the checksum written with them "
+                                f"(flipped bytes?); use another checkpoint (best.safetensors, or resume the run)")
 
 
 def read_config(run_dir) -> dict:

@@ -156,8 +156,9 @@ def run(args: argparse.Namespace) -> int:
     set_threads(args.threads)
     _check_values(args)
     cache = TokenCache(args.cache)
-    if cache.manifest.get("checksums") is not None:
-        cache.verify()  # the cache's files still hold what was written (DsmrError naming the damaged file)
+    # the cache's files still hold what was written (DsmrError naming the damaged file; a cache without
+    # checksums is refused: nothing would tell an all-zero split from a real one)
+    cache.verify()
     given = _explicit_options(args)
     if args.resume:
         base = TrainConfig.from_dict(read_config(Path(args.out))["train"])
