@@ -58,3 +58,5 @@ def test_outputs_that_are_devices_are_refused_and_never_replaced():
         with atomic_path("/dev/null"):
             pass
     assert Path("/dev/null").is_char_device()
+    with pytest.raises(DsmrError, match="kernel's proc file system"):
+        check_output_file("/proc/self/out.mid", "--out")

@@ -124,6 +124,9 @@ def check_output_file(path: str | os.PathLike, option: str) -> None:
         raise DsmrError(f"{option} {path} is a folder; give a file name (e.g. {path / 'out.mid'})")
     if os.path.lexists(path) and not (path.is_file() or path.is_symlink()):
         raise DsmrError(f"{option} {path} is not a regular file (a device, FIFO or socket): give a file name")
+    if path.resolve().parts[1:2] in (("proc",), ("sys",)):
+        raise DsmrError(f"{option} {path} is in the kernel's {path.resolve().parts[1]} file system: give a file "
+                        "name in a real folder")
     _check_writable_parent(path, option)
 
 
