@@ -735,6 +735,18 @@ def make_tokenizer(name: str = "performance", **options: Any) -> Tokenizer:
     return MidiTokTokenizer(tokenizer, sustain=sustain)
 
 
+def _own_encoding(cls, version_now: int, cfg: dict) -> Tokenizer:
+    """One of dsmr's own encodings from its config (without 'kind'): the version must be this code's."""
+    version = cfg.pop("version", version_now)
+    if version != version_now:
+        raise DsmrError(f"{cls.kind} tokenizer config has encoding version {version}; this dsmr implements "
+                        f"version {version_now} (re-tokenize the data)")
+    try:
+        return cls(**cfg)
+    except TypeError as err:
+        raise DsmrError(f"bad {cls.kind} tokenizer config: {err}") from err
+
+
 def tokenizer_from_config(cfg: dict) -> Tokenizer:
     """Rebuild a tokenizer from its `config()` (as saved in cache manifests and checkpoints)."""
     if not isinstance(cfg, dict) or "kind" not in cfg:
@@ -742,25 +754,11 @@ def tokenizer_from_config(cfg: dict) -> Tokenizer:
     cfg = dict(cfg)
     kind = cfg.pop("kind")
     if kind == PerformanceTokenizer.kind:
-        version = cfg.pop("version", PERFORMANCE_ENCODING_VERSION)
-        if version != PERFORMANCE_ENCODING_VERSION:
-            raise DsmrError(f"performance tokenizer config has encoding version {version}; this dsmr "
-                            f"implements version {PERFORMANCE_ENCODING_VERSION} (re-tokenize the data)")
-        try:
-            return PerformanceTokenizer(**cfg)
-        except TypeError as err:
-            raise DsmrError(f"bad performance tokenizer config: {err}") from err
+        return _own_encoding(PerformanceTokenizer, PERFORMANCE_ENCODING_VERSION, cfg)
     if kind == "duration":
         from dsmr.duration_encoding import DURATION_ENCODING_VERSION, DurationTokenizer
 
-        version = cfg.pop("version", DURATION_ENCODING_VERSION)
-        if version != DURATION_ENCODING_VERSION:
-            raise DsmrError(f"duration tokenizer config has encoding version {version}; this dsmr implements "
-                            f"version {DURATION_ENCODING_VERSION} (re-tokenize the data)")
-        try:
-            return DurationTokenizer(**cfg)
-        except TypeError as err:
-            raise DsmrError(f"bad duration tokenizer config: {err}") from err
+        return _own_encoding(DurationTokenizer, DURATION_ENCODING_VERSION, cfg)
     if kind == MidiTokTokenizer.kind:
         params = cfg.get("params")
         if not isinstance(params, dict) or "tokenization" not in params:
