@@ -101,11 +101,16 @@ def build_lock(folder: Path, wait_seconds: float = BUILD_WAIT_SECONDS):
 
     with open(folder / "dsmr-build.flock", "a+") as handle:
         deadline = time.monotonic() + wait_seconds
+        said = False
         while True:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
+                if not said:  # a silent wait looks like a hang
+                    print(f"dsmr: another process is building or loading the CPU decoding kernels in {folder}; "
+                          f"waiting for it (at most {wait_seconds / 60:.0f} minutes)...", file=sys.stderr, flush=True)
+                    said = True
                 if time.monotonic() > deadline:
                     raise BuildLockTimeout(f"another process has been building the kernels in {folder} for "
                                            f"over {wait_seconds:.0f} s") from None
