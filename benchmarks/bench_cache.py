@@ -31,7 +31,7 @@ def main() -> int:
 
     from dsmr.cache import build_cache
     from dsmr.corpora import limit_files, maestro_files
-    from dsmr.tokenizer import make_tokenizer
+    from dsmr.encodings import make_tokenizer
 
     files = limit_files(maestro_files(args.root), args.limit)
     size_mb = sum(f.path.stat().st_size for f in files) / 1e6

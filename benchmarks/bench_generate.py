@@ -67,7 +67,7 @@ def worker(args) -> dict:
 
     import dsmr.generate as gen
     from dsmr.generate import SamplingConfig, half_weight_model
-    from dsmr.tokenizer import make_tokenizer
+    from dsmr.encodings import make_tokenizer
 
     torch.set_num_threads(args.threads)
     if args.checkpoint:
@@ -139,7 +139,7 @@ def kernel_split(threads: int, steps: int = 300) -> None:
 
     from dsmr import kernels
     from dsmr.generate import IncrementalDecoder, decoding_state_dtype, half_weight_model, int8_weight_model
-    from dsmr.tokenizer import make_tokenizer
+    from dsmr.encodings import make_tokenizer
 
     torch.set_num_threads(threads)
     base = default_model(make_tokenizer("performance").vocab_size)
@@ -216,7 +216,7 @@ def flat_worker(args) -> dict:
 
     from dsmr.generate import (IncrementalDecoder, SamplingConfig, banned_mask, decoding_state_dtype, half_weight_model,
                                sample_next)
-    from dsmr.tokenizer import make_tokenizer
+    from dsmr.encodings import make_tokenizer
 
     torch.set_num_threads(args.threads)
     tokenizer = make_tokenizer("performance")
@@ -288,7 +288,7 @@ def maestro_tokens_per_second(pieces: int = 40) -> tuple[float, str]:
     """Tokens per second of music in MAESTRO validation pieces (performance encoding)."""
     import csv
 
-    from dsmr.tokenizer import make_tokenizer
+    from dsmr.encodings import make_tokenizer
 
     table = MAESTRO / "maestro-v3.0.0.csv"
     if not table.is_file():

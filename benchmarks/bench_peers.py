@@ -97,7 +97,7 @@ def generate_worker(args) -> dict:
     if args.lib.startswith("dsmr"):
         from dsmr.generate import SamplingConfig, generate_batch, half_weight_model, int8_weight_model
         from dsmr.model import DSMR, DSMRConfig
-        from dsmr.tokenizer import make_tokenizer
+        from dsmr.encodings import make_tokenizer
 
         tokenizer = make_tokenizer("performance")
         model = DSMR(DSMRConfig(vocab_size=tokenizer.vocab_size, n_layers=6, d_model=256, n_heads=4,

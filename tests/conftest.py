@@ -92,7 +92,7 @@ def bach_cache(request, tmp_path_factory):
     folder (.pytest_cache), so only the first run on a machine pays for it."""
     from dsmr.cache import TokenCache, build_cache
     from dsmr.corpora import corpus_files
-    from dsmr.tokenizer import make_tokenizer
+    from dsmr.encodings import make_tokenizer
 
     midi_dir = request.config.cache.mkdir("dsmr-bach-midi")
     files, _ = corpus_files("bach", midi_dir, limit=48, progress=False)

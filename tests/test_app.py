@@ -19,7 +19,7 @@ from dsmr.cli import main
 from dsmr.errors import DsmrError
 from dsmr.model import DSMR, DSMRConfig
 from conftest import have_audio
-from dsmr.tokenizer import make_tokenizer
+from dsmr.encodings import make_tokenizer
 from tests.midi_factory import tiny_midi, write_midi_file
 
 REPO = Path(__file__).resolve().parents[1]

@@ -13,7 +13,8 @@ import symusic
 from dsmr.cache import MANIFEST, TokenCache, build_cache, cache_name
 from dsmr.corpora import SourceFile, maestro_files
 from dsmr.errors import DsmrError
-from dsmr.tokenizer import PerformanceTokenizer, make_tokenizer
+from dsmr.encodings import make_tokenizer
+from dsmr.tokenizer import PerformanceTokenizer
 
 SOURCE = {"corpus": "folder", "root": "test"}
 

@@ -9,7 +9,7 @@ import pytest
 from dsmr.duration_encoding import DurationTokenizer
 from dsmr.errors import DsmrError
 from dsmr.metrics import note_arrays
-from dsmr.tokenizer import make_tokenizer, tokenizer_from_config
+from dsmr.encodings import make_tokenizer, tokenizer_from_config
 from tests.midi_factory import make_score
 
 DUR = make_tokenizer("duration")

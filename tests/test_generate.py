@@ -30,7 +30,7 @@ from dsmr.generate import (
     with_precision,
 )
 from dsmr.model import DSMR, DSMRConfig
-from dsmr.tokenizer import make_tokenizer
+from dsmr.encodings import make_tokenizer
 from tests.midi_factory import make_score, score_notes, write_midi_file
 
 SEG = 8

@@ -24,7 +24,8 @@ from dsmr.cli import main
 from dsmr.corpora import SourceFile, check_fractions, download_maestro, folder_listing
 from dsmr.errors import DsmrError
 from dsmr.files import read_regular
-from dsmr.tokenizer import PerformanceTokenizer, load_midi, make_tokenizer
+from dsmr.encodings import make_tokenizer
+from dsmr.tokenizer import PerformanceTokenizer, load_midi
 from midi_factory import write_midi_file
 
 TOK = PerformanceTokenizer()

@@ -18,7 +18,7 @@ from tests.test_hub import _run
 
 @pytest.fixture()
 def folder(tmp_path):
-    from dsmr.tokenizer import make_tokenizer
+    from dsmr.encodings import make_tokenizer
 
     return _run(tmp_path / "run", make_tokenizer("performance"))
 

@@ -18,7 +18,7 @@ from dsmr.errors import DsmrError
 from dsmr.hub import (export_run, from_pretrained, is_repo_id, load_pretrained, model_card,
                       resolve_model_ref, save_pretrained)
 from dsmr.model import DSMR, DSMRConfig
-from dsmr.tokenizer import make_tokenizer
+from dsmr.encodings import make_tokenizer
 from tests.midi_factory import tiny_midi
 
 SEG = 8

@@ -11,7 +11,7 @@ from dsmr.generate import SamplingConfig, generate_batch
 from dsmr.metrics import note_arrays
 from dsmr.model import DSMR, DSMRConfig
 from dsmr.note_guard import NoteGuard
-from dsmr.tokenizer import make_tokenizer
+from dsmr.encodings import make_tokenizer
 
 TOK = make_tokenizer("performance")
 ON, OFF = TOK.note_on_base, TOK.note_off_base

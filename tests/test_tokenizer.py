@@ -15,8 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dsmr.errors import DsmrError
-from dsmr.tokenizer import (MidiTokTokenizer, PerformanceTokenizer, Tokenizer, load_midi, make_tokenizer,
-                            tokenizer_from_config)
+from dsmr.encodings import make_tokenizer, tokenizer_from_config
+from dsmr.tokenizer import MidiTokTokenizer, PerformanceTokenizer, Tokenizer, load_midi
 from midi_factory import clean_notes, make_score, make_track, notes, pedals, score_notes, write_midi_file
 
 STEP = 0.01

@@ -19,7 +19,7 @@ __version__ = "0.1.0"
 # name -> the module that defines it
 _API = {
     "DSMR": "dsmr.model", "DSMRConfig": "dsmr.model_config", "make_schedule": "dsmr.schedule",
-    "Schedule": "dsmr.schedule", "make_tokenizer": "dsmr.tokenizer", "TokenCache": "dsmr.cache",
+    "Schedule": "dsmr.schedule", "make_tokenizer": "dsmr.encodings", "TokenCache": "dsmr.cache",
     "build_cache": "dsmr.cache", "TrainConfig": "dsmr.train_config", "SamplingConfig": "dsmr.generate",
     "generate_batch": "dsmr.generate", "load_model": "dsmr.checkpoint", "NoteGuard": "dsmr.note_guard",
     "StudyConfig": "dsmr.study", "run_study": "dsmr.study", "DsmrError": "dsmr.errors",

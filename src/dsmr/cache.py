@@ -605,7 +605,7 @@ class TokenCache:
 
     @cached_property
     def tokenizer(self):
-        from dsmr.tokenizer import tokenizer_from_config
+        from dsmr.encodings import tokenizer_from_config
 
         where = self.path / MANIFEST
         tokenizer = tokenizer_from_config(self.manifest["tokenizer"])

@@ -321,7 +321,7 @@ def remove_run_temporaries(run_dir) -> list[Path]:
 
 
 def model_config_from(config: dict):
-    from dsmr.model import DSMRConfig
+    from dsmr.model_config import DSMRConfig
 
     model = config["model"]
     return DSMRConfig.from_dict(dict(model) if isinstance(model, dict) else model)
@@ -353,7 +353,7 @@ def load_model(path, device="cpu", which: str = "best"):
     """
     from dsmr.hub import resolve_model_ref
     from dsmr.model import DSMR
-    from dsmr.tokenizer import tokenizer_from_config
+    from dsmr.encodings import tokenizer_from_config
 
     weights, run_dir = resolve_weights(resolve_model_ref(path), which)
     config = read_config(run_dir)

@@ -212,7 +212,7 @@ def make_run_schedule(cfg: TrainConfig) -> Schedule:
 
 def make_model_config(cfg: TrainConfig, vocab_size: int):
     """The DSMRConfig of a run."""
-    from dsmr.model import DSMRConfig
+    from dsmr.model_config import DSMRConfig
 
     return DSMRConfig(vocab_size=vocab_size, n_layers=cfg.layers, d_model=cfg.d_model, n_heads=cfg.heads,
                       d_ff=cfg.d_ff, dropout=cfg.dropout, tie_embeddings=cfg.tie_embeddings,

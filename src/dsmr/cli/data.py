@@ -119,7 +119,7 @@ def _build(args: argparse.Namespace) -> int:
     from dsmr.cache import build_cache, default_cache_root, default_limits, default_workers
     from dsmr.corpora import check_fractions, corpus_files
     from dsmr.errors import DsmrError
-    from dsmr.tokenizer import make_tokenizer
+    from dsmr.encodings import make_tokenizer
 
     if args.workers is not None and args.workers < 1:
         raise DsmrError(f"--workers must be at least 1, got {args.workers}")
