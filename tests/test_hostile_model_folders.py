@@ -106,3 +106,24 @@ def test_a_cache_without_checksums_or_with_a_bad_tokenizer_is_not_verified(bach_
     (cache / "manifest.json").write_text(json.dumps(tampered))
     assert main(["data", "info", str(cache), "--verify"]) == 2
     assert "tokenizer" in capsys.readouterr().err
+
+
+def test_a_train_section_with_words_for_numbers_is_refused():
+    from dsmr.train_config import TrainConfig
+
+    with pytest.raises(DsmrError, match="lr must be a number, got 'abc'"):
+        TrainConfig.from_dict({"lr": "abc"}).validate()
+
+
+def test_a_damaged_midi_file_is_described_in_plain_words(tmp_path):
+    from dsmr.tokenizer import load_midi
+
+    truncated = tmp_path / "cut.mid"
+    truncated.write_bytes(b"MThd\x00\x00\x00\x06\x00\x01\x00\x01\x01\xe0MTrk\x00\x00\x10\x00\x90")
+    not_midi = tmp_path / "notes.mid"
+    not_midi.write_bytes(b"this is a text file")
+    with pytest.raises(DsmrError, match="ends before the end of its data") as caught:
+        load_midi(truncated)
+    assert "MiniMidi" not in str(caught.value) and "iostream" not in str(caught.value)
+    with pytest.raises(DsmrError, match="does not start with a MIDI header"):
+        load_midi(not_midi)
