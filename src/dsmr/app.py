@@ -124,10 +124,9 @@ def generate_variations(loaded: Loaded, prompt_path, out_dir, *, prompt_seconds:
     `max_note_seconds`, `max_polyphony`: the note guard (None: dsmr.playing's defaults; 0: no limit).
     Each result: {"midi", "pianoroll", "wav" (None without FluidSynth), "audio_note", and the generation
     summary}. DsmrError for bad input (non-MIDI prompt, no notes, settings out of range)."""
-    import dataclasses
     import random
 
-    from dsmr.generate import SamplingConfig, generate, load_prompt, pitch_range_bans
+    from dsmr.generate import SamplingConfig, generate, load_prompt, pitch_bans
     from dsmr.note_guard import guard_for
     from dsmr.render import find_fluidsynth, find_soundfont, plot_pianoroll, render_wav
 
@@ -156,11 +155,8 @@ def generate_variations(loaded: Loaded, prompt_path, out_dir, *, prompt_seconds:
     for k in range(variations):
         sampling = SamplingConfig(temperature=float(temperature), top_p=float(top_p), seed=seed + k,
                                   max_seconds=float(seconds), max_tokens=None, stop_at_eos=False,
+                                  banned_ids=pitch_bans(tokenizer, min_pitch, max_pitch),
                                   **guard_for(tokenizer, max_note_seconds, max_polyphony))
-        if (min_pitch, max_pitch) != (0, 127) and any(tokenizer.note_pitch(i) is not None
-                                                      for i in range(tokenizer.vocab_size)):
-            sampling = dataclasses.replace(sampling, banned_ids=tuple(pitch_range_bans(tokenizer, min_pitch,
-                                                                                        max_pitch)))
         if progress is not None:
             progress(k / variations, f"variation {k + 1} of {variations}: generating")
         result = generate(loaded.model, tokenizer, loaded.segment_len, prompt, sampling, progress=False)

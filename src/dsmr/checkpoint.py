@@ -139,22 +139,19 @@ def check_finite(tensors: dict, path) -> None:
 FLOAT_DTYPES = ("F32", "F16", "BF16")  # safetensors' names of the dtypes weights may have
 
 
-def check_weights_fit(path, model_cfg) -> None:
-    """DsmrError unless every tensor of the weights file has the shape a model of `model_cfg` gives it and a
-    floating-point dtype. Reads only the file's header and builds the model on the meta device: a config
-    that asks for terabytes is refused here, before anything is allocated."""
-    from dsmr.model import DSMR
-
+def check_weights_fit(path, expected: dict) -> str | None:
+    """DsmrError unless every tensor of the weights file has its shape in `expected` ({name: shape}) and a
+    floating-point dtype. Reads only the file's header. Returns the SHA-256 written with the file (None for
+    files from before checksums)."""
     path = Path(path)
     if not path.is_file():
         raise DsmrError(f"weights file not found: {path}")
     try:
         with safe_open(str(path), framework="pt") as f:
             saved = {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
+            digest = (f.metadata() or {}).get("sha256")
     except (SafetensorError, OSError) as err:
         raise DsmrError(f"{path}: not a readable safetensors file ({err})") from err
-    with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in DSMR(model_cfg).state_dict().items()}
     problems = [f"{k}: file {saved[k][0]}, config {shape}" for k, shape in expected.items()
                 if k in saved and saved[k][0] != shape]
     problems += [f"tensor {k} is {dtype}, not floating point" for k, (_, dtype) in saved.items()
@@ -163,26 +160,14 @@ def check_weights_fit(path, model_cfg) -> None:
     if problems:
         raise DsmrError(f"{path} does not fit its config.json: " + "; ".join(problems[:6])
                         + (f" (and {len(problems) - 6} more)" if len(problems) > 6 else ""))
+    return digest
 
 
 def load_weights(model: torch.nn.Module, path, device="cpu") -> None:
-    """Load a weights file into `model`; DsmrError naming every tensor that is missing or of another shape."""
+    """Load a weights file into `model`; DsmrError naming every tensor that is missing, of another shape or
+    not floating point, and for damaged values or a failed checksum."""
     path = Path(path)
-    if not path.is_file():
-        raise DsmrError(f"weights file not found: {path}")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            saved = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-            digest = (f.metadata() or {}).get("sha256")
-    except (SafetensorError, OSError) as err:
-        raise DsmrError(f"{path}: not a readable safetensors file ({err})") from err
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    problems = [f"{k}: checkpoint {saved[k]}, model {shape}" for k, shape in expected.items()
-                if k in saved and saved[k] != shape]
-    problems += [f"unexpected tensor {k}" for k in saved if k not in expected]
-    if problems:
-        raise DsmrError(f"{path} does not fit this model config: " + "; ".join(problems[:6])
-                        + (f" (and {len(problems) - 6} more)" if len(problems) > 6 else ""))
+    digest = check_weights_fit(path, {k: tuple(v.shape) for k, v in model.state_dict().items()})
     try:
         _st_load_model(model, str(path), strict=True, device=str(device))
     except RuntimeError as err:  # a tensor missing from the file (tied aliases are handled by safetensors)
@@ -361,7 +346,9 @@ def load_model(path, device="cpu", which: str = "best"):
         model_cfg = model_config_from(config)
     except DsmrError as err:
         raise DsmrError(f"{run_dir / CONFIG_FILE}: {err}") from err
-    check_weights_fit(weights, model_cfg)  # before allocating what the config asks for
+    with torch.device("meta"):  # the shapes the config gives, before allocating what it asks for
+        shapes = {k: tuple(v.shape) for k, v in DSMR(model_cfg).state_dict().items()}
+    check_weights_fit(weights, shapes)
     model = DSMR(model_cfg)
     load_weights(model, weights)
     tokenizer = tokenizer_from_config(config["tokenizer"])

@@ -523,6 +523,15 @@ def pitch_range_bans(tokenizer, min_pitch: int = 0, max_pitch: int = 127) -> lis
     return banned
 
 
+def pitch_bans(tokenizer, min_pitch: int, max_pitch: int) -> tuple[int, ...]:
+    """The ids a pitch range bans, as `dsmr generate` and the app apply it: none for the whole range, or for an
+    encoding whose ids name no pitch (nothing to restrict); otherwise pitch_range_bans'."""
+    pitchless = all(tokenizer.note_pitch(i) is None for i in range(tokenizer.vocab_size))
+    if (min_pitch, max_pitch) == (0, 127) or pitchless:
+        return ()
+    return tuple(pitch_range_bans(tokenizer, min_pitch, max_pitch))
+
+
 def sample_next(logits: Tensor, sampling: SamplingConfig, generator, banned: Optional[Tensor] = None) -> Tensor:
     """One event per lane from next-token logits [B, vocab]: ban, temperature, top-k, top-p, sample.
     `generator`: one torch.Generator for all lanes, or a list of one per lane (each lane then draws
@@ -839,6 +848,7 @@ class _Lanes:
         self.new = [0] * num_samples
         self.live = num_samples
         self.bar = _progress_bar(progress, sampling, self.prompt_seconds, num_samples)
+        self.starts_note = np.array([tokenizer.note_pitch(i) is not None for i in range(tokenizer.vocab_size)])
 
     def record(self, tokens: list[int]) -> int:
         """Append each live lane's sampled event, stop the lanes that reach EOS or a limit; returns how
@@ -881,8 +891,7 @@ class _Lanes:
 
     def result(self, i: int, seed: int, timing: dict) -> GenerationResult:
         out = np.frombuffer(self.pieces[i], dtype=np.int64).copy()
-        starts = np.array([self.tokenizer.note_pitch(t) is not None for t in range(self.tokenizer.vocab_size)])
-        timing = dict(timing, new_notes=int(starts[out[self.prompt.size:]].sum()))
+        timing = dict(timing, new_notes=int(self.starts_note[out[self.prompt.size:]].sum()))
         return GenerationResult(
             ids=out, prompt_tokens=int(self.prompt.size), new_tokens=self.new[i],
             prompt_seconds=self.prompt_seconds, music_seconds=float(self.tokenizer.seconds(out)) if out.size else 0.0,

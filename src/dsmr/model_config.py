@@ -82,7 +82,7 @@ class DSMRConfig:
             problems.append(f"rotary_fraction must be in (0, 1] and rotate at least 2 dims of each head, "
                             f"got {self.rotary_fraction}")
         if self.init_std is None and isinstance(self.d_model, int) and self.d_model > 0:
-            self.init_std = 1.0 / math.sqrt(self.d_model)
+            self.init_std = fan_in_std(self.d_model)
         if not (isinstance(self.init_std, (int, float)) and self.init_std > 0 and math.isfinite(self.init_std)):
             problems.append(f"init_std must be > 0, got {self.init_std}")
         if self.memory not in MEMORIES:
@@ -141,6 +141,11 @@ class DSMRConfig:
             return dataclass_from_dict(cls, {**LEGACY_DEFAULTS, **d}, "model config")
         except (TypeError, ValueError) as err:  # "64" for a size, "abc" for a number
             raise DsmrError(f"model config: a value has the wrong type ({err})") from err
+
+
+def fan_in_std(d_model: int) -> float:
+    """The default std of the initial weights, 1 / sqrt(d_model): every config that leaves it unset uses this."""
+    return 1.0 / math.sqrt(d_model)
 
 
 def recipe_default(name: str):

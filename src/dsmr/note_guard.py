@@ -47,7 +47,7 @@ def guard_for(tokenizer, max_note_seconds: Optional[float] = None, max_polyphony
     if max_polyphony is None:
         max_polyphony = playing.MAX_POLYPHONY if offs else 0
     guard = {"max_note_seconds": float(max_note_seconds) or None, "max_polyphony": int(max_polyphony) or None}
-    if (guard["max_note_seconds"] or guard["max_polyphony"]) and not has_note_offs(tokenizer):
+    if (guard["max_note_seconds"] or guard["max_polyphony"]) and not offs:
         raise DsmrError(f"the note guard (longest note, most notes at once) needs an encoding whose notes end "
                         f"with NOTE_OFF events; {tokenizer!r} gives each note its length, so none can hang")
     return guard

@@ -54,18 +54,26 @@ def bounded(kind, low, high):
     return parse
 
 
-def out_of_bounds(config) -> list[str]:
-    """Problems with the fields of a config dataclass that lie outside its BOUNDS."""
+def wrong_types(config) -> list[str]:
+    """Problems with the fields of a config dataclass in its BOUNDS that are not numbers (whole numbers where
+    both bounds are): what a config.json with "lr": "abc" gives."""
     problems = []
     for name, (low, high) in getattr(config, "BOUNDS", {}).items():
         value = getattr(config, name)
-        if value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (
-                isinstance(low, int) and isinstance(high, int) and not isinstance(value, int)):
-            problems.append(f"{name} must be a {'whole ' if isinstance(low, int) else ''}number, got {value!r:.40}")
-            continue
-        if not low <= value <= high:  # NaN fails too
+        whole = isinstance(low, int) and isinstance(high, int)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int if whole else (int, float))):
+            problems.append(f"{name} must be a {'whole ' if whole else ''}number, got {value!r:.40}")
+    return problems
+
+
+def out_of_bounds(config) -> list[str]:
+    """Problems with the fields of a config dataclass that lie outside its BOUNDS (fields of the wrong type are
+    wrong_types' to report)."""
+    problems = []
+    wrong = {p.split()[0] for p in wrong_types(config)}
+    for name, (low, high) in getattr(config, "BOUNDS", {}).items():
+        value = getattr(config, name)
+        if value is not None and name not in wrong and not low <= value <= high:  # NaN fails too
             problems.append(f"{name} must be in [{low}, {high}], got {value}")
     return problems
 

@@ -38,8 +38,8 @@ from dsmr import __version__
 from dsmr.atomic import atomic_path, atomic_write_json, atomic_write_text
 from dsmr.configs import dataclass_from_dict
 from dsmr.errors import DsmrError
-from dsmr.model_config import MEMORIES, recipe_default
-from dsmr.options import option, out_of_bounds
+from dsmr.model_config import MEMORIES, fan_in_std, recipe_default
+from dsmr.options import option, out_of_bounds, wrong_types
 from dsmr.train_config import TrainConfig
 
 STUDY_FILE = "study.json"
@@ -110,7 +110,9 @@ class StudyConfig:
     threads: int | None = 1          # torch CPU threads per variant (1 is fastest for small models; None: torch's)
 
     def validate(self) -> None:
-        problems = []
+        problems = wrong_types(self)
+        if problems:
+            raise DsmrError("study config: " + "; ".join(problems))
         for name in ("layers", "d_model", "heads", "segment", "batch_size", "horizon", "long_layers", "steps",
                      "epochs", "context", "val_pieces", "eval_batch_size", "threads"):
             value = getattr(self, name)
@@ -118,22 +120,11 @@ class StudyConfig:
                 problems.append(f"{name} must be a positive integer, got {value!r}")
         if isinstance(self.budget, bool) or not isinstance(self.budget, int) or self.budget < 1:
             problems.append(f"budget must be a positive integer, got {self.budget!r}")
-        for name in ("lr", "gate_init", "gate_lambda", "curriculum"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value)):
-                problems.append(f"{name} must be a finite number, got {value!r}")
-        if not self.lr > 0:
-            problems.append(f"lr must be > 0, got {self.lr}")
-        if self.gate_lambda < 0:
-            problems.append(f"gate_lambda must be >= 0, got {self.gate_lambda}")
-        if self.init_std is not None and not (0 < self.init_std <= 10 and math.isfinite(self.init_std)):
-            problems.append(f"init_std must be in (0, 10], got {self.init_std}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
-            problems.append(f"seed must be an integer in [0, 2**32), got {self.seed!r}")
         if not 0 < self.curriculum <= 1:
             problems.append(f"curriculum must be a fraction in (0, 1], got {self.curriculum}")
         if self.layers < 2:
             problems.append("the study compares lower and upper layers: it needs at least 2 layers")
+        # the ranges (lr, gate options, init std, seed; NaN and infinities included), where not reported above
         reported = {p.split()[0] for p in problems}
         problems += [p for p in out_of_bounds(self) if p.split()[0] not in reported]
         if problems:
@@ -152,7 +143,7 @@ class StudyConfig:
 
     @property
     def resolved_init_std(self) -> float:
-        return self.init_std if self.init_std is not None else 1.0 / math.sqrt(self.d_model)
+        return self.init_std if self.init_std is not None else fan_in_std(self.d_model)
 
 
 # Named option sets of `dsmr study --preset NAME` (options given on the command line override them).
@@ -423,13 +414,11 @@ def run_study(cache, out_dir, cfg: StudyConfig | None = None, variants: list[str
 
 def epoch_steps(cache, cfg: StudyConfig) -> int:
     """Optimizer steps of `cfg.epochs` passes over the training split: the full batches of the refilling
-    full-piece lanes every variant reads (dsmr.stream), the same count `dsmr train --epochs` trains."""
-    from dsmr.stream import PieceStream
+    full-piece lanes every variant reads: `dsmr train --epochs`'s count for the same lanes and seed."""
+    from dsmr.train import TrainConfig, training_stream
 
-    tokenizer = cache.tokenizer
-    stream = PieceStream(cache.pieces("train"), cfg.batch_size, cfg.segment, tokenizer.bos_id, tokenizer.eos_id,
-                         tokenizer.pad_id, shuffle=True, seed=cfg.seed, refill=True)
-    return stream.steps_for_epochs(cfg.epochs)
+    lanes = TrainConfig(batch_size=cfg.batch_size, segment=cfg.segment, seed=cfg.seed)
+    return training_stream(lanes, cache.pieces("train"), cache.tokenizer).steps_for_epochs(cfg.epochs)
 
 
 def _run_in_process(spec: dict) -> dict:
@@ -480,7 +469,7 @@ def _comparable(config: dict) -> dict:
     piece order)."""
     config = {**_OLD_STUDY_DEFAULTS, **config}
     if config.get("init_std") is None:  # the default, 1 / sqrt(d_model), spelled out or not
-        config["init_std"] = 1.0 / math.sqrt(config["d_model"])
+        config["init_std"] = fan_in_std(config["d_model"])
     ignored = {"seed", "threads", "device"} | ({"steps"} if config.get("epochs") else set())
     return {k: v for k, v in config.items() if k not in ignored}
 
