@@ -65,16 +65,22 @@ def worker(args) -> dict:
 
     import inspect
 
-    import dsmr.generate as gen
-    from dsmr.generate import SamplingConfig, half_weight_model
-    from dsmr.encodings import make_tokenizer
+    try:
+        import dsmr.generation as gen
+    except ImportError:  # the code of mode "before" may keep generation in one module
+        import dsmr.generate as gen
+    SamplingConfig, half_weight_model = gen.SamplingConfig, gen.half_weight_model
+    try:
+        from dsmr.encodings import make_tokenizer
+    except ImportError:
+        from dsmr.tokenizer import make_tokenizer
 
     torch.set_num_threads(args.threads)
     if args.checkpoint:
-        from dsmr.checkpoint import load_model
+        from dsmr.model import DSMR
 
-        model, tokenizer, config = load_model(args.checkpoint)
-        segment_len = config["segment_len"]
+        model = DSMR.from_pretrained(args.checkpoint)
+        tokenizer, segment_len = model.tokenizer, model.segment_len
         weights = f"checkpoint {args.checkpoint}"
     else:
         tokenizer = make_tokenizer("performance")
@@ -83,10 +89,8 @@ def worker(args) -> dict:
         weights = "random"
     if args.precision == "float16":
         model = half_weight_model(model)
-    elif args.precision == "int8":  # imported here: the code of mode "before" may not have it
-        from dsmr.generate import int8_weight_model
-
-        model = int8_weight_model(model)
+    elif args.precision == "int8":  # the code of mode "before" may not have it
+        model = gen.int8_weight_model(model)
     prompt = torch.randint(3, tokenizer.vocab_size, (args.prompt_tokens,),
                            generator=torch.Generator().manual_seed(1)).tolist() if args.prompt_tokens else None
     sampling = SamplingConfig(seed=0, max_tokens=args.tokens, stop_at_eos=False)
@@ -138,7 +142,7 @@ def kernel_split(threads: int, steps: int = 300) -> None:
     import torch
 
     from dsmr import kernels
-    from dsmr.generate import IncrementalDecoder, decoding_state_dtype, half_weight_model, int8_weight_model
+    from dsmr.generation import IncrementalDecoder, decoding_state_dtype, half_weight_model, int8_weight_model
     from dsmr.encodings import make_tokenizer
 
     torch.set_num_threads(threads)
@@ -214,7 +218,7 @@ def flat_worker(args) -> dict:
 
     import torch
 
-    from dsmr.generate import (IncrementalDecoder, SamplingConfig, banned_mask, decoding_state_dtype, half_weight_model,
+    from dsmr.generation import (IncrementalDecoder, SamplingConfig, banned_mask, decoding_state_dtype, half_weight_model,
                                sample_next)
     from dsmr.encodings import make_tokenizer
 
@@ -224,7 +228,7 @@ def flat_worker(args) -> dict:
     if args.precision == "float16":
         model = half_weight_model(model)
     elif args.precision == "int8":  # imported here: the code of mode "before" may not have it
-        from dsmr.generate import int8_weight_model
+        from dsmr.generation import int8_weight_model
 
         model = int8_weight_model(model)
     checkpoints = sorted(int(n) for n in args.flat.split(","))
@@ -276,8 +280,9 @@ def spawn(tokens: int, precision: str, threads: int, prompt_tokens: int, checkpo
     env = dict(os.environ)
     if mode.endswith("-pt"):  # the same code without dsmr.kernels: PyTorch's kernels only
         env["DSMR_KERNELS"] = "0"
-    if mode == "before":  # the other commit's package first on the path
+    if mode == "before":  # the other commit's package first on the path, its kernels built apart
         env["PYTHONPATH"] = os.pathsep.join([str(before_src), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+        env["TORCH_EXTENSIONS_DIR"] = str(before_src.parent / "torch_extensions")
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)
     if proc.returncode != 0:
         sys.exit(f"worker failed ({' '.join(cmd)}):\n{proc.stderr}")

@@ -62,14 +62,15 @@ def main() -> int:
     import torch
 
     from dsmr.cache import TokenCache
-    from dsmr.checkpoint import load_model
-    from dsmr.generate import SamplingConfig, default_cpu_precision, generate, with_precision
+    from dsmr.model import load_model
+    from dsmr.generation import SamplingConfig, default_cpu_precision, generate, with_precision
 
     torch.set_num_threads(args.threads)
-    model, tokenizer, config = load_model(args.model)
+    model = load_model(args.model)
+    tokenizer, config = model.tokenizer, model.run_config
     precision = default_cpu_precision(model) if args.precision == "auto" else args.precision
     model = with_precision(model, precision)
-    segment_len = config.get("segment_len") or config["train"]["segment"]
+    segment_len = model.segment_len
     cache = TokenCache(args.cache)
     if cache.tokenizer.config_hash() != tokenizer.config_hash():
         sys.exit(f"{args.cache} is not in {args.model}'s encoding")

@@ -95,7 +95,7 @@ def generate_worker(args) -> dict:
     torch.manual_seed(0)
     prompt = torch.randint(3, VOCAB, (1, args.prompt_tokens))
     if args.lib.startswith("dsmr"):
-        from dsmr.generate import SamplingConfig, generate_batch, half_weight_model, int8_weight_model
+        from dsmr.generation import SamplingConfig, generate_batch, half_weight_model, int8_weight_model
         from dsmr.model import DSMR, DSMRConfig
         from dsmr.encodings import make_tokenizer
 

@@ -60,7 +60,7 @@ def test_weights_and_the_deprecated_which(argv, capsys):
 
 def test_threads_is_one_convention():
     """--threads N: torch's CPU threads, 0 = torch's choice; the default is the command's (dsmr.cli.common)."""
-    defaults = {"train": 0, "eval": 0, "generate": 1, "study": 1}
+    defaults = {"train": 0, "eval": 0, "generate": 1, "study": 1, "app": 1}
     for name, p in _subparsers().items():
         action = _options(p).get("--threads")
         if action is None:
@@ -68,6 +68,28 @@ def test_threads_is_one_convention():
         assert action.type("3") == 3 and "0 = torch's choice" in action.help, name
         assert action.default == defaults.pop(name), name
     assert not defaults  # every command above has it
+
+
+def test_precision_weights_and_json_are_one_convention():
+    """--precision takes dsmr.playing's choices everywhere; the commands that decode (generate, the app) default
+    to the same; --weights and --json mean the same in every command that has them."""
+    from dsmr import playing
+    from dsmr.app import ModelStore
+
+    commands = _subparsers()
+    with_precision = {name for name, p in commands.items() if "--precision" in _options(p)}
+    assert with_precision == {"eval", "generate", "app"}
+    for name in with_precision:
+        action = _options(commands[name])["--precision"]
+        assert set(playing.PRECISIONS) <= set(action.choices), name
+        assert action.default == ("float32" if name == "eval" else playing.PRECISION), name
+    assert ModelStore().precision == _options(commands["app"])["--precision"].default == playing.PRECISION
+    for name in ("generate", "app", "eval", "export"):
+        assert _options(commands[name])["--weights"].default == "best", name
+    for name, p in commands.items():
+        action = _options(p).get("--json")
+        if action is not None:
+            assert action.nargs == 0 and action.const is True and "JSON object" in action.help, name
 
 
 def test_set_threads(monkeypatch):

@@ -14,7 +14,7 @@ import torch
 from dsmr.checkpoint import save_checkpoint
 from dsmr.cli import main
 from dsmr.errors import DsmrError
-from dsmr.generate import (
+from dsmr.generation import (
     HalfWeightLinear,
     IncrementalDecoder,
     Int8WeightLinear,
@@ -126,7 +126,11 @@ def test_with_precision_names_the_weight_copies():
     assert with_precision(model, "float32") is model
     assert isinstance(with_precision(model, "float16").head, HalfWeightLinear)
     assert isinstance(with_precision(model, "int8").head, Int8WeightLinear)
-    with pytest.raises(DsmrError, match="precision must be one of float32, float16, int8, got 'bf16'"):
+    from dsmr.generation import default_cpu_precision, resolve_precision
+
+    assert resolve_precision(model, "auto") == default_cpu_precision(model)  # on a CPU
+    assert resolve_precision(model.to("meta"), "auto") == "float32"  # elsewhere
+    with pytest.raises(DsmrError, match="precision must be auto or one of float32, float16, int8, got 'bf16'"):
         with_precision(model, "bf16")
 
 

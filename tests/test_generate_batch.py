@@ -13,7 +13,7 @@ import torch
 from dsmr.checkpoint import save_checkpoint
 from dsmr.cli import main
 from dsmr.errors import DsmrError
-from dsmr.generate import (IncrementalDecoder, SamplingConfig, batch_summary, decoding_state_dtype, generate,
+from dsmr.generation import (IncrementalDecoder, SamplingConfig, batch_summary, decoding_state_dtype, generate,
                            generate_batch, half_weight_model)
 from dsmr.model import DSMR, DSMRConfig
 from dsmr.tokenizer import PerformanceTokenizer
@@ -133,9 +133,9 @@ def test_generate_batch_uses_the_float16_state_when_compiled(perf_model, perf_to
     """compile=True with float16 weights: lanes get a float16 state, the prompt fed once in the same dtype
     (the step itself runs eager here: compiling is tested above; without dsmr.kernels, so that the eager
     run keeps a float32 state to compare with)."""
-    import dsmr.generate as gen
+    import dsmr.generation.decoder as decoder
 
-    monkeypatch.setattr(gen, "_compiled_step", lambda: gen._decode_step)
+    monkeypatch.setattr(decoder, "_compiled_step", lambda: decoder._decode_step)
     half = half_weight_model(perf_model)
     sampling = SamplingConfig(seed=3, max_tokens=20, stop_at_eos=False)
     prompt = np.arange(3, 300)  # past the first segment
@@ -163,7 +163,8 @@ def test_cli_num_samples(perf_model, perf_tok, tmp_path, capsys):
 
 def test_ctrl_c_while_sampling_keeps_what_was_generated(monkeypatch):
     """A KeyboardInterrupt during sampling ends every lane as "interrupted" with its events so far."""
-    import dsmr.generate as gen
+    import dsmr.generation as gen
+    import dsmr.generation.loop as loop
 
     torch.manual_seed(0)
     model = DSMR(DSMRConfig(vocab_size=PerformanceTokenizer().vocab_size, n_layers=1, d_model=16, n_heads=2,
@@ -176,7 +177,7 @@ def test_ctrl_c_while_sampling_keeps_what_was_generated(monkeypatch):
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(gen, "sample_next", sample_then_interrupt)
+    monkeypatch.setattr(loop, "sample_next", sample_then_interrupt)
     results = gen.generate_batch(model, PerformanceTokenizer(), 4, [60, 100], gen.SamplingConfig(seed=0, max_tokens=50,
                                  stop_at_eos=False), num_samples=2, progress=False)
     assert [r.stop_reason for r in results] == ["interrupted", "interrupted"]

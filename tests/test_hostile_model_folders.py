@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from dsmr.checkpoint import load_model
+from dsmr.model import load_model
 from dsmr.cli import main
 from dsmr.errors import DsmrError
 from tests.test_hub import _run

@@ -12,10 +12,12 @@ import sys
 import pytest
 import torch
 
-from dsmr.checkpoint import load_model, save_checkpoint
+from dsmr.checkpoint import save_checkpoint
+from dsmr.export import export_run
+from dsmr.model import load_model
 from dsmr.cli import main
 from dsmr.errors import DsmrError
-from dsmr.hub import (export_run, from_pretrained, is_repo_id, load_pretrained, model_card,
+from dsmr.hub import (is_repo_id, model_card,
                       resolve_model_ref, save_pretrained)
 from dsmr.model import DSMR, DSMRConfig
 from dsmr.encodings import make_tokenizer
@@ -85,14 +87,15 @@ def test_export_round_trip_equal_logits(run_dir, tmp_path, capsys):
     assert config["figures"]["best_validation_ppl"] == pytest.approx(4.4817)
     assert config["figures"]["train_tokens"] == 220
 
-    original, _, _ = load_model(run_dir)  # best weights
-    for loaded in (load_model(out)[0], from_pretrained(out), load_pretrained(str(out))[0], DSMR.from_pretrained(out)):
+    original = load_model(run_dir)  # best weights
+    for loaded in (load_model(out), load_model(str(out)), DSMR.from_pretrained(out)):
         assert torch.equal(_logits(loaded), _logits(original))
-    model = from_pretrained(out)
+    model = DSMR.from_pretrained(out)
     assert model.tokenizer == make_tokenizer("performance") and model.run_config["segment_len"] == SEG
+    assert model.segment_len == SEG and DSMR(model.cfg).tokenizer is None  # a model built here comes with none
     # the latest weights instead of the best
     assert main(["export", str(run_dir), str(tmp_path / "latest"), "--which", "latest"]) == 0
-    assert torch.equal(_logits(load_model(tmp_path / "latest")[0]), _logits(load_model(run_dir, which="latest")[0]))
+    assert torch.equal(_logits(load_model(tmp_path / "latest")), _logits(load_model(run_dir, which="latest")))
 
 
 def test_model_card_has_hub_metadata_and_figures(run_dir, tmp_path):
@@ -132,9 +135,9 @@ def test_float16_export(run_dir, tmp_path):
 
     with safe_open(str(f16), framework="pt") as f:
         assert all(f.get_tensor(k).dtype == torch.float16 for k in f.keys())
-    half = load_model(tmp_path / "f16")[0]
+    half = load_model(tmp_path / "f16")
     assert next(half.parameters()).dtype == torch.float32  # loaded back as float32
-    a, b = _logits(half), _logits(load_model(tmp_path / "f32")[0])
+    a, b = _logits(half), _logits(load_model(tmp_path / "f32"))
     assert not torch.equal(a, b) and torch.allclose(a, b, atol=1e-2)  # measured 3.5e-3 (logits up to 4.4)
     assert "| weights | float16 |" in (tmp_path / "f16" / "README.md").read_text()
 
@@ -144,7 +147,7 @@ def test_save_pretrained_api(tmp_path, tok):
     config = {"tokenizer": tok.config(), "tokenizer_hash": tok.config_hash(), "segment_len": SEG}
     save_pretrained(model, tmp_path / "p", config, card=model_card({**config, "model": model.cfg.to_dict()},
                                                                     name="p", dtype="float32"))
-    assert torch.equal(_logits(from_pretrained(tmp_path / "p")), _logits(model))
+    assert torch.equal(_logits(DSMR.from_pretrained(tmp_path / "p")), _logits(model))
     with pytest.raises(DsmrError, match="segment_len"):
         save_pretrained(model, tmp_path / "q", {"tokenizer": tok.config()})
     with pytest.raises(DsmrError, match="dtype"):
@@ -189,11 +192,11 @@ def test_repo_id_from_the_local_hub_cache(run_dir, tmp_path):
     cache = tmp_path / "hf-cache"
     snapshot = _hub_cache(cache, "someone/dsmr-tiny", tmp_path / "exported")
     assert resolve_model_ref("someone/dsmr-tiny") == snapshot
-    model = from_pretrained("someone/dsmr-tiny")
-    assert torch.equal(_logits(model), _logits(load_model(run_dir)[0]))
+    model = DSMR.from_pretrained("someone/dsmr-tiny")
+    assert torch.equal(_logits(model), _logits(load_model(run_dir)))
     assert resolve_model_ref("someone/dsmr-tiny", revision=COMMIT) == snapshot
     with pytest.raises(DsmrError, match="not in the Hub cache .*offline.*HF_HUB_OFFLINE"):
-        from_pretrained("someone/unknown-model")
+        DSMR.from_pretrained("someone/unknown-model")
     with pytest.raises(DsmrError, match="not in the Hub cache"):
         load_model("someone/dsmr-tiny-typo")
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from dsmr import kernels
-from dsmr.generate import (IncrementalDecoder, Int8WeightLinear, decoding_state_dtype, fused_step_params,
+from dsmr.generation import (FusedStep, IncrementalDecoder, Int8WeightLinear, decoding_state_dtype,
                            half_weight_model, int8_weight_model)
 from dsmr.model import DSMR, DSMRConfig
 from tests.test_generate import SEG, streaming_logits, tiny_model
@@ -285,22 +285,43 @@ def test_which_step_a_decoder_runs(built):
     tanh = half_weight_model(model)
     for block in tanh.blocks:
         block.mlp[1] = torch.nn.GELU(approximate="tanh")
-    assert fused_step_params(tanh) is None  # the op computes exact GELU only
+    assert FusedStep.for_model(tanh) == (None, "the MLP is not Linear, exact GELU, Linear")  # exact GELU only
     no_norm = half_weight_model(model)
     no_norm.blocks[1].norm2 = torch.nn.Identity()
-    assert fused_step_params(no_norm) is None
+    assert FusedStep.for_model(no_norm) == (None, "the norms are not all LayerNorm or all RMSNorm")
     wide = int8_weight_model(model)
     wide.blocks.double()  # float64 norms and scales: the op takes float32 only
-    assert fused_step_params(wide) is None
+    assert FusedStep.for_model(wide)[0] is None
+    decoder = IncrementalDecoder(model, SEG)
+    assert decoder.fused_unavailable == "the projections are not all float16 or all int8 (precision float32)"
     old = kernels.set_enabled(False)
     try:
-        assert IncrementalDecoder(half, SEG).step_kind == "eager"
+        decoder = IncrementalDecoder(half, SEG)
+        assert decoder.step_kind == "eager" and decoder.fused_unavailable == "the CPU kernels are not loaded"
     finally:
         kernels.set_enabled(old)
 
 
+def test_the_fused_step_takes_its_weights_by_name(built):
+    """The op names its weights (kernels.step_fields); the Python side hands over each by that name."""
+    layer_fields, head_fields = kernels.step_fields()
+    assert layer_fields == ("norm1.weight", "norm1.bias", "qkv", "qkv.scale", "out", "out.scale", "norm2.weight",
+                            "norm2.bias", "fc1", "fc1.scale", "fc2", "fc2.scale", "gate.bias")
+    assert head_fields == ("norm.weight", "norm.bias", "head", "head.scale")
+    int8 = int8_weight_model(tiny_model())
+    step, why = FusedStep.for_model(int8)
+    assert why == "" and len(step.weights) == 4 * len(layer_fields) + len(head_fields)
+    block = int8.blocks[2]
+    named = dict(zip(layer_fields, step.weights[2 * len(layer_fields):3 * len(layer_fields)]))
+    assert named["norm2.weight"] is block.norm2.weight or torch.equal(named["norm2.weight"], block.norm2.weight)
+    assert torch.equal(named["fc1"], block.mlp[0].packed) and torch.equal(named["fc1.scale"], block.mlp[0].packed_scale)
+    assert torch.equal(named["out"], block.attn.out_proj.packed)
+    head = dict(zip(head_fields, step.weights[-len(head_fields):]))
+    assert torch.equal(head["head"], int8.head.packed) and torch.equal(head["norm.bias"], int8.norm.bias)
+
+
 def test_auto_precision_is_int8_where_the_int8_kernel_can_run_the_model(built):
-    from dsmr.generate import default_cpu_precision
+    from dsmr.generation import default_cpu_precision
 
     assert default_cpu_precision(tiny_model(d_model=32)) == "int8"
     assert default_cpu_precision(tiny_model(d_model=40)) == "float16"  # 40 inputs: no 16-wide int8 product
@@ -314,25 +335,28 @@ def test_auto_precision_is_int8_where_the_int8_kernel_can_run_the_model(built):
 def test_fused_step_rejects_what_it_cannot_take(built):
     half = half_weight_model(tiny_model())
     decoder = IncrementalDecoder(half, SEG)
-    params, scales, rmsnorm, eps = fused_step_params(half)
-    assert scales == []
-    args = dict(ids=torch.tensor([3]), embedding=half.embedding.weight, params=params, scales=[], keys=decoder.keys,
+    step, _ = FusedStep.for_model(half)
+    weights = step.weights
+    args = dict(ids=torch.tensor([3]), embedding=half.embedding.weight, weights=weights, keys=decoder.keys,
                 values=decoder.values, memory_fill=[0] * 4, t=0, cos=decoder._rope[0], sin=decoder._rope[1],
-                n_heads=4, ff_dim=half.cfg.ff_dim, rmsnorm=rmsnorm, eps=eps)
+                n_heads=4, ff_dim=half.cfg.ff_dim, rmsnorm=step.rmsnorm, eps=step.eps)
     assert kernels.decode_step(**args).shape == (1, 50)
     with pytest.raises(RuntimeError, match="outside the vocabulary"):
         kernels.decode_step(**{**args, "ids": torch.tensor([50])})
     with pytest.raises(RuntimeError, match="slot 11 outside layer 1's buffer of 11"):  # horizon 3 + segment 8
         kernels.decode_step(**{**args, "memory_fill": [0, 4, 0, 0], "t": SEG - 1})
-    with pytest.raises(RuntimeError, match="parameters"):
-        kernels.decode_step(**{**args, "params": params[:-1]})
+    with pytest.raises(RuntimeError, match="13 per layer"):
+        kernels.decode_step(**{**args, "weights": weights[:-1]})
     with pytest.raises(RuntimeError, match="scales"):  # float16 weights take none
-        kernels.decode_step(**{**args, "scales": [torch.ones(8)] * 17})
+        kernels.decode_step(**{**args, "weights": [torch.ones(8) if i == 3 else w for i, w in enumerate(weights)]})
+    with pytest.raises(RuntimeError, match="qkv of layer 0: float16 or int8 weights"):  # qkv and out swapped
+        kernels.decode_step(**{**args, "weights": [weights[4] if i == 2 else weights[2] if i == 4 else w
+                                                   for i, w in enumerate(weights)]})
     int8 = int8_weight_model(tiny_model())
-    int8_params, scales, _, _ = fused_step_params(int8)
-    assert len(scales) == 17 and all(p.dtype == torch.float32 for p in scales)
-    with pytest.raises(RuntimeError, match="int8 weights need float32 scales"):
-        kernels.decode_step(**{**args, "params": int8_params, "embedding": int8.embedding.weight})
+    int8_weights = FusedStep.for_model(int8)[0].weights
+    with pytest.raises(RuntimeError, match="int8 weights need float32 scales"):  # a scale dropped
+        kernels.decode_step(**{**args, "weights": [w.new_zeros(0) if i == 3 else w for i, w in enumerate(int8_weights)],
+                               "embedding": int8.embedding.weight})
     with pytest.raises(RuntimeError, match="one rotary table"):  # no rotary dims at all: refused, no crash
         kernels.decode_step(**{**args, "cos": decoder._rope[0][..., :0], "sin": decoder._rope[1][..., :0]})
     with pytest.raises(RuntimeError, match="state"):

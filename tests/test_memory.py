@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dsmr.generate import IncrementalDecoder
+from dsmr.generation import IncrementalDecoder
 from dsmr.model import DSMR, DSMRConfig
 from dsmr.train import horizons_at
 

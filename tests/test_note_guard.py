@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dsmr.errors import DsmrError
-from dsmr.generate import SamplingConfig, generate_batch
+from dsmr.generation import SamplingConfig, generate_batch
 from dsmr.metrics import note_arrays
 from dsmr.model import DSMR, DSMRConfig
 from dsmr.note_guard import NoteGuard

@@ -17,7 +17,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import dsmr.atomic
-from dsmr.checkpoint import load_model, load_trainer_state, weights_step
+from dsmr.checkpoint import load_trainer_state, weights_step
+from dsmr.model import load_model
 from dsmr.cli import main
 from dsmr.errors import DsmrError
 from dsmr.train import train

@@ -12,8 +12,8 @@ import sys
 import pytest
 
 from conftest import REPO
-from dsmr.generate import SamplingConfig, generate
-from dsmr.hub import from_pretrained
+from dsmr.generation import SamplingConfig, generate
+from dsmr.model import DSMR
 from midi_factory import tiny_midi
 
 MODEL = REPO / "models" / "maestro-small"
@@ -22,7 +22,7 @@ pytestmark = pytest.mark.skipif(not (MODEL / "config.json").is_file(), reason=f"
 
 
 def test_shipped_model_loads_and_its_card_tells_what_it_is():
-    model = from_pretrained(MODEL)
+    model = DSMR.from_pretrained(MODEL)
     config = json.loads((MODEL / "config.json").read_text())
     assert model.cfg.to_dict() == config["model"] and any(config["model"]["horizons"])
     assert (MODEL / "model.safetensors").stat().st_size <= 10 * 2**20
@@ -34,7 +34,7 @@ def test_shipped_model_loads_and_its_card_tells_what_it_is():
 
 
 def test_shipped_model_generates_music():
-    model = from_pretrained(MODEL)
+    model = DSMR.from_pretrained(MODEL)
     result = generate(model, model.tokenizer, model.run_config["segment_len"],
                       sampling=SamplingConfig(seed=0, max_tokens=96, stop_at_eos=False), progress=False)
     assert result.new_tokens == 96

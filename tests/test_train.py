@@ -13,7 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dsmr.checkpoint import check_tokenizer, load_model, load_trainer_state, read_config, save_weights
+from dsmr.checkpoint import check_tokenizer, load_trainer_state, read_config, save_weights
+from dsmr.model import load_model
 from dsmr.errors import DsmrError
 from dsmr.model import DSMR, DSMRConfig
 from dsmr.stream import IGNORE_INDEX, PieceStream
@@ -60,7 +61,8 @@ def test_validation_ppl_drops_on_chorales(bach_cache, tmp_path):
     assert result["tokens"] == sum(len(p) + 1 for p in bach_cache.pieces("validation"))
     for name in ("config.json", "model.safetensors", "best.safetensors", "trainer_state.pt"):
         assert (tmp_path / "run" / name).is_file()
-    model, tokenizer, config = load_model(tmp_path / "run")
+    model = load_model(tmp_path / "run")
+    tokenizer, config = model.tokenizer, model.run_config
     assert config["model"]["horizons"] == [128, 64] and tokenizer.vocab_size == model.cfg.vocab_size
 
 
@@ -170,7 +172,8 @@ def test_checkpoint_of_another_config_is_a_clear_error(bach_cache, uninterrupted
         load_model(tmp_path / "bad.safetensors")
     # weights of another step than the trainer state (a kill between the renames of a save): the state
     # holds its own weights, so it resumes, and model.safetensors is rewritten from it
-    model, _, _ = load_model(uninterrupted)
+    model = load_model(uninterrupted)
+    _, _ = model.tokenizer, model.run_config
     save_weights(model, run / "model.safetensors", step=3)
     state = load_trainer_state(run)
     from dsmr.checkpoint import resume_weights, weights_step
@@ -190,7 +193,8 @@ def test_a_failed_save_leaves_the_previous_resumable_pair(uninterrupted, tmp_pat
     run = tmp_path / "copy"
     shutil.copytree(uninterrupted, run)
     before = load_trainer_state(run)["step"]
-    model, _, config = load_model(run, which="latest")
+    model = load_model(run, which="latest")
+    _, config = model.tokenizer, model.run_config
 
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
@@ -306,7 +310,8 @@ def test_a_run_folder_from_before_the_recipe_options_loads_and_resumes(bach_cach
     for key in ("head_dim", "rotary_fraction", "norm", "init_std", "memory", "horizon_warmup", "embedding_decay"):
         config["train"].pop(key)
     (run / "config.json").write_text(json.dumps(config))
-    model, _, _ = load_model(run)
+    model = load_model(run)
+    _, _ = model.tokenizer, model.run_config
     assert model.cfg.head_dim == 16 and model.cfg.memory == "kv"
     more = train(tiny(memory="kv", init_std=0.02, steps=5), bach_cache, run, progress=False, resume=True)
     assert more["steps"] == 5
@@ -367,7 +372,7 @@ def test_a_diverging_run_stops_with_an_error_and_keeps_its_last_good_checkpoint(
     run = tmp_path / "run"
     with pytest.raises(TrainingDiverged, match="diverged at step 3"):
         train(tiny(steps=30, save_every=1), bach_cache, run, progress=False)
-    saved = load_model(run)[0].state_dict()
+    saved = load_model(run).state_dict()
     assert all(torch.isfinite(t).all() for t in saved.values())
     assert load_trainer_state(run)["step"] == 2
 

@@ -7,7 +7,7 @@ The names most programs need, importable from the package itself (loaded on firs
     from dsmr import SamplingConfig, generate_batch, load_model
 
 The training loop, evaluation and generation of one piece are functions of the modules of the same name
-(`dsmr.train.train`, `dsmr.evaluate.evaluate`, `dsmr.generate.generate`).
+(`dsmr.train.train`, `dsmr.evaluate.evaluate`, `dsmr.generation.generate`).
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ __version__ = "0.1.0"
 _API = {
     "DSMR": "dsmr.model", "DSMRConfig": "dsmr.model_config", "make_schedule": "dsmr.schedule",
     "Schedule": "dsmr.schedule", "make_tokenizer": "dsmr.encodings", "TokenCache": "dsmr.cache",
-    "build_cache": "dsmr.cache", "TrainConfig": "dsmr.train_config", "SamplingConfig": "dsmr.generate",
-    "generate_batch": "dsmr.generate", "load_model": "dsmr.checkpoint", "NoteGuard": "dsmr.note_guard",
+    "build_cache": "dsmr.cache", "TrainConfig": "dsmr.train_config", "SamplingConfig": "dsmr.generation",
+    "generate_batch": "dsmr.generation", "load_model": "dsmr.model", "NoteGuard": "dsmr.note_guard",
     "StudyConfig": "dsmr.study", "run_study": "dsmr.study", "DsmrError": "dsmr.errors",
 }
 __all__ = ["__version__", *_API]

@@ -55,8 +55,8 @@ class Loaded:
 class ModelStore:
     """Loads each model once; one generation at a time (CPU-bound: parallel requests only slow each other)."""
 
-    def __init__(self, device: str = "cpu"):
-        self.device = device
+    def __init__(self, device: str = "cpu", precision: str = playing.PRECISION, weights: str = "best"):
+        self.device, self.precision, self.weights = device, precision, weights
         self._models: dict[str, Loaded] = {}
         self.lock = threading.Lock()
 
@@ -65,15 +65,12 @@ class ModelStore:
         if not ref:
             raise DsmrError(NO_MODEL_HELP)
         if ref not in self._models:
-            from dsmr.checkpoint import load_model
-            from dsmr.generate import default_cpu_precision, with_precision
+            from dsmr.model import load_model
+            from dsmr.generation import with_precision
 
-            model, tokenizer, config = load_model(ref, device=self.device)
-            segment_len = config.get("segment_len") or (config.get("train") or {}).get("segment")
-            if not isinstance(segment_len, int) or segment_len < 1:
-                raise DsmrError(f"{ref}: config.json has no segment_len")
-            if self.device == "cpu":  # as `dsmr generate --precision auto`
-                model = with_precision(model, default_cpu_precision(model))
+            model = load_model(ref, device=self.device, which=self.weights)
+            tokenizer, config, segment_len = model.tokenizer, model.run_config, model.segment_len
+            model = with_precision(model, self.precision)  # as `dsmr generate --precision`
             self._models[ref] = Loaded(ref, model, tokenizer, config, segment_len)
         return self._models[ref]
 
@@ -126,7 +123,7 @@ def generate_variations(loaded: Loaded, prompt_path, out_dir, *, prompt_seconds:
     summary}. DsmrError for bad input (non-MIDI prompt, no notes, settings out of range)."""
     import random
 
-    from dsmr.generate import SamplingConfig, generate, load_prompt, pitch_bans
+    from dsmr.generation import SamplingConfig, generate, load_prompt, pitch_bans
     from dsmr.note_guard import guard_for
     from dsmr.render import find_fluidsynth, find_soundfont, plot_pianoroll, render_wav
 
@@ -199,11 +196,13 @@ def _gradio():
     return gr
 
 
-def build_app(model=None, cache=None, device: str = "cpu", out_root=None, render_audio: bool = True):
+def build_app(model=None, cache=None, device: str = "cpu", out_root=None, render_audio: bool = True,
+              store: ModelStore | None = None):
     """The Gradio Blocks of the page. `model`: the initial model reference; `cache`: a TokenCache whose
-    validation pieces the page offers as prompts."""
+    validation pieces the page offers as prompts; `store`: the models (default: loaded on `device` as `dsmr
+    generate` would)."""
     gr = _gradio()
-    store = ModelStore(device)
+    store = store if store is not None else ModelStore(device)
     out_root = Path(out_root or tempfile.mkdtemp(prefix="dsmr-app-"))
     model = model if model is not None else default_model()
     pieces = cache_pieces(cache)
@@ -323,11 +322,11 @@ def _num(value):
 
 
 def serve(model=None, host: str = "127.0.0.1", port: int = 7860, cache=None, device: str = "cpu",
-          block: bool = True, render_audio: bool = True):
+          block: bool = True, render_audio: bool = True, store: ModelStore | None = None):
     """Build the page and launch it; returns the Blocks (with `block=False` the server runs in a thread)."""
     import shutil
 
-    demo = build_app(model, cache=cache, device=device, render_audio=render_audio)
+    demo = build_app(model, cache=cache, device=device, render_audio=render_audio, store=store)
     demo.queue(default_concurrency_limit=1)
     try:
         demo.launch(server_name=host, server_port=port, prevent_thread_lock=not block, inbrowser=False,

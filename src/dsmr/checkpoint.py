@@ -330,34 +330,6 @@ def resolve_weights(path, which: str = "best") -> tuple[Path, Path]:
     raise DsmrError(f"{path}: expected a run folder or a .safetensors file")
 
 
-def load_model(path, device="cpu", which: str = "best"):
-    """(model in eval mode, tokenizer, run config) from a run folder, an exported model folder (dsmr.hub),
-    a .safetensors checkpoint, or a Hugging Face Hub repo id (owner/name, through huggingface_hub's cache).
-
-    `which="best"` takes best.safetensors when the run has one, else the latest weights.
-    """
-    from dsmr.hub import resolve_model_ref
-    from dsmr.model import DSMR
-    from dsmr.encodings import tokenizer_from_config
-
-    weights, run_dir = resolve_weights(resolve_model_ref(path), which)
-    config = read_config(run_dir)
-    try:
-        model_cfg = model_config_from(config)
-    except DsmrError as err:
-        raise DsmrError(f"{run_dir / CONFIG_FILE}: {err}") from err
-    with torch.device("meta"):  # the shapes the config gives, before allocating what it asks for
-        shapes = {k: tuple(v.shape) for k, v in DSMR(model_cfg).state_dict().items()}
-    check_weights_fit(weights, shapes)
-    model = DSMR(model_cfg)
-    load_weights(model, weights)
-    tokenizer = tokenizer_from_config(config["tokenizer"])
-    if tokenizer.vocab_size != model.cfg.vocab_size:
-        raise DsmrError(f"{run_dir / CONFIG_FILE}: tokenizer vocabulary {tokenizer.vocab_size} != model "
-                        f"vocab_size {model.cfg.vocab_size}")
-    return model.to(device).eval(), tokenizer, config
-
-
 def check_tokenizer(config: dict, tokenizer, where) -> None:
     """DsmrError when data tokenized by `tokenizer` (from `where`) is not what the run was trained on."""
     want = config.get("tokenizer_hash")
@@ -448,18 +420,3 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), *rest))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def memory_to_cpu(state) -> list[dict] | None:
-    """The recurrent state (a list of dsmr.model.LayerMemory) as saved in trainer_state.pt."""
-    if state is None:
-        return None
-    return [{"k": m.k.cpu(), "v": None if m.v is None else m.v.cpu(), "valid": m.valid.cpu()} for m in state]
-
-
-def memory_from_cpu(saved, device) -> list | None:
-    from dsmr.model import LayerMemory
-
-    if saved is None:
-        return None
-    return [LayerMemory(m["k"], m["v"], m["valid"]).to(device) for m in saved]

@@ -7,8 +7,8 @@ An exported model folder (`dsmr export RUN OUT`, or `save_pretrained`) holds
     model.safetensors    the weights, float32 or float16 (metadata: the training step)
     README.md            a model card with the Hub's metadata header (license, datasets, tags, library)
 
-It is also a run folder as far as `dsmr.checkpoint.load_model` is concerned (config.json + weights), so
-every command that takes a model accepts it. Where a model is named by a Hub repo id (`owner/name`) and no
+It is also a run folder as far as `DSMR.from_pretrained` is concerned (config.json + weights), so every
+command that takes a model accepts it; `dsmr.export.export_run` writes one from a run. Where a model is named by a Hub repo id (`owner/name`) and no
 such local path exists, `resolve_model_ref` finds it through `huggingface_hub` (its cache first; with
 HF_HUB_OFFLINE=1 only its cache).
 """
@@ -104,26 +104,6 @@ def _first_line(err: BaseException) -> str:
 # ------------------------------------------------------------------------------------- loading, saving
 
 
-def load_pretrained(ref, device="cpu", *, which: str = "best", revision: str | None = None, cache_dir=None,
-                    local_files_only: bool | None = None):
-    """(model in eval mode, tokenizer, config) from an exported folder, a run folder, a .safetensors file
-    with config.json beside it, or a Hub repo id."""
-    from dsmr.checkpoint import load_model
-
-    path = resolve_model_ref(ref, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
-    return load_model(path, device=device, which=which)
-
-
-def from_pretrained(ref, device="cpu", **kwargs):
-    """The model (`dsmr.model.DSMR`, eval mode) of `ref`, in the Hub's `from_pretrained` convention;
-    `model.tokenizer` and `model.run_config` carry the tokenizer and config.json. Keyword arguments as
-    `load_pretrained` (revision, cache_dir, local_files_only, which)."""
-    model, tokenizer, config = load_pretrained(ref, device, **kwargs)
-    model.tokenizer = tokenizer
-    model.run_config = config
-    return model
-
-
 def save_pretrained(model, out, config: dict, *, dtype: str = "float32", card: str | None = None,
                     step: int | None = None) -> Path:
     """Write an exported model folder: config.json (`config`, the model section taken from `model`),
@@ -153,36 +133,7 @@ def save_pretrained(model, out, config: dict, *, dtype: str = "float32", card: s
     return out
 
 
-def export_run(run, out, *, which: str = "best", dtype: str = "float32", license: str | None = None,
-               dataset: str | None = None, evals=(), name: str | None = None) -> dict:
-    """Export the model of a run folder (or of an exported folder) to `out`. `evals` are the JSON objects
-    `dsmr eval --json` printed (their split and PPL go into the card). Returns a summary."""
-    from dsmr.checkpoint import load_model, resolve_weights, weights_step
-
-    run = Path(run)
-    if Path(out).resolve() == run.resolve():
-        raise DsmrError(f"the export folder {out} is the run folder itself")
-    weights, run_dir = resolve_weights(run, which)
-    model, _, config = load_model(run, which=which)
-    step = weights_step(weights)
-    corpus = dataset or _corpus_of(config)
-    license = _license_for(corpus, license)
-    figures = run_figures(run_dir, config, step, evals)
-    figures["parameters"] = model.num_parameters()
-    figures["state_bytes_fp32"] = model.cfg.state_bytes()
-    exported = {k: v for k, v in config.items() if k not in ("cache", "format", "dtype", "export", "figures")}
-    exported["dataset"] = {"corpus": corpus, "license": license}
-    exported["export"] = {"from": str(run_dir.name), "weights": weights.name, "step": step}
-    exported["figures"] = figures
-    # usage lines name the Hub repo, or the folder by its own name: never this machine's paths
-    card = model_card(exported, name=name or Path(out).name, dtype=dtype,
-                      ref=name if name and is_repo_id(name) else Path(out).resolve().name)
-    save_pretrained(model, out, exported, dtype=dtype, card=card, step=step)
-    return {"out": str(out), "weights": str(weights), "step": step, "dtype": dtype, "license": license,
-            "dataset": corpus, "bytes": (Path(out) / MODEL_FILE).stat().st_size, "figures": figures}
-
-
-def _corpus_of(config: dict) -> str | None:
+def corpus_of(config: dict) -> str | None:
     """The corpus a run was trained on: from config.json, else the manifest of the cache it names."""
     known = (config.get("dataset") or {}).get("corpus")
     if known:
@@ -197,7 +148,7 @@ def _corpus_of(config: dict) -> str | None:
     return None
 
 
-def _license_for(corpus: str | None, license: str | None) -> str:
+def license_for(corpus: str | None, license: str | None) -> str:
     inherited = CORPUS_LICENSES.get(corpus or "")
     if inherited and license and license != inherited:
         raise DsmrError(f"a model trained on {corpus} inherits its data's licence {inherited}; "
@@ -299,8 +250,8 @@ def model_card(config: dict, name: str, dtype: str, ref: str | None = None) -> s
     lines += ["", "## Use", "", "With dsmr installed (`pip install -e .` in its repository):", "",
               "```bash",
               f"dsmr generate {ref} --prompt prompt.mid --max-seconds 30 --out continuation.mid",
-              "```", "", "```python", "from dsmr.hub import from_pretrained", "",
-              f'model = from_pretrained("{ref}")  # a local folder or a Hub repo id',
+              "```", "", "```python", "from dsmr import DSMR", "",
+              f'model = DSMR.from_pretrained("{ref}")  # a local folder or a Hub repo id',
               "tokenizer = model.tokenizer", "```", ""]
     return "\n".join(header + lines)
 

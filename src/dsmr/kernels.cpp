@@ -12,6 +12,7 @@
 
 #include <cmath>
 #include <limits>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -585,19 +586,72 @@ void attend_prefix_dispatch(const float* q, const T* k, const T* v, int64_t n, i
   }
 }
 
-constexpr int64_t kLayerParams = 9;  // norm1 weight, bias; qkv, out; norm2 weight, bias; fc1, fc2; gate bias
+// The fused step's weights, by name. dsmr::decode_step takes them as one flat list: per layer the fields of
+// kLayerFields in that order, then those of kHeadFields; dsmr.generation.fused builds the list from the same
+// names, which it reads from dsmr::step_fields when it loads. A scale is empty for float16 weights, a bias
+// empty for RMSNorm, the gate bias empty (no gate), one value or one per head.
+constexpr const char* kLayerFields[] = {"norm1.weight", "norm1.bias", "qkv", "qkv.scale", "out", "out.scale",
+                                        "norm2.weight", "norm2.bias", "fc1", "fc1.scale", "fc2", "fc2.scale",
+                                        "gate.bias"};
+constexpr const char* kHeadFields[] = {"norm.weight", "norm.bias", "head", "head.scale"};
+constexpr int64_t kLayerCount = sizeof(kLayerFields) / sizeof(kLayerFields[0]);
+constexpr int64_t kHeadCount = sizeof(kHeadFields) / sizeof(kHeadFields[0]);
 
-void packed_out(const at::Tensor& packed, int64_t out, const at::Tensor& first, at::TensorList scales, int64_t i,
-                const char* what) {
-  check_packed(packed, out, what);
-  TORCH_CHECK(packed.scalar_type() == first.scalar_type(), what, ": ", packed.scalar_type(), " weights, the first are ",
-              first.scalar_type());
-  checked_scale(packed, scales.empty() ? nullptr : &scales[i], what);
+struct Projection {
+  const at::Tensor& packed;
+  const at::Tensor& scale;  // int8 row scales; empty for float16
+};
+
+struct LayerWeights {
+  const at::Tensor &norm1_weight, &norm1_bias;
+  Projection qkv, out;
+  const at::Tensor &norm2_weight, &norm2_bias;
+  Projection fc1, fc2;
+  const at::Tensor& gate_bias;
+
+  static LayerWeights at(at::TensorList w, int64_t layer) {
+    const at::Tensor* p = w.data() + layer * kLayerCount;
+    return {p[0], p[1], {p[2], p[3]}, {p[4], p[5]}, p[6], p[7], {p[8], p[9]}, {p[10], p[11]}, p[12]};
+  }
+};
+
+struct HeadWeights {
+  const at::Tensor &norm_weight, &norm_bias;
+  Projection head;
+
+  static HeadWeights at(at::TensorList w, int64_t layers) {
+    const at::Tensor* p = w.data() + layers * kLayerCount;
+    return {p[0], p[1], {p[2], p[3]}};
+  }
+};
+
+void check_projection(const Projection& proj, int64_t in, int64_t out, const at::Tensor& first, int64_t layer,
+                      const char* name) {
+  const std::string what = std::string("dsmr::decode_step: ") + name + " of layer " + std::to_string(layer);
+  check_packed(proj.packed, out, what.c_str());
+  TORCH_CHECK(proj.packed.scalar_type() == first.scalar_type(), what, ": ", proj.packed.scalar_type(),
+              " weights, the first are ", first.scalar_type());
+  checked_scale(proj.packed, proj.scale.numel() ? &proj.scale : nullptr, what.c_str());
+  TORCH_CHECK(packed_in(proj.packed) == in, what, " takes ", packed_in(proj.packed), " inputs, ", in, " expected");
+}
+
+void check_vector(const at::Tensor& t, int64_t n, bool may_be_empty, int64_t layer, const char* what) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous() &&
+              (t.numel() == n || (may_be_empty && t.numel() == 0)),
+              "dsmr::decode_step: ", what, " of layer ", layer, " is not float32 [", n, "]: ", t.scalar_type(), " ",
+              t.sizes());
+}
+
+std::string step_fields() {
+  std::string names;
+  for (const char* f : kLayerFields) names += std::string(names.empty() ? "" : ",") + f;
+  names += ";";
+  for (int64_t i = 0; i < kHeadCount; ++i) names += std::string(i ? "," : "") + kHeadFields[i];
+  return names;
 }
 
 template <typename T>
-void step_layers(const at::Tensor& ids, const at::Tensor& embedding, at::TensorList params, at::TensorList scales,
-                 at::TensorList keys,
+void step_layers(const at::Tensor& ids, const at::Tensor& embedding, at::TensorList weights, at::TensorList keys,
                  at::TensorList values, at::IntArrayRef memory_fill, int64_t t, const float* cos, const float* sin,
                  int64_t rot, int64_t H, int64_t ff, bool rms, float eps, float* logits) {
   const int64_t B = ids.size(0), d = embedding.size(1), V = embedding.size(0), L = keys.size();
@@ -615,18 +669,18 @@ void step_layers(const at::Tensor& ids, const at::Tensor& embedding, at::TensorL
       norm_row(x.data() + b * d, w.data_ptr<float>(), bias.numel() ? bias.data_ptr<float>() : nullptr, d, rms, eps,
                hn.data() + b * d);
   };
-  // the i-th product of the step (per layer qkv, out, fc1, fc2; then the head): int8 weights have scales
-  auto linear = [&](const float* in, const at::Tensor& packed, int64_t i, int64_t out, float* y) {
-    linear_any(in, B, packed, scales.empty() ? nullptr : scales[i].data_ptr<float>(), out, y);
+  auto linear = [&](const float* in, const Projection& proj, int64_t out, float* y) {
+    linear_any(in, B, proj.packed, proj.scale.numel() ? proj.scale.data_ptr<float>() : nullptr, out, y);
   };
   for (int64_t l = 0; l < L; ++l) {
-    const at::Tensor* p = params.data() + l * kLayerParams;
-    norm(p[0], p[1]);
-    linear(hn.data(), p[2], 4 * l, 3 * A, wide.data());
+    const LayerWeights w = LayerWeights::at(weights, l);
+    norm(w.norm1_weight, w.norm1_bias);
+    linear(hn.data(), w.qkv, 3 * A, wide.data());
     const int64_t slot = memory_fill[l] + t, N = keys[l].size(2);
     T* kp = keys[l].data_ptr<T>();
     T* vp = values[l].data_ptr<T>();
-    const float* gate = p[8].numel() ? p[8].data_ptr<float>() : nullptr;
+    const float* gate = w.gate_bias.numel() ? w.gate_bias.data_ptr<float>() : nullptr;
+    const bool per_head = w.gate_bias.numel() > 1;
     for (int64_t b = 0; b < B; ++b) {  // rotate q and k, store k and v at the slot
       float* row = wide.data() + b * 3 * A;
       for (int64_t h = 0; h < H; ++h) {
@@ -640,24 +694,24 @@ void step_layers(const at::Tensor& ids, const at::Tensor& embedding, at::TensorL
       std::vector<float> scores(slot + 1);
       for (int64_t bh = begin; bh < end; ++bh) {
         const int64_t b = bh / H, h = bh % H;
-        const float bias = gate ? gate[p[8].numel() == 1 ? 0 : h] : 0.0f;
+        const float bias = gate ? gate[per_head ? h : 0] : 0.0f;
         attend_prefix_dispatch(wide.data() + b * 3 * A + h * D, kp + bh * N * D, vp + bh * N * D, slot + 1, D,
                                memory_fill[l], bias, scale, att.data() + b * A + h * D, scores.data());
       }
     });
-    linear(att.data(), p[3], 4 * l + 1, d, add.data());
+    linear(att.data(), w.out, d, add.data());
     for (int64_t i = 0; i < B * d; ++i) x[i] += add[i];
-    norm(p[4], p[5]);
-    linear(hn.data(), p[6], 4 * l + 2, ff, wide.data());
+    norm(w.norm2_weight, w.norm2_bias);
+    linear(hn.data(), w.fc1, ff, wide.data());
     int64_t i = 0;
     for (; i + 8 <= B * ff; i += 8) _mm256_storeu_ps(wide.data() + i, gelu8(_mm256_loadu_ps(wide.data() + i)));
     for (; i < B * ff; ++i) wide[i] = 0.5f * wide[i] * (1.0f + std::erf(wide[i] * 0.70710678118654752f));
-    linear(wide.data(), p[7], 4 * l + 3, d, add.data());
+    linear(wide.data(), w.fc2, d, add.data());
     for (int64_t j = 0; j < B * d; ++j) x[j] += add[j];
   }
-  const at::Tensor* f = params.data() + L * kLayerParams;
-  norm(f[0], f[1]);
-  linear(hn.data(), f[2], 4 * L, V, logits);
+  const HeadWeights f = HeadWeights::at(weights, L);
+  norm(f.norm_weight, f.norm_bias);
+  linear(hn.data(), f.head, V, logits);
 }
 
 }  // namespace
@@ -666,21 +720,17 @@ void step_layers(const at::Tensor& ids, const at::Tensor& embedding, at::TensorL
 // RoPE, key/value written at slot memory_fill[l] + t of its buffer, attention over the filled slots with the
 // gate bias on the memory ones, output projection, norm, GELU MLP), final norm and head. One call instead of
 // ~100 PyTorch operations: on a CPU a one-token step is otherwise mostly per-operation cost.
-// params: per layer (norm1 w, b, qkv, out, norm2 w, b, fc1, fc2, gate bias [0|1|H]), then final norm w, b and
-// the head; b is empty for RMSNorm. scales: for int8 weights, per layer those of qkv, out, fc1, fc2, then the
-// head's; empty for float16 weights. keys/values [B, H, h_l + T, D] float16 or float32, written in place.
-// cos/sin: the segment's rotary table [.., T, r] float32. Returns float32 logits [B, vocab].
-at::Tensor decode_step(const at::Tensor& ids, const at::Tensor& embedding, at::TensorList params, at::TensorList scales,
-                       at::TensorList keys,
+// weights: per layer the fields of kLayerFields, then those of kHeadFields (see above). keys/values
+// [B, H, h_l + T, D] float16 or float32, written in place. cos/sin: the segment's rotary table [.., T, r]
+// float32. Returns float32 logits [B, vocab].
+at::Tensor decode_step(const at::Tensor& ids, const at::Tensor& embedding, at::TensorList weights, at::TensorList keys,
                        at::TensorList values, at::IntArrayRef memory_fill, int64_t t, const at::Tensor& cos,
                        const at::Tensor& sin, int64_t n_heads, int64_t ff_dim, bool rmsnorm, double eps) {
   const int64_t L = keys.size();
   TORCH_CHECK(L > 0 && values.size() == keys.size() && memory_fill.size() == keys.size() &&
-              static_cast<int64_t>(params.size()) == L * kLayerParams + 3 &&
-              (scales.empty() || static_cast<int64_t>(scales.size()) == 4 * L + 1),
+              static_cast<int64_t>(weights.size()) == L * kLayerCount + kHeadCount,
               "dsmr::decode_step: ", L, " layers of keys, ", values.size(), " of values, ", memory_fill.size(),
-              " fills, ", params.size(), " parameters (", kLayerParams, " per layer + 3 expected) and ", scales.size(),
-              " scales (none, or 4 per layer + 1)");
+              " fills and ", weights.size(), " weights (", kLayerCount, " per layer + ", kHeadCount, " expected)");
   TORCH_CHECK(ids.device().is_cpu() && ids.dim() == 1 && ids.scalar_type() == at::kLong,
               "dsmr::decode_step: ids [B] int64 on the CPU, got ", ids.scalar_type(), " ", ids.sizes());
   const at::Tensor id = ids.contiguous();
@@ -690,6 +740,7 @@ at::Tensor decode_step(const at::Tensor& ids, const at::Tensor& embedding, at::T
   const at::ScalarType state = keys[0].scalar_type();
   TORCH_CHECK(state == at::kHalf || state == at::kFloat, "dsmr::decode_step: a float16 or float32 state");
   const int64_t D = keys[0].size(3), A = n_heads * D;
+  const at::Tensor& first = LayerWeights::at(weights, 0).qkv.packed;
   for (int64_t l = 0; l < L; ++l) {
     for (const at::Tensor& buf : {keys[l], values[l]})
       TORCH_CHECK(buf.device().is_cpu() && buf.scalar_type() == state && buf.is_contiguous() && buf.dim() == 4 &&
@@ -698,29 +749,22 @@ at::Tensor decode_step(const at::Tensor& ids, const at::Tensor& embedding, at::T
                   state, " [", B, ", ", n_heads, ", N, ", D, "] expected, like layer 0's keys");
     TORCH_CHECK(memory_fill[l] >= 0 && t >= 0 && memory_fill[l] + t < keys[l].size(2),
                 "dsmr::decode_step: slot ", memory_fill[l] + t, " outside layer ", l, "'s buffer of ", keys[l].size(2));
-    const at::Tensor* p = params.data() + l * kLayerParams;
-    packed_out(p[2], 3 * A, params[2], scales, 4 * l, "dsmr::decode_step qkv");
-    packed_out(p[3], d, params[2], scales, 4 * l + 1, "dsmr::decode_step out");
-    packed_out(p[6], ff_dim, params[2], scales, 4 * l + 2, "dsmr::decode_step fc1");
-    packed_out(p[7], d, params[2], scales, 4 * l + 3, "dsmr::decode_step fc2");
-    TORCH_CHECK(packed_in(p[2]) == d && packed_in(p[3]) == A && packed_in(p[6]) == d && packed_in(p[7]) == ff_dim,
-                "dsmr::decode_step: layer ", l, " weights do not match d_model ", d, ", attention ", A, ", ff ", ff_dim);
-    for (int i : {0, 1, 4, 5, 8})  // norm weights [d], biases [d] (LayerNorm) or empty (RMSNorm), gate bias
-      TORCH_CHECK(p[i].device().is_cpu() && p[i].scalar_type() == at::kFloat && p[i].is_contiguous() &&
-                  (i == 8 || p[i].numel() == d || (p[i].numel() == 0 && (i == 1 || i == 5))),
-                  "dsmr::decode_step: layer ", l, " norm or gate parameter ", i, " is not float32 [", d, "]: ",
-                  p[i].scalar_type(), " ", p[i].sizes());
-    TORCH_CHECK(p[8].numel() == 0 || p[8].numel() == 1 || p[8].numel() == n_heads, "dsmr::decode_step: gate bias of ",
-                p[8].numel(), " values for ", n_heads, " heads");
+    const LayerWeights w = LayerWeights::at(weights, l);
+    check_projection(w.qkv, d, 3 * A, first, l, "qkv");
+    check_projection(w.out, A, d, first, l, "out");
+    check_projection(w.fc1, d, ff_dim, first, l, "fc1");
+    check_projection(w.fc2, ff_dim, d, first, l, "fc2");
+    check_vector(w.norm1_weight, d, false, l, "norm1.weight");
+    check_vector(w.norm1_bias, d, true, l, "norm1.bias");
+    check_vector(w.norm2_weight, d, false, l, "norm2.weight");
+    check_vector(w.norm2_bias, d, true, l, "norm2.bias");
+    const int64_t g = w.gate_bias.numel();
+    check_vector(w.gate_bias, g == 1 ? 1 : n_heads, true, l, "gate.bias");
   }
-  const at::Tensor* f = params.data() + L * kLayerParams;
-  packed_out(f[2], V, params[2], scales, 4 * L, "dsmr::decode_step head");
-  for (int i : {0, 1})
-    TORCH_CHECK(f[i].device().is_cpu() && f[i].scalar_type() == at::kFloat && f[i].is_contiguous() &&
-                (f[i].numel() == d || (i == 1 && f[i].numel() == 0)),
-                "dsmr::decode_step: final norm parameter ", i, " is not float32 [", d, "]: ", f[i].scalar_type(), " ",
-                f[i].sizes());
-  TORCH_CHECK(packed_in(f[2]) == d, "dsmr::decode_step: the head does not match d_model ", d);
+  const HeadWeights f = HeadWeights::at(weights, L);
+  check_projection(f.head, d, V, first, L, "head");
+  check_vector(f.norm_weight, d, false, L, "norm.weight");
+  check_vector(f.norm_bias, d, true, L, "norm.bias");
   const int64_t rot = cos.dim() >= 2 ? cos.size(-1) : 0;
   TORCH_CHECK(cos.scalar_type() == at::kFloat && sin.sizes() == cos.sizes() && sin.scalar_type() == at::kFloat &&
               cos.is_contiguous() && sin.is_contiguous() && rot >= 2 && rot % 2 == 0 && rot <= D &&
@@ -730,10 +774,10 @@ at::Tensor decode_step(const at::Tensor& ids, const at::Tensor& embedding, at::T
   at::Tensor logits = at::empty({B, V}, embedding.options());
   const float *c = cos.data_ptr<float>() + t * rot, *s = sin.data_ptr<float>() + t * rot;
   if (state == at::kHalf) {
-    step_layers<at::Half>(id, embedding, params, scales, keys, values, memory_fill, t, c, s, rot, n_heads, ff_dim, rmsnorm,
+    step_layers<at::Half>(id, embedding, weights, keys, values, memory_fill, t, c, s, rot, n_heads, ff_dim, rmsnorm,
                           static_cast<float>(eps), logits.data_ptr<float>());
   } else {
-    step_layers<float>(id, embedding, params, scales, keys, values, memory_fill, t, c, s, rot, n_heads, ff_dim, rmsnorm,
+    step_layers<float>(id, embedding, weights, keys, values, memory_fill, t, c, s, rot, n_heads, ff_dim, rmsnorm,
                        static_cast<float>(eps), logits.data_ptr<float>());
   }
   return logits;
@@ -742,8 +786,9 @@ at::Tensor decode_step(const at::Tensor& ids, const at::Tensor& embedding, at::T
 TORCH_LIBRARY(dsmr, m) {
   m.def("half_linear(Tensor x, Tensor packed, int out) -> Tensor");
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor mask, float scale) -> Tensor");
-  m.def("decode_step(Tensor ids, Tensor embedding, Tensor[] params, Tensor[] scales, Tensor(a!)[] keys, Tensor(b!)[] values, "
+  m.def("decode_step(Tensor ids, Tensor embedding, Tensor[] weights, Tensor(a!)[] keys, Tensor(b!)[] values, "
         "int[] memory_fill, int t, Tensor cos, Tensor sin, int n_heads, int ff_dim, bool rmsnorm, float eps) -> Tensor");
+  m.def("step_fields() -> str", &step_fields);  // no tensor argument: one kernel for every backend
   m.def("int8_linear(Tensor x, Tensor packed, Tensor scale, int out) -> Tensor");
 }
 

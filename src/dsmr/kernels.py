@@ -1,7 +1,8 @@
 """CPU kernels for one-token decoding, from kernels.cpp: `dsmr::decode_step` (the whole step of a model with
-float16 or int8 weights in one call), and its parts as ops of their own for PyTorch's step: `dsmr::half_linear`
-and `dsmr::int8_linear` (float32 x times float16 / int8 weights, packed once by `pack_half` / `pack_int8`) and
-`dsmr::decode_attention` (one query over a float16 or float32 key/value buffer).
+float16 or int8 weights in one call, its weights named by `dsmr::step_fields`), and its parts as ops of their
+own for PyTorch's step: `dsmr::half_linear` and `dsmr::int8_linear` (float32 x times float16 / int8 weights,
+packed once by `pack_half` / `pack_int8`) and `dsmr::decode_attention` (one query over a float16 or float32
+key/value buffer).
 
 They are built once per machine and torch version on first use (`load()`: torch.utils.cpp_extension with
 the system's C++ compiler and ninja, in `build_directory()`, ~1 minute the first time) and need an x86-64
@@ -209,15 +210,21 @@ def int8_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, out:
     return torch.ops.dsmr.int8_linear(x, packed, scale, out)
 
 
-def decode_step(ids, embedding, params, scales, keys, values, memory_fill, t: int, cos, sin, n_heads: int,
-                ff_dim: int, rmsnorm: bool, eps: float) -> torch.Tensor:
-    """The whole one-token step of a model with packed float16 or int8 weights (dsmr.generate.fused_step_params
-    gives `params` and `scales`, empty for float16): ids [B] -> float32 logits [B, vocab]. Each layer's
-    key/value is written in place at slot memory_fill[l] + t of keys[l] / values[l] [B, H, h_l + T, D]
-    (float16 or float32), and attention runs over the slots up to it. cos/sin: the segment's rotary table
-    [.., T, r]."""
-    return torch.ops.dsmr.decode_step(ids, embedding, params, scales, keys, values, memory_fill, t, cos, sin, n_heads,
-                                      ff_dim, rmsnorm, eps)
+def decode_step(ids, embedding, weights, keys, values, memory_fill, t: int, cos, sin, n_heads: int, ff_dim: int,
+                rmsnorm: bool, eps: float) -> torch.Tensor:
+    """The whole one-token step of a model with packed float16 or int8 weights: ids [B] -> float32 logits
+    [B, vocab]. `weights`: per layer the fields `step_fields()` names, then the head's (built by
+    dsmr.generation.fused). Each layer's key/value is written in place at slot memory_fill[l] + t of
+    keys[l] / values[l] [B, H, h_l + T, D] (float16 or float32), and attention runs over the slots up to it.
+    cos/sin: the segment's rotary table [.., T, r]."""
+    return torch.ops.dsmr.decode_step(ids, embedding, weights, keys, values, memory_fill, t, cos, sin, n_heads, ff_dim,
+                                      rmsnorm, eps)
+
+
+def step_fields() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The names of decode_step's weights, in the order it takes them: (per layer, then the head)."""
+    layer, head = torch.ops.dsmr.step_fields().split(";")
+    return tuple(layer.split(",")), tuple(head.split(","))
 
 
 def usable_for(x: torch.Tensor, *tensors: torch.Tensor) -> bool:

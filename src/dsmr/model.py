@@ -5,10 +5,10 @@ For segment `s` in layer `l`:  K = concat(mem_K[l], k_s), V likewise; token i at
 memory entry of its lane and to segment tokens j <= i; the new memory is the last h_l positions of
 concat(mem, kv_s), detached. Keys are cached after the rotary embedding, so they keep absolute positions.
 
-Building blocks an incremental decoder reuses (see docs/architecture.md, model.py):
-`RotaryEmbedding` (cos/sin for any absolute positions), `MemoryAttention.qkv` (projections + RoPE for a
-chunk) and `MemoryAttention.attend` (SDPA over caller-provided keys/values, gates included),
-`attention_mask`, `Block.feed_forward`, `DSMR.embed` / `DSMR.output`.
+The block's math is written once, in `Block.forward`; what differs between training and decoding is only
+where keys and values are kept, a `BlockMemory`: `SegmentMemory` here (a detached state per segment), the
+incremental decoder's fixed buffers in dsmr.generation. `DSMR.embed` / `DSMR.output` are the ends of the
+stack, `RotaryEmbedding` gives cos/sin for any absolute positions (docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -62,6 +62,20 @@ State = list[LayerMemory]
 def state_nbytes(state: State) -> int:
     """Bytes held by a state (what DSMRConfig.state_bytes budgets)."""
     return sum(m.nbytes for m in state)
+
+
+def state_to_cpu(state: Optional[State]) -> Optional[list[dict]]:
+    """A state as plain CPU tensors (what a trainer checkpoint saves)."""
+    if state is None:
+        return None
+    return [{"k": m.k.cpu(), "v": None if m.v is None else m.v.cpu(), "valid": m.valid.cpu()} for m in state]
+
+
+def state_from_cpu(saved: Optional[list[dict]], device) -> Optional[State]:
+    """The state `state_to_cpu` saved, on `device`."""
+    if saved is None:
+        return None
+    return [LayerMemory(m["k"], m["v"], m["valid"]).to(device) for m in saved]
 
 
 class RotaryEmbedding(nn.Module):
@@ -119,8 +133,7 @@ def attention_mask(memory_valid: Tensor, token_mask: Optional[Tensor], seg_len: 
 class MemoryAttention(nn.Module):
     """Causal self-attention over [memory; segment], with an optional learned gate on the memory.
 
-    The one implementation of attention: training and evaluation call `forward`; the incremental decoder
-    (dsmr.generate) calls `qkv` and `attend` on its own key/value buffers."""
+    `qkv` projects a chunk, `attend` attends over keys/values the caller's memory provides (`Block`)."""
 
     def __init__(self, cfg: DSMRConfig, layer: int):
         super().__init__()
@@ -155,11 +168,13 @@ class MemoryAttention(nn.Module):
         """Keys (rotated) and values [B, H, M, D] of normalised layer inputs x [B, M, d_model]: what hidden
         memory recomputes with the current weights each segment."""
         B, M, _ = x.shape
-        # an int8 Linear (generate.Int8WeightLinear) keeps int8 values and row scales: use their product
-        proj = self.qkv_proj
-        w = proj.dequantized() if hasattr(proj, "dequantized") else proj.weight
         d = self.n_heads * self.head_dim
-        kv = F.linear(x, w[d:].to(x.dtype)).view(B, M, 2, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        proj = self.qkv_proj
+        if isinstance(proj, nn.Linear):  # only the key and value rows of the projection
+            kv = F.linear(x, proj.weight[d:])
+        else:  # a projection replaced for decoding (dsmr.generation.precision): through its own forward
+            kv = proj(x)[..., d:]
+        kv = kv.view(B, M, 2, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         return RotaryEmbedding.rotate(kv[0], *rope), kv[1]
 
     def gate(self) -> Optional[Tensor]:
@@ -219,29 +234,6 @@ class MemoryAttention(nn.Module):
             out = out[..., :D]
         return self.out_proj(out.transpose(1, 2).reshape(B, T, H * D))
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], memory: LayerMemory, seg: "_Segment",
-                residual: Optional[Tensor] = None, norm: Optional[nn.Module] = None):
-        """x: the normalised segment [B, T, d_model]; `residual` (its input before `norm`) is what hidden
-        memory stores. Returns the output and the layer's next memory."""
-        q, k, v = self.qkv(x, rope=rope)
-        view = seg.memory_view(memory, self.horizon, q.dtype)
-        first = view.first
-        if view.size and self.hidden_memory:
-            mem_k, mem_v = self.kv(norm(memory.k[:, 0, first:].to(x.dtype)), seg.memory_rope(view.size, self.rotary))
-        elif view.size:  # the state may come from an autocast run of another dtype: match the segment's
-            mem_k, mem_v = memory.k[:, :, first:].to(k.dtype), memory.v[:, :, first:].to(v.dtype)
-        if view.size:
-            keys, values = torch.cat([mem_k, k], dim=2), torch.cat([mem_v, v], dim=2)
-        else:
-            keys, values = k, v
-        out = self.attend(q, keys, values, view.mask, n_memory=view.size)
-        if self.hidden_memory:
-            stored = residual[:, None]
-            if view.size:
-                stored = torch.cat([memory.k[:, :, first:].to(stored.dtype), stored], dim=2)
-            return out, LayerMemory(_last(stored, self.horizon), None, view.next_valid)
-        return out, LayerMemory(_last(keys, self.horizon), _last(values, self.horizon), view.next_valid)
-
 
 def _last(x: Tensor, h: int) -> Tensor:
     """The last h positions of x [B, H, N, D], detached, in storage of their own: the next memory.
@@ -289,9 +281,52 @@ class Block(nn.Module):
         """The second half of the block: x + mlp(norm2(x))."""
         return x + self.resid_dropout(self.mlp(self.norm2(x)))
 
-    def forward(self, x: Tensor, rope, memory: LayerMemory, seg: "_Segment") -> tuple[Tensor, LayerMemory]:
-        attn_out, new_memory = self.attn(self.norm1(x), rope, memory, seg, residual=x, norm=self.norm1)
-        return self.feed_forward(x + self.resid_dropout(attn_out)), new_memory
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], memory: "BlockMemory") -> Tensor:
+        """The block over a chunk x [B, T, d_model] whose rotary table is `rope`. The one place of the block's
+        math: training, evaluation, prompt chunks and the one-token step all run it; only where keys and
+        values are kept differs (`memory`: a `SegmentMemory`, or a decoder's buffers in dsmr.generation)."""
+        q, k, v = self.attn.qkv(self.norm1(x), rope=rope)
+        keys, values, mask, n_memory = memory.attach(self, k, v, x)
+        x = x + self.resid_dropout(self.attn.attend(q, keys, values, mask, n_memory=n_memory))
+        return self.feed_forward(x)
+
+
+class BlockMemory:
+    """Where a block's keys and values come from and go: `attach(block, k, v, x)` takes the chunk's keys and
+    values [B, H, T, D] (and its input x, which hidden memory keeps) and returns (keys, values, mask,
+    n_memory): everything the chunk attends to, the first `n_memory` positions memory, and the additive mask
+    (None: plain causal, or one query that sees every key)."""
+
+    def attach(self, block: Block, k: Tensor, v: Tensor, x: Tensor):
+        raise NotImplementedError
+
+
+class SegmentMemory(BlockMemory):
+    """Training and evaluation: a layer's detached state before a segment; after the block ran, `next`
+    holds the state after it (the last h_l positions, for the next segment)."""
+
+    def __init__(self, memory: LayerMemory, seg: "_Segment"):
+        self.memory, self.seg = memory, seg
+        self.next: Optional[LayerMemory] = None
+
+    def attach(self, block: Block, k: Tensor, v: Tensor, x: Tensor):
+        attn, memory = block.attn, self.memory
+        view = self.seg.memory_view(memory, attn.horizon, k.dtype)
+        first = view.first
+        if view.size and attn.hidden_memory:  # the stored layer inputs, projected with the current weights
+            stored = memory.k[:, 0, first:].to(x.dtype)
+            mem_k, mem_v = attn.kv(block.norm1(stored), self.seg.memory_rope(view.size, attn.rotary))
+        elif view.size:  # the state may come from an autocast run of another dtype: match the segment's
+            mem_k, mem_v = memory.k[:, :, first:].to(k.dtype), memory.v[:, :, first:].to(v.dtype)
+        keys, values = (torch.cat([mem_k, k], dim=2), torch.cat([mem_v, v], dim=2)) if view.size else (k, v)
+        if attn.hidden_memory:
+            stored = x[:, None]
+            if view.size:
+                stored = torch.cat([memory.k[:, :, first:].to(stored.dtype), stored], dim=2)
+            self.next = LayerMemory(_last(stored, attn.horizon), None, view.next_valid)
+        else:
+            self.next = LayerMemory(_last(keys, attn.horizon), _last(values, attn.horizon), view.next_valid)
+        return keys, values, view.mask, view.size
 
 
 @dataclass
@@ -372,6 +407,10 @@ class DSMR(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, layer) for layer in range(cfg.n_layers))
         self.norm = nn.LayerNorm(cfg.d_model) if cfg.norm == "layernorm" else nn.RMSNorm(cfg.d_model)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        # what a model loaded from a folder comes with (`from_pretrained`); None for a model built here
+        self.tokenizer = None
+        self.run_config: Optional[dict] = None
+        self.segment_len: Optional[int] = None
         self.apply(self._init_weights)
         if cfg.tie_embeddings:
             self.head.weight = self.embedding.weight
@@ -435,8 +474,9 @@ class DSMR(nn.Module):
         x = self.embed(ids)
         new_state: State = []
         for block, memory in zip(self.blocks, state):
-            x, memory = block(x, rope, memory, seg)
-            new_state.append(memory)
+            memory = SegmentMemory(memory, seg)
+            x = block(x, rope, memory)
+            new_state.append(memory.next)
         return self.output(x), new_state
 
     def _check_inputs(self, ids, positions, reset, state, token_mask) -> None:
@@ -478,12 +518,48 @@ class DSMR(nn.Module):
         return total / budget
 
     @classmethod
-    def from_pretrained(cls, ref, device="cpu", **kwargs) -> "DSMR":
-        """The model of an exported folder, a run folder or a Hub repo id (dsmr.hub.from_pretrained)."""
-        from dsmr.hub import from_pretrained
+    def from_pretrained(cls, ref, device="cpu", *, which: str = "best", revision: Optional[str] = None,
+                        cache_dir=None, local_files_only: Optional[bool] = None) -> "DSMR":
+        """The model (eval mode, on `device`) of a run folder, an exported folder, a .safetensors file with
+        config.json beside it, or a Hugging Face Hub repo id (owner/name, through huggingface_hub's cache;
+        `revision`, `cache_dir`, `local_files_only` as there). It comes with `tokenizer` (the encoding it
+        was trained on), `run_config` (config.json) and `segment_len`. `which="best"` takes best.safetensors
+        where the run has one, else the latest weights. The one loader: every command, the app and export
+        use it (`dsmr.load_model` is the same function)."""
+        from dsmr import checkpoint
+        from dsmr.encodings import tokenizer_from_config
+        from dsmr.hub import resolve_model_ref
 
-        return from_pretrained(ref, device, **kwargs)
+        path = resolve_model_ref(ref, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
+        weights, run_dir = checkpoint.resolve_weights(path, which)
+        config = checkpoint.read_config(run_dir)
+        where = run_dir / checkpoint.CONFIG_FILE
+        try:
+            model_cfg = checkpoint.model_config_from(config)
+        except DsmrError as err:
+            raise DsmrError(f"{where}: {err}") from err
+        with torch.device("meta"):  # the shapes the config gives, before allocating what it asks for
+            shapes = {k: tuple(v.shape) for k, v in cls(model_cfg).state_dict().items()}
+        checkpoint.check_weights_fit(weights, shapes)
+        model = cls(model_cfg)
+        checkpoint.load_weights(model, weights)
+        tokenizer = tokenizer_from_config(config["tokenizer"])
+        if tokenizer.vocab_size != model.cfg.vocab_size:
+            raise DsmrError(f"{where}: tokenizer vocabulary {tokenizer.vocab_size} != model vocab_size "
+                            f"{model.cfg.vocab_size}")
+        model.tokenizer, model.run_config = tokenizer, config
+        segment_len = config.get("segment_len") or (config.get("train") or {}).get("segment")
+        if isinstance(segment_len, bool) or not isinstance(segment_len, int) or segment_len < 1:
+            raise DsmrError(f"{where}: no segment_len (a positive integer): not a dsmr run or model folder")
+        model.segment_len = segment_len
+        return model.to(device).eval()
 
     def num_parameters(self) -> int:
         """Trainable parameters, a tied embedding counted once."""
         return sum(p.numel() for p in self.parameters())
+
+
+def load_model(ref, device="cpu", **kwargs) -> DSMR:
+    """`DSMR.from_pretrained`: the model of a run or exported folder, a weights file or a Hub repo id, with
+    its `tokenizer`, `run_config` and `segment_len`."""
+    return DSMR.from_pretrained(ref, device, **kwargs)

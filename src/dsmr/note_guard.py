@@ -14,7 +14,7 @@ the pitches sounding and when each started, and before every draw bans what woul
   wanted to play emitting VELOCITY events, tens of thousands in a row; releasing the oldest note instead,
   as a synthesizer steals a voice, let it add notes as fast as before: measured in docs/generation.md.)
 
-Everything else is the model's choice, renormalised over what is left (dsmr.generate.sample_next).
+Everything else is the model's choice, renormalised over what is left (dsmr.generation.sample_next).
 """
 
 from __future__ import annotations

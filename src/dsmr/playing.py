@@ -15,3 +15,7 @@ MIN_PITCH, MAX_PITCH = 21, 108  # the piano's keys
 # sound, and the most notes at once (0: no limit).
 MAX_NOTE_SECONDS = 4.0
 MAX_POLYPHONY = 8
+# How decoding keeps the projection weights (dsmr.generation.precision): "auto" is int8 on a CPU where dsmr's
+# kernels load (float16 where they do not), float32 elsewhere.
+PRECISIONS = ("float32", "float16", "int8")
+PRECISION = "auto"

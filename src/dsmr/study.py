@@ -330,18 +330,19 @@ def _final_evaluation(spec: dict, train_cfg, run_dir: Path) -> dict:
     """The final model over the whole validation split (when training validated on a subset) and the whole
     test split: val_all_* and test_* fields of the result."""
     from dsmr.cache import TokenCache
-    from dsmr.checkpoint import load_model
+    from dsmr.model import load_model
     from dsmr.evaluate import evaluate, resolve_device
 
     cache = TokenCache(spec["cache"])
-    model, tokenizer, config = load_model(run_dir, device=str(resolve_device(train_cfg.device)), which="latest")
+    model = load_model(run_dir, device=str(resolve_device(train_cfg.device)), which="latest")
+    tokenizer, config = model.tokenizer, model.run_config
     splits = (["validation"] if train_cfg.val_pieces else []) + ["test"]
     fields = {}
     for split in splits:
         if split not in cache.splits or not cache.num_pieces(split):
             continue
         report = evaluate(model, cache.pieces(split), train_cfg.eval_batch_size or train_cfg.batch_size,
-                          config["segment_len"], pad_id=tokenizer.pad_id, bos_id=tokenizer.bos_id,
+                          model.segment_len, pad_id=tokenizer.pad_id, bos_id=tokenizer.bos_id,
                           eos_id=tokenizer.eos_id, progress=spec.get("progress", False))
         prefix = "test" if split == "test" else "val_all"
         fields.update({f"{prefix}_ppl": report["ppl"], f"{prefix}_nll": report["nll"],

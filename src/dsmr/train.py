@@ -40,13 +40,13 @@ import numpy as np
 import torch
 
 from dsmr.checkpoint import (MAX_ABS_WEIGHT, METRICS_FILE, TENSORBOARD_DIR, TRAINER_STATE_FILE,
-                             check_optimizer_state, memory_from_cpu, memory_to_cpu, prepare_run,
+                             check_optimizer_state, prepare_run,
                              remove_run_temporaries, resume_weights, rng_state, save_checkpoint, set_rng_state)
 from dsmr.distributed import DistContext, init_distributed, reduce_evaluation, split_pieces, wrap_model
 from dsmr.errors import DsmrError
 from dsmr.evaluate import NLL_BUCKETS, evaluate
 from dsmr.losses import token_nll
-from dsmr.model import DSMR, LayerMemory
+from dsmr.model import DSMR, LayerMemory, state_from_cpu, state_to_cpu
 from dsmr.run_log import MetricsLog
 from dsmr.runtime import PeakMemory, autocast, resolve_device, state_bytes
 from dsmr.stream import ExcerptStream, PieceStream
@@ -283,7 +283,7 @@ class Trainer:
         self.stream.load_state_dict(saved["stream"])  # the shared lane assignment: the same on every rank
         mine = saved["ranks"][ctx.rank] if ctx.enabled else saved
         set_rng_state(mine["rng"])
-        s.memory = memory_from_cpu(mine["memory"], self.device)
+        s.memory = state_from_cpu(mine["memory"], self.device)
         s.step, s.best_nll = int(saved["step"]), float(saved["best_val_nll"])
         if saved.get("config", {}).get("val_pieces", self.cfg.val_pieces) != self.cfg.val_pieces:
             s.best_nll = math.inf  # measured on other validation pieces: not comparable with what follows
@@ -455,7 +455,7 @@ class Trainer:
         """What trainer_state.pt holds (on rank 0; None elsewhere). Distributed, every rank's recurrent
         state and RNG states go into "ranks"."""
         s, ctx = self.state, self.ctx
-        mine = {"rng": rng_state(), "memory": memory_to_cpu(s.memory)}
+        mine = {"rng": rng_state(), "memory": state_to_cpu(s.memory)}
         ranks = ctx.gather_to_main(mine)
         if not self.main:
             return None

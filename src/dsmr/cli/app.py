@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dsmr.cli.common import add_device
+from dsmr.cli.common import add_device, add_precision, add_threads, add_token_cache, add_weights, set_threads
 from dsmr.errors import DsmrError
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -25,8 +25,11 @@ def register(subparsers) -> None:
                    help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 exposes the "
                         "page to the network)")
     p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
-    p.add_argument("--cache", metavar="CACHE", help="token cache whose validation pieces the page offers as prompts")
+    add_token_cache(p, help="token cache whose validation pieces the page offers as prompts")
     add_device(p)
+    add_precision(p)
+    add_threads(p, default=1, help=": one-token steps are too small to share")
+    add_weights(p)
     p.add_argument("--no-audio", dest="audio", action="store_false", help="do not render WAV (FluidSynth)")
     p.set_defaults(func=run)
 
@@ -41,21 +44,24 @@ def run(args: argparse.Namespace) -> int:
     from dsmr.runtime import resolve_device
 
     device = str(resolve_device(args.device))  # auto -> cuda if available, else cpu
+    set_threads(args.threads)
     cache = None
     if args.cache:
         from dsmr.cache import TokenCache
 
         cache = TokenCache(args.cache)
     model = args.model or default_model()
+    from dsmr.app import ModelStore
+
+    store = ModelStore(device, precision=args.precision, weights=args.weights)
     if model is not None:
         from dsmr import kernels
-        from dsmr.app import ModelStore
 
         print(f"dsmr app: loading the model {model}...", file=sys.stderr, flush=True)
         if device == "cpu" and kernels.needs_build():
             print("dsmr app: building the CPU decoding kernels (once per machine, about a minute)...",
                   file=sys.stderr, flush=True)
-        ModelStore(device).load(model)  # a wrong model path fails here, not in the page
+        store.load(model)  # a wrong model path fails here, not in the page
     if args.host not in LOOPBACK:
         print(f"dsmr app: listening on {args.host}: anyone who can reach this machine can use the page",
               file=sys.stderr)
@@ -63,5 +69,5 @@ def run(args: argparse.Namespace) -> int:
           "the app stops", file=sys.stderr)
     print(f"dsmr app: http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}/ "
           f"(Ctrl-C stops)", file=sys.stderr)
-    serve(model, host=args.host, port=args.port, cache=cache, device=device, render_audio=args.audio)
+    serve(model, host=args.host, port=args.port, cache=cache, device=device, render_audio=args.audio, store=store)
     return 0

@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from dsmr.cli.common import add_no_progress
+from dsmr.cli.common import add_json, add_no_progress
 from dsmr.corpora import CORPORA  # standard library only: keeps `dsmr --help` fast
 
 
@@ -42,7 +42,7 @@ def register(subparsers) -> None:
                             "MIDI can describe thousands of hours")
     build.add_argument("--max-file-mb", type=_positive_float, default=None, metavar="MB",
                        help="skip files larger than MB megabytes (default 64)")
-    build.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    add_json(build)
     add_no_progress(build)
     build.set_defaults(func=_build)
 
@@ -52,7 +52,7 @@ def register(subparsers) -> None:
     info.add_argument("--verify", action="store_true",
                       help="also check every cache file against the checksum recorded when it was built "
                            "(exit 2 naming the damaged files)")
-    info.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    add_json(info)
     info.set_defaults(func=_info)
 
     decode = actions.add_parser("decode", help="write one cached piece back to MIDI",

@@ -6,8 +6,10 @@ import argparse
 import json
 import math
 
-from dsmr.cli.common import add_device, add_no_progress, add_threads, add_weights
+from dsmr.cli.common import (add_device, add_json, add_no_progress, add_precision, add_threads, add_token_cache,
+                             add_weights)
 from dsmr.options import bounded
+from dsmr.playing import PRECISIONS
 
 
 def register(subparsers) -> None:
@@ -19,26 +21,27 @@ def register(subparsers) -> None:
     p.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT",
                    help="a run folder, an exported model folder (dsmr export), a Hub repo id "
                         "(owner/name), or a .safetensors file with config.json beside it")
-    p.add_argument("--cache", required=True, help="token cache folder (same tokenizer as the run)")
+    add_token_cache(p, required=True, help="token cache folder (same tokenizer as the run)")
     p.add_argument("--split", default="validation", help="split to evaluate: validation or test (default validation)")
     add_weights(p)
     p.add_argument("--batch-size", type=bounded(int, 1, 65536), default=None, help="lanes (default: the run's batch size)")
     p.add_argument("--segment", type=bounded(int, 1, 65536), default=None,
                    help="tokens per segment (default: the run's; a different one changes the context)")
     p.add_argument("--max-pieces", type=bounded(int, 1, 10**6), default=None, help="evaluate the first N pieces only")
-    p.add_argument("--precision", choices=("float32", "float16", "int8"), default="float32",
-                   help="round the projection weights to float16 or int8, as `dsmr generate --precision` keeps "
-                        "them: what that rounding costs in perplexity (products here stay float32; default float32)")
+    add_precision(p, choices=PRECISIONS, default="float32",
+                  help="round the projection weights to float16 or int8, as `dsmr generate --precision` keeps "
+                       "them: what that rounding costs in perplexity (products here stay float32; default float32)")
     add_device(p)
     add_threads(p)
-    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    add_json(p)
     add_no_progress(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from dsmr.cache import TokenCache
-    from dsmr.checkpoint import check_tokenizer, load_model
+    from dsmr.checkpoint import check_tokenizer
+    from dsmr.model import load_model
     from dsmr.cli.common import set_threads
     from dsmr.errors import DsmrError
     from dsmr.evaluate import evaluate, format_report
@@ -53,10 +56,11 @@ def run(args: argparse.Namespace) -> int:
     if args.split not in cache.splits:
         raise DsmrError(f"no split {args.split!r} in the cache {cache.path}; it has {', '.join(cache.splits)}")
     device = resolve_device(args.device)
-    model, tokenizer, config = load_model(args.checkpoint, device=device, which=args.weights)
+    model = load_model(args.checkpoint, device=device, which=args.weights)
+    tokenizer, config = model.tokenizer, model.run_config
     check_tokenizer(config, cache.tokenizer, f"the cache {cache.path}")
     if args.precision != "float32":
-        from dsmr.generate import with_precision
+        from dsmr.generation import with_precision
 
         model = with_precision(model, args.precision)
     pieces = cache.pieces(args.split)[: args.max_pieces]
@@ -83,6 +87,6 @@ def _evaluate(evaluate, model, pieces, args, config, tokenizer, device) -> dict:
     return evaluate(
         model, pieces,
         batch_size=args.batch_size or train_cfg.get("eval_batch_size") or train_cfg.get("batch_size") or 8,
-        segment_len=args.segment or config.get("segment_len") or train_cfg.get("segment", 256),
+        segment_len=args.segment or model.segment_len or 256,
         pad_id=tokenizer.pad_id, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id,
         device=device, amp=train_cfg.get("amp", True), progress=args.progress)

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from dsmr.cli.common import add_weights
+from dsmr.cli.common import add_json, add_weights
 from dsmr.errors import DsmrError
 
 
@@ -31,12 +31,13 @@ def register(subparsers) -> None:
     p.add_argument("--name", help="model name in the card (default: the --push repo id, else OUT's name)")
     p.add_argument("--push", metavar="REPO_ID", help="then upload OUT to this Hub repo (needs network and a token)")
     p.add_argument("--private", action="store_true", help="with --push: create the repo private")
-    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    add_json(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from dsmr.hub import CARD_FILE, CONFIG_FILE, EXPORT_FORMAT, MODEL_FILE, export_run, is_repo_id, push_to_hub
+    from dsmr.export import export_run
+    from dsmr.hub import CARD_FILE, CONFIG_FILE, EXPORT_FORMAT, MODEL_FILE, is_repo_id, push_to_hub
 
     if args.push is not None and not is_repo_id(args.push):
         raise DsmrError(f"--push {args.push!r}: a Hub repo id is owner/name")

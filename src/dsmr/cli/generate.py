@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from dsmr.cli.common import add_device, add_no_progress, add_threads, add_weights, set_threads
+from dsmr.cli.common import add_device, add_json, add_no_progress, add_precision, add_threads, add_weights, set_threads
 from dsmr.errors import DsmrError  # standard library only: keeps `dsmr --help` fast
 from dsmr import playing
 from dsmr.options import bounded
@@ -68,16 +68,11 @@ def register(subparsers) -> None:
     outputs.add_argument("--num-samples", type=bounded(int, 1, 256), default=1, metavar="N",
                          help="write N variations of the piece at once (FILE-1.mid ... FILE-N.mid; seeds SEED, "
                               "SEED+1, ...): one prompt, N lanes of one decoder, each stopping at its own end")
-    outputs.add_argument("--json", action="store_true", help="print one JSON object with the figures on stdout")
+    add_json(outputs, help="print one JSON object with the figures on stdout")
     add_no_progress(outputs)
     runtime = parser.add_argument_group("runtime")
     add_device(runtime)
-    runtime.add_argument("--precision", choices=("auto", "float32", "float16", "int8"), default="auto",
-                         help="the projection weights: float16 (about 2x float32's speed on a CPU, logits "
-                              "within float16 rounding) or int8 with a scale per row (about 2x float16's speed "
-                              "on a CPU whose cache cannot hold float16's; +0.02%% validation perplexity on the "
-                              "shipped model). auto: int8 on a CPU where dsmr's kernels load (float16 where they "
-                              "do not), float32 elsewhere")
+    add_precision(runtime)
     add_threads(runtime, default=1, help=": one-token steps are too small to share")
     runtime.add_argument("--compile", action="store_true",
                          help="torch.compile the one-event decoding step (a one-off warm-up of about a minute, "
@@ -94,10 +89,10 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from dsmr import kernels
-    from dsmr.checkpoint import load_model
+    from dsmr.model import load_model
     from dsmr.runtime import resolve_device
-    from dsmr.generate import (SamplingConfig, batch_summary, default_cpu_precision, generate_batch, load_prompt,
-                               pitch_bans, with_precision)
+    from dsmr.generation import (SamplingConfig, batch_summary, generate_batch, load_prompt, pitch_bans,
+                                 resolve_precision, with_precision)
     from dsmr.note_guard import guard_for
     from dsmr.render import find_fluidsynth, find_soundfont, plot_pianoroll, render_wav
 
@@ -111,16 +106,12 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     set_threads(args.threads)
 
-    model, tokenizer, config = load_model(args.checkpoint, device=device, which=args.weights)
+    model = load_model(args.checkpoint, device=device, which=args.weights)
+    tokenizer, config, segment_len = model.tokenizer, model.run_config, model.segment_len
     _check_run_tokenizer(args.checkpoint, config, tokenizer)
-    segment_len = config.get("segment_len") or (config.get("train") or {}).get("segment")
-    if not isinstance(segment_len, int) or segment_len < 1:
-        raise DsmrError(f"{args.checkpoint}: config.json has no segment_len; it is not a dsmr run folder")
     if device.type == "cpu" and kernels.needs_build():
         print("dsmr: building the CPU decoding kernels (once per machine, about a minute)...", file=sys.stderr)
-    precision = args.precision
-    if precision == "auto":
-        precision = default_cpu_precision(model) if device.type == "cpu" else "float32"
+    precision = resolve_precision(model, args.precision)
     model = with_precision(model, precision)
 
     sampling = dataclasses.replace(sampling, **guard_for(tokenizer, args.max_note_seconds, args.max_polyphony))

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from dsmr.cli.common import add_no_progress
+from dsmr.cli.common import add_json, add_no_progress
 from dsmr.errors import DsmrError
 
 
@@ -32,7 +32,7 @@ def register(subparsers) -> None:
                         "similar length: reference pieces are often much longer than generated ones)")
     p.add_argument("--seed", type=int, default=0, help="seed of the --max-pieces sample (default 0)")
     p.add_argument("--plot", type=Path, metavar="OUT.png", help="draw the distributions side by side")
-    p.add_argument("--json", action="store_true", help="print one JSON object (sets, distances, pieces)")
+    add_json(p, help="print one JSON object (sets, distances, pieces)")
     add_no_progress(p)
     p.set_defaults(func=run)
 

@@ -10,6 +10,7 @@ import argparse
 import json
 from pathlib import Path
 
+from dsmr.cli.common import add_json
 from dsmr.errors import DsmrError
 
 
@@ -41,7 +42,7 @@ def register(subparsers) -> None:
     add_options(show, TrainConfig, ("layers", "d_model"))
     add_options(show.add_argument_group("schedule"), TrainConfig, SCHEDULE_OPTIONS)
     show.add_argument("--batch", type=int, default=1, help="lanes, for the state size (default 1)")
-    show.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    add_json(show, help="print one JSON object instead of the table")
     show.add_argument("--plot", type=Path, default=None, metavar="OUT.png",
                       help="also write a bar figure (layer vs horizon); format from the extension")
     show.set_defaults(func=run_show)

@@ -17,7 +17,7 @@ import json
 import shlex
 import sys
 
-from dsmr.cli.common import add_device, add_no_progress, add_options, add_threads
+from dsmr.cli.common import add_device, add_json, add_no_progress, add_options, add_threads, add_token_cache
 
 
 def register(subparsers) -> None:
@@ -32,11 +32,11 @@ def register(subparsers) -> None:
                     "studies run apart (other variants or seeds).",
         epilog="merge studies: dsmr study merge OUT DIR1 [DIR2 ...]; where running or stopped studies stand: "
                "dsmr study status DIR1 [DIR2 ...]")
-    p.add_argument("--cache", help="token cache folder (from `dsmr data build`)")
+    add_token_cache(p)
     p.add_argument("--out", help="study folder (created, or continued: finished variants are reused)")
     p.add_argument("--variants", type=_names, help="comma-separated variants to run (default all; --list shows them)")
     p.add_argument("--list", action="store_true", help="print the variants and their horizons, train nothing")
-    p.add_argument("--json", action="store_true", help="print the result rows as one JSON object on stdout")
+    add_json(p, help="print the result rows as one JSON object on stdout")
     add_no_progress(p, help="no progress output")
     p.add_argument("--in-process", action="store_true",
                    help="train every variant in this process (faster start; peak-memory figures then "
@@ -56,8 +56,7 @@ def register(subparsers) -> None:
                                            "results, tables and figures.")
     merge.add_argument("out", metavar="OUT", help="the merged study folder")
     merge.add_argument("dirs", nargs="*", metavar="DIR", help="study folders to merge (one or more)")
-    merge.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
-                       help="print the result rows as one JSON object on stdout")
+    add_json(merge, help="print the result rows as one JSON object on stdout", default=argparse.SUPPRESS)
     merge.set_defaults(func=run_merge)
     status = actions.add_parser("status", help="where each started variant stands: step, validation PPL so far, "
                                                "speed, time left",
@@ -66,8 +65,7 @@ def register(subparsers) -> None:
                                             "speed and training time left (validations not counted), and "
                                             "whether a checkpoint exists to resume from.")
     status.add_argument("dirs", nargs="+", metavar="DIR", help="study folders")
-    status.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
-                        help="print the rows as one JSON object on stdout")
+    add_json(status, help="print the rows as one JSON object on stdout", default=argparse.SUPPRESS)
     status.set_defaults(func=run_status)
 
 

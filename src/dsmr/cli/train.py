@@ -16,7 +16,7 @@ import json
 import os
 import sys
 
-from dsmr.cli.common import add_no_progress, add_options, add_threads, set_threads
+from dsmr.cli.common import add_json, add_no_progress, add_options, add_threads, add_token_cache, set_threads
 from dsmr.options import bounded
 
 # Options of the launcher itself: not passed on to the processes it starts.
@@ -32,11 +32,10 @@ def register(subparsers) -> None:
         description="Train a DSMR model on the train split of a token cache, streaming whole pieces "
                     "segment by segment. Writes config.json, weights (safetensors), a resumable trainer "
                     "state and metrics.jsonl into --out. Ctrl-C saves a resumable checkpoint.")
-    p.add_argument("--cache", required=True, help="token cache folder (from `dsmr data build`)")
+    add_token_cache(p, required=True)
     p.add_argument("--out", required=True, help="run folder to create (or to continue with --resume)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
-    p.add_argument("--json", action="store_true",
-                   help="print one JSON object (final validation metrics plus steps) on stdout")
+    add_json(p, help="print one JSON object (final validation metrics plus steps) on stdout")
     add_no_progress(p)
     # Every TrainConfig option defaults to None here ("not given"), so --resume can tell explicit options
     # from defaults; the defaults themselves come from TrainConfig.
