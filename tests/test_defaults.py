@@ -13,7 +13,8 @@ from dsmr.cli import study as study_cli
 from dsmr.cli import train as train_cli
 from dsmr.errors import DsmrError
 from dsmr.model_config import LEGACY_DEFAULTS, DSMRConfig
-from dsmr.study import PRESETS, StudyConfig, _comparable, default_variants, preset_config, train_config
+from dsmr.study import PRESETS, StudyConfig, default_variants, preset_config, train_config
+from dsmr.study.variants import comparable
 from dsmr.train_config import TrainConfig, make_model_config
 
 VOCAB = 359
@@ -71,10 +72,10 @@ def test_old_model_configs_load_with_the_values_they_were_trained_with():
 def test_old_study_files_compare_as_the_old_recipe_and_the_default_init_as_its_value():
     old_file = {k: v for k, v in StudyConfig(**PRESETS["first-study"]).to_dict().items()
                 if k not in ("tie_embeddings", "init_std", "memory", "head_dim", "curriculum", "epochs", "test")}
-    assert _comparable(old_file) == _comparable(preset_config("first-study").to_dict())
+    assert comparable(old_file) == comparable(preset_config("first-study").to_dict())
     spelled = dataclasses.replace(StudyConfig(), init_std=1 / math.sqrt(128))
-    assert _comparable(spelled.to_dict()) == _comparable(StudyConfig().to_dict())
-    assert _comparable(StudyConfig().to_dict()) != _comparable(preset_config("first-study").to_dict())
+    assert comparable(spelled.to_dict()) == comparable(StudyConfig().to_dict())
+    assert comparable(StudyConfig().to_dict()) != comparable(preset_config("first-study").to_dict())
 
 
 def test_the_package_exposes_its_main_names():

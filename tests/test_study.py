@@ -9,10 +9,13 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+import dsmr
 from dsmr import study
+from dsmr.study import run as study_run
 from dsmr.cli import main as cli_main
 from dsmr.errors import DsmrError
 from dsmr.study import StudyConfig, default_variants
@@ -77,7 +80,7 @@ def test_study_runs_resumes_and_merges(bach_cache, tmp_path, monkeypatch, capsys
     def no_training(spec):
         raise AssertionError(f"{spec['variant']} trained again")
 
-    monkeypatch.setattr(study, "run_variant", no_training)
+    monkeypatch.setattr(study_run, "run_variant", no_training)
     again = study.run_study(bach_cache.path, out, cfg, fresh_process=False, progress=False)
     assert [r["val_ppl"] for r in again] == [r["val_ppl"] for r in records]
     assert {p: p.stat().st_mtime_ns for p in (out / "results").glob("*.json")} == mtimes
@@ -85,7 +88,7 @@ def test_study_runs_resumes_and_merges(bach_cache, tmp_path, monkeypatch, capsys
 
     # one variant alone with another seed, through the CLI and a fresh worker process
     other = tmp_path / "other"
-    env = dict(os.environ, PYTHONPATH=str(study.Path(study.__file__).parents[1]))
+    env = dict(os.environ, PYTHONPATH=str(Path(dsmr.__file__).parents[1]))
     done = subprocess.run([sys.executable, "-m", "dsmr", "study", "--cache", str(bach_cache.path), "--out",
                            str(other), "--variants", "none", "--seed", "1", "--no-progress", "--json", *TINY_ARGS],
                           capture_output=True, text=True, env=env, timeout=600)
