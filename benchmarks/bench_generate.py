@@ -19,7 +19,7 @@ the dataset is present). With --checkpoint the generated music's own duration is
     # the fused step with int8 and float16 weights (dsmr generate's CPU default is int8)
     .venv/bin/python benchmarks/bench_generate.py --speed-only --precisions int8,float16 --modes fused,fused
     # the decoding steps against the code of another commit, one process each, same machine
-    .venv/bin/python benchmarks/bench_generate.py --speed-only --precisions float16 --modes before,compile,fused \
+    .venv/bin/python benchmarks/bench_generate.py --speed-only --precisions int8,float16 --modes before-fused,fused \
         --before 3161ab8 --speed-tokens 2000
     # batched sampling: 16 lanes on 2 threads (total and per-sample events/s)
     .venv/bin/python benchmarks/bench_generate.py --speed-only --precisions float16 --threads-list 2 --num-samples 16
@@ -37,9 +37,9 @@ the dataset is present). With --checkpoint the generated music's own duration is
 Modes: `fused` (default) is what generate runs on a CPU: dsmr.kernels' whole-step op; `eager` runs
 PyTorch's decoding step (with dsmr.kernels' products and attention inside), `compile` compiles it first
 (torch.compile; the warm-up is reported separately and not in events/s); `eager-pt` / `compile-pt` the
-same without dsmr.kernels (DSMR_KERNELS=0: PyTorch's kernels only); `before` runs the same measurement with
-the `src/` tree of the commit given by --before (extracted with git archive), for before/after ratios from
-one run. Precisions: float32, float16, int8 (int8 needs this tree: not with `before`).
+same without dsmr.kernels (DSMR_KERNELS=0: PyTorch's kernels only); `before` runs the eager measurement with
+the `src/` tree of the commit given by --before (extracted with git archive), `before-fused` its fused step,
+for before/after ratios from one run. Precisions: float32, float16, int8 (int8 needs this tree: not with `before`).
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ def worker(args) -> dict:
     if hasattr(gen, "generate_batch"):
         results = gen.generate_batch(model, tokenizer, segment_len, prompt, sampling, num_samples=args.num_samples,
                                      progress=False, compile=args.mode.startswith("compile"),
-                                     **({"fused": args.mode == "fused"}
+                                     **({"fused": args.mode in ("fused", "before-fused")}
                                         if "fused" in inspect.signature(gen.generate_batch).parameters else {}))
     else:  # the code before batched generation (mode "before")
         if args.num_samples != 1 or args.mode.startswith("compile"):
@@ -280,7 +280,7 @@ def spawn(tokens: int, precision: str, threads: int, prompt_tokens: int, checkpo
     env = dict(os.environ)
     if mode.endswith("-pt"):  # the same code without dsmr.kernels: PyTorch's kernels only
         env["DSMR_KERNELS"] = "0"
-    if mode == "before":  # the other commit's package first on the path, its kernels built apart
+    if mode.startswith("before"):  # the other commit's package first on the path, its kernels built apart
         env["PYTHONPATH"] = os.pathsep.join([str(before_src), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
         env["TORCH_EXTENSIONS_DIR"] = str(before_src.parent / "torch_extensions")
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)
@@ -319,7 +319,7 @@ def main() -> None:
     parser.add_argument("--modes", default="fused",
                         help="decoding step(s) to time: fused (dsmr.kernels' whole-step op, generate's default on "
                              "a CPU), eager, compile (PyTorch's step with dsmr.kernels' ops), eager-pt, compile-pt "
-                             "(without dsmr.kernels), before (the code of --before)")
+                             "(without dsmr.kernels), before, before-fused (the eager or fused step of the code of --before)")
     parser.add_argument("--before", default="HEAD", help="git revision whose src/ the 'before' mode runs")
     parser.add_argument("--num-samples", type=int, default=1, help="lanes sampled together (batched generation)")
     parser.add_argument("--speed-tokens", type=int, help="new events per speed run (default 4000; 2000 --quick)")
@@ -354,7 +354,7 @@ def main() -> None:
     speed_tokens, memory_tokens = (2000, (5_000, 20_000)) if args.quick else (4000, (10_000, 100_000))
     speed_tokens = args.speed_tokens or speed_tokens
     modes = args.modes.split(",")
-    before_src = _extract_src(args.before) if "before" in modes else None
+    before_src = _extract_src(args.before) if any(m.startswith("before") for m in modes) else None
     rate, rate_source = maestro_tokens_per_second()
     print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}; "
           f"weights: {args.checkpoint or 'random (speed does not depend on them)'}")
