@@ -88,7 +88,8 @@ def run_worker(args) -> None:
 
     from dsmr.cache import TokenCache
     from dsmr.runtime import resolve_device
-    from dsmr.train import TrainConfig, make_run_schedule, train
+    from dsmr.train import train
+    from dsmr.train_config import TrainConfig, make_run_schedule
     from dsmr.train_config import make_model_config
     from machine_peak import training_flops_per_token
 

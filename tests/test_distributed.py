@@ -21,7 +21,8 @@ import torch.multiprocessing as mp
 
 from dsmr.distributed import split_pieces, torchrun_command
 from dsmr.errors import DsmrError
-from dsmr.train import TrainConfig, train
+from dsmr.train import train
+from dsmr.train_config import TrainConfig
 
 
 LANES = 2  # per rank

@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from dsmr.cli import main
-from dsmr.evaluate import PeakMemory, evaluate
+from dsmr.evaluate import evaluate
+from dsmr.runtime import PeakMemory
 from dsmr.model import DSMR, DSMRConfig
 
 

@@ -398,3 +398,20 @@ def test_a_segment_with_memory_compiles_to_one_graph():
     explained = torch._dynamo.explain(model)(ids, positions + 8, reset=reset, state=state, token_mask=mask)
     assert explained.graph_break_count == 0, explained.break_reasons
     assert explained.graph_count == 1
+
+
+def test_training_bytes_counts_activations_and_state_by_budget():
+    """The analytic GPU bytes of a training step: grow with the memory budget, not with where it sits; the
+    state is part of them; twice the lanes, twice the bytes; hidden memory keeps more per position."""
+    def cfg(horizons, memory="kv"):
+        return DSMRConfig(vocab_size=100, n_layers=4, d_model=64, n_heads=4, horizons=horizons, memory=memory)
+
+    none, two, uniform, full = (cfg(h).training_bytes(8, 32) for h in
+                                ((0,) * 4, (256, 256, 32, 32), (144,) * 4, (256,) * 4))
+    assert none < two == uniform < full
+    per_position = (full - none) / (4 * 256 * 8)
+    assert per_position == 2 * 64 * 2 + 2 * 64 * 2  # keys and values read by attention + the state, at bf16
+    assert cfg((256,) * 4).training_bytes(16, 32) == 2 * full
+    assert cfg((256,) * 4, "hidden").training_bytes(8, 32) > full
+    small = cfg((256,) * 4)
+    assert small.training_bytes(8, 32) - small.training_bytes(8, 32, vocab=False) == 8 * 32 * 100 * 4

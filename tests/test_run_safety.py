@@ -86,7 +86,8 @@ import os, signal, sys
 from pathlib import Path
 import dsmr.atomic
 from dsmr.cache import TokenCache
-from dsmr.train import TrainConfig, train
+from dsmr.train import train
+from dsmr.train_config import TrainConfig
 real = os.replace
 def replace(src, dst):
     real(src, dst)

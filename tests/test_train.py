@@ -19,7 +19,8 @@ from dsmr.errors import DsmrError
 from dsmr.model import DSMR, DSMRConfig
 from dsmr.stream import IGNORE_INDEX, PieceStream
 from dsmr.tokenizer import PerformanceTokenizer
-from dsmr.train import TrainConfig, train
+from dsmr.train import train
+from dsmr.train_config import TrainConfig
 
 
 def tiny(**overrides) -> TrainConfig:

@@ -20,8 +20,7 @@ import torch
 
 from dsmr.errors import DsmrError
 from dsmr.losses import ppl_by_bucket, token_nll
-# device, autocast, peak memory and state size live in dsmr.runtime; re-exported here for older imports
-from dsmr.runtime import PeakMemory, autocast, resolve_device, state_bytes  # noqa: F401
+from dsmr.runtime import PeakMemory, autocast, resolve_device, state_bytes
 from dsmr.stream import IGNORE_INDEX, PieceStream
 
 # Left edges of the position-in-piece buckets; the last bucket is open-ended.

@@ -122,6 +122,26 @@ class DSMRConfig:
         (Decoding always keeps keys/values: IncrementalDecoder.state_bytes.)"""
         return sum(self.horizons) * self.state_width * bytes_per_value * batch
 
+    def training_bytes(self, batch: int, segment: int, bytes_per_value: int = 2, vocab: bool = True) -> int:
+        """What a GPU holds for one training segment of `batch` lanes, analytically: the activations autograd
+        keeps for the backward pass plus the recurrent state, at `bytes_per_value` (2: bf16 autocast; the
+        logits in float32). Weights, gradients and optimizer state are left out (they do not depend on the
+        schedule). Per layer, for T segment tokens and M = h memory positions: the block's input and
+        normed input (2 T d), q, k, v (3 T A), keys and values with the memory (2 (M + T) A: what
+        attention reads and its backward keeps), the attention output (T A), the MLP's normed input, its
+        hidden layer before and after GELU (T d + 2 T F); hidden memory also keeps the normed memory and its
+        keys and values (M d + 2 M A). An estimate of what a fused-attention kernel keeps, for comparing
+        schedules, not a measurement."""
+        d, a, f, t = self.d_model, self.attn_dim, self.ff_dim, segment
+        per_token = 0
+        for h in self.horizons:
+            per_token += 2 * t * d + 3 * t * a + 2 * (h + t) * a + t * a + t * d + 2 * t * f
+            if self.memory == "hidden":
+                per_token += h * d + 2 * h * a
+        values = batch * (per_token + t * d)  # + the embedding output
+        logits = batch * t * self.vocab_size * 4 if vocab else 0
+        return values * bytes_per_value + logits + self.state_bytes(batch, bytes_per_value)
+
     @property
     def ff_dim(self) -> int:
         return self.d_ff if self.d_ff is not None else 4 * self.d_model

@@ -50,9 +50,7 @@ from dsmr.model import DSMR, LayerMemory, state_from_cpu, state_to_cpu
 from dsmr.run_log import MetricsLog
 from dsmr.runtime import PeakMemory, autocast, resolve_device, state_bytes
 from dsmr.stream import ExcerptStream, PieceStream
-# The options and what a run derives from them (also imported from here by benchmarks and older code).
-from dsmr.train_config import (DEFAULT_STEPS, LEGACY_DEFAULTS, RESUMABLE_CHANGES,  # noqa: F401
-                               TrainConfig, make_model_config, make_run_schedule, run_config)
+from dsmr.train_config import DEFAULT_STEPS, TrainConfig, make_model_config, run_config
 
 
 def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:

@@ -147,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = _config(args)
     cfg.validate()
     if args.list:
-        from dsmr.train import make_run_schedule
+        from dsmr.train_config import make_run_schedule
 
         for v in study.select_variants(cfg, args.variants):
             train_cfg = study.train_config(cfg, v)

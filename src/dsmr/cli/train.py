@@ -144,7 +144,8 @@ def run(args: argparse.Namespace) -> int:
     from dsmr.cache import TokenCache
     from dsmr.checkpoint import read_config
     from dsmr.evaluate import format_report
-    from dsmr.train import TrainConfig, train
+    from dsmr.train import train
+    from dsmr.train_config import TrainConfig
 
     if args.nproc is not None:
         return _launch(args)

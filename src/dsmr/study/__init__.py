@@ -14,7 +14,7 @@ A study folder holds:
 
 A variant with a result file is finished and never trained again; an interrupted one resumes from its last
 checkpoint. Each variant trains in a fresh Python process by default, because the CPU peak-memory meter
-is the rise of the process's peak RSS (dsmr.evaluate.PeakMemory), which memory kept from an earlier
+is the rise of the process's peak RSS (dsmr.runtime.PeakMemory), which memory kept from an earlier
 variant would hide. `variants` may name a subset, so a study can be spread over processes or machines and
 put together with `merge_studies`.
 """

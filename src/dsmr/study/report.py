@@ -179,7 +179,8 @@ def results_markdown(records: list[dict], command: str | None = None, sources=No
         head += ["val PPL, all pieces"]
     if with_test:
         head += ["test PPL"]
-    head += ["train tok/s", "x full", "peak train MiB", "x full", "state KiB/lane", "x full"]
+    head += ["train tok/s", "x full", "peak train MiB", "x full", "GPU MiB (analytic)", "x full", "state KiB/lane",
+             "x full"]
     lines.append("| " + " | ".join(head) + " |")
     lines.append("|" + "|".join("---" if i < 2 else "---:" for i in range(len(head))) + "|")
     for row in rows:
@@ -196,6 +197,8 @@ def results_markdown(records: list[dict], command: str | None = None, sources=No
         cells += [fmt(row["train_tokens_per_s"], ".0f"), fmt(row["train_tokens_per_s_vs_full"], ".2f"),
                   fmt(peak / mib if peak is not None else None, ".1f"),
                   fmt(row["train_peak_memory_bytes_vs_full"], ".2f"),
+                  fmt(row["gpu_bytes"] / mib if row["gpu_bytes"] is not None else None, ".1f"),
+                  fmt(row["gpu_bytes_vs_full"], ".2f"),
                   fmt(row["state_bytes"] / 1024, ".0f"), fmt(row["state_bytes_vs_full"], ".2f")]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "val PPL: exp(mean NLL per token) over every token of the validation pieces, streamed with "
@@ -203,7 +206,9 @@ def results_markdown(records: list[dict], command: str | None = None, sources=No
               "Mean over seeds. train tok/s: real training targets per second of training steps. Peak train "
               f"memory: {first.get('train_memory_method')}, measured in a fresh process per variant. State: "
               "the recurrent memory of one lane in fp32 as trained (budget x 2 x heads x head dim for keys + "
-              "values, budget x d_model for hidden memory; x 4 bytes)."
+              "values, budget x d_model for hidden memory; x 4 bytes). GPU MiB (analytic): the activations "
+              "a training step keeps for its backward pass plus the state of every lane, at bf16, logits left "
+              "out (DSMRConfig.training_bytes): what the schedule costs on a GPU, computed, not measured."
               + (f" val PPL, all pieces / test PPL: the final model over all {first.get('val_all_pieces')} "
                  f"validation / {first.get('test_pieces')} test pieces." if with_test else ""), ""]
     lines += _position_table(records)

@@ -26,7 +26,7 @@ def environment(device: str = "cpu") -> dict:
     """What the figures were measured on: enough to reproduce (and to judge) them."""
     import torch
 
-    from dsmr.evaluate import resolve_device
+    from dsmr.runtime import resolve_device
 
     resolved = resolve_device(device)
     env = {
@@ -64,7 +64,8 @@ def run_variant(spec: dict) -> dict:
 
     from dsmr.cache import TokenCache
     from dsmr.checkpoint import TRAINER_STATE_FILE
-    from dsmr.train import TrainConfig, make_model_config, make_run_schedule, train
+    from dsmr.train import train
+    from dsmr.train_config import TrainConfig, make_model_config, make_run_schedule
 
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
@@ -108,7 +109,8 @@ def _final_evaluation(spec: dict, train_cfg, run_dir: Path) -> dict:
     test split: val_all_* and test_* fields of the result."""
     from dsmr.cache import TokenCache
     from dsmr.model import load_model
-    from dsmr.evaluate import evaluate, resolve_device
+    from dsmr.evaluate import evaluate
+    from dsmr.runtime import resolve_device
 
     cache = TokenCache(spec["cache"])
     model = load_model(run_dir, device=str(resolve_device(train_cfg.device)), which="latest")
@@ -193,7 +195,8 @@ def run_study(cache, out_dir, cfg: StudyConfig | None = None, variants: list[str
 def epoch_steps(cache, cfg: StudyConfig) -> int:
     """Optimizer steps of `cfg.epochs` passes over the training split: the full batches of the refilling
     full-piece lanes every variant reads: `dsmr train --epochs`'s count for the same lanes and seed."""
-    from dsmr.train import TrainConfig, training_stream
+    from dsmr.train import training_stream
+    from dsmr.train_config import TrainConfig
 
     lanes = TrainConfig(batch_size=cfg.batch_size, segment=cfg.segment, seed=cfg.seed)
     return training_stream(lanes, cache.pieces("train"), cache.tokenizer).steps_for_epochs(cfg.epochs)

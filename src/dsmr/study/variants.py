@@ -200,7 +200,7 @@ def select_variants(cfg: StudyConfig, names: list[str] | None) -> list[Variant]:
 
 def train_config(cfg: StudyConfig, variant: Variant):
     """The TrainConfig of `variant`: the shared options, then the variant's own."""
-    from dsmr.train import TrainConfig
+    from dsmr.train_config import TrainConfig
 
     base = dict(layers=cfg.layers, d_model=cfg.d_model, heads=cfg.heads, head_dim=cfg.head_dim,
                 tie_embeddings=cfg.tie_embeddings, init_std=cfg.resolved_init_std, memory=cfg.memory, segment=cfg.segment,
