@@ -103,9 +103,14 @@ def test_dsmr_generate_and_the_app_play_with_the_same_defaults_and_refuse_the_sa
     assert args.max_note_seconds is None and page["max_note_seconds"] is None
     assert args.max_polyphony is None and page["max_polyphony"] is None
     too_hot = playing.MAX_TEMPERATURE + 1
-    assert build_parser_refuses(["generate", "R", "--out", "o.mid", "--temperature", str(too_hot)])
-    with pytest.raises(DsmrError, match="temperature"):
-        check_request(10, 30, too_hot, 0.9, 1, 21, 108)
+    # (CLI options, the app's request: temperature, top-p, lowest and highest pitch), each refused by both
+    for cli, page in [(["--temperature", str(too_hot)], (too_hot, 0.9, 21, 108)),
+                      (["--temperature", "-0.5"], (-0.5, 0.9, 21, 108)),
+                      (["--top-p", "0"], (1.0, 0.0, 21, 108)), (["--top-p", "1.5"], (1.0, 1.5, 21, 108)),
+                      (["--min-pitch", "-1"], (1.0, 0.9, -1, 108)), (["--max-pitch", "128"], (1.0, 0.9, 21, 128))]:
+        assert build_parser_refuses(["generate", "R", "--out", "o.mid", *cli]), cli
+        with pytest.raises(DsmrError):
+            check_request(10, 30, page[0], page[1], 1, page[2], page[3])
 
 
 def build_parser_refuses(argv) -> bool:

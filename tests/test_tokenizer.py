@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 
 from dsmr.errors import DsmrError
 from dsmr.encodings import make_tokenizer, tokenizer_from_config
-from dsmr.tokenizer import MidiTokTokenizer, PerformanceTokenizer, Tokenizer, load_midi
+from dsmr.miditok_encoding import MidiTokTokenizer
+from dsmr.tokenizer import PerformanceTokenizer, Tokenizer, load_midi
 from midi_factory import clean_notes, make_score, make_track, notes, pedals, score_notes, write_midi_file
 
 STEP = 0.01

@@ -12,8 +12,8 @@ from typing import Any
 
 from dsmr.duration_encoding import DURATION_ENCODING_VERSION, DurationTokenizer
 from dsmr.errors import DsmrError
-from dsmr.tokenizer import (PERFORMANCE_ENCODING_VERSION, MidiTokTokenizer, PerformanceTokenizer, Tokenizer,
-                            _default_miditok_config, _miditok_class)
+from dsmr.miditok_encoding import MidiTokTokenizer, default_miditok_config, miditok_class
+from dsmr.tokenizer import PERFORMANCE_ENCODING_VERSION, PerformanceTokenizer, Tokenizer
 
 
 def make_tokenizer(name: str = "performance", **options: Any) -> Tokenizer:
@@ -31,9 +31,9 @@ def make_tokenizer(name: str = "performance", **options: Any) -> Tokenizer:
             return DurationTokenizer(**options)
         except TypeError as err:
             raise DsmrError(f"bad option for the duration tokenizer: {err}") from err
-    cls = _miditok_class(name)
+    cls = miditok_class(name)
     sustain = options.pop("sustain", True)
-    config = _default_miditok_config(**options)
+    config = default_miditok_config(**options)
     try:
         tokenizer = cls(config)
     except Exception as err:  # miditok raises KeyError/ValueError for configs an encoding cannot use
@@ -68,7 +68,7 @@ def tokenizer_from_config(cfg: dict) -> Tokenizer:
         params = cfg.get("params")
         if not isinstance(params, dict) or "tokenization" not in params:
             raise DsmrError("miditok tokenizer config needs 'params' with a 'tokenization'")
-        cls = _miditok_class(params["tokenization"])
+        cls = miditok_class(params["tokenization"])
         # miditok rebuilds a tokenizer (with any trained model) only from a params file.
         with tempfile.TemporaryDirectory(prefix="dsmr-miditok-") as tmp:
             params_path = Path(tmp) / "tokenizer.json"
