@@ -63,31 +63,42 @@ PALETTE = [f"C{i}" for i in range(10) if i != 7]  # matplotlib's cycle without i
 
 
 def _plot_ppl_vs_memory(plt, records):
+    """The paper's Figure 4 and its companions: PPL against peak training memory (measured, and analytic for a
+    GPU), recurrent-state size and training throughput. PPL over the whole validation split where every
+    variant has it, else over the pieces validated during training."""
     rows = [r for r in summarize(records) if r["val_ppl"] is not None]
     if not rows:
         return None
+    whole = all(r["val_all_ppl"] is not None for r in rows)
+    ppl, runs = ("val_all_ppl", "val_all_ppl_runs") if whole else ("val_ppl", "val_ppl_runs")
     mib = 1024 * 1024
     markers = "osD^v<>pP*hX"
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True)
-    panels = (("train_peak_memory_bytes", mib, "peak training memory (MiB)"),
-              ("state_bytes", 1024, "recurrent state per lane (KiB, fp32)"))
-    for ax, (key, unit, label) in zip(axes, panels):
+    fig, axes = plt.subplots(2, 2, figsize=(12, 9), sharey=True)
+    panels = (("train_peak_memory_bytes", mib, "peak training memory (MiB, measured)"),
+              ("gpu_bytes", mib, "GPU activations + state per step (MiB, analytic, bf16)"),
+              ("state_bytes", 1024, "recurrent state per lane (KiB, fp32)"),
+              ("train_tokens_per_s", 1, "training tokens/s"))
+    for ax, (key, unit, label) in zip(axes.flat, panels):
         for i, row in enumerate(rows):
             if row[key] is None:
                 continue
             if row["context"]:  # the excerpt baseline: a reference line too
-                ax.axhline(row["val_ppl"], color="gray", linestyle="--", linewidth=1)
+                ax.axhline(row[ppl], color="gray", linestyle="--", linewidth=1)
             # one marker and colour per variant, named in the legend: many variants share an x
             color = "gray" if row["context"] else PALETTE[i % len(PALETTE)]
-            lo, hi = min(row["val_ppl_runs"]), max(row["val_ppl_runs"])
+            values = [v for v in row[runs] if v is not None]
+            lo, hi = min(values), max(values)
             name = f"{row['variant']} ({row['context']} tokens)" if row["context"] else row["variant"]
-            ax.errorbar(row[key] / unit, row["val_ppl"], yerr=[[row["val_ppl"] - lo], [hi - row["val_ppl"]]],
+            ax.errorbar(row[key] / unit, row[ppl], yerr=[[row[ppl] - lo], [hi - row[ppl]]],
                         fmt=markers[i % len(markers)], color=color, capsize=3, markersize=7, label=name)
         ax.set_xlabel(label)
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("validation PPL (bars: range over seeds)")
-    axes[1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
-    fig.suptitle("quality against memory (dashed: the full-attention excerpt baseline)")
+    which = "whole validation split" if whole else "validation pieces"
+    for ax in axes[:, 0]:
+        ax.set_ylabel(f"PPL, {which} (bars: range over seeds)")
+    axes[0, 1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    fig.suptitle("quality against memory and speed (dashed: the full-attention excerpt baseline)")
+    fig.tight_layout()
     return fig
 
 

@@ -252,7 +252,8 @@ def _position_table(records: list[dict]) -> list[str]:
 
 FIGURES = (
     ("schedules", "horizon per layer of every variant"),
-    ("ppl_vs_memory", "validation PPL against peak training memory and recurrent-state size"),
+    ("ppl_vs_memory", "validation PPL against peak training memory (measured; analytic for a GPU), "
+                      "recurrent-state size and training throughput"),
     ("val_curves", "validation PPL over training steps"),
     ("gates", "gate values per layer over training"),
 )

@@ -23,6 +23,7 @@ def summarize(records: list[dict]) -> list[dict]:
             "val_ppl": mean(r["val_ppl"] for r in runs), "val_ppl_runs": [r["val_ppl"] for r in runs],
             "val_ppl_spread": spread([r["val_ppl"] for r in runs]),
             "val_all_ppl": mean(r.get("val_all_ppl") for r in runs),
+            "val_all_ppl_runs": [r.get("val_all_ppl") for r in runs],
             "test_ppl": mean(r.get("test_ppl") for r in runs),
             "train_tokens_per_s": mean(r["train_tokens_per_s"] for r in runs),
             "train_peak_memory_bytes": mean(r["train_peak_memory_bytes"] for r in runs),
