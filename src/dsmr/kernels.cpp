@@ -281,10 +281,6 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& packed, const at::
 
 namespace {
 
-// One query against n keys/values of one head: scores, softmax, weighted sum. DC = head dims / 8 is a
-// compile-time constant so that the query and the output stay in registers; four keys are scored at once
-// (independent sums). Keys whose mask is -inf (a decoder's unfilled slots) get no weight; groups of four
-// such keys are not read at all.
 // A query held in registers (DC vectors) against four consecutive keys: four independent sums.
 template <typename T, int DC>
 inline void dot4(const __m256 (&qv)[DC], const T* kj, float s4[4]) {
@@ -298,133 +294,6 @@ inline void dot4(const __m256 (&qv)[DC], const T* kj, float s4[4]) {
   }
   s4[0] = hsum(a0), s4[1] = hsum(a1), s4[2] = hsum(a2), s4[3] = hsum(a3);
 }
-
-template <typename T, int DC>
-void attend_one(const float* q, const T* k, const T* v, const float* mask, int64_t n, float scale, float* out,
-                float* scores) {
-  constexpr int64_t d = 8 * DC;
-  const float neg_inf = -std::numeric_limits<float>::infinity();
-  __m256 qv[DC];
-  for (int c = 0; c < DC; ++c) qv[c] = _mm256_loadu_ps(q + 8 * c);
-  float top = neg_inf;
-  int64_t j = 0;
-  for (; j + 4 <= n; j += 4) {
-    if (mask[j] == neg_inf && mask[j + 1] == neg_inf && mask[j + 2] == neg_inf && mask[j + 3] == neg_inf) {
-      scores[j] = scores[j + 1] = scores[j + 2] = scores[j + 3] = neg_inf;
-      continue;
-    }
-    const T* kj = k + j * d;
-    float s4[4];
-    dot4<T, DC>(qv, kj, s4);
-    for (int u = 0; u < 4; ++u) {
-      const float s = mask[j + u] == neg_inf ? neg_inf : s4[u] * scale + mask[j + u];
-      scores[j + u] = s;
-      top = s > top ? s : top;
-    }
-  }
-  for (; j < n; ++j) {
-    const float s = mask[j] == neg_inf ? neg_inf : dot(q, k + j * d, d) * scale + mask[j];
-    scores[j] = s;
-    top = s > top ? s : top;
-  }
-  if (top == neg_inf) {  // every key masked: zeros, as PyTorch's SDPA gives for such a row
-    for (int64_t i = 0; i < d; ++i) out[i] = 0.0f;
-    return;
-  }
-  __m256 acc[DC];
-  for (int c = 0; c < DC; ++c) acc[c] = _mm256_setzero_ps();
-  float total = 0.0f;
-  for (j = 0; j < n; ++j) {
-    if (scores[j] == neg_inf) continue;
-    const float p = std::exp(scores[j] - top);
-    total += p;
-    const __m256 pv = _mm256_set1_ps(p);
-    const T* vj = v + j * d;
-    for (int c = 0; c < DC; ++c) acc[c] = _mm256_fmadd_ps(pv, load8(vj + 8 * c), acc[c]);
-  }
-  const __m256 inv = _mm256_set1_ps(1.0f / total);
-  for (int c = 0; c < DC; ++c) _mm256_storeu_ps(out + 8 * c, _mm256_mul_ps(acc[c], inv));
-}
-
-// Any other head size: the same computation, one key at a time, the output accumulated in memory.
-template <typename T>
-void attend_one_any(const float* q, const T* k, const T* v, const float* mask, int64_t n, int64_t d, float scale,
-                    float* out, float* scores) {
-  const float neg_inf = -std::numeric_limits<float>::infinity();
-  float top = neg_inf;
-  for (int64_t j = 0; j < n; ++j) {
-    const float s = mask[j] == neg_inf ? neg_inf : dot(q, k + j * d, d) * scale + mask[j];
-    scores[j] = s;
-    top = s > top ? s : top;
-  }
-  for (int64_t i = 0; i < d; ++i) out[i] = 0.0f;
-  if (top == neg_inf) return;  // every key masked: zeros, as in attend_one
-  float total = 0.0f;
-  for (int64_t j = 0; j < n; ++j) {
-    if (scores[j] == neg_inf) continue;
-    const float p = std::exp(scores[j] - top);
-    total += p;
-    for (int64_t i = 0; i < d; ++i) out[i] += p * static_cast<float>(v[j * d + i]);
-  }
-  for (int64_t i = 0; i < d; ++i) out[i] /= total;
-}
-
-template <typename T>
-void attend_all(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask, float scale,
-                at::Tensor& out) {
-  const int64_t B = q.size(0), H = q.size(1), n = k.size(2), d = q.size(3);
-  const float* qp = q.data_ptr<float>();
-  const T* kp = k.data_ptr<T>();
-  const T* vp = v.data_ptr<T>();
-  const float* mp = mask.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  const int64_t mb = mask.stride(0), mh = mask.stride(1);
-  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores(n);
-    for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t b = bh / H, h = bh % H;
-      const float *qh = qp + bh * d, *mrow = mp + b * mb + h * mh;
-      const T *kh = kp + bh * n * d, *vh = vp + bh * n * d;
-      float* oh = op + bh * d;
-      switch (d) {
-        case 16: attend_one<T, 2>(qh, kh, vh, mrow, n, scale, oh, scores.data()); break;
-        case 32: attend_one<T, 4>(qh, kh, vh, mrow, n, scale, oh, scores.data()); break;
-        case 64: attend_one<T, 8>(qh, kh, vh, mrow, n, scale, oh, scores.data()); break;
-        case 128: attend_one<T, 16>(qh, kh, vh, mrow, n, scale, oh, scores.data()); break;
-        default: attend_one_any(qh, kh, vh, mrow, n, d, scale, oh, scores.data());
-      }
-    }
-  });
-}
-
-}  // namespace
-
-// softmax(q k^T * scale + mask) v for one query per lane and head: q [B, H, 1, D] float32, k/v [B, H, N, D]
-// float16 or float32, mask additive float32 broadcastable to [B, H, 1, N]. Returns float32 [B, H, 1, D].
-at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask,
-                            double scale) {
-  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu() && mask.device().is_cpu(),
-              "dsmr::decode_attention: CPU tensors only");
-  TORCH_CHECK(q.dim() == 4 && q.size(2) == 1, "dsmr::decode_attention: one query per lane and head, got q ", q.sizes());
-  TORCH_CHECK(k.dim() == 4 && k.sizes() == v.sizes() && k.size(0) == q.size(0) && k.size(1) == q.size(1) &&
-              k.size(3) == q.size(3), "dsmr::decode_attention: k, v ", k.sizes(), " do not match q ", q.sizes());
-  TORCH_CHECK(q.scalar_type() == at::kFloat && mask.scalar_type() == at::kFloat && k.scalar_type() == v.scalar_type() &&
-              (k.scalar_type() == at::kHalf || k.scalar_type() == at::kFloat),
-              "dsmr::decode_attention: float32 q and mask, float16 or float32 k and v");
-  const int64_t B = q.size(0), H = q.size(1), n = k.size(2);
-  const at::Tensor qs = q.contiguous(), ks = k.contiguous(), vs = v.contiguous();
-  at::Tensor ms = mask.expand({B, H, 1, n});
-  if (ms.stride(3) != 1) ms = ms.contiguous();
-  at::Tensor out = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
-  if (k.scalar_type() == at::kHalf) {
-    attend_all<at::Half>(qs, ks, vs, ms, static_cast<float>(scale), out);
-  } else {
-    attend_all<float>(qs, ks, vs, ms, static_cast<float>(scale), out);
-  }
-  return out;
-}
-
-namespace {
 
 // exp of eight floats (Cephes' polynomial, as in the common AVX "mathfun" code): ~1 ulp; exactly 0 below
 // -87.3, where float32's exp underflows anyway; NaN stays NaN.
@@ -514,40 +383,72 @@ inline float softmax_numerators(float* scores, int64_t n, float top) {
   return total;
 }
 
-// One query over the first n keys/values of one head, every one of them valid; the first n_memory get
-// the additive `bias` (a memory gate). DC = head dims / 8, known at compile time: the query and the output
-// stay in registers, four keys are scored at once. scores: n floats of scratch.
-template <typename T, int DC>
-void attend_prefix(const float* q, const T* k, const T* v, int64_t n, int64_t n_memory, float bias, float scale,
-                   float* out, float* scores) {
+// What is added to each score of a query: the memory gate's bias on the first n_memory keys (the fused step,
+// whose keys are all valid), or an additive mask (PyTorch's step: -inf on a decoder's unfilled slots, whose
+// groups of four are not read at all).
+struct PrefixBias {
+  int64_t n_memory;
+  float bias;
+  bool skips(int64_t) const { return false; }
+  float at(int64_t j) const { return j < n_memory ? bias : 0.0f; }
+};
+
+struct AdditiveMask {
+  const float* mask;
+  bool skips(int64_t j) const {  // four keys masked out: not read
+    const float neg_inf = -std::numeric_limits<float>::infinity();
+    return mask[j] == neg_inf && mask[j + 1] == neg_inf && mask[j + 2] == neg_inf && mask[j + 3] == neg_inf;
+  }
+  float at(int64_t j) const { return mask[j]; }
+};
+
+// The one attention kernel: one query over n keys/values of one head, softmax(q k^T scale + extra) v, where
+// `extra` (PrefixBias or AdditiveMask) says what each score gets added. DC = head dims / 8, known at compile
+// time: the query and the output stay in registers, four keys are scored at once. A row whose every score
+// is -inf gives zeros, as PyTorch's SDPA does. scores: n floats of scratch.
+template <typename T, int DC, typename Extra>
+void attend(const float* q, const T* k, const T* v, int64_t n, const Extra& extra, float scale, float* out,
+            float* scores) {
   constexpr int64_t d = 8 * DC;
+  const float neg_inf = -std::numeric_limits<float>::infinity();
   __m256 qv[DC];
   for (int c = 0; c < DC; ++c) qv[c] = _mm256_loadu_ps(q + 8 * c);
-  float top = -std::numeric_limits<float>::infinity();
+  float top = neg_inf;
   int64_t j = 0;
   constexpr int64_t ahead = 1024 / sizeof(T);  // prefetch distance: across the 4 KB pages where the
                                                // hardware's own prefetcher stops
   for (; j + 4 <= n; j += 4) {
+    if (extra.skips(j)) {
+      scores[j] = scores[j + 1] = scores[j + 2] = scores[j + 3] = neg_inf;
+      continue;
+    }
     const T* kj = k + j * d;
     for (int64_t b = 0; b < 4 * d; b += 64 / static_cast<int64_t>(sizeof(T)))
       _mm_prefetch(reinterpret_cast<const char*>(kj + ahead + b), _MM_HINT_T0);
     float s4[4];
     dot4<T, DC>(qv, kj, s4);
     for (int u = 0; u < 4; ++u) {
-      const float s = s4[u] * scale + (j + u < n_memory ? bias : 0.0f);
+      const float e = extra.at(j + u);
+      const float s = e == neg_inf ? neg_inf : s4[u] * scale + e;
       scores[j + u] = s;
       top = s > top ? s : top;
     }
   }
   for (; j < n; ++j) {
-    const float s = dot(q, k + j * d, d) * scale + (j < n_memory ? bias : 0.0f);
+    const float e = extra.at(j);
+    const float s = e == neg_inf ? neg_inf : dot(q, k + j * d, d) * scale + e;
     scores[j] = s;
     top = s > top ? s : top;
   }
-  const float inv = 1.0f / softmax_numerators(scores, n, top);
+  if (top == neg_inf) {
+    for (int64_t i = 0; i < d; ++i) out[i] = 0.0f;
+    return;
+  }
+  const float inv = 1.0f / softmax_numerators(scores, n, top);  // masked scores give exactly 0
   __m256 acc[DC];
   for (int c = 0; c < DC; ++c) acc[c] = _mm256_setzero_ps();
   for (j = 0; j < n; ++j) {
+    if (scores[j] == 0.0f) continue;  // masked (or underflowed): nothing to add, nothing to read
     const __m256 p = _mm256_set1_ps(scores[j]);
     const T* vj = v + j * d;
     for (int64_t b = 0; b < d; b += 64 / static_cast<int64_t>(sizeof(T)))
@@ -558,33 +459,87 @@ void attend_prefix(const float* q, const T* k, const T* v, int64_t n, int64_t n_
 }
 
 // Any other head size: the same, one key at a time, the output accumulated in memory.
-template <typename T>
-void attend_prefix_any(const float* q, const T* k, const T* v, int64_t n, int64_t d, int64_t n_memory, float bias,
-                       float scale, float* out, float* scores) {
-  float top = -std::numeric_limits<float>::infinity();
+template <typename T, typename Extra>
+void attend_any(const float* q, const T* k, const T* v, int64_t n, int64_t d, const Extra& extra, float scale,
+                float* out, float* scores) {
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  float top = neg_inf;
   for (int64_t j = 0; j < n; ++j) {
-    const float s = dot(q, k + j * d, d) * scale + (j < n_memory ? bias : 0.0f);
+    const float e = extra.at(j);
+    const float s = e == neg_inf ? neg_inf : dot(q, k + j * d, d) * scale + e;
     scores[j] = s;
     top = s > top ? s : top;
   }
-  const float inv = 1.0f / softmax_numerators(scores, n, top);
   for (int64_t i = 0; i < d; ++i) out[i] = 0.0f;
+  if (top == neg_inf) return;
+  const float inv = 1.0f / softmax_numerators(scores, n, top);
   for (int64_t j = 0; j < n; ++j)
     for (int64_t i = 0; i < d; ++i) out[i] += scores[j] * static_cast<float>(v[j * d + i]);
   for (int64_t i = 0; i < d; ++i) out[i] *= inv;
 }
 
-template <typename T>
-void attend_prefix_dispatch(const float* q, const T* k, const T* v, int64_t n, int64_t d, int64_t n_memory,
-                            float bias, float scale, float* out, float* scores) {
+template <typename T, typename Extra>
+void attend_dispatch(const float* q, const T* k, const T* v, int64_t n, int64_t d, const Extra& extra, float scale,
+                     float* out, float* scores) {
   switch (d) {
-    case 16: attend_prefix<T, 2>(q, k, v, n, n_memory, bias, scale, out, scores); break;
-    case 32: attend_prefix<T, 4>(q, k, v, n, n_memory, bias, scale, out, scores); break;
-    case 64: attend_prefix<T, 8>(q, k, v, n, n_memory, bias, scale, out, scores); break;
-    case 128: attend_prefix<T, 16>(q, k, v, n, n_memory, bias, scale, out, scores); break;
-    default: attend_prefix_any(q, k, v, n, d, n_memory, bias, scale, out, scores);
+    case 16: attend<T, 2>(q, k, v, n, extra, scale, out, scores); break;
+    case 32: attend<T, 4>(q, k, v, n, extra, scale, out, scores); break;
+    case 64: attend<T, 8>(q, k, v, n, extra, scale, out, scores); break;
+    case 128: attend<T, 16>(q, k, v, n, extra, scale, out, scores); break;
+    default: attend_any(q, k, v, n, d, extra, scale, out, scores);
   }
 }
+
+template <typename T>
+void attend_all(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask, float scale,
+                at::Tensor& out) {
+  const int64_t B = q.size(0), H = q.size(1), n = k.size(2), d = q.size(3);
+  const float* qp = q.data_ptr<float>();
+  const T* kp = k.data_ptr<T>();
+  const T* vp = v.data_ptr<T>();
+  const float* mp = mask.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t mb = mask.stride(0), mh = mask.stride(1);
+  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(n);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / H, h = bh % H;
+      const float *qh = qp + bh * d, *mrow = mp + b * mb + h * mh;
+      const T *kh = kp + bh * n * d, *vh = vp + bh * n * d;
+      float* oh = op + bh * d;
+      attend_dispatch(qh, kh, vh, n, d, AdditiveMask{mrow}, scale, oh, scores.data());
+    }
+  });
+}
+
+}  // namespace
+
+// softmax(q k^T * scale + mask) v for one query per lane and head: q [B, H, 1, D] float32, k/v [B, H, N, D]
+// float16 or float32, mask additive float32 broadcastable to [B, H, 1, N]. Returns float32 [B, H, 1, D].
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask,
+                            double scale) {
+  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu() && mask.device().is_cpu(),
+              "dsmr::decode_attention: CPU tensors only");
+  TORCH_CHECK(q.dim() == 4 && q.size(2) == 1, "dsmr::decode_attention: one query per lane and head, got q ", q.sizes());
+  TORCH_CHECK(k.dim() == 4 && k.sizes() == v.sizes() && k.size(0) == q.size(0) && k.size(1) == q.size(1) &&
+              k.size(3) == q.size(3), "dsmr::decode_attention: k, v ", k.sizes(), " do not match q ", q.sizes());
+  TORCH_CHECK(q.scalar_type() == at::kFloat && mask.scalar_type() == at::kFloat && k.scalar_type() == v.scalar_type() &&
+              (k.scalar_type() == at::kHalf || k.scalar_type() == at::kFloat),
+              "dsmr::decode_attention: float32 q and mask, float16 or float32 k and v");
+  const int64_t B = q.size(0), H = q.size(1), n = k.size(2);
+  const at::Tensor qs = q.contiguous(), ks = k.contiguous(), vs = v.contiguous();
+  at::Tensor ms = mask.expand({B, H, 1, n});
+  if (ms.stride(3) != 1) ms = ms.contiguous();
+  at::Tensor out = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
+  if (k.scalar_type() == at::kHalf) {
+    attend_all<at::Half>(qs, ks, vs, ms, static_cast<float>(scale), out);
+  } else {
+    attend_all<float>(qs, ks, vs, ms, static_cast<float>(scale), out);
+  }
+  return out;
+}
+
+namespace {
 
 // The fused step's weights, by name. dsmr::decode_step takes them as one flat list: per layer the fields of
 // kLayerFields in that order, then those of kHeadFields; dsmr.generation.fused builds the list from the same
@@ -695,8 +650,8 @@ void step_layers(const at::Tensor& ids, const at::Tensor& embedding, at::TensorL
       for (int64_t bh = begin; bh < end; ++bh) {
         const int64_t b = bh / H, h = bh % H;
         const float bias = gate ? gate[per_head ? h : 0] : 0.0f;
-        attend_prefix_dispatch(wide.data() + b * 3 * A + h * D, kp + bh * N * D, vp + bh * N * D, slot + 1, D,
-                               memory_fill[l], bias, scale, att.data() + b * A + h * D, scores.data());
+        attend_dispatch(wide.data() + b * 3 * A + h * D, kp + bh * N * D, vp + bh * N * D, slot + 1, D,
+                        PrefixBias{memory_fill[l], bias}, scale, att.data() + b * A + h * D, scores.data());
       }
     });
     linear(att.data(), w.out, d, add.data());
