@@ -29,7 +29,7 @@ def main() -> int:
     parser.add_argument("--limit", type=int, default=None, help="only the first N files (every split kept)")
     args = parser.parse_args()
 
-    from dsmr.cache import build_cache
+    from dsmr.cache_build import build_cache
     from dsmr.corpora import limit_files, maestro_files
     from dsmr.encodings import make_tokenizer
 

@@ -184,7 +184,7 @@ def main() -> int:
             print("  " + line)
 
         if not args.no_build:
-            from dsmr.cache import build_cache
+            from dsmr.cache_build import build_cache
             from dsmr.corpora import folder_listing
             from dsmr.tokenizer import PerformanceTokenizer
 

@@ -90,7 +90,8 @@ def bach_cache(request, tmp_path_factory):
 
     The chorale -> MIDI conversion is the slow part (~0.2 s a work); its output is kept in pytest's cache
     folder (.pytest_cache), so only the first run on a machine pays for it."""
-    from dsmr.cache import TokenCache, build_cache
+    from dsmr.cache import TokenCache
+    from dsmr.cache_build import build_cache
     from dsmr.corpora import corpus_files
     from dsmr.encodings import make_tokenizer
 

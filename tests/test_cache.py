@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import symusic
 
-from dsmr.cache import MANIFEST, TokenCache, build_cache, cache_name
+from dsmr.cache import MANIFEST, TokenCache, cache_name
+from dsmr.cache_build import build_cache
 from dsmr.corpora import SourceFile, maestro_files
 from dsmr.errors import DsmrError
 from dsmr.encodings import make_tokenizer

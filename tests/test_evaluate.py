@@ -161,7 +161,7 @@ def test_train_and_eval_commands_print_json(bach_cache, tmp_path, capsys):
 
 
 def test_eval_errors_are_one_line(bach_cache, tmp_path, capsys, request):
-    from dsmr.cache import build_cache
+    from dsmr.cache_build import build_cache
     from dsmr.corpora import corpus_files
     from dsmr.tokenizer import PerformanceTokenizer
 

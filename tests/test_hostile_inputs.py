@@ -19,7 +19,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dsmr.cache import MANIFEST, TokenCache, build_cache
+from dsmr.cache import MANIFEST, TokenCache
+
+from dsmr.cache_build import build_cache
 from dsmr.cli import main
 from dsmr.corpora import SourceFile, check_fractions, download_maestro, folder_listing
 from dsmr.errors import DsmrError

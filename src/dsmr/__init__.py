@@ -20,7 +20,7 @@ __version__ = "0.1.0"
 _API = {
     "DSMR": "dsmr.model", "DSMRConfig": "dsmr.model_config", "make_schedule": "dsmr.schedule",
     "Schedule": "dsmr.schedule", "make_tokenizer": "dsmr.encodings", "TokenCache": "dsmr.cache",
-    "build_cache": "dsmr.cache", "TrainConfig": "dsmr.train_config", "SamplingConfig": "dsmr.generation",
+    "build_cache": "dsmr.cache_build", "TrainConfig": "dsmr.train_config", "SamplingConfig": "dsmr.generation",
     "generate_batch": "dsmr.generation", "load_model": "dsmr.model", "NoteGuard": "dsmr.note_guard",
     "StudyConfig": "dsmr.study", "run_study": "dsmr.study", "DsmrError": "dsmr.errors",
 }

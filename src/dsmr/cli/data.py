@@ -116,7 +116,8 @@ def _parse_fractions(text: str) -> tuple[float, ...]:
 
 
 def _build(args: argparse.Namespace) -> int:
-    from dsmr.cache import build_cache, default_cache_root, default_limits, default_workers
+    from dsmr.cache import default_cache_root, default_workers
+    from dsmr.cache_build import build_cache, default_limits
     from dsmr.corpora import check_fractions, corpus_files
     from dsmr.errors import DsmrError
     from dsmr.encodings import make_tokenizer
