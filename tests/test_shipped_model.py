@@ -1,5 +1,6 @@
-"""The model the repository ships (models/maestro-small): it loads from a fresh clone, its card carries the
-data's licence and the measured figures, and it continues a prompt through the command line."""
+"""The models the repository ships (models/maestro-duration-small, models/maestro-small): each loads from a
+fresh clone, its card carries the data's licence and the measured figures, and it continues a prompt
+through the command line."""
 
 from __future__ import annotations
 
@@ -16,12 +17,17 @@ from dsmr.generation import SamplingConfig, generate
 from dsmr.model import DSMR
 from midi_factory import tiny_midi
 
-MODEL = REPO / "models" / "maestro-small"
-
-pytestmark = pytest.mark.skipif(not (MODEL / "config.json").is_file(), reason=f"no shipped model at {MODEL}")
+MODELS = [REPO / "models" / name for name in ("maestro-duration-small", "maestro-small")]
 
 
-def test_shipped_model_loads_and_its_card_tells_what_it_is():
+@pytest.fixture(params=MODELS, ids=lambda path: path.name)
+def MODEL(request):
+    if not (request.param / "config.json").is_file():
+        pytest.skip(f"no shipped model at {request.param}")
+    return request.param
+
+
+def test_shipped_model_loads_and_its_card_tells_what_it_is(MODEL):
     model = DSMR.from_pretrained(MODEL)
     config = json.loads((MODEL / "config.json").read_text())
     assert model.cfg.to_dict() == config["model"] and any(config["model"]["horizons"])
@@ -33,16 +39,16 @@ def test_shipped_model_loads_and_its_card_tells_what_it_is():
         assert math.isfinite(ppl) and 1 < ppl < 100 and f"{ppl:.3f}" in card
 
 
-def test_shipped_model_generates_music():
+def test_shipped_model_generates_music(MODEL):
     model = DSMR.from_pretrained(MODEL)
-    result = generate(model, model.tokenizer, model.run_config["segment_len"],
+    result = generate(model, model.tokenizer, model.segment_len,
                       sampling=SamplingConfig(seed=0, max_tokens=96, stop_at_eos=False), progress=False)
     assert result.new_tokens == 96
     score = model.tokenizer.decode(result.ids)
     assert sum(len(track.notes) for track in score.tracks) > 0
 
 
-def test_shipped_model_continues_a_midi_prompt_from_the_command_line(tmp_path):
+def test_shipped_model_continues_a_midi_prompt_from_the_command_line(MODEL, tmp_path):
     prompt = tiny_midi(tmp_path / "prompt.mid")
     out = tmp_path / "continued.mid"
     done = subprocess.run([sys.executable, "-m", "dsmr", "generate", str(MODEL), "--prompt", str(prompt),

@@ -20,14 +20,15 @@ INSTALL_HINT = 'the web app needs Gradio: pip install "dsmr[app]" (or: pip insta
 MAX_SECONDS = 300.0          # longest piece the page will write
 MAX_PROMPT_SECONDS = 120.0
 MAX_VARIATIONS = 4
-DEFAULT_MODEL_DIRS = ("models/maestro-small",)  # the model the project ships, when it ships one
+# the models the project ships, first the one a musician meets by default
+DEFAULT_MODEL_DIRS = ("models/maestro-duration-small", "models/maestro-small")
 NO_MODEL_HELP = ("No model loaded. Give one: `dsmr app RUN_OR_MODEL_FOLDER` (a run folder from `dsmr train`, "
                  "a folder from `dsmr export`, or a Hub repo id), or type its path in the Model box. To train "
                  "a small one in a few minutes: `bash scripts/demo.sh` (see README).")
 
 
 def default_model() -> Path | None:
-    """The shipped model: models/maestro-small under the current folder or the repository, when present."""
+    """The shipped model: the first of DEFAULT_MODEL_DIRS under the current folder or the repository."""
     repo = Path(__file__).resolve().parents[2]
     for base in (Path.cwd(), repo):
         for rel in DEFAULT_MODEL_DIRS:

@@ -19,7 +19,7 @@ def register(subparsers) -> None:
                     "them, see their piano rolls and download the MIDI. Listens on 127.0.0.1 unless "
                     "--host says otherwise. Needs `pip install \"dsmr[app]\"`.")
     p.add_argument("model", nargs="?", metavar="MODEL",
-                   help="run folder, exported model folder or Hub repo id (default: models/maestro-small "
+                   help="run folder, exported model folder or Hub repo id (default: models/maestro-duration-small "
                         "when the project ships it)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 exposes the "
