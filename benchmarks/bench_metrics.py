@@ -63,14 +63,13 @@ def main() -> int:
 
     from dsmr.cache import TokenCache
     from dsmr.model import load_model
-    from dsmr.generation import SamplingConfig, default_cpu_precision, generate, with_precision
+    from dsmr.generation import SamplingConfig, generate, resolve_precision, with_precision
 
     torch.set_num_threads(args.threads)
     model = load_model(args.model)
-    tokenizer, config = model.tokenizer, model.run_config
-    precision = default_cpu_precision(model) if args.precision == "auto" else args.precision
+    tokenizer, segment_len = model.tokenizer, model.segment_len
+    precision = resolve_precision(model, args.precision)  # "auto" resolved as dsmr generate does
     model = with_precision(model, precision)
-    segment_len = model.segment_len
     cache = TokenCache(args.cache)
     if cache.tokenizer.config_hash() != tokenizer.config_hash():
         sys.exit(f"{args.cache} is not in {args.model}'s encoding")
