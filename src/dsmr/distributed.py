@@ -110,8 +110,13 @@ class DistContext:
     def _comm_device(self) -> torch.device:
         return self.device if dist.get_backend() == "nccl" else torch.device("cpu")
 
-    def close(self) -> None:
+    def close(self, finished: bool = True) -> None:
+        """Destroy the group this context created. After a run that `finished` on every rank, wait for the
+        others first, so no rank tears its connections down while a peer still sends on them; after an
+        error, do not wait (the other ranks may never get here)."""
         if self.owns_group and dist.is_initialized():
+            if finished:
+                dist.barrier()
             dist.destroy_process_group()
 
 

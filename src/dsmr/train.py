@@ -181,10 +181,13 @@ def train(cfg: TrainConfig, cache, out_dir, progress: bool = True, resume: bool 
     """
     cfg.validate()
     ctx = init_distributed(resolve_device(cfg.device))
+    finished = False
     try:
-        return Trainer(cfg, cache, Path(out_dir), ctx, progress, resume).run()
+        result = Trainer(cfg, cache, Path(out_dir), ctx, progress, resume).run()
+        finished = True
+        return result
     finally:
-        ctx.close()
+        ctx.close(finished)
 
 
 @dataclass
