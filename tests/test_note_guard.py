@@ -10,7 +10,7 @@ from dsmr.errors import DsmrError
 from dsmr.generation import SamplingConfig, generate_batch
 from dsmr.metrics import note_arrays
 from dsmr.model import DSMR, DSMRConfig
-from dsmr.note_guard import NoteGuard
+from dsmr.note_guard import LengthGuard, NoteGuard, guard_for, make_guard
 from dsmr.encodings import make_tokenizer
 
 TOK = make_tokenizer("performance")
@@ -121,3 +121,49 @@ def test_a_sample_with_no_new_notes_says_so():
     playing = generate_batch(model, TOK, 8, sampling=SamplingConfig(seed=1, max_tokens=400, stop_at_eos=False),
                              progress=False)[0]
     assert playing.new_notes > 0 and playing.warning is None
+
+
+DUR = make_tokenizer("duration")
+
+
+def length_ids(name: str) -> int:
+    return DUR.event_id(name)
+
+
+def test_the_length_guard_bans_only_lengths_that_would_carry_the_note_past_its_limit():
+    guard = LengthGuard(DUR, num_lanes=2, max_note_seconds=2.5)
+    assert not guard.banned().any(), "no note being written: nothing to ban"
+    note, two, one, three = (length_ids(n) for n in ("NOTE_60", "LENGTH_SECONDS_2", "LENGTH_SECONDS_1",
+                                                      "LENGTH_SECONDS_3"))
+    guard.update(np.array([note, note]))
+    ban = guard.banned()
+    assert not ban[0, two] and ban[0, three], "2 s + the shortest completion fits, 3 s does not"
+    assert not ban[0, length_ids("LENGTH_1000ms")] and not ban[0, length_ids("TIME_SHIFT_1000ms")]
+    guard.update(np.array([two, length_ids("LENGTH_500ms")]))  # lane 1's note is complete
+    ban = guard.banned()
+    assert ban[0, one] and not ban[0, length_ids("LENGTH_500ms")] and ban[0, length_ids("LENGTH_510ms")]
+    assert not ban[1].any()
+    with pytest.raises(DsmrError, match="max_polyphony"):
+        make_guard(DUR, 1, max_note_seconds=2.0, max_polyphony=4)
+    with pytest.raises(DsmrError, match="NOTE_OFF"):
+        guard_for(DUR, max_polyphony=4)
+
+
+def test_duration_models_get_the_longest_note_limit_by_default_and_keep_it():
+    from dsmr import playing
+
+    assert guard_for(DUR) == {"max_note_seconds": playing.MAX_NOTE_SECONDS_LENGTHS_AT_ONSET, "max_polyphony": None}
+    assert guard_for(DUR, max_note_seconds=0) == {"max_note_seconds": None, "max_polyphony": None}
+    torch.manual_seed(3)
+    model = DSMR(DSMRConfig(vocab_size=DUR.vocab_size, n_layers=2, d_model=32, n_heads=2, horizons=(16, 4))).eval()
+    plain = SamplingConfig(seed=5, max_tokens=600, stop_at_eos=False)
+    capped = SamplingConfig(seed=5, max_tokens=600, stop_at_eos=False, max_note_seconds=1.5)
+
+    def longest(result) -> float:
+        notes = note_arrays(DUR.decode(result.ids))
+        return float((notes["end"] - notes["start"]).max())
+
+    # an untrained model draws whole seconds of length freely: the limit below is not vacuous
+    assert max(longest(r) for r in generate_batch(model, DUR, 8, sampling=plain, num_samples=2, progress=False)) > 3
+    for r in generate_batch(model, DUR, 8, sampling=capped, num_samples=2, progress=False):
+        assert r.new_notes > 20 and longest(r) <= 1.5 + 1e-6

@@ -46,8 +46,15 @@ class Loaded:
     segment_len: int
 
     @property
-    def guards_notes(self) -> bool:
-        """The encoding ends notes with NOTE_OFFs, so the page's longest-note limit applies."""
+    def limits_note_length(self) -> bool:
+        """The page's longest-note limit applies: notes end with NOTE_OFFs or carry their length."""
+        from dsmr.note_guard import has_note_lengths, has_note_offs
+
+        return has_note_offs(self.tokenizer) or has_note_lengths(self.tokenizer)
+
+    @property
+    def limits_polyphony(self) -> bool:
+        """The page's most-notes-at-once limit applies: notes end with NOTE_OFFs."""
         from dsmr.note_guard import has_note_offs
 
         return has_note_offs(self.tokenizer)
@@ -228,8 +235,8 @@ def build_app(model=None, cache=None, device: str = "cpu", out_root=None, render
                     temperature=_num(temperature), top_p=_num(top_p),
                     seed=None if seed in (None, "") else int(seed), variations=int(variations or 1),
                     min_pitch=int(min_pitch), max_pitch=int(max_pitch),
-                    max_note_seconds=_num(max_note_seconds) if loaded.guards_notes else 0,
-                    max_polyphony=int(max_polyphony or 0) if loaded.guards_notes else 0,
+                    max_note_seconds=_num(max_note_seconds) if loaded.limits_note_length else 0,
+                    max_polyphony=int(max_polyphony or 0) if loaded.limits_polyphony else 0,
                     render_audio=render_audio, progress=progress)
         except DsmrError as err:
             return [f"**Error**: {_user_words(err, upload)}"] + hidden + empty

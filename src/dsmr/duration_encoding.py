@@ -103,6 +103,17 @@ class DurationTokenizer(PerformanceTokenizer):
         self._checked_id(i)
         return None
 
+    def length_seconds(self, i: int) -> tuple[float, bool] | None:
+        """What a length event adds to the NOTE before it: (seconds, whether it completes the length) --
+        LENGTH_SECONDS_k (k, False), LENGTH_r (r steps, True); None for every other event."""
+        i = self._checked_id(i)
+        kind, value = int(self._kind_of_id[i]), int(self._value_of_id[i])
+        if kind == _SECONDS:
+            return float(value), False
+        if kind == _LENGTH:
+            return value / STEPS_PER_SECOND, True
+        return None
+
     def event_seconds(self, i: int) -> float | None:
         """The length of a TIME_SHIFT event; 0.0 for every other event (the clock moves from onset to onset)."""
         i = self._checked_id(i)

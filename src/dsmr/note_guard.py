@@ -15,6 +15,11 @@ the pitches sounding and when each started, and before every draw bans what woul
   as a synthesizer steals a voice, let it add notes as fast as before: measured in docs/generation.md.)
 
 Everything else is the model's choice, renormalised over what is left (dsmr.generation.sample_next).
+
+Encodings that give each note its length at its onset (the duration encoding) cannot leave a note hanging,
+but a model can still choose a length longer than any pianist holds a note. `LengthGuard` applies
+`max_note_seconds` there: it bans the length events that would make the note being written longer than the
+limit (the shortest completion always fits, so it never forces anything). Most notes at once needs NOTE_OFFs.
 """
 
 from __future__ import annotations
@@ -36,21 +41,45 @@ def has_note_offs(tokenizer) -> bool:
     return off_pitch is not None and any(off_pitch(i) is not None for i in range(tokenizer.vocab_size))
 
 
+def has_note_lengths(tokenizer) -> bool:
+    """Whether the encoding gives each note its length at its onset (length events after the note)."""
+    return callable(getattr(tokenizer, "length_seconds", None))
+
+
 def guard_for(tokenizer, max_note_seconds: Optional[float] = None, max_polyphony: Optional[int] = None) -> dict:
     """SamplingConfig fields from a command line's or the page's guard options: None means dsmr.playing's
-    default (for encodings with NOTE_OFFs; none for others), 0 means no limit."""
+    default for the encoding (NOTE_OFFs: longest note and most at once; lengths at onset: longest note;
+    other encodings: none), 0 means no limit."""
     from dsmr import playing
 
-    offs = has_note_offs(tokenizer)
+    offs, lengths = has_note_offs(tokenizer), has_note_lengths(tokenizer)
     if max_note_seconds is None:
-        max_note_seconds = playing.MAX_NOTE_SECONDS if offs else 0
+        max_note_seconds = (playing.MAX_NOTE_SECONDS if offs else
+                            playing.MAX_NOTE_SECONDS_LENGTHS_AT_ONSET if lengths else 0)
     if max_polyphony is None:
         max_polyphony = playing.MAX_POLYPHONY if offs else 0
     guard = {"max_note_seconds": float(max_note_seconds) or None, "max_polyphony": int(max_polyphony) or None}
-    if (guard["max_note_seconds"] or guard["max_polyphony"]) and not offs:
-        raise DsmrError(f"the note guard (longest note, most notes at once) needs an encoding whose notes end "
-                        f"with NOTE_OFF events; {tokenizer!r} gives each note its length, so none can hang")
+    if guard["max_polyphony"] and not offs:
+        raise DsmrError(f"the most-notes-at-once limit (max_polyphony) needs an encoding whose notes end with "
+                        f"NOTE_OFF events; {tokenizer!r} has none (use 0)")
+    if guard["max_note_seconds"] and not (offs or lengths):
+        raise DsmrError(f"the longest-note limit (max_note_seconds) needs an encoding whose notes end with "
+                        f"NOTE_OFF events or carry their length; {tokenizer!r} has neither (use 0)")
     return guard
+
+
+def make_guard(tokenizer, num_lanes: int, max_note_seconds: Optional[float] = None,
+               max_polyphony: Optional[int] = None, device=None):
+    """The guard for the encoding (NoteGuard for NOTE_OFFs, LengthGuard for lengths at onset); None when
+    both limits are off."""
+    if max_note_seconds is None and max_polyphony is None:
+        return None
+    if has_note_lengths(tokenizer) and not has_note_offs(tokenizer):
+        if max_polyphony is not None:
+            raise DsmrError(f"max_polyphony needs an encoding whose notes end with NOTE_OFF events; {tokenizer!r} "
+                            "gives each note its length")
+        return LengthGuard(tokenizer, num_lanes, max_note_seconds, device=device)
+    return NoteGuard(tokenizer, num_lanes, max_note_seconds, max_polyphony, device=device)
 
 
 class NoteGuard:
@@ -117,6 +146,48 @@ class NoteGuard:
                 ban[lane] = True
                 ban[lane, self.off_ids[must_end[lane, self.off_ids_pitch]]] = False
                 self.forced_events += 1
+        return torch.from_numpy(ban).to(self.device)
+
+
+class LengthGuard:
+    """No note longer than `max_note_seconds` in an encoding that writes each note's length after it (NOTE,
+    then whole-second and fine length events). Per lane: the seconds already given to the note being
+    written (NaN when none is), and the length events that would carry it past the limit."""
+
+    forced_events = 0  # the shortest completion always fits: nothing is ever forced
+
+    def __init__(self, tokenizer, num_lanes: int, max_note_seconds: float, device=None):
+        if not has_note_lengths(tokenizer):
+            raise DsmrError(f"LengthGuard needs an encoding that gives each note its length; {tokenizer!r} has none")
+        parts = [tokenizer.length_seconds(i) for i in range(tokenizer.vocab_size)]
+        self.device = device
+        self.max_note_seconds = float(max_note_seconds)
+        self.starts = np.array([tokenizer.note_pitch(i) is not None for i in range(tokenizer.vocab_size)])
+        self.adds = np.array([0.0 if p is None else p[0] for p in parts])
+        self.completes = np.array([p is not None and p[1] for p in parts])
+        self.extends = np.array([p is not None and not p[1] for p in parts])
+        # the shortest length that completes a note: after the last whole second, at least this much comes
+        self.min_completion = float(self.adds[self.completes].min()) if self.completes.any() else 0.0
+        self.written = np.full(num_lanes, np.nan)
+
+    def feed(self, ids: Sequence[int]) -> None:
+        """Account for a prompt's events, in every lane."""
+        for token in ids:
+            self.update(np.full(len(self.written), int(token)))
+
+    def update(self, tokens) -> None:
+        """Account for the event just drawn in each lane ([lanes] ids: a tensor or an array)."""
+        if isinstance(tokens, torch.Tensor):
+            tokens = tokens.cpu().numpy()
+        extending = self.extends[tokens] & ~np.isnan(self.written)
+        self.written = np.where(self.starts[tokens], 0.0,
+                                np.where(extending, self.written + self.adds[tokens], np.nan))
+
+    def banned(self) -> Tensor:
+        """Bool [lanes, vocab]: the length events that would make the current note too long."""
+        written = np.nan_to_num(self.written, nan=-np.inf)[:, None]
+        total = written + self.adds[None] + np.where(self.extends, self.min_completion, 0.0)[None]
+        ban = (self.extends | self.completes)[None] & (total > self.max_note_seconds + 1e-9)
         return torch.from_numpy(ban).to(self.device)
 
 

@@ -15,6 +15,9 @@ MIN_PITCH, MAX_PITCH = 21, 108  # the piano's keys
 # sound, and the most notes at once (0: no limit).
 MAX_NOTE_SECONDS = 4.0
 MAX_POLYPHONY = 8
+# For encodings that give each note its length at its onset (the duration encoding): no note can hang, but a
+# model can still choose a length no pianist holds; the longest allowed.
+MAX_NOTE_SECONDS_LENGTHS_AT_ONSET = 10.0
 # How decoding keeps the projection weights (dsmr.generation.precision): "auto" is int8 on a CPU where dsmr's
 # kernels load (float16 where they do not), float32 elsewhere.
 PRECISIONS = ("float32", "float16", "int8")

@@ -53,13 +53,15 @@ def register(subparsers) -> None:
     sampling.add_argument("--max-pitch", type=bounded(int, 0, 127), default=playing.MAX_PITCH, metavar="PITCH",
                           help=f"never start a note above this MIDI pitch (default {playing.MAX_PITCH}: the piano's "
                                "highest)")
-    guard = parser.add_argument_group("note guard (encodings whose notes end with a NOTE_OFF, such as the "
-                                      "performance encoding: no note can hang)")
+    guard = parser.add_argument_group("note guard (no note can hang: in encodings whose notes end with a "
+                                      "NOTE_OFF, such as the performance encoding, both limits; in encodings that "
+                                      "give each note its length, the longest note)")
     guard.add_argument("--max-note-seconds", type=bounded(float, 0.0, 3600.0), metavar="S",
-                       help=f"end any note that has sounded S seconds (default {playing.MAX_NOTE_SECONDS:g}; "
-                            "0: no limit)")
+                       help=f"no note longer than S seconds (default {playing.MAX_NOTE_SECONDS:g} with NOTE_OFFs, "
+                            f"{playing.MAX_NOTE_SECONDS_LENGTHS_AT_ONSET:g} with lengths at the onset; 0: no limit)")
     guard.add_argument("--max-polyphony", type=bounded(int, 0, 128), metavar="N",
-                       help=f"start no note while N notes sound (default {playing.MAX_POLYPHONY}; 0: no limit)")
+                       help=f"start no note while N notes sound (NOTE_OFF encodings; default {playing.MAX_POLYPHONY}; "
+                            "0: no limit)")
     outputs = parser.add_argument_group("outputs")
     outputs.add_argument("--wav", type=Path, metavar="FILE.wav", help="also render a WAV with FluidSynth")
     outputs.add_argument("--soundfont", type=Path, metavar="FILE.sf2",

@@ -20,7 +20,7 @@ from dsmr.generation.decoder import IncrementalDecoder, compile_available
 from dsmr.generation.precision import decoding_state_dtype
 from dsmr.generation.prompts import MusicClock
 from dsmr.generation.sampling import SamplingConfig, banned_mask, sample_next
-from dsmr.note_guard import NoteGuard
+from dsmr.note_guard import LengthGuard, NoteGuard, make_guard
 
 
 @dataclass
@@ -132,9 +132,8 @@ def generate_batch(model, tokenizer, segment_len: int, prompt_ids: Optional[Sequ
     generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
     banned = banned_mask(tokenizer, sampling, device=device)[None]
     lanes = _Lanes(tokenizer, sampling, prompt, B, progress)
-    guard = None
-    if sampling.guards_notes:
-        guard = NoteGuard(tokenizer, B, sampling.max_note_seconds, sampling.max_polyphony, device=device)
+    guard = make_guard(tokenizer, B, sampling.max_note_seconds, sampling.max_polyphony, device=device)
+    if guard is not None:
         guard.feed(prompt.tolist())
     with PeakMemory(device) as meter, torch.inference_mode():
         decoder = IncrementalDecoder(model, segment_len, batch_size=B, device=device, compile=bool(compile),
@@ -183,7 +182,7 @@ def _prefill(decoder: "IncrementalDecoder", tokenizer, prompt: np.ndarray) -> Te
 
 
 def _sample_lanes(decoder: "IncrementalDecoder", logits: Tensor, lanes: "_Lanes", sampling: SamplingConfig,
-                  generator, banned: Tensor, guard: Optional[NoteGuard] = None) -> None:
+                  generator, banned: Tensor, guard: Optional[NoteGuard | LengthGuard] = None) -> None:
     """Sample, record and step until every lane has stopped (or Ctrl-C: the live lanes stop 'interrupted')."""
     step_input = torch.zeros(decoder.batch_size, dtype=torch.long, device=decoder.device)
     try:
