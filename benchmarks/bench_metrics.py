@@ -12,6 +12,8 @@ For --prompts test pieces (seeded, each at least --seconds long) the model conti
   |log(window / prompt)| for the 10 s right after the prompt and the last 10 s, against the same measured on
   the real continuations (0: the texture kept exactly).
 
+Sampling, unless set: what `dsmr generate` plays with (the model's own temperature and top-p, the note
+guard's defaults for its encoding); `--max-note-seconds 0 --max-polyphony 0` samples without any guard.
 Writes OUT/bench.json, OUT/bench.md (the tables) and OUT/bench.png, and the MIDI of every sample.
 
     .venv/bin/python benchmarks/bench_metrics.py MODEL --cache CACHE --out OUT [--prompts 32] [--from-nothing 16]
@@ -49,10 +51,11 @@ def main() -> int:
     p.add_argument("--prompt-seconds", type=float, default=10.0)
     p.add_argument("--seconds", type=float, default=40.0, help="length of each piece, prompt included")
     p.add_argument("--min-notes", type=int, default=8, help="fewer notes after the prompt: near-empty")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--max-note-seconds", type=float, help="the note guard's longest note (default, or 0: off)")
-    p.add_argument("--max-polyphony", type=int, help="the note guard's most notes at once (default, or 0: off)")
+    # unset, each is what `dsmr generate` plays with: the model's own temperature and top-p, the guard's defaults
+    p.add_argument("--temperature", type=float, help="default: the model's own (dsmr.playing.sampling_defaults)")
+    p.add_argument("--top-p", type=float, help="default: the model's own")
+    p.add_argument("--max-note-seconds", type=float, help="the longest note (default: dsmr generate's; 0: off)")
+    p.add_argument("--max-polyphony", type=int, help="the most notes at once (default: dsmr generate's; 0: off)")
     p.add_argument("--precision", default="auto", choices=("auto", "float32", "float16", "int8"))
     p.add_argument("--label", help="name of this configuration in the tables (default: the model folder)")
     p.add_argument("--seed", type=int, default=0)
@@ -63,13 +66,20 @@ def main() -> int:
 
     from dsmr.cache import TokenCache
     from dsmr.model import load_model
+    from dsmr import playing
     from dsmr.generation import SamplingConfig, generate, resolve_precision, with_precision
+    from dsmr.note_guard import guard_for
 
     torch.set_num_threads(args.threads)
     model = load_model(args.model)
     tokenizer, segment_len = model.tokenizer, model.segment_len
     precision = resolve_precision(model, args.precision)  # "auto" resolved as dsmr generate does
     model = with_precision(model, precision)
+    own = playing.sampling_defaults(model.run_config)
+    args.temperature = own["temperature"] if args.temperature is None else args.temperature
+    args.top_p = own["top_p"] if args.top_p is None else args.top_p
+    guard = guard_for(tokenizer, args.max_note_seconds, args.max_polyphony)
+    args.max_note_seconds, args.max_polyphony = guard["max_note_seconds"], guard["max_polyphony"]
     cache = TokenCache(args.cache)
     if cache.tokenizer.config_hash() != tokenizer.config_hash():
         sys.exit(f"{args.cache} is not in {args.model}'s encoding")
@@ -84,8 +94,8 @@ def main() -> int:
 
     def sampling(seed: int) -> SamplingConfig:
         return SamplingConfig(temperature=args.temperature, top_p=args.top_p, seed=seed, max_seconds=args.seconds,
-                              max_tokens=None, stop_at_eos=False, max_note_seconds=args.max_note_seconds or None,
-                              max_polyphony=args.max_polyphony or None)
+                              max_tokens=None, stop_at_eos=False, max_note_seconds=args.max_note_seconds,
+                              max_polyphony=args.max_polyphony)
 
     start, events = time.perf_counter(), 0
     continued, real, scratch = [], [], []

@@ -4,6 +4,7 @@ old run folders and studies keep the values they were trained with."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 
 import pytest
@@ -97,8 +98,10 @@ def test_dsmr_generate_and_the_app_play_with_the_same_defaults_and_refuse_the_sa
 
     args = build_parser().parse_args(["generate", "R", "--out", "o.mid"])
     page = {k: p.default for k, p in inspect.signature(generate_variations).parameters.items()}
-    for name in ("temperature", "top_p", "min_pitch", "max_pitch"):
+    for name in ("min_pitch", "max_pitch"):
         assert getattr(args, name) == page[name] == getattr(playing, name.upper()), name
+    # temperature and top-p: None on both sides means the model's own (dsmr.playing.sampling_defaults)
+    assert args.temperature is None and page["temperature"] is None and args.top_p is None and page["top_p"] is None
     # the guard: None on both sides means dsmr.playing's values (dsmr.note_guard.guard_for)
     assert args.max_note_seconds is None and page["max_note_seconds"] is None
     assert args.max_polyphony is None and page["max_polyphony"] is None
@@ -117,3 +120,19 @@ def build_parser_refuses(argv) -> bool:
     from dsmr.cli import main
 
     return main(argv) == 2
+
+
+def test_a_model_folder_names_its_own_temperature_and_top_p_and_bad_values_are_refused(tmp_path):
+    from dsmr import playing
+    from dsmr.app import local_sampling_defaults
+
+    assert playing.sampling_defaults(None) == {"temperature": playing.TEMPERATURE, "top_p": playing.TOP_P}
+    own = {"playing": {"temperature": 1.05}}
+    assert playing.sampling_defaults(own) == {"temperature": 1.05, "top_p": playing.TOP_P}
+    for bad in ({"temperature": "hot"}, {"top_p": 0}, {"temperature": playing.MAX_TEMPERATURE + 1}, [1.0]):
+        with pytest.raises(DsmrError, match="playing"):
+            playing.sampling_defaults({"playing": bad})
+    (tmp_path / "config.json").write_text(json.dumps(own))
+    assert local_sampling_defaults(tmp_path)["temperature"] == 1.05
+    assert local_sampling_defaults(tmp_path / "missing") == playing.sampling_defaults(None)
+

@@ -4,6 +4,7 @@ prompts and the `dsmr generate` command."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -369,6 +370,21 @@ def test_cli_generates_midi_pianoroll_and_json(run_dir, tmp_path, capsys):
                  "--no-progress"]) == 0
     assert again.read_bytes() == out.read_bytes()
     assert "wrote" in capsys.readouterr().out
+
+
+def test_cli_plays_with_the_models_own_temperature_unless_told(run_dir, tmp_path, capsys):
+    from dsmr import playing
+
+    own = tmp_path / "own"
+    shutil.copytree(run_dir, own)
+    config = json.loads((own / "config.json").read_text())
+    (own / "config.json").write_text(json.dumps(dict(config, playing={"temperature": 1.25, "top_p": 0.9})))
+    base = ["--out", str(tmp_path / "x.mid"), "--max-tokens", "20", "--seed", "1", "--json", "--no-progress"]
+    for folder, extra, expected in [(run_dir, [], (playing.TEMPERATURE, playing.TOP_P)), (own, [], (1.25, 0.9)),
+                                    (own, ["--temperature", "0.7"], (0.7, 0.9))]:
+        assert main(["generate", str(folder), *base, *extra]) == 0
+        report = json.loads(capsys.readouterr().out)
+        assert (report["temperature"], report["top_p"]) == expected, (folder, extra)
 
 
 @pytest.mark.parametrize("precision", ["float16", "int8", "auto"])

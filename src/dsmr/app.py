@@ -7,6 +7,7 @@ told otherwise). Gradio is an optional extra: `pip install "dsmr[app]"`.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import threading
@@ -118,14 +119,26 @@ def check_request(prompt_seconds, seconds, temperature, top_p, variations, min_p
         raise DsmrError(f"pitch range must satisfy 0 <= lowest <= highest <= 127, got {min_pitch}..{max_pitch}")
 
 
+def local_sampling_defaults(ref) -> dict:
+    """The temperature and top-p of the model at `ref` (dsmr.playing.sampling_defaults) when `ref` is a local
+    folder, read from its config.json without loading it; dsmr.playing's values for anything else."""
+    path = Path(str(ref or "").strip() or ".") / "config.json"
+    try:
+        config = json.loads(path.read_text()) if path.is_file() else None
+        return playing.sampling_defaults(config)
+    except (OSError, ValueError, DsmrError):
+        return playing.sampling_defaults(None)  # the load itself says what is wrong with the folder
+
+
 def generate_variations(loaded: Loaded, prompt_path, out_dir, *, prompt_seconds: float | None = 10.0,
-                        seconds: float = 30.0, temperature: float = playing.TEMPERATURE,
-                        top_p: float = playing.TOP_P, seed: int | None = None, variations: int = 1,
+                        seconds: float = 30.0, temperature: float | None = None,
+                        top_p: float | None = None, seed: int | None = None, variations: int = 1,
                         min_pitch: int = playing.MIN_PITCH, max_pitch: int = playing.MAX_PITCH,
                         max_note_seconds: float | None = None, max_polyphony: int | None = None,
                         render_audio: bool = True, progress=None) -> list[dict]:
     """Continue `prompt_path` (None: start from nothing) `variations` times (seeds seed, seed + 1, ...).
 
+    `temperature`, `top_p`: None takes the model's own (dsmr.playing.sampling_defaults).
     `max_note_seconds`, `max_polyphony`: the note guard (None: dsmr.playing's defaults; 0: no limit).
     Each result: {"midi", "pianoroll", "wav" (None without FluidSynth), "audio_note", and the generation
     summary}. DsmrError for bad input (non-MIDI prompt, no notes, settings out of range)."""
@@ -139,6 +152,9 @@ def generate_variations(loaded: Loaded, prompt_path, out_dir, *, prompt_seconds:
     min_pitch, max_pitch = int(min_pitch), int(max_pitch)
     if prompt_path is None:
         prompt_seconds = None
+    own = playing.sampling_defaults(loaded.config)
+    temperature = own["temperature"] if temperature is None else temperature
+    top_p = own["top_p"] if top_p is None else top_p
     check_request(prompt_seconds, seconds, temperature, top_p, variations, min_pitch, max_pitch)
     tokenizer = loaded.tokenizer
     prompt = None
@@ -265,8 +281,9 @@ def build_app(model=None, cache=None, device: str = "cpu", out_root=None, render
                                            label="Seconds of the prompt to keep")
                 seconds = gr.Slider(2, MAX_SECONDS, value=30, step=1, label="Length of the piece (seconds)")
                 with gr.Row():
-                    temperature = gr.Slider(0, 2, value=playing.TEMPERATURE, step=0.05, label="Temperature")
-                    top_p = gr.Slider(0.05, 1, value=playing.TOP_P, step=0.01, label="Top-p")
+                    own = local_sampling_defaults(model)  # the model's own; again whenever the model changes
+                    temperature = gr.Slider(0, 2, value=own["temperature"], step=0.05, label="Temperature")
+                    top_p = gr.Slider(0.05, 1, value=own["top_p"], step=0.01, label="Top-p")
                 with gr.Row():
                     seed = gr.Number(value=0, precision=0, label="Seed (same seed: same piece)")
                     variations = gr.Slider(1, MAX_VARIATIONS, value=1, step=1, label="Variations")
@@ -281,6 +298,8 @@ def build_app(model=None, cache=None, device: str = "cpu", out_root=None, render
                 button = gr.Button("Generate", variant="primary", elem_id="generate")
             with gr.Column(scale=2):
                 status, groups, audios, rolls, files = _result_column(gr, ready=bool(model))
+        model_box.blur(lambda ref: [local_sampling_defaults(ref)[k] for k in ("temperature", "top_p")],
+                       inputs=model_box, outputs=[temperature, top_p])
         button.click(run, inputs=[model_box, upload, piece, prompt_seconds, seconds, temperature, top_p, seed,
                                   variations, min_pitch, max_pitch, max_note_seconds, max_polyphony],
                      outputs=[status] + groups + audios + rolls + files, api_name="generate",

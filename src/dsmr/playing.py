@@ -22,3 +22,21 @@ MAX_NOTE_SECONDS_LENGTHS_AT_ONSET = 10.0
 # kernels load (float16 where they do not), float32 elsewhere.
 PRECISIONS = ("float32", "float16", "int8")
 PRECISION = "auto"
+
+
+def sampling_defaults(run_config: dict | None) -> dict:
+    """The temperature and top-p a model plays with unless told otherwise: a model folder's config.json may
+    name them under "playing" (what its card measured best for that model); this module's values otherwise."""
+    from dsmr.errors import DsmrError
+
+    chosen = {"temperature": TEMPERATURE, "top_p": TOP_P}
+    own = (run_config or {}).get("playing") or {}
+    if not isinstance(own, dict):
+        raise DsmrError(f'config.json: "playing" must be an object like {chosen}, got {own!r}')
+    for key, (low, high) in (("temperature", (0.0, MAX_TEMPERATURE)), ("top_p", (1e-6, 1.0))):
+        value = own.get(key, chosen[key])
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+            raise DsmrError(f'config.json: "playing"."{key}" must be a number in [{low:g}, {high:g}], got {value!r}')
+        chosen[key] = float(value)
+    return chosen
+

@@ -38,14 +38,13 @@ def register(subparsers) -> None:
                              "the length you asked for (as in `dsmr app`)")
     length.add_argument("--ignore-eos", action="store_true", help=argparse.SUPPRESS)  # the default now
     sampling = parser.add_argument_group("sampling")
-    sampling.add_argument("--temperature", type=bounded(float, 0.0, playing.MAX_TEMPERATURE),
-                          default=playing.TEMPERATURE, metavar="T",
+    sampling.add_argument("--temperature", type=bounded(float, 0.0, playing.MAX_TEMPERATURE), metavar="T",
                           help="higher: more adventurous, lower: safer; 0 picks the most likely event "
-                               f"(default {playing.TEMPERATURE:g})")
+                               f"(default: the model's own, from its config.json, else {playing.TEMPERATURE:g})")
     sampling.add_argument("--top-k", type=bounded(int, 0, 10**6), default=0, metavar="K", help="sample among the K most likely events (0: all)")
-    sampling.add_argument("--top-p", type=bounded(float, 1e-6, 1.0), default=playing.TOP_P, metavar="P",
-                          help="sample among the most likely events that make up probability P (default "
-                               f"{playing.TOP_P:g}; 1: all)")
+    sampling.add_argument("--top-p", type=bounded(float, 1e-6, 1.0), metavar="P",
+                          help="sample among the most likely events that make up probability P (default: the "
+                               f"model's own, else {playing.TOP_P:g}; 1: all)")
     sampling.add_argument("--seed", type=bounded(int, 0, 2**63 - 1), metavar="N", help="random seed: the same seed gives the same piece")
     sampling.add_argument("--min-pitch", type=bounded(int, 0, 127), default=playing.MIN_PITCH, metavar="PITCH",
                           help=f"never start a note below this MIDI pitch (default {playing.MIN_PITCH}: the piano's "
@@ -99,8 +98,9 @@ def run(args: argparse.Namespace) -> int:
     from dsmr.render import find_fluidsynth, find_soundfont, plot_pianoroll, render_wav
 
     max_tokens = args.max_tokens if args.max_tokens is not None else (None if args.max_seconds else 2048)
-    sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                              max_tokens=max_tokens, max_seconds=args.max_seconds, stop_at_eos=args.stop_at_eos)
+    # temperature and top-p are settled once the model (and its own defaults) is loaded
+    sampling = SamplingConfig(top_k=args.top_k, seed=args.seed, max_tokens=max_tokens, max_seconds=args.max_seconds,
+                              stop_at_eos=args.stop_at_eos)
     sampling.validate()
     if args.wav is not None:  # fail before a long generation, not after it
         find_fluidsynth()
@@ -123,12 +123,17 @@ def run(args: argparse.Namespace) -> int:
     precision = resolve_precision(model, args.precision)
     model = with_precision(model, precision)
 
+    chosen = playing.sampling_defaults(config)
+    chosen.update({k: v for k, v in (("temperature", args.temperature), ("top_p", args.top_p)) if v is not None})
+    sampling = dataclasses.replace(sampling, **chosen)
     sampling = dataclasses.replace(sampling, **guard_for(tokenizer, args.max_note_seconds, args.max_polyphony))
     sampling = dataclasses.replace(sampling, banned_ids=pitch_bans(tokenizer, args.min_pitch, args.max_pitch))
 
     results = generate_batch(model, tokenizer, segment_len, prompt_ids, sampling, num_samples=args.num_samples,
                              progress=args.progress, compile=args.compile)
-    runtime = {"precision": precision, "device": str(device), "threads": torch.get_num_threads(),
+    runtime = {"temperature": sampling.temperature, "top_p": sampling.top_p,
+               "max_note_seconds": sampling.max_note_seconds, "max_polyphony": sampling.max_polyphony,
+               "precision": precision, "device": str(device), "threads": torch.get_num_threads(),
                "kernels": kernels.loaded(),
                "segment_len": segment_len, "horizons": list(model.cfg.horizons)}
     samples = []
