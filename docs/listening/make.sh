@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The listening set: the first 10 s of four MAESTRO test-split performances, continued to 40 s by a model dsmr
-# ships, with dsmr generate's defaults (the note guard on where the encoding has note-offs), seed 1.
+# ships, with dsmr generate's defaults (the model's own temperature and top-p, the note guard for its encoding), seed 1.
 # Usage: bash docs/listening/make.sh MAESTRO_ROOT [MODEL_FOLDER]   (default models/maestro-duration-small)
 # writes docs/listening/<the model folder's name>/NAME.mid and NAME.png
 set -euo pipefail
