@@ -7,6 +7,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -53,6 +54,8 @@ def _check_outputs(folder, expected):
     markdown = (folder / "results.md").read_text()
     for variant, _ in expected:
         assert f"| `{variant}` |" in markdown
+    for link in re.findall(r"!\[[^]]*\]\(([^)]+)\)", markdown):  # every figure it shows exists
+        assert (folder / link).is_file(), link
     return rows
 
 
@@ -164,6 +167,8 @@ def test_final_evaluation_and_recipe_options_reach_the_table(bach_cache, tmp_pat
         assert r["test_pieces"] == bach_cache.num_pieces("test") and math.isfinite(r["test_ppl"])
     markdown = (tmp_path / "s" / "results.md").read_text()
     assert "test PPL" in markdown and "val PPL, all pieces" in markdown and "untied output head" in markdown
+    # no gated variant: no gates figure, and no link to one
+    assert "gates.png" not in markdown and not (tmp_path / "s" / "figures" / "gates.png").exists()
 
 
 def test_epochs_train_every_variant_for_whole_passes(bach_cache, tmp_path):

@@ -152,7 +152,7 @@ def results_csv(records: list[dict]) -> str:
     return buf.getvalue()
 
 
-def results_markdown(records: list[dict], command: str | None = None, sources=None) -> str:
+def results_markdown(records: list[dict], command: str | None = None, sources=None, figures=None) -> str:
     rows = summarize(records)
     seeds = sorted({r["seed"] for r in records})
     first = records[0]
@@ -217,8 +217,8 @@ def results_markdown(records: list[dict], command: str | None = None, sources=No
         lines.append(f"- `{row['variant']}`: {row['description']}")
     lines += ["", "## Figures", ""]
     for name, caption in FIGURES:
-        lines.append(f"![{caption}]({FIGURES_DIR}/{name}.png)")
-        lines.append("")
+        if figures is None or name in figures:  # `figures`: the names drawn (no gates without gated variants)
+            lines += [f"![{caption}]({FIGURES_DIR}/{name}.png)", ""]
     lines += ["## Reproduce", "", "```", command or "(run through the Python API: dsmr.study.run_study)"]
     lines += [f"# from: {' '.join(sources)}"] if sources else []
     commands = sorted({r["command"] for r in records if r.get("command")})
@@ -264,8 +264,8 @@ def write_report(out_dir, records: list[dict], command: str | None = None, sourc
     out_dir = Path(out_dir)
     if not records:
         raise DsmrError(f"no study results to report in {out_dir}")
+    figures = plot_all(records, out_dir / FIGURES_DIR)
     written = [out_dir / "results.csv", out_dir / "results.md"]
     atomic_write_text(written[0], results_csv(records))
-    atomic_write_text(written[1], results_markdown(records, command, sources))
-    written += plot_all(records, out_dir / FIGURES_DIR)
-    return written
+    atomic_write_text(written[1], results_markdown(records, command, sources, {p.stem for p in figures}))
+    return written + figures
