@@ -321,7 +321,7 @@ def test_a_run_folder_from_before_the_recipe_options_loads_and_resumes(bach_cach
 
 
 def test_the_gate_choices_of_the_options_are_the_models():
-    from dsmr.model import GATES
+    from dsmr.model_config import GATES
     from dsmr.train_config import GATE_KINDS
 
     assert GATE_KINDS == GATES

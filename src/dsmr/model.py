@@ -14,7 +14,7 @@ stack, `RotaryEmbedding` gives cos/sin for any absolute positions (docs/architec
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from dsmr import kernels
 from dsmr.errors import DsmrError
-from dsmr.model_config import GATES, MEMORIES, NORMS, DSMRConfig  # noqa: F401  (DSMRConfig: re-exported)
+from dsmr.model_config import DSMRConfig  # noqa: F401  (re-exported: `from dsmr.model import DSMRConfig`)
 
 # Bias of a hard-closed STE gate: exp(-1000) underflows to exactly 0, so the memory is dropped, yet the
 # value stays finite (an -inf key component would give 0 * inf = NaN in the attention backward).
