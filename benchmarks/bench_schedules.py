@@ -44,6 +44,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="MAESTRO root, to build the cache")
     p.add_argument("--limit", type=int, default=16, help="MAESTRO files in the slice (when building)")
     p.add_argument("--schedules", default=",".join(SCHEDULES))
+    p.add_argument("--explicit", action="append", default=[], metavar="NAME=H0,H1,...",
+                   help="also time these horizons under this name (repeatable), e.g. the study's "
+                        "two-scale-inverse=64,64,512,512")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--repeats", type=int, default=2, help="runs per schedule; the fastest is reported")
     p.add_argument("--skip-steps", type=int, default=5, help="first steps left out of tokens/s")
@@ -82,6 +85,18 @@ def ensure_cache(args) -> Path:
     return TokenCache(args.cache).path
 
 
+def explicit_horizons(args) -> dict[str, tuple[int, ...]]:
+    """--explicit NAME=H0,H1,...: name -> horizons."""
+    out = {}
+    for spec in args.explicit:
+        name, _, horizons = spec.partition("=")
+        try:
+            out[name] = tuple(int(h) for h in horizons.split(","))
+        except ValueError:
+            sys.exit(f"--explicit {spec!r}: expected NAME=H0,H1,... (one horizon per layer)")
+    return out
+
+
 def run_worker(args) -> None:
     """Train one schedule and print its figures as JSON (runs in its own process)."""
     import torch
@@ -95,8 +110,11 @@ def run_worker(args) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    explicit = explicit_horizons(args)
+    schedule = "explicit" if args.worker in explicit else args.worker
     cfg = TrainConfig(layers=args.layers, d_model=args.d_model, heads=args.heads, segment=args.segment,
-                      batch_size=args.batch_size, schedule=args.worker, horizon=args.horizon,
+                      batch_size=args.batch_size, schedule=schedule, horizons=explicit.get(args.worker),
+                      horizon=args.horizon,
                       budget=args.budget, long_layers=args.long_layers, short=args.short, steps=args.steps,
                       eval_every=0, val_split=None, log_every=1, tensorboard=False, device=args.device,
                       memory=args.memory, tie_embeddings=True)
@@ -144,7 +162,7 @@ def main(argv=None) -> int:
     runs: dict[str, list[dict]] = {}
     argv_worker = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--json"]
     for round_ in range(args.repeats):  # rounds interleave the schedules, so a busy spell hits all of them
-        for schedule in args.schedules.split(","):
+        for schedule in [*args.schedules.split(","), *explicit_horizons(args)]:
             out = subprocess.run([sys.executable, __file__, *argv_worker, "--cache", str(args.cache), "--worker",
                                   schedule], capture_output=True, text=True)
             if out.returncode:
