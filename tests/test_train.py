@@ -317,7 +317,7 @@ def test_a_run_folder_from_before_the_recipe_options_loads_and_resumes(bach_cach
     more = train(tiny(memory="kv", init_std=0.02, steps=5), bach_cache, run, progress=False, resume=True)
     assert more["steps"] == 5
     with pytest.raises(DsmrError, match="memory: run 'kv', now 'hidden'"):
-        train(tiny(steps=6), bach_cache, run, progress=False, resume=True)
+        train(tiny(memory="hidden", init_std=0.02, steps=6), bach_cache, run, progress=False, resume=True)
 
 
 def test_the_gate_choices_of_the_options_are_the_models():
