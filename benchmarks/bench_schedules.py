@@ -192,13 +192,14 @@ def main(argv=None) -> int:
 def table(results: list[dict]) -> str:
     full = next((r for r in results if r["schedule"] == "full"), results[0])
     mib = 1024 * 1024
-    lines = [f"{'schedule':<10} {'horizons':<32} {'tokens/s':>9} {'x full':>7} {'peak MiB':>9} {'x full':>7} "
+    w = max(10, *(len(r["schedule"]) for r in results))  # the widest name (--explicit ones are long)
+    lines = [f"{'schedule':<{w}} {'horizons':<32} {'tokens/s':>9} {'x full':>7} {'peak MiB':>9} {'x full':>7} "
              f"{'state MiB':>9} {'x full':>7}",
-             "-" * 98]
+             "-" * (88 + w)]
     for r in results:
         def ratio(key):
             return f"{r[key] / full[key]:.2f}" if full[key] else "-"
-        lines.append(f"{r['schedule']:<10} {','.join(map(str, r['horizons'])):<32} {r['tokens_per_s']:>9.0f} "
+        lines.append(f"{r['schedule']:<{w}} {','.join(map(str, r['horizons'])):<32} {r['tokens_per_s']:>9.0f} "
                      f"{ratio('tokens_per_s'):>7} {r['peak_memory_bytes'] / mib:>9.1f} {ratio('peak_memory_bytes'):>7} "
                      f"{r['state_bytes'] / mib:>9.2f} {ratio('state_bytes'):>7}")
     lines.append(f"device: {full['device']}; peak memory: {full['memory_method']}; state: keys+values of all "
