@@ -149,7 +149,9 @@ def test_two_ranks_match_one_process_with_the_same_global_batch(bach_cache, two_
     for step, loss in ddp_losses.items():
         assert loss == pytest.approx(single_losses[step], rel=1e-5, abs=1e-5), step
     for name, w in reference["weights"].items():
-        torch.testing.assert_close(ranks[0]["weights"][name], w, rtol=1e-4, atol=1e-5, msg=name)
+        # the summation order differs (1e-7); Adam divides by sqrt(v), which turns that into up to ~1e-4 on
+        # the embedding rows of rare tokens (kv memory, 60 steps): a real difference of gradients is ~lr = 3e-3
+        torch.testing.assert_close(ranks[0]["weights"][name], w, rtol=1e-3, atol=5e-4, msg=name)
     # validation split across ranks and reduced: the same tokens and NLL as one process
     assert results[0]["tokens"] == single["tokens"] == sum(len(p) + 1 for p in bach_cache.pieces("validation")[:3])
     assert results[0]["nll"] == pytest.approx(single["nll"], rel=1e-5)

@@ -124,8 +124,8 @@ def test_train_and_eval_commands_print_json(bach_cache, tmp_path, capsys):
     assert code == 0, err
     trained = json.loads(out)
     assert REQUIRED | {"steps"} <= trained.keys() and trained["steps"] == 4
-    # dsmr train's default hidden memory keeps d_model values per position (kv would keep 2 x 32)
-    assert trained["pieces"] == 2 and trained["state_bytes"] == 96 * 32 * 4
+    # dsmr train's default kv memory keeps keys and values: 2 x heads x head_dim = 2 x 32 per position
+    assert trained["pieces"] == 2 and trained["state_bytes"] == 96 * 2 * 32 * 4
 
     code, out, err = run_cli(capsys, "eval", str(run), "--cache", str(bach_cache.path), "--split", "validation",
                              "--weights", "latest", "--json", "--no-progress", "--max-pieces", "2")
