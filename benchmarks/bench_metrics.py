@@ -75,9 +75,8 @@ def main() -> int:
     tokenizer, segment_len = model.tokenizer, model.segment_len
     precision = resolve_precision(model, args.precision)  # "auto" resolved as dsmr generate does
     model = with_precision(model, precision)
-    own = playing.sampling_defaults(model.run_config)
-    args.temperature = own["temperature"] if args.temperature is None else args.temperature
-    args.top_p = own["top_p"] if args.top_p is None else args.top_p
+    chosen = playing.sampling_defaults(model.run_config, args.temperature, args.top_p)
+    args.temperature, args.top_p = chosen["temperature"], chosen["top_p"]
     guard = guard_for(tokenizer, args.max_note_seconds, args.max_polyphony)
     args.max_note_seconds, args.max_polyphony = guard["max_note_seconds"], guard["max_polyphony"]
     cache = TokenCache(args.cache)

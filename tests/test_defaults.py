@@ -129,6 +129,7 @@ def test_a_model_folder_names_its_own_temperature_and_top_p_and_bad_values_are_r
     assert playing.sampling_defaults(None) == {"temperature": playing.TEMPERATURE, "top_p": playing.TOP_P}
     own = {"playing": {"temperature": 1.05}}
     assert playing.sampling_defaults(own) == {"temperature": 1.05, "top_p": playing.TOP_P}
+    assert playing.sampling_defaults(own, temperature=0.7, top_p=0.5) == {"temperature": 0.7, "top_p": 0.5}
     for bad in ({"temperature": "hot"}, {"top_p": 0}, {"temperature": playing.MAX_TEMPERATURE + 1}, [1.0]):
         with pytest.raises(DsmrError, match="playing"):
             playing.sampling_defaults({"playing": bad})

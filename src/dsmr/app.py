@@ -152,9 +152,8 @@ def generate_variations(loaded: Loaded, prompt_path, out_dir, *, prompt_seconds:
     min_pitch, max_pitch = int(min_pitch), int(max_pitch)
     if prompt_path is None:
         prompt_seconds = None
-    own = playing.sampling_defaults(loaded.config)
-    temperature = own["temperature"] if temperature is None else temperature
-    top_p = own["top_p"] if top_p is None else top_p
+    chosen = playing.sampling_defaults(loaded.config, temperature, top_p)
+    temperature, top_p = chosen["temperature"], chosen["top_p"]
     check_request(prompt_seconds, seconds, temperature, top_p, variations, min_pitch, max_pitch)
     tokenizer = loaded.tokenizer
     prompt = None

@@ -59,13 +59,19 @@ def guard_for(tokenizer, max_note_seconds: Optional[float] = None, max_polyphony
     if max_polyphony is None:
         max_polyphony = playing.MAX_POLYPHONY if offs else 0
     guard = {"max_note_seconds": float(max_note_seconds) or None, "max_polyphony": int(max_polyphony) or None}
-    if guard["max_polyphony"] and not offs:
+    _check_encoding(tokenizer, **guard)
+    return guard
+
+
+def _check_encoding(tokenizer, max_note_seconds: Optional[float], max_polyphony: Optional[int]) -> None:
+    """DsmrError when a limit that is on cannot apply to the encoding."""
+    offs = has_note_offs(tokenizer)
+    if max_polyphony is not None and not offs:
         raise DsmrError(f"the most-notes-at-once limit (max_polyphony) needs an encoding whose notes end with "
                         f"NOTE_OFF events; {tokenizer!r} has none (use 0)")
-    if guard["max_note_seconds"] and not (offs or lengths):
+    if max_note_seconds is not None and not (offs or has_note_lengths(tokenizer)):
         raise DsmrError(f"the longest-note limit (max_note_seconds) needs an encoding whose notes end with "
                         f"NOTE_OFF events or carry their length; {tokenizer!r} has neither (use 0)")
-    return guard
 
 
 def make_guard(tokenizer, num_lanes: int, max_note_seconds: Optional[float] = None,
@@ -74,12 +80,10 @@ def make_guard(tokenizer, num_lanes: int, max_note_seconds: Optional[float] = No
     both limits are off."""
     if max_note_seconds is None and max_polyphony is None:
         return None
-    if has_note_lengths(tokenizer) and not has_note_offs(tokenizer):
-        if max_polyphony is not None:
-            raise DsmrError(f"max_polyphony needs an encoding whose notes end with NOTE_OFF events; {tokenizer!r} "
-                            "gives each note its length")
-        return LengthGuard(tokenizer, num_lanes, max_note_seconds, device=device)
-    return NoteGuard(tokenizer, num_lanes, max_note_seconds, max_polyphony, device=device)
+    _check_encoding(tokenizer, max_note_seconds, max_polyphony)
+    if has_note_offs(tokenizer):
+        return NoteGuard(tokenizer, num_lanes, max_note_seconds, max_polyphony, device=device)
+    return LengthGuard(tokenizer, num_lanes, max_note_seconds, device=device)
 
 
 class NoteGuard:

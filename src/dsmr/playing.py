@@ -24,9 +24,10 @@ PRECISIONS = ("float32", "float16", "int8")
 PRECISION = "auto"
 
 
-def sampling_defaults(run_config: dict | None) -> dict:
-    """The temperature and top-p a model plays with unless told otherwise: a model folder's config.json may
-    name them under "playing" (what its card measured best for that model); this module's values otherwise."""
+def sampling_defaults(run_config: dict | None, temperature: float | None = None,
+                      top_p: float | None = None) -> dict:
+    """The temperature and top-p a model plays with: the ones given, else a model folder's config.json may
+    name them under "playing" (what its card measured best for that model), else this module's values."""
     from dsmr.errors import DsmrError
 
     chosen = {"temperature": TEMPERATURE, "top_p": TOP_P}
@@ -38,5 +39,6 @@ def sampling_defaults(run_config: dict | None) -> dict:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
             raise DsmrError(f'config.json: "playing"."{key}" must be a number in [{low:g}, {high:g}], got {value!r}')
         chosen[key] = float(value)
-    return chosen
+    given = {"temperature": temperature, "top_p": top_p}
+    return {key: value if given[key] is None else given[key] for key, value in chosen.items()}
 

@@ -123,9 +123,7 @@ def run(args: argparse.Namespace) -> int:
     precision = resolve_precision(model, args.precision)
     model = with_precision(model, precision)
 
-    chosen = playing.sampling_defaults(config)
-    chosen.update({k: v for k, v in (("temperature", args.temperature), ("top_p", args.top_p)) if v is not None})
-    sampling = dataclasses.replace(sampling, **chosen)
+    sampling = dataclasses.replace(sampling, **playing.sampling_defaults(config, args.temperature, args.top_p))
     sampling = dataclasses.replace(sampling, **guard_for(tokenizer, args.max_note_seconds, args.max_polyphony))
     sampling = dataclasses.replace(sampling, banned_ids=pitch_bans(tokenizer, args.min_pitch, args.max_pitch))
 
