@@ -134,6 +134,12 @@ def test_train_and_eval_commands_print_json(bach_cache, tmp_path, capsys):
     assert REQUIRED <= evaluated.keys()
     assert evaluated["tokens"] == sum(len(p) + 1 for p in bach_cache.pieces("validation")[:2])
     assert evaluated["nll"] == pytest.approx(trained["nll"], rel=1e-6)  # same weights, same streaming
+    # per note: the split's total NLL over its notes (one NOTE_ON each in the performance encoding)
+    tok = bach_cache.tokenizer
+    notes = sum(int(((p >= tok.note_on_base) & (p < tok.note_off_base)).sum())
+                for p in bach_cache.pieces("validation")[:2])
+    assert evaluated["notes"] == notes > 0
+    assert evaluated["nll_per_note"] == pytest.approx(evaluated["nll"] * evaluated["tokens"] / notes, rel=1e-12)
 
     code, out, err = run_cli(capsys, "eval", str(run / "best.safetensors"), "--cache", str(bach_cache.path),
                              "--split", "test", "--no-progress")

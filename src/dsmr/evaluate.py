@@ -30,13 +30,17 @@ NLL_BUCKETS = (0, 512, 2048, 8192)
 @torch.no_grad()
 def evaluate(model, pieces: Sequence[np.ndarray], batch_size: int, segment_len: int, *, pad_id: int = 0,
              bos_id: int = 1, eos_id: int = 2, device: str | torch.device | None = None, amp: bool = True,
-             buckets: Sequence[int] = NLL_BUCKETS, progress: bool = False) -> dict:
+             buckets: Sequence[int] = NLL_BUCKETS, notes: int | None = None, progress: bool = False) -> dict:
     """Perplexity of `model` over every token of `pieces` (event ids without BOS/EOS), streamed in full.
 
     The position of a target is its index in the piece's target sequence (0 = the first event, predicted
     from BOS alone). Returns ppl, nll, tokens, pieces, tokens_per_s, seconds, peak_memory_bytes,
     memory_method, state_bytes (per lane), state_bytes_batch, and nll_by_position: one entry per bucket
     with start, end (None = open), tokens, nll and ppl (None for an empty bucket).
+
+    `notes` (the notes the pieces hold, `tokenizer.count_notes(pieces)`) adds `notes` and `nll_per_note`:
+    the total NLL over the split divided by its notes, the scale on which models in encodings with different
+    tokens per note compare (`per_note`).
     """
     if len(pieces) == 0:
         raise DsmrError("evaluate: no pieces to evaluate")
@@ -81,8 +85,15 @@ def evaluate(model, pieces: Sequence[np.ndarray], batch_size: int, segment_len: 
         "peak_memory_bytes": meter.peak_bytes, "memory_method": meter.method,
         "state_bytes": state_bytes(model, 1, bpv), "state_bytes_batch": state_bytes(model, batch_size, bpv),
         "batch_size": batch_size, "segment_len": segment_len, "horizons": list(model.cfg.horizons),
-        "device": str(device), "nll_by_position": by_position,
+        "device": str(device), "nll_by_position": by_position, **per_note(nll, tokens, notes),
     }
+
+
+def per_note(nll: float, tokens: int, notes: int | None) -> dict:
+    """`notes` and `nll_per_note` (total NLL / notes, nats) from a mean NLL per token; {} without notes."""
+    if not notes:
+        return {}
+    return {"notes": int(notes), "nll_per_note": nll * tokens / notes}
 
 
 def format_report(result: dict, title: str = "evaluation") -> str:
@@ -90,7 +101,9 @@ def format_report(result: dict, title: str = "evaluation") -> str:
     mib = 1024 * 1024
     lines = [
         f"{title}: ppl {result['ppl']:.4f}  nll {result['nll']:.4f}  "
-        f"({result['tokens']} tokens, {result['pieces']} pieces)",
+        f"({result['tokens']} tokens, {result['pieces']} pieces)"
+        + (f"\nper note: {result['nll_per_note']:.4f} nats ({result['notes']} notes, "
+           f"{result['tokens'] / result['notes']:.2f} tokens per note)" if result.get("notes") else ""),
         f"speed: {result['tokens_per_s']:.0f} tokens/s on {result['device']}  "
         f"peak memory: {result['peak_memory_bytes'] / mib:.1f} MiB ({result['memory_method']})  "
         f"state: {result['state_bytes'] / mib:.2f} MiB per lane",

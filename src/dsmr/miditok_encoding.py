@@ -89,6 +89,10 @@ class MidiTokTokenizer(_TokenizerBase):
     def __repr__(self) -> str:
         return f"MidiTokTokenizer({self.tokenization}, vocab_size={self.vocab_size}, sustain={self.sustain})"
 
+    def pitch_range(self) -> tuple[int, int]:
+        low, end = self.miditok.config.pitch_range  # miditok's range excludes its end
+        return int(low), int(end) - 1
+
     # ---- vocabulary
 
     def vocabulary(self) -> list[str]:

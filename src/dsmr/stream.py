@@ -17,6 +17,11 @@ the lanes busy whatever the piece lengths). Two ways to end an epoch:
   still handed out once per epoch, and all of an epoch's pieces before any of the next; "N epochs" of
   training is the number of full batches that hold N epochs' segments (`steps_for_epochs`).
 
+Augmentation (training, `augment`): a lane that takes a piece reads `augment(ids, seed, epoch, piece)`
+instead (dsmr.augment: a function of those alone), so its length may differ from the cached piece's; a resume
+rebuilds what each lane was reading from the epoch it took its piece in. Epoch counts (`steps_for_epochs`)
+stay those of the cached pieces.
+
 Distributed training: the `world_size * batch_size` lanes of all ranks share one assignment, and rank r
 reads lanes `[r * batch_size, (r + 1) * batch_size)`. Ranks get disjoint pieces, their load stays
 balanced, and every rank sees the same number of batches per epoch (what DDP's collective calls need).
@@ -166,11 +171,15 @@ class PieceStream(_Stream):
 
     def __init__(self, pieces: Sequence[np.ndarray], batch_size: int, segment_len: int, bos_id: int,
                  eos_id: int, pad_id: int, shuffle: bool = True, seed: int = 0, rank: int = 0,
-                 world_size: int = 1, refill: bool = False):
+                 world_size: int = 1, refill: bool = False, augment=None):
         super().__init__(pieces, batch_size, segment_len, bos_id, eos_id, pad_id, shuffle, seed, rank, world_size)
         self.n_lanes = batch_size * world_size  # lanes of all ranks, assigned together
         self.refill = refill
+        self.augment = augment if augment is not None and augment.describe() is not None else None
         self._start_epoch(0)
+
+    def _fingerprint(self) -> dict:
+        return {**super()._fingerprint(), "augment": self.augment.describe() if self.augment else None}
 
     # ----- epoch plan -----
     def _order(self, epoch: int) -> np.ndarray:
@@ -181,6 +190,9 @@ class PieceStream(_Stream):
         self._begin_order(epoch)
         self._lane_piece = np.full(self.n_lanes, -1, dtype=np.int64)  # -1: idle
         self._lane_offset = np.zeros(self.n_lanes, dtype=np.int64)    # next input position to read
+        self._lane_epoch = np.zeros(self.n_lanes, dtype=np.int64)     # the epoch the lane took its piece in
+        self._lane_ids: list[np.ndarray | None] = [None] * self.n_lanes  # what the lane reads (augmented)
+        self._lane_inputs = np.zeros(self.n_lanes, dtype=np.int64)    # its inputs: len(ids) + 1
 
     def _begin_order(self, epoch: int) -> None:
         """Hand out pieces from `epoch`'s order (lanes keep what they are reading)."""
@@ -190,8 +202,15 @@ class PieceStream(_Stream):
         self.batches_in_epoch = 0                                # batches emitted so far this epoch
 
     def _lane_busy(self, lane: int) -> bool:
-        p = self._lane_piece[lane]
-        return p >= 0 and self._lane_offset[lane] < self.inputs_per_piece[p]
+        return self._lane_piece[lane] >= 0 and self._lane_offset[lane] < self._lane_inputs[lane]
+
+    def _take(self, lane: int, piece: int, epoch: int) -> None:
+        """Lane `lane` reads `piece`, taken in `epoch` (augmented when the stream augments)."""
+        ids = self.pieces[piece]
+        if self.augment is not None:
+            ids = self.augment(ids, self.seed, epoch, piece)
+        self._lane_piece[lane], self._lane_epoch[lane] = piece, epoch
+        self._lane_ids[lane], self._lane_inputs[lane] = ids, len(ids) + 1
 
     def count_batches(self, epoch: int | None = None) -> int:
         """Batches in a whole epoch (the current one by default), computed from piece lengths alone.
@@ -226,7 +245,7 @@ class PieceStream(_Stream):
                     self._begin_order(self.epoch + 1)
                 order = self._order_cache
                 if self._next < len(order):
-                    self._lane_piece[lane] = order[self._next]
+                    self._take(lane, int(order[self._next]), self.epoch)
                     self._lane_offset[lane] = 0
                     self._next += 1
                     started[lane] = True
@@ -236,11 +255,10 @@ class PieceStream(_Stream):
         first = self.rank * self.batch_size
         for row in range(self.batch_size):
             lane = first + row
-            p = self._lane_piece[lane]
-            if p >= 0:
+            if self._lane_piece[lane] >= 0:
                 start = int(self._lane_offset[lane])
-                count = min(T, int(self.inputs_per_piece[p]) - start)
-                writer.write(row, self.pieces[p], start, count, reset=bool(started[lane]))
+                count = min(T, int(self._lane_inputs[lane]) - start)
+                writer.write(row, self._lane_ids[lane], start, count, reset=bool(started[lane]))
         self._lane_offset[self._lane_piece >= 0] += T
         self.batches_in_epoch += 1
         if (not self.refill and self._next >= len(self._order_cache)
@@ -252,14 +270,18 @@ class PieceStream(_Stream):
     def state_dict(self) -> dict:
         return {"kind": "pieces", **self._fingerprint(), "epoch": self.epoch, "next": self._next,
                 "lane_piece": self._lane_piece.tolist(), "lane_offset": self._lane_offset.tolist(),
-                "batches_in_epoch": self.batches_in_epoch}
+                "lane_epoch": self._lane_epoch.tolist(), "batches_in_epoch": self.batches_in_epoch}
 
     def load_state_dict(self, state: dict) -> None:
         _check_fingerprint(state, {"kind": "pieces", **self._fingerprint()}, "PieceStream")
         self._start_epoch(int(state["epoch"]))
         self._next = int(state["next"])
-        self._lane_piece = np.asarray(state["lane_piece"], dtype=np.int64)
         self._lane_offset = np.asarray(state["lane_offset"], dtype=np.int64)
+        # streams saved before lanes recorded their epoch never augmented: their pieces are the cached ones
+        epochs = state.get("lane_epoch", [state["epoch"]] * self.n_lanes)
+        for lane, (piece, epoch) in enumerate(zip(state["lane_piece"], epochs)):
+            if piece >= 0:
+                self._take(lane, int(piece), int(epoch))
         self.batches_in_epoch = int(state["batches_in_epoch"])
 
 

@@ -36,7 +36,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Protocol, Sequence, runtime_checkable
+from typing import Iterable, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 import symusic
@@ -77,6 +77,8 @@ class Tokenizer(Protocol):
     def seconds(self, ids: Sequence[int]) -> float: ...
     def note_pitch(self, i: int) -> int | None: ...
     def note_off_pitch(self, i: int) -> int | None: ...
+    def pitch_range(self) -> tuple[int, int]: ...
+    def count_notes(self, pieces: Iterable[Sequence[int] | np.ndarray]) -> int: ...
     def event_seconds(self, i: int) -> float | None: ...
 
 
@@ -264,6 +266,22 @@ class _TokenizerBase:
         their duration, which cannot leave a note hanging)."""
         return None
 
+    def pitch_range(self) -> tuple[int, int]:
+        """The lowest and highest MIDI pitch the encoding can hold."""
+        return 0, 127
+
+    def note_start_mask(self) -> np.ndarray:
+        """Per id, whether the event starts a note (`note_pitch` is not None): what `count_notes` counts."""
+        if getattr(self, "_note_start_mask", None) is None:
+            self._note_start_mask = np.array([self.note_pitch(i) is not None for i in range(self.vocab_size)])
+        return self._note_start_mask
+
+    def count_notes(self, pieces: Iterable[Sequence[int] | np.ndarray]) -> int:
+        """Notes the pieces hold: one per note-starting event, whatever the encoding (so a model's loss can be
+        put per note, the one scale on which encodings with different tokens per note compare)."""
+        mask = self.note_start_mask()
+        return sum(int(mask[np.asarray(ids, dtype=np.int64)].sum()) for ids in pieces)
+
     def event_seconds(self, i: int) -> float | None:
         """Seconds that event `i` adds to the music wherever it occurs, so that a piece lasts the sum over its
         events (a time shift's length; 0 for events that take no time); None when the id alone does not
@@ -367,6 +385,9 @@ class PerformanceTokenizer(_TokenizerBase):
         if not 0 <= i < self.vocab_size:
             raise DsmrError(f"token id {i} is out of range [0, {self.vocab_size})")
         return i
+
+    def pitch_range(self) -> tuple[int, int]:
+        return self.min_pitch, self.max_pitch
 
     def note_pitch(self, i: int) -> int | None:
         """The pitch of a NOTE_ON event, else None."""

@@ -49,6 +49,7 @@ from dsmr.losses import token_nll
 from dsmr.model import DSMR, LayerMemory, state_from_cpu, state_to_cpu
 from dsmr.run_log import MetricsLog
 from dsmr.runtime import PeakMemory, autocast, resolve_device, state_bytes
+from dsmr.augment import PieceAugmenter
 from dsmr.stream import ExcerptStream, PieceStream
 from dsmr.train_config import DEFAULT_STEPS, TrainConfig, make_model_config, run_config
 
@@ -130,7 +131,8 @@ def training_stream(cfg: TrainConfig, pieces, tokenizer, rank: int = 0, world_si
     ids = (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id)
     if cfg.baseline:
         return ExcerptStream(pieces, cfg.batch_size, cfg.segment_len, *ids, **common)
-    return PieceStream(pieces, cfg.batch_size, cfg.segment_len, *ids, refill=True, **common)
+    return PieceStream(pieces, cfg.batch_size, cfg.segment_len, *ids, refill=True,
+                       augment=PieceAugmenter(cfg.augmentation, tokenizer), **common)
 
 
 def total_steps(cfg: TrainConfig, stream) -> int:

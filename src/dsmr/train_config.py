@@ -25,7 +25,7 @@ RESUMABLE_CHANGES = ("steps", "epochs", "eval_every", "eval_at_start", "val_piec
                      "log_every", "save_every", "device", "tensorboard", "compile")
 # Values that reproduce runs saved before an option existed (config.json files without its key).
 LEGACY_DEFAULTS = {"head_dim": None, "rotary_fraction": 1.0, "norm": "layernorm", "init_std": 0.02, "memory": "kv",
-                   "horizon_warmup": 0, "embedding_decay": True}
+                   "horizon_warmup": 0, "embedding_decay": True, "transpose": 0, "stretch": 0.0, "velocity_shift": 0}
 GATE_KINDS = ("none", "soft", "ste")  # dsmr.model.GATES, spelled here so that parsers need not import torch
 
 # The groups of options, in the order `dsmr train --help` lists them.
@@ -34,6 +34,7 @@ MODEL_OPTIONS = ("layers", "d_model", "heads", "d_ff", "dropout", "tie_embedding
                  "norm", "init_std", "memory", "horizon_warmup")
 GATE_OPTIONS = ("gate", "gate_per_head", "gate_init", "gate_lambda")
 DATA_OPTIONS = ("segment", "batch_size", "baseline", "context")
+AUGMENT_OPTIONS = ("transpose", "stretch", "velocity_shift")
 OPTIMIZATION_OPTIONS = ("lr", "min_lr_ratio", "warmup_steps", "weight_decay", "embedding_decay", "betas",
                         "grad_clip", "grad_accum")
 LENGTH_OPTIONS = ("steps", "epochs")  # one or the other
@@ -57,6 +58,7 @@ class TrainConfig:
         "weight_decay": (0.0, 100.0), "grad_clip": (0.0, 1e6), "grad_accum": (1, 4096), "steps": (1, BIG),
         "epochs": (1, 10**4), "eval_every": (0, BIG), "val_pieces": (0, 10**6), "eval_batch_size": (1, 65536),
         "log_every": (1, BIG), "save_every": (1, BIG), "seed": (0, 2**32 - 1),
+        "transpose": (0, 24), "stretch": (0.0, 0.5), "velocity_shift": (0, 64),
     }
 
     # model
@@ -105,6 +107,13 @@ class TrainConfig:
     baseline: str | None = option(None, "full-attention reference: no memory, fixed-length excerpts of --context "
                                         "tokens", choices=("excerpt",))
     context: int | None = option(None, "excerpt length for --baseline excerpt", default_text="--segment")
+    # augmentation (dsmr.augment): each training piece is changed as a lane takes it; evaluation never is
+    transpose: int = option(0, "transpose each training piece by up to N semitones each way (never out of the "
+                               "encoding's or the piano's range)", metavar="N", default_text="0: off")
+    stretch: float = option(0.0, "stretch each training piece's time by a factor drawn from [1 - F, 1 + F]",
+                            metavar="F", default_text="0: off")
+    velocity_shift: int = option(0, "move each training piece's velocities by up to N MIDI steps each way "
+                                    "(4 = one velocity bin)", metavar="N", default_text="0: off")
     # optimization
     lr: float = option(1e-3, "peak learning rate", default_text="1e-3")
     min_lr_ratio: float = option(0.1, "cosine decay floor as a fraction of --lr")
@@ -160,6 +169,8 @@ class TrainConfig:
             problems.append(f"gate must be one of {', '.join(GATE_KINDS)}, got {self.gate!r}")
         if self.baseline and self.gate != "none":
             problems.append("the excerpt baseline has no memory, so no gates")
+        if self.baseline and self.augmentation.active:
+            problems.append("augmentation is for full-piece training; the excerpt baseline does not take it")
         if not self.lr > 0:
             problems.append(f"lr must be > 0, got {self.lr}")
         if not 0 <= self.min_lr_ratio <= 1:
@@ -186,6 +197,13 @@ class TrainConfig:
     def from_dict(cls, d: dict) -> "TrainConfig":
         """From a config.json "train" section; keys it lacks (older runs) take their LEGACY_DEFAULTS."""
         return dataclass_from_dict(cls, {**LEGACY_DEFAULTS, **d}, "train config")
+
+    @property
+    def augmentation(self):
+        """The training pieces' augmentation (dsmr.augment.Augmentation)."""
+        from dsmr.augment import Augmentation
+
+        return Augmentation(self.transpose, self.stretch, self.velocity_shift)
 
     @property
     def segment_len(self) -> int:

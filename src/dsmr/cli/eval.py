@@ -89,4 +89,4 @@ def _evaluate(evaluate, model, pieces, args, config, tokenizer, device) -> dict:
         batch_size=args.batch_size or train_cfg.get("eval_batch_size") or train_cfg.get("batch_size") or 8,
         segment_len=args.segment or model.segment_len or 256,
         pad_id=tokenizer.pad_id, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id,
-        device=device, amp=train_cfg.get("amp", True), progress=args.progress)
+        device=device, amp=train_cfg.get("amp", True), notes=tokenizer.count_notes(pieces), progress=args.progress)

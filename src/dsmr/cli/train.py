@@ -40,7 +40,7 @@ def register(subparsers) -> None:
     # Every TrainConfig option defaults to None here ("not given"), so --resume can tell explicit options
     # from defaults; the defaults themselves come from TrainConfig.
     groups = [("schedule", T.SCHEDULE_OPTIONS), ("model", T.MODEL_OPTIONS), ("learned gates", T.GATE_OPTIONS),
-              ("data", T.DATA_OPTIONS), ("optimization", T.OPTIMIZATION_OPTIONS),
+              ("data", T.DATA_OPTIONS), ("augmentation", T.AUGMENT_OPTIONS), ("optimization", T.OPTIMIZATION_OPTIONS),
               ("evaluation and logging", T.EVALUATION_OPTIONS), ("runtime", T.RUNTIME_OPTIONS)]
     for title, names in groups:
         group = p.add_argument_group(title)

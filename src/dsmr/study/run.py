@@ -120,11 +120,14 @@ def _final_evaluation(spec: dict, train_cfg, run_dir: Path) -> dict:
     for split in splits:
         if split not in cache.splits or not cache.num_pieces(split):
             continue
-        report = evaluate(model, cache.pieces(split), train_cfg.eval_batch_size or train_cfg.batch_size,
+        pieces = cache.pieces(split)
+        report = evaluate(model, pieces, train_cfg.eval_batch_size or train_cfg.batch_size,
                           model.segment_len, pad_id=tokenizer.pad_id, bos_id=tokenizer.bos_id,
-                          eos_id=tokenizer.eos_id, progress=spec.get("progress", False))
+                          eos_id=tokenizer.eos_id, notes=tokenizer.count_notes(pieces),
+                          progress=spec.get("progress", False))
         prefix = "test" if split == "test" else "val_all"
         fields.update({f"{prefix}_ppl": report["ppl"], f"{prefix}_nll": report["nll"],
+                       f"{prefix}_notes": report["notes"], f"{prefix}_nll_per_note": report["nll_per_note"],
                        f"{prefix}_tokens": report["tokens"], f"{prefix}_pieces": report["pieces"],
                        f"{prefix}_nll_by_position": report["nll_by_position"]})
     return fields

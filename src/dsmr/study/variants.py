@@ -29,7 +29,8 @@ BASELINE = "excerpt"
 # The study options of `dsmr study`, in the order its help lists them.
 SHARED_OPTIONS = ("layers", "d_model", "heads", "head_dim", "tie_embeddings", "init_std", "memory", "curriculum",
                   "test", "segment", "batch_size", "horizon", "budget", "long_layers", "short", "context", "gate_init",
-                  "gate_lambda", "steps", "epochs", "lr", "eval_every", "val_pieces", "eval_batch_size", "seed")
+                  "gate_lambda", "transpose", "stretch", "velocity_shift", "steps", "epochs", "lr", "eval_every",
+                  "val_pieces", "eval_batch_size", "seed")
 
 
 @dataclass
@@ -40,7 +41,7 @@ class StudyConfig:
     BOUNDS: ClassVar[dict] = {name: TrainConfig.BOUNDS[name] for name in (
         "layers", "d_model", "heads", "head_dim", "init_std", "segment", "batch_size", "horizon", "budget",
         "long_layers", "short", "context", "gate_init", "gate_lambda", "steps", "epochs", "lr", "eval_every",
-        "val_pieces", "eval_batch_size", "seed")} | {"curriculum": (1e-6, 1.0)}
+        "val_pieces", "eval_batch_size", "seed", "transpose", "stretch", "velocity_shift")} | {"curriculum": (1e-6, 1.0)}
 
     # model
     layers: int = option(4, "decoder blocks")
@@ -68,6 +69,12 @@ class StudyConfig:
     gate_lambda: float = option(0.01, "gate budget penalty weight")
     curriculum: float = option(0.5, "the *-curriculum variants grow their horizons from 0 over this fraction of "
                                     "the steps")
+    # augmentation of the training pieces (dsmr train --help; the excerpt baseline trains without it)
+    transpose: int = option(0, "transpose each training piece by up to N semitones", metavar="N", default_text="0: off")
+    stretch: float = option(0.0, "stretch each training piece's time by a factor in [1 - F, 1 + F]", metavar="F",
+                            default_text="0: off")
+    velocity_shift: int = option(0, "move each training piece's velocities by up to N MIDI steps", metavar="N",
+                                 default_text="0: off")
     # optimization and evaluation
     steps: int = option(6000, "optimizer steps per variant")
     epochs: int | None = option(None, "instead of --steps: the steps of this many passes of the lanes over every "
@@ -206,10 +213,12 @@ def train_config(cfg: StudyConfig, variant: Variant):
                 tie_embeddings=cfg.tie_embeddings, init_std=cfg.resolved_init_std, memory=cfg.memory, segment=cfg.segment,
                 batch_size=cfg.batch_size, steps=cfg.steps, lr=cfg.lr, eval_every=cfg.eval_every,
                 val_pieces=cfg.val_pieces, eval_batch_size=cfg.eval_batch_size or cfg.batch_size,
-                seed=cfg.seed, device=cfg.device, tensorboard=False, log_every=10)
+                seed=cfg.seed, device=cfg.device, tensorboard=False, log_every=10, transpose=cfg.transpose,
+                stretch=cfg.stretch, velocity_shift=cfg.velocity_shift)
     options = dict(base, **variant.options)
     if options.get("baseline"):
         options["memory"] = "kv"  # the excerpt baseline has no memory to represent
+        options.update(transpose=0, stretch=0.0, velocity_shift=0)  # nor full pieces to augment
     train_cfg = TrainConfig(**options)
     train_cfg.validate()
     return train_cfg
@@ -248,4 +257,4 @@ def comparable(config: dict) -> dict:
 
 # What a study.json written before an option existed (or before its default changed) was run with.
 _OLD_STUDY_DEFAULTS = {**StudyConfig(**PRESETS["first-study"]).to_dict(), "head_dim": None, "curriculum": 0.5,
-                       "epochs": None, "test": False}
+                       "epochs": None, "test": False, "transpose": 0, "stretch": 0.0, "velocity_shift": 0}
