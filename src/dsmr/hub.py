@@ -92,6 +92,15 @@ def resolve_model_ref(ref, *, revision: str | None = None, cache_dir=None,
     return folder
 
 
+def read_model_config(ref, which: str = "best") -> dict:
+    """config.json of a model reference (a run or model folder, a weights file, a Hub repo id), without
+    loading its weights."""
+    from dsmr.checkpoint import read_config, resolve_weights
+
+    _, run_dir = resolve_weights(resolve_model_ref(ref), which)
+    return read_config(run_dir)
+
+
 def _rev(revision) -> str:
     return f" at revision {revision!r}" if revision else ""
 
@@ -214,8 +223,12 @@ def model_card(config: dict, name: str, dtype: str, ref: str | None = None) -> s
              "A Depth-Structured Music Recurrence (DSMR) model: a recurrent Transformer that models whole "
              "pieces of symbolic music segment by segment, each layer keeping a memory of its own horizon "
              "(bounded state however long the piece).", ""]
+    source = (config.get("train") or {}).get("init_from")
     if corpus:
-        lines.append(f"Trained on {CORPUS_NAMES.get(corpus, corpus)}.")
+        lines.append(f"{'Fine-tuned' if source else 'Trained'} on {CORPUS_NAMES.get(corpus, corpus)}"
+                     + (f", starting from the model `{source}`." if source else "."))
+    elif source:
+        lines.append(f"Fine-tuned from the model `{source}`.")
     if license == "cc-by-nc-sa-4.0":
         lines.append("The training data is licensed CC BY-NC-SA 4.0, and so is this model: non-commercial use "
                      "only, with attribution, and derivatives under the same licence.")

@@ -39,17 +39,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dsmr.augment import PieceAugmenter
 from dsmr.checkpoint import (MAX_ABS_WEIGHT, METRICS_FILE, TENSORBOARD_DIR, TRAINER_STATE_FILE,
-                             check_optimizer_state, prepare_run,
+                             check_optimizer_state, check_tokenizer, prepare_run,
                              remove_run_temporaries, resume_weights, rng_state, save_checkpoint, set_rng_state)
 from dsmr.distributed import DistContext, init_distributed, reduce_evaluation, split_pieces, wrap_model
 from dsmr.errors import DsmrError
 from dsmr.evaluate import NLL_BUCKETS, evaluate
 from dsmr.losses import token_nll
-from dsmr.model import DSMR, LayerMemory, state_from_cpu, state_to_cpu
+from dsmr.model import DSMR, LayerMemory, load_model, state_from_cpu, state_to_cpu
 from dsmr.run_log import MetricsLog
 from dsmr.runtime import PeakMemory, autocast, resolve_device, state_bytes
-from dsmr.augment import PieceAugmenter
 from dsmr.stream import ExcerptStream, PieceStream
 from dsmr.train_config import DEFAULT_STEPS, TrainConfig, make_model_config, run_config
 
@@ -261,6 +261,8 @@ class Trainer:
         cfg, ctx = self.cfg, self.ctx
         _seed_everything(cfg.seed)
         self.model = DSMR(self.model_cfg).to(self.device)
+        if cfg.init_from is not None:  # a resume then loads the run's own weights over these
+            self._start_from(cfg.init_from, tokenizer)
         if ctx.enabled:  # same initial weights (DDP broadcasts rank 0's anyway), different dropout draws
             torch.manual_seed(int(np.random.SeedSequence([cfg.seed, ctx.rank]).generate_state(1)[0]))
         self.optimizer = make_optimizer(self.model, cfg, self.device)
@@ -272,6 +274,22 @@ class Trainer:
         warmup = cfg.warmup_steps if cfg.warmup_steps is not None else min(500, total // 20)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, total, warmup, cfg.min_lr_ratio))
+
+    def _start_from(self, ref: str, tokenizer) -> None:
+        """Fine-tuning: the weights of the model `ref`, whose network and tokenizer this run must share."""
+        source = load_model(ref, device=str(self.device))
+        try:
+            check_tokenizer(source.run_config, tokenizer, f"--from {ref}: the training cache")
+        except DsmrError as err:
+            kind = source.run_config["tokenizer"].get("kind")
+            raise DsmrError(f"{err}; tokenize your MIDI in the model's encoding first (dsmr data build ... "
+                            f"--tokenizer {kind})") from None
+        mine, theirs = self.model_cfg.to_dict(), source.cfg.to_dict()
+        differ = [f"{k} {theirs.get(k)!r} there, {v!r} here" for k, v in mine.items()
+                  if k not in ("init_std", "dropout") and theirs.get(k) != v]  # neither changes the weights' meaning
+        if differ:
+            raise DsmrError(f"--from {ref}: its network is not this run's ({'; '.join(differ)})")
+        self.model.load_state_dict(source.state_dict())
 
     def resume(self, saved: dict) -> None:
         """Continue from a saved trainer state: weights, optimizer, LR schedule, stream position, this rank's

@@ -25,7 +25,8 @@ RESUMABLE_CHANGES = ("steps", "epochs", "eval_every", "eval_at_start", "val_piec
                      "log_every", "save_every", "device", "tensorboard", "compile")
 # Values that reproduce runs saved before an option existed (config.json files without its key).
 LEGACY_DEFAULTS = {"head_dim": None, "rotary_fraction": 1.0, "norm": "layernorm", "init_std": 0.02, "memory": "kv",
-                   "horizon_warmup": 0, "embedding_decay": True, "transpose": 0, "stretch": 0.0, "velocity_shift": 0}
+                   "horizon_warmup": 0, "embedding_decay": True, "transpose": 0, "stretch": 0.0, "velocity_shift": 0,
+                   "init_from": None}
 GATE_KINDS = ("none", "soft", "ste")  # dsmr.model.GATES, spelled here so that parsers need not import torch
 
 # The groups of options, in the order `dsmr train --help` lists them.
@@ -41,6 +42,14 @@ LENGTH_OPTIONS = ("steps", "epochs")  # one or the other
 EVALUATION_OPTIONS = ("eval_every", "eval_at_start", "val_split", "val_pieces", "eval_batch_size", "log_every",
                       "save_every", "tensorboard")
 RUNTIME_OPTIONS = ("seed", "device", "amp", "compile")
+FINE_TUNING_OPTIONS = ("init_from",)
+# What fine-tuning keeps from the model it starts from: what its weights mean (dropout, the horizon curriculum
+# and everything about optimization and data stay the fine-tuning run's own).
+KEPT_BY_FINE_TUNING = tuple(n for n in MODEL_OPTIONS + SCHEDULE_OPTIONS if n not in ("dropout", "horizon_warmup")) \
+    + ("segment", "baseline", "context")
+# Fine-tuning's own defaults: a third of the from-scratch peak learning rate (the weights are already
+# good; a full one undoes them faster than the new pieces teach), a short warmup, 1,000 steps.
+FINE_TUNING_DEFAULTS = {"lr": 3e-4, "warmup_steps": 50, "steps": 1000}
 
 
 BIG = 10**9  # a count no run reaches (steps, cadences)
@@ -141,6 +150,11 @@ class TrainConfig:
     device: str = option("auto", "auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
     amp: bool = option(True, "no bf16 autocast on CUDA (CPU stays fp32 anyway)")
     compile: bool = option(False, "torch.compile the model for training (worth it on GPUs for long runs)")
+    # fine-tuning
+    init_from: str | None = option(None, "fine-tune: start from this model folder's, run's or Hub repo's weights, "
+                                         "with its architecture, schedule, segment and tokenizer (the cache must "
+                                         "use the same tokenizer); lr 3e-4, 50 warmup steps and 1000 steps unless "
+                                         "given", flag="--from", metavar="MODEL_OR_RUN")
 
     def __post_init__(self) -> None:
         for name in ("binary_layers", "horizons", "betas"):
@@ -248,3 +262,23 @@ def run_config(cfg: TrainConfig, model_cfg, tokenizer, cache) -> dict:
         "train": cfg.to_dict(),
         "cache": str(cache.path),
     }
+
+
+def fine_tuning_config(source: dict, given: dict, ref: str) -> TrainConfig:
+    """The TrainConfig of a run that fine-tunes the model `ref` (its config.json `source`): the model's
+    architecture, schedule and segment, then FINE_TUNING_DEFAULTS, then the options `given`. DsmrError when
+    a given option would change what the model's weights mean."""
+    if not isinstance(source.get("train"), dict):
+        raise DsmrError(f"--from {ref}: its config.json has no \"train\" section, so its architecture is unknown")
+    base = TrainConfig.from_dict(source["train"])
+    kept = {name: getattr(base, name) for name in KEPT_BY_FINE_TUNING}
+    clashes = [f"--{name.replace('_', '-')} {_spelled(given[name])} (the model has {_spelled(kept[name])})"
+               for name in KEPT_BY_FINE_TUNING if name in given and _spelled(given[name]) != _spelled(kept[name])]
+    if clashes:
+        raise DsmrError(f"--from {ref}: fine-tuning keeps the model's architecture, schedule and segment; "
+                        f"drop {'; '.join(clashes)}")
+    return TrainConfig(**{**kept, **FINE_TUNING_DEFAULTS, **given, "init_from": str(ref)})
+
+
+def _spelled(value):
+    return list(value) if isinstance(value, tuple) else value

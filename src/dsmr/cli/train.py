@@ -41,7 +41,8 @@ def register(subparsers) -> None:
     # from defaults; the defaults themselves come from TrainConfig.
     groups = [("schedule", T.SCHEDULE_OPTIONS), ("model", T.MODEL_OPTIONS), ("learned gates", T.GATE_OPTIONS),
               ("data", T.DATA_OPTIONS), ("augmentation", T.AUGMENT_OPTIONS), ("optimization", T.OPTIMIZATION_OPTIONS),
-              ("evaluation and logging", T.EVALUATION_OPTIONS), ("runtime", T.RUNTIME_OPTIONS)]
+              ("evaluation and logging", T.EVALUATION_OPTIONS), ("runtime", T.RUNTIME_OPTIONS),
+              ("fine-tuning", T.FINE_TUNING_OPTIONS)]
     for title, names in groups:
         group = p.add_argument_group(title)
         add_options(group, T.TrainConfig, names, given_only=True)
@@ -163,6 +164,11 @@ def run(args: argparse.Namespace) -> int:
     if args.resume:
         base = TrainConfig.from_dict(read_config(Path(args.out))["train"])
         cfg = dataclasses.replace(base, **given)
+    elif args.init_from is not None:
+        from dsmr.hub import read_model_config
+        from dsmr.train_config import fine_tuning_config
+
+        cfg = fine_tuning_config(read_model_config(args.init_from), given, args.init_from)
     else:
         cfg = TrainConfig(**given)
     result = train(cfg, cache, args.out, progress=args.progress, resume=args.resume)
