@@ -10,7 +10,11 @@ For --prompts test pieces (seeded, each at least --seconds long) the model conti
 * empty or near-empty outputs (fewer than --min-notes notes after the prompt);
 * how each piece keeps its prompt: for pitch range, note density and polyphony, the median over pieces of
   |log(window / prompt)| for the 10 s right after the prompt and the last 10 s, against the same measured on
-  the real continuations (0: the texture kept exactly).
+  the real continuations (0: the texture kept exactly);
+* whether it stays in the prompt's harmony (dsmr.harmony), for the same two windows: the mean cosine
+  similarity of the window's pitch-class profile (seconds each pitch class sounds) to the prompt's, and the
+  share of pieces whose window is in the prompt's key or a closely related one (Krumhansl-Schmuckler keys;
+  key signatures at most one accidental apart), against the real continuations.
 
 Sampling, unless set: what `dsmr generate` plays with (the model's own temperature and top-p, the note
 guard's defaults for its encoding); `--max-note-seconds 0 --max-polyphony 0` samples without any guard.
@@ -217,7 +221,31 @@ def summarize(sets: dict, reference: list, continued: list, real: list, args, le
         }
     report["keeping"] = {"generated": keeping(continued, args.prompt_seconds, args.seconds),
                          "real continuations": keeping(real, args.prompt_seconds, args.seconds)}
+    report["harmony"] = {"generated": harmony(continued, args.prompt_seconds, args.seconds),
+                         "real continuations": harmony(real, args.prompt_seconds, args.seconds)}
     return report
+
+
+def harmony(pieces, prompt_seconds: float, seconds: float) -> dict:
+    """For the window after the prompt and the last window: the mean pitch-class similarity to the prompt and
+    the share of pieces in the prompt's key or a close one (an empty window: 0 and not kept)."""
+    from dsmr.harmony import estimate_key, key_relation, pitch_class_profile, profile_similarity
+    from dsmr.metrics import note_arrays
+
+    def profile(score, a, b):
+        n = note_arrays(window(score, a, b))
+        return pitch_class_profile(n["pitch"], n["start"], n["end"])
+
+    spans = {"next 10 s": (prompt_seconds, prompt_seconds + KEEP_WINDOW), "last 10 s": (seconds - KEEP_WINDOW, seconds)}
+    out = {}
+    for label, (a, b) in spans.items():
+        similarity, kept = [], []
+        for score in pieces:
+            before, after = profile(score, 0.0, prompt_seconds), profile(score, a, b)
+            similarity.append(profile_similarity(before, after))
+            kept.append(bool(after.any()) and key_relation(estimate_key(before), estimate_key(after)) != "far")
+        out[label] = {"pitch_class_similarity": float(np.mean(similarity)), "key_kept": float(np.mean(kept))}
+    return out
 
 
 def strip(summary: dict) -> dict:
@@ -254,6 +282,14 @@ def markdown(report: dict) -> str:
               "|---|" + "---:|" * (2 * len(KEEP_FEATURES))]
     for name, spans in report["keeping"].items():
         lines.append(f"| {name} | " + " | ".join(f"{v:.2f}" for span in spans.values() for v in span.values()) + " |")
+    if "harmony" in report:
+        lines += ["", "Staying in the prompt's harmony: pitch-class similarity to the prompt (1 = the same) and the "
+                      "share of pieces in the prompt's key or a closely related one", "",
+                  "| | next 10 s: pitch classes | next 10 s: key kept | last 10 s: pitch classes | last 10 s: key kept |",
+                  "|---|---:|---:|---:|---:|"]
+        for name, spans in report["harmony"].items():
+            lines.append(f"| {name} | " + " | ".join(f"{span['pitch_class_similarity']:.2f} | {span['key_kept']:.2f}"
+                                                    for span in spans.values()) + " |")
     lines += ["", f"{report['generated_events']:,} events generated in {report['generation_wall_s']:.0f} s "
                   f"({report['events_per_s']:.0f} events/s). Command: `{report['command']}`", ""]
     return "\n".join(lines)
@@ -265,20 +301,27 @@ TABLE_FEATURES = ("polyphony", "note_density", "duration_histogram", "pitch_rang
 def comparison_table(reports: list[dict], set_name: str = "generated") -> str:
     """One row per benchmark run (continuations of the prompts), the real continuations' row last."""
     head = ("| configuration | " + " | ".join(f"{f.replace('_', ' ')} OA" for f in TABLE_FEATURES)
-            + " | p99 note (s) | longest (s) | near-empty | keeps density (next / last 10 s) |")
-    lines = [head, "|---|" + "---:|" * (len(TABLE_FEATURES) + 4)]
+            + " | p99 note (s) | longest (s) | near-empty | keeps density (next / last 10 s) "
+            "| pitch classes as the prompt's (next / last 10 s) | key kept (next / last 10 s) |")
+    lines = [head, "|---|" + "---:|" * (len(TABLE_FEATURES) + 6)]
 
-    def row(label: str, s: dict, keep: dict) -> str:
+    def row(label: str, s: dict, keep: dict, harmony: dict | None) -> str:
         oa = " | ".join(f"{s['distances'][f]['overlap']:.2f}" for f in TABLE_FEATURES)
         dens = f"{keep['next 10 s']['note_density']:.2f} / {keep['last 10 s']['note_density']:.2f}"
+        if harmony:  # reports made before the harmony row: "-"
+            pcs = f"{harmony['next 10 s']['pitch_class_similarity']:.2f} / {harmony['last 10 s']['pitch_class_similarity']:.2f}"
+            key = f"{harmony['next 10 s']['key_kept']:.2f} / {harmony['last 10 s']['key_kept']:.2f}"
+        else:
+            pcs = key = "-"
         return (f"| {label} | {oa} | {s['p99_note_s']:.2f} | {s['longest_note_s']:.1f} | "
-                f"{s['near_empty']}/{s['pieces']} | {dens} |")
+                f"{s['near_empty']}/{s['pieces']} | {dens} | {pcs} | {key} |")
 
     for r in reports:
-        lines.append(row(r["label"], r["sets"][set_name], r["keeping"]["generated"]))
+        lines.append(row(r["label"], r["sets"][set_name], r["keeping"]["generated"],
+                         r.get("harmony", {}).get("generated")))
     last = reports[-1]
     lines.append(row("the test pieces' real continuations", last["sets"]["real continuations"],
-                     last["keeping"]["real continuations"]))
+                     last["keeping"]["real continuations"], last.get("harmony", {}).get("real continuations")))
     ref = last["reference"]
     lines.append(f"\nOA: overlap with {ref['windows']} random {ref['window_seconds']:.0f}-s windows of the test split "
                  f"(1 = the same distribution). Notes in those windows: 99th percentile {ref['p99_note_s']:.2f} s, "

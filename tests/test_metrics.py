@@ -135,3 +135,30 @@ def test_small_sets_and_uncropped_sets_of_other_lengths_are_warned_about():
     warnings = set_warnings({"generated": short, "test": long}, crop_seconds=None)
     assert any("only 3 piece(s)" in w for w in warnings) and any("--crop-seconds" in w for w in warnings)
     assert set_warnings({"generated": [{"seconds": 30.0}] * 30, "test": long}, crop_seconds=30.0) == []
+
+
+def test_keys_and_pitch_class_profiles_of_known_music():
+    from dsmr.harmony import (estimate_key, key_name, key_relation, pitch_class_profile, profile_similarity)
+
+    def profile(pitches, lengths=None):
+        pitches = np.array(pitches)
+        start = np.arange(len(pitches), dtype=float)
+        return pitch_class_profile(pitches, start, start + (np.ones(len(pitches)) if lengths is None else lengths))
+
+    c_major = profile([60, 62, 64, 65, 67, 69, 71, 72, 64, 67, 60, 67], )
+    a_minor = profile([57, 59, 60, 62, 64, 65, 68, 69, 57, 60, 64, 57, 64])  # harmonic minor: G#
+    assert key_name(estimate_key(c_major)) == "C major"
+    assert key_name(estimate_key(a_minor)) == "A minor"
+    assert key_name(estimate_key(profile([p + 6 for p in [60, 62, 64, 65, 67, 69, 71, 72, 64, 67, 60, 67]]))) == "F# major"
+    # lengths count: a long G and D over a short C make G's tonality
+    assert estimate_key(profile([67, 71, 74, 60], [8, 4, 6, 0.5]))[0] == 7
+    assert profile_similarity(c_major, c_major) == pytest.approx(1.0)
+    far = profile([p + 6 for p in [60, 62, 64, 65, 67, 69, 71, 72]])
+    assert profile_similarity(c_major, far) < profile_similarity(c_major, profile([67, 69, 71, 72, 74, 76, 78, 79])) < 1
+    assert profile_similarity(c_major, np.zeros(12)) == 0.0
+    C, G, F, Am, Em, Dm, D, Fs = (0, "major"), (7, "major"), (5, "major"), (9, "minor"), (4, "minor"), (2, "minor"), \
+        (2, "major"), (6, "major")
+    assert key_relation(C, C) == "same"
+    assert all(key_relation(C, k) == "close" for k in (G, F, Am, Em, Dm))
+    assert key_relation(C, D) == "far" and key_relation(C, Fs) == "far" and key_relation(Fs, C) == "far"
+    assert key_relation((11, "major"), (6, "major")) == "close"  # B and F#: across the circle's wrap
