@@ -3,6 +3,10 @@ decoder with and without them, and the fallback when they cannot be built."""
 
 from __future__ import annotations
 
+import os
+import warnings
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -392,7 +396,7 @@ def test_dsmr_kernels_0_skips_them(monkeypatch, recwarn):
     assert not [w for w in recwarn if "dsmr" in str(w.message)]
 
 
-def test_a_build_lock_left_by_a_killed_process_is_removed_at_once(monkeypatch, tmp_path):
+def test_a_build_lock_left_by_a_killed_process_is_removed_at_once(monkeypatch, tmp_path, capsys):
     """torch waits for a build's lock without a timeout: one left by a killed process (however fresh) must not
     hang us; a build running in a live process is waited for, up to a limit."""
     import subprocess
@@ -421,10 +425,46 @@ time.sleep(60)
     holder.kill()
     holder.wait()
     start = time.monotonic()
-    with pytest.warns(RuntimeWarning, match="killed build"):
+    capsys.readouterr()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # one dsmr line on stderr, not a Python warning with a source line
         with kernels.build_lock(folder, wait_seconds=30):
             assert not (folder / "lock").exists()
     assert time.monotonic() - start < 5
+    err = capsys.readouterr().err
+    assert err.startswith("dsmr: removing a build lock left by a killed build") and err.count("\n") == 1
+
+
+def test_the_build_folder_is_keyed_on_what_the_build_is_made_from(monkeypatch, tmp_path):
+    """Not on the checkout: two copies of the same source share a build; a changed source or compiler builds
+    anew; torch and Python are in the name."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    here = kernels.build_directory()
+    assert torch.__version__.replace("+", "_") in here.name and here.name.endswith(kernels.build_key())
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "kernels.cpp").write_bytes(kernels.SOURCE.read_bytes())
+    monkeypatch.setattr(kernels, "SOURCE", tmp_path / "a" / "kernels.cpp")
+    key_a = kernels.build_directory()
+    monkeypatch.setattr(kernels, "SOURCE", tmp_path / "b" / "kernels.cpp")
+    assert kernels.build_directory() == key_a == here
+    (tmp_path / "b" / "kernels.cpp").write_bytes(kernels.SOURCE.read_bytes() + b"\n// changed\n")
+    assert kernels.build_directory() != here
+    monkeypatch.setattr(kernels, "SOURCE", tmp_path / "a" / "kernels.cpp")
+    kernels._compiler_identity.cache_clear()
+    monkeypatch.setenv("CXX", str(tmp_path / "another-compiler"))
+    try:
+        assert kernels.build_directory() != here
+    finally:
+        kernels._compiler_identity.cache_clear()
+
+
+def test_the_build_uses_this_pythons_ninja_whatever_the_path(monkeypatch):
+    ninja = pytest.importorskip("ninja")
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    with kernels._one_ninja():
+        assert os.environ["PATH"].split(os.pathsep)[0] == str(Path(ninja.BIN_DIR))
+    assert os.environ["PATH"] == "/usr/bin:/bin"
 
 
 def test_needs_build_until_a_build_is_in_the_folder(monkeypatch, tmp_path):

@@ -4,8 +4,10 @@ own for PyTorch's step: `dsmr::half_linear` and `dsmr::int8_linear` (float32 x t
 packed once by `pack_half` / `pack_int8`) and `dsmr::decode_attention` (one query over a float16 or float32
 key/value buffer).
 
-They are built once per machine and torch version on first use (`load()`: torch.utils.cpp_extension with
-the system's C++ compiler and ninja, in `build_directory()`, ~1 minute the first time) and need an x86-64
+They are built once on first use (`load()`: torch.utils.cpp_extension with the system's C++ compiler and
+ninja, 1-4 minutes) into `build_directory()`, a folder named after what the build is made from -- the
+source's content, the compiler, torch, Python and the flags -- so two checkouts or versions of dsmr on one
+machine share a build when their kernels are the same and never rebuild each other's. They need an x86-64
 CPU with AVX2, FMA and F16C. Where they cannot be built decoding runs the PyTorch path (same results up to
 float rounding) after one warning; on another CPU, or with DSMR_KERNELS=0, silently. The products and
 decode_attention have fake implementations, so a torch.compile'd decoding step calls them from its graph.
@@ -14,8 +16,12 @@ decode_attention have fake implementations, so a torch.compile'd decoding step c
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import os
 import platform
+import shutil
+import subprocess
 import sys
 import time
 import warnings
@@ -25,7 +31,8 @@ import torch
 
 SOURCE = Path(__file__).with_name("kernels.cpp")
 NAME = "dsmr_cpu_kernels"
-BUILD_WAIT_SECONDS = 600  # a build takes ~1 minute; waiting longer for another process's build: give up
+CFLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c")
+BUILD_WAIT_SECONDS = 900  # a build takes 1-4 minutes; waiting longer for another process's build: give up
 _state = {"loaded": False, "error": None, "enabled": True}
 
 
@@ -53,9 +60,19 @@ def load(verbose: bool = False) -> bool:
 
         folder = build_directory()
         folder.mkdir(parents=True, exist_ok=True)
-        with build_lock(folder):
-            build(name=NAME, sources=[str(SOURCE)], is_python_module=False, verbose=verbose,
-                  build_directory=str(folder), extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c"])
+        with build_lock(folder), _one_ninja():
+            source = folder / SOURCE.name  # built from a copy: every checkout's build commands are the same
+            if not source.exists() or source.read_bytes() != SOURCE.read_bytes():
+                shutil.copyfile(SOURCE, source)
+            building, start = not built(), time.monotonic()
+            if building:
+                print("dsmr: building the CPU decoding kernels (once for this dsmr and torch; 1-4 minutes, "
+                      "longer on a busy machine)...", file=sys.stderr, flush=True)
+            build(name=NAME, sources=[str(source)], is_python_module=False, verbose=verbose,
+                  build_directory=str(folder), extra_cflags=list(CFLAGS))
+            if building:
+                print(f"dsmr: the CPU decoding kernels are built ({time.monotonic() - start:.0f} s)",
+                      file=sys.stderr, flush=True)
     except Exception as e:  # no compiler, no ninja, a read-only cache...: decoding still works, slower
         _state["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
         warnings.warn(f"dsmr: the CPU decoding kernels could not be built ({_state['error']}); decoding uses "
@@ -68,11 +85,49 @@ def load(verbose: bool = False) -> bool:
 
 
 def build_directory() -> Path:
-    """Where the kernels are built: per torch and Python version (a torch upgrade rebuilds them), under
-    TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions."""
+    """Where the kernels are built, under TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions: one folder per
+    torch, Python and `build_key()` (a changed source, compiler or torch builds anew; nothing else does)."""
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions"
     version = torch.__version__.replace("+", "_")
-    return Path(root) / f"{NAME}-torch{version}-py{sys.version_info.major}{sys.version_info.minor}"
+    return Path(root) / f"{NAME}-torch{version}-py{sys.version_info.major}{sys.version_info.minor}-{build_key()}"
+
+
+def build_key() -> str:
+    """12 hex digits of what a build is made from: the source's content, the compiler (its --version), torch,
+    Python and the flags."""
+    parts = [SOURCE.read_bytes(), torch.__version__.encode(), sys.version.encode(), " ".join(CFLAGS).encode(),
+             _compiler_identity().encode()]
+    return hashlib.sha256(b"\0".join(parts)).hexdigest()[:12]
+
+
+@functools.lru_cache(maxsize=None)
+def _compiler_identity() -> str:
+    compiler = os.environ.get("CXX", "c++")
+    try:
+        out = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return compiler  # no compiler: the build itself says so
+    return f"{shutil.which(compiler) or compiler} {out.splitlines()[0] if out else ''}"
+
+
+@contextlib.contextmanager
+def _one_ninja():
+    """The same ninja whatever the PATH: the `ninja` package of this Python when it has one (a venv's ninja
+    and the system's write build files the other cannot read, so switching between them rebuilt every time),
+    else the one on PATH."""
+    try:
+        import ninja
+
+        first = str(Path(ninja.BIN_DIR))
+    except (ImportError, AttributeError):
+        yield
+        return
+    saved = os.environ.get("PATH", "")
+    os.environ["PATH"] = first + os.pathsep + saved
+    try:
+        yield
+    finally:
+        os.environ["PATH"] = saved
 
 
 def needs_build() -> bool:
@@ -119,8 +174,7 @@ def build_lock(folder: Path, wait_seconds: float = BUILD_WAIT_SECONDS):
         try:
             stale = folder / "lock"
             if stale.exists():
-                warnings.warn(f"dsmr: removing a build lock left by a killed build ({stale})", RuntimeWarning,
-                              stacklevel=4)
+                print(f"dsmr: removing a build lock left by a killed build ({stale})", file=sys.stderr, flush=True)
                 stale.unlink(missing_ok=True)
             yield
         finally:

@@ -55,12 +55,7 @@ def run(args: argparse.Namespace) -> int:
 
     store = ModelStore(device, precision=args.precision, weights=args.weights)
     if model is not None:
-        from dsmr import kernels
-
         print(f"dsmr app: loading the model {model}...", file=sys.stderr, flush=True)
-        if device == "cpu" and kernels.needs_build():
-            print("dsmr app: building the CPU decoding kernels (once per machine, about a minute)...",
-                  file=sys.stderr, flush=True)
         store.load(model)  # a wrong model path fails here, not in the page
     if args.host not in LOOPBACK:
         print(f"dsmr app: listening on {args.host}: anyone who can reach this machine can use the page",

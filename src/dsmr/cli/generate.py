@@ -111,15 +111,13 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(args.checkpoint, device=device, which=args.weights)
     tokenizer, config, segment_len = model.tokenizer, model.run_config, model.segment_len
     _check_run_tokenizer(args.checkpoint, config, tokenizer)
-    # the prompt before the kernels: a bad prompt is refused at once, not after a build of about a minute
+    # the prompt before the kernels: a bad prompt is refused at once, not after a build of the kernels
     prompt_ids = None if args.prompt is None else load_prompt(args.prompt, tokenizer, args.prompt_seconds)
     if prompt_ids is not None and args.max_seconds is not None:
         kept = tokenizer.seconds(prompt_ids)
         if kept >= args.max_seconds:  # as the app: the piece must be longer than the prompt it continues
             raise DsmrError(f"--max-seconds {args.max_seconds:g} is not longer than the prompt kept ({kept:.1f} s "
                             f"of {args.prompt}): ask for a longer piece or keep less (--prompt-seconds)")
-    if device.type == "cpu" and kernels.needs_build():
-        print("dsmr: building the CPU decoding kernels (once per machine, about a minute)...", file=sys.stderr)
     precision = resolve_precision(model, args.precision)
     model = with_precision(model, precision)
 
