@@ -394,3 +394,40 @@ def test_resume_of_a_run_killed_in_its_first_save_starts_it_from_step_0(bach_cac
     result = train(tiny(steps=3, save_every=1), bach_cache, run, progress=False, resume=True)
     assert result["steps"] == 3 and load_trainer_state(run)["step"] == 3
     assert not [p.name for p in run.iterdir() if p.name.endswith(".tmp")], "a finished run leaves no temporaries"
+
+
+def test_a_run_folder_has_one_writer(bach_cache, tmp_path, monkeypatch):
+    """A second trainer into a folder in use (fresh or --resume) is refused with the holder's PID, while a
+    reader of the folder keeps working; the lock dies with its holder, so a killed run never locks it."""
+    import subprocess
+    import sys
+
+    from dsmr.run_lock import LOCK_FILE
+
+    run = tmp_path / "run"
+    train(tiny(steps=2, save_every=1), bach_cache, run, progress=False)
+    holder = subprocess.Popen([sys.executable, "-c", f"""
+import time
+from dsmr.run_lock import run_folder_writer
+with run_folder_writer({str(run)!r}):
+    print("held", flush=True)
+    time.sleep(60)
+"""], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        for resume in (True, False):
+            with pytest.raises(DsmrError, match=rf"in use: another dsmr train \(PID {holder.pid}\)"):
+                train(tiny(steps=4, save_every=1), bach_cache, run, progress=False, resume=resume)
+        with pytest.raises(DsmrError, match="in use"):
+            train(tiny(steps=4), bach_cache, run, progress=False)
+        assert load_model(run).cfg.n_layers == 2  # readers take no lock
+        assert load_trainer_state(run)["step"] == 2  # nothing was written by the refused trainers
+    finally:
+        holder.kill()
+        holder.wait()
+    # the holder died (SIGKILL): the folder is free again, with no clean-up
+    assert train(tiny(steps=4, save_every=1), bach_cache, run, progress=False, resume=True)["steps"] == 4
+    assert (run / LOCK_FILE).is_file()
+    with pytest.raises(DsmrError, match="nothing to resume"):
+        train(tiny(), bach_cache, tmp_path / "missing", progress=False, resume=True)
+    assert not (tmp_path / "missing").exists()

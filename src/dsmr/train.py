@@ -48,6 +48,7 @@ from dsmr.errors import DsmrError
 from dsmr.evaluate import NLL_BUCKETS, evaluate
 from dsmr.losses import token_nll
 from dsmr.model import DSMR, LayerMemory, load_model, state_from_cpu, state_to_cpu
+from dsmr.run_lock import run_folder_writer
 from dsmr.run_log import MetricsLog
 from dsmr.runtime import PeakMemory, autocast, resolve_device, state_bytes
 from dsmr.stream import ExcerptStream, PieceStream
@@ -185,7 +186,9 @@ def train(cfg: TrainConfig, cache, out_dir, progress: bool = True, resume: bool 
     ctx = init_distributed(resolve_device(cfg.device))
     finished = False
     try:
-        result = Trainer(cfg, cache, Path(out_dir), ctx, progress, resume).run()
+        with contextlib.ExitStack() as stack:  # rank 0 writes the run folder, and holds it for the whole run
+            ctx.from_main(lambda: stack.enter_context(run_folder_writer(out_dir, create=not resume)) and None)
+            result = Trainer(cfg, cache, Path(out_dir), ctx, progress, resume).run()
         finished = True
         return result
     finally:
