@@ -59,13 +59,13 @@ def test_weights_and_the_deprecated_which(argv, capsys):
 
 
 def test_threads_is_one_convention():
-    """--threads N: torch's CPU threads, 0 = torch's choice; the default is the command's (dsmr.cli.common)."""
+    """--threads N: torch's CPU threads, 0 = one per idle core; the default is the command's (dsmr.cli.common)."""
     defaults = {"train": 0, "eval": 0, "generate": 1, "study": 1, "app": 1}
     for name, p in _subparsers().items():
         action = _options(p).get("--threads")
         if action is None:
             continue
-        assert action.type("3") == 3 and "0 = torch's choice" in action.help, name
+        assert action.type("3") == 3 and "0 = one per idle core" in action.help, name
         assert action.default == defaults.pop(name), name
     assert not defaults  # every command above has it
 
@@ -100,10 +100,8 @@ def test_set_threads(monkeypatch):
 
     calls = []
     monkeypatch.setattr(torch, "set_num_threads", calls.append)
-    set_threads(0)
-    set_threads(None)
     set_threads(3)
-    assert calls == [3]
+    assert calls == [3]  # 0 and None: test_threads_0_leaves_the_cores_other_work_keeps_busy
     with pytest.raises(DsmrError, match="--threads must be >= 0"):
         set_threads(-1)
 
@@ -147,3 +145,29 @@ def test_study_merge_is_a_subcommand():
     assert (args.func.__name__, args.out, args.dirs, args.json) == ("run_merge", "OUT", ["A", "B"], True)
     args = parser.parse_args(["study", "--cache", "C", "--out", "S"])
     assert args.func.__name__ == "run" and args.out == "S"
+
+
+def test_threads_0_leaves_the_cores_other_work_keeps_busy(monkeypatch, capsys):
+    """On a machine whose cores are busy, training takes one thread (not torch's all-cores default, which
+    crawls there), says so, and a torchrun launch shares the idle cores between its processes."""
+    import torch
+
+    from dsmr import runtime
+    from dsmr.cli.common import set_threads
+
+    before = torch.get_num_threads()
+    monkeypatch.setattr(runtime, "usable_cores", lambda: 8)
+    try:
+        monkeypatch.setattr(runtime, "busy_cores", lambda: 7.6)
+        assert set_threads(0, say="dsmr train") == 1 and torch.get_num_threads() == 1
+        assert capsys.readouterr().err == ("dsmr train: 1 CPU thread (8 cores, 7.6 kept busy by other work; "
+                                           "--threads N to choose)\n")
+        monkeypatch.setattr(runtime, "busy_cores", lambda: 1.2)
+        assert set_threads(None) == 7 and capsys.readouterr().err == ""
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+        assert set_threads(0) == 3
+        assert set_threads(2) == 2 and torch.get_num_threads() == 2  # given: as given
+    finally:
+        torch.set_num_threads(before)
+    monkeypatch.undo()
+    assert 0 <= runtime.busy_cores(0.05) <= (runtime.os.cpu_count() or 1) + 0.01

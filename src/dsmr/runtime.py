@@ -16,7 +16,9 @@ Peak memory (`PeakMemory.peak_bytes`, `PeakMemory.method` says which):
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
+import time
 
 import torch
 
@@ -131,3 +133,41 @@ def state_bytes(model, batch: int = 1, bytes_per_value: int | None = None) -> in
     if bytes_per_value is None:
         bytes_per_value = next(model.parameters()).element_size()
     return model.cfg.state_bytes(batch, bytes_per_value)
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def busy_cores(sample_seconds: float = 0.25) -> float:
+    """How many cores other work keeps busy right now: the machine's non-idle CPU time over a short sample
+    (/proc/stat; elsewhere the 1-minute load average), in cores."""
+    def times():
+        with open("/proc/stat") as f:
+            values = [int(v) for v in f.readline().split()[1:]]
+        return sum(values), values[3] + (values[4] if len(values) > 4 else 0)  # total, idle + iowait
+
+    try:
+        total0, idle0 = times()
+        time.sleep(sample_seconds)
+        total1, idle1 = times()
+        cores = os.cpu_count() or 1
+        return cores * (1 - (idle1 - idle0) / max(total1 - total0, 1))
+    except (OSError, ValueError, IndexError):
+        try:
+            return os.getloadavg()[0]
+        except (OSError, AttributeError):
+            return 0.0
+
+
+def idle_threads(processes: int = 1) -> tuple[int, float]:
+    """CPU threads for each of `processes` processes that leave busy cores alone (at least 1), and the busy
+    cores measured: a small model on a core another job also runs crawls, and torch's default (every
+    core) oversubscribes a shared machine."""
+    busy = busy_cores()
+    free = max(1, round(usable_cores() - busy))
+    return max(1, free // max(1, processes)), busy

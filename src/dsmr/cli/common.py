@@ -73,25 +73,34 @@ def add_no_progress(parser, help: str = "no progress bar on stderr") -> None:
 
 
 def add_threads(parser, default: int = 0, help: str = "") -> None:
-    """--threads N (dest `threads`): torch's CPU threads in this process (intra-op); 0 = torch's own choice.
-    The default differs by command (apply with set_threads): 0 for train and eval; 1 for generate (one-token
-    steps are too small to share) and for each study variant (small models on a shared machine)."""
-    default_text = "torch's choice" if default == 0 else str(default)
+    """--threads N (dest `threads`): torch's CPU threads in this process (intra-op); 0 = as many as the machine
+    has idle cores (dsmr.runtime.idle_threads). The default differs by command (apply with set_threads): 0 for
+    train and eval; 1 for generate (one-token steps are too small to share) and for each study variant."""
+    default_text = "the idle cores" if default == 0 else str(default)
     parser.add_argument("--threads", type=bounded(int, 0, 1024), default=default, metavar="N",
-                        help=f"CPU threads for torch, 0 = torch's choice (default {default_text}{help})")
+                        help=f"CPU threads for torch, 0 = one per idle core (default {default_text}{help})")
 
 
-def set_threads(threads: int | None) -> None:
-    """Apply --threads: N >= 1 sets torch's CPU threads; 0 or None leaves torch's choice."""
+def set_threads(threads: int | None, say: str | None = None) -> int:
+    """Apply --threads: N >= 1 sets torch's CPU threads; 0 or None one per core no other work keeps busy (each
+    process of a torchrun launch its share). `say`: the command's name, to print what was chosen."""
+    import os
+
     from dsmr.errors import DsmrError
 
-    if threads is None or threads == 0:
-        return
-    if threads < 0:
-        raise DsmrError(f"--threads must be >= 0 (0: torch's choice), got {threads}")
+    if threads is not None and threads < 0:
+        raise DsmrError(f"--threads must be >= 0 (0: one per idle core), got {threads}")
     import torch
 
+    if not threads:
+        from dsmr.runtime import idle_threads, usable_cores
+
+        threads, busy = idle_threads(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        if say:
+            print(f"{say}: {threads} CPU thread{'s' if threads > 1 else ''} ({usable_cores()} cores, "
+                  f"{busy:.1f} kept busy by other work; --threads N to choose)", file=sys.stderr, flush=True)
     torch.set_num_threads(threads)
+    return threads
 
 
 def add_options(parser, config_cls, names, given_only: bool = False) -> None:

@@ -154,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
         from dsmr.errors import DsmrError
 
         raise DsmrError("--nnodes needs --nproc (processes per machine)")
-    set_threads(args.threads)
+    set_threads(args.threads, say="dsmr train" if args.progress else None)
     _check_values(args)
     cache = TokenCache(args.cache)
     # the cache's files still hold what was written (DsmrError naming the damaged file; a cache without
