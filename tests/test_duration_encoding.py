@@ -9,6 +9,7 @@ import pytest
 from dsmr.duration_encoding import DurationTokenizer
 from dsmr.errors import DsmrError
 from dsmr.metrics import note_arrays
+from dsmr.tokenizer import PerformanceTokenizer
 from dsmr.encodings import make_tokenizer, tokenizer_from_config
 from tests.midi_factory import make_score
 
@@ -71,3 +72,19 @@ def test_config_round_trips_and_bad_options_are_refused():
         DurationTokenizer(max_length_seconds=0)
     with pytest.raises(DsmrError, match="version"):
         tokenizer_from_config(dict(DUR.config(), version=99))
+
+
+@pytest.mark.parametrize("tokenizer", [DurationTokenizer(), PerformanceTokenizer()], ids=["duration", "performance"])
+def test_a_prompt_ends_at_the_second_asked_for(tokenizer, tmp_path):
+    """The silence between a prompt's last onset and its cut belongs to the prompt: a continuation starts at
+    the asked second, not at the last onset (in the duration encoding the clock moves from onset to onset)."""
+    from dsmr.generation import load_prompt
+    from tests.midi_factory import write_midi_file
+
+    path = write_midi_file(tmp_path / "p.mid", [(0.0, 1.0, 60, 80), (8.7, 9.0, 64, 80), (12.0, 13.0, 67, 80)])
+    ids = load_prompt(path, tokenizer, seconds=10)
+    assert tokenizer.seconds(ids) == pytest.approx(10.0)
+    assert [n.pitch for n in tokenizer.decode(ids).tracks[0].notes] == [60, 64]
+    short = write_midi_file(tmp_path / "short.mid", [(0.0, 1.0, 60, 80), (4.0, 5.0, 62, 80)])
+    assert tokenizer.seconds(load_prompt(short, tokenizer, seconds=10)) == pytest.approx(
+        tokenizer.seconds(load_prompt(short, tokenizer)))  # a piece shorter than the cut keeps its own end

@@ -15,8 +15,8 @@ from dsmr.errors import DsmrError
 from dsmr.hub import read_model_config
 from dsmr.train import train
 from dsmr.train_config import FINE_TUNING_DEFAULTS, fine_tuning_config
-from test_evaluate import TINY, run_cli
-from test_train import assert_same_run, interrupt_at
+from tests.test_evaluate import TINY, run_cli
+from tests.test_train import assert_same_run, interrupt_at
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -34,6 +34,7 @@ def load_prompt(path, tokenizer, seconds: Optional[float] = None) -> np.ndarray:
 
     score = load_midi(path)
     where = f"prompt {path}"
+    longer = seconds is not None and score.to("second").end() > seconds
     if seconds is not None:
         score = crop_seconds(score, seconds)
         where += f" (first {seconds:g} s)"
@@ -41,7 +42,26 @@ def load_prompt(path, tokenizer, seconds: Optional[float] = None) -> np.ndarray:
     if len(ids) == 0:
         raise DsmrError(f"{where} has no notes the tokenizer can encode: give a MIDI file with notes"
                         + (" or a longer --prompt-seconds" if seconds is not None else ""))
-    return np.asarray(ids, dtype=np.int64)
+    ids = np.asarray(ids, dtype=np.int64)
+    return extend_to(tokenizer, ids, seconds) if longer else ids
+
+
+def extend_to(tokenizer, ids: np.ndarray, seconds: float) -> np.ndarray:
+    """`ids` with time shifts appended so that they last `seconds`: the silence between a prompt's last event
+    and the second it was cut at belongs to the prompt (an encoding whose clock moves only from onset to onset
+    would otherwise continue from the last onset). Unchanged where ids have no fixed length in seconds."""
+    lengths = [tokenizer.event_seconds(i) for i in range(tokenizer.vocab_size)]
+    if any(v is None for v in lengths):
+        return ids
+    shifts = sorted(((v, i) for i, v in enumerate(lengths) if v > 0), reverse=True)
+    if not shifts:
+        return ids
+    missing, added = seconds - tokenizer.seconds(ids), []
+    for length, i in shifts:  # longest first: the fewest ids
+        while missing >= length - 1e-9:
+            added.append(i)
+            missing -= length
+    return np.concatenate([ids, np.array(added, dtype=np.int64)]) if added else ids
 
 
 class MusicClock:
