@@ -240,7 +240,10 @@ def test_cli_app_serves_on_localhost(run_dir, tmp_path, capsys):
     port = _free_port()
     assert main(["app", str(tmp_path / "missing"), "--port", str(port)]) == 2  # fails before serving
     assert "not found" in capsys.readouterr().err
-    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "TMPDIR": str(temp)}
+    env.pop("GRADIO_TEMP_DIR", None)
     proc = subprocess.Popen([sys.executable, "-m", "dsmr", "app", str(run_dir), "--port", str(port)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
@@ -261,6 +264,10 @@ def test_cli_app_serves_on_localhost(run_dir, tmp_path, capsys):
             proc.kill()
             _, err = proc.communicate()
     assert f"http://127.0.0.1:{port}/" in err
+    assert proc.returncode == 0, err  # SIGTERM stops it as Ctrl-C does
+    assert "share=True" not in err
+    left = [p.name for p in temp.iterdir() if p.name.startswith(("dsmr-app-", "gradio"))]  # not torch's caches
+    assert not left, "the app's files (its pieces and Gradio's copies) go when it stops"
 
 
 def test_upload_errors_name_the_users_file_and_old_outputs_are_removed(tmp_path):
@@ -282,3 +289,33 @@ def test_upload_errors_name_the_users_file_and_old_outputs_are_removed(tmp_path)
     os.utime(old, (hours_ago, hours_ago))
     _remove_old_outputs(tmp_path / "out")
     assert not old.exists() and new.exists()
+
+
+def test_the_page_opens_each_model_at_the_settings_dsmr_generate_plays_it_with(tmp_path):
+    """The sliders start where `dsmr generate` resolves the same model's settings (one resolution for both):
+    the duration model at its temperature and its encoding's 10-s longest note, with no most-notes-at-once
+    slider (its notes carry their lengths); the performance model at 4 s and 8 notes; the seed empty (a new
+    one each time)."""
+    pytest.importorskip("gradio", reason='gradio is not installed (pip install "dsmr[app]")')
+    from dsmr import playing
+    from dsmr.app import build_app
+    from dsmr.hub import read_model_config
+    from dsmr.note_guard import guard_for
+    from dsmr.encodings import tokenizer_from_config
+
+    for name in ("maestro-duration-small", "maestro-small"):
+        folder = REPO / "models" / name
+        config = read_model_config(folder)
+        cli = {**playing.sampling_defaults(config), **guard_for(tokenizer_from_config(config["tokenizer"]))}
+        demo = build_app(folder, out_root=tmp_path / name, render_audio=False)
+        by_id = {b.elem_id: b for b in demo.blocks.values() if getattr(b, "elem_id", None)}
+        sliders = {b.label: b for b in demo.blocks.values() if type(b).__name__ == "Slider"}
+        assert sliders["Temperature"].value == cli["temperature"] and sliders["Top-p"].value == cli["top_p"]
+        assert by_id["max-note-seconds"].value == cli["max_note_seconds"]
+        assert by_id["max-polyphony"].visible == (cli["max_polyphony"] is not None)
+        if cli["max_polyphony"] is not None:
+            assert by_id["max-polyphony"].value == cli["max_polyphony"]
+        assert by_id["seed"].value is None
+    assert cli["max_note_seconds"] == playing.MAX_NOTE_SECONDS  # maestro-small, the last of the two
+    duration = read_model_config(REPO / "models" / "maestro-duration-small")
+    assert guard_for(tokenizer_from_config(duration["tokenizer"]))["max_note_seconds"] == 10.0

@@ -124,7 +124,7 @@ def build_parser_refuses(argv) -> bool:
 
 def test_a_model_folder_names_its_own_temperature_and_top_p_and_bad_values_are_refused(tmp_path):
     from dsmr import playing
-    from dsmr.app import local_sampling_defaults
+    from dsmr.app import local_playing_settings
 
     assert playing.sampling_defaults(None) == {"temperature": playing.TEMPERATURE, "top_p": playing.TOP_P}
     own = {"playing": {"temperature": 1.05}}
@@ -134,6 +134,7 @@ def test_a_model_folder_names_its_own_temperature_and_top_p_and_bad_values_are_r
         with pytest.raises(DsmrError, match="playing"):
             playing.sampling_defaults({"playing": bad})
     (tmp_path / "config.json").write_text(json.dumps(own))
-    assert local_sampling_defaults(tmp_path)["temperature"] == 1.05
-    assert local_sampling_defaults(tmp_path / "missing") == playing.sampling_defaults(None)
+    assert local_playing_settings(tmp_path)["temperature"] == 1.05
+    missing = local_playing_settings(tmp_path / "missing")
+    assert {k: missing[k] for k in ("temperature", "top_p")} == playing.sampling_defaults(None)
 

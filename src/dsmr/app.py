@@ -119,15 +119,30 @@ def check_request(prompt_seconds, seconds, temperature, top_p, variations, min_p
         raise DsmrError(f"pitch range must satisfy 0 <= lowest <= highest <= 127, got {min_pitch}..{max_pitch}")
 
 
-def local_sampling_defaults(ref) -> dict:
-    """The temperature and top-p of the model at `ref` (dsmr.playing.sampling_defaults) when `ref` is a local
-    folder, read from its config.json without loading it; dsmr.playing's values for anything else."""
+def local_playing_settings(ref) -> dict:
+    """What the page's sliders start at for the model at `ref`, as `dsmr generate` would play it: its
+    temperature and top-p (dsmr.playing.sampling_defaults) and its encoding's note-guard defaults (dsmr.note_guard
+    .guard_for; 0 = no limit), with which of the two limits apply. Read from a local folder's config.json without
+    loading the model; for anything else (a Hub id, a typo) dsmr.playing's values and both limits shown."""
     path = Path(str(ref or "").strip() or ".") / "config.json"
+    settings = {**playing.sampling_defaults(None), "max_note_seconds": playing.MAX_NOTE_SECONDS,
+                "max_polyphony": playing.MAX_POLYPHONY, "limits_note_length": True, "limits_polyphony": True}
     try:
-        config = json.loads(path.read_text()) if path.is_file() else None
-        return playing.sampling_defaults(config)
-    except (OSError, ValueError, DsmrError):
-        return playing.sampling_defaults(None)  # the load itself says what is wrong with the folder
+        if not path.is_file():
+            return settings
+        config = json.loads(path.read_text())
+        settings.update(playing.sampling_defaults(config))
+        from dsmr.encodings import tokenizer_from_config
+        from dsmr.note_guard import guard_for, has_note_lengths, has_note_offs
+
+        tokenizer = tokenizer_from_config(config["tokenizer"])
+        guard = guard_for(tokenizer)
+        settings.update(max_note_seconds=guard["max_note_seconds"] or 0.0, max_polyphony=guard["max_polyphony"] or 0,
+                        limits_polyphony=has_note_offs(tokenizer),
+                        limits_note_length=has_note_offs(tokenizer) or has_note_lengths(tokenizer))
+    except (OSError, ValueError, KeyError, TypeError, DsmrError):
+        pass  # the load itself says what is wrong with the folder
+    return settings
 
 
 def generate_variations(loaded: Loaded, prompt_path, out_dir, *, prompt_seconds: float | None = 10.0,
@@ -210,8 +225,20 @@ def summary_text(results: list[dict], loaded: Loaded) -> str:
 # -------------------------------------------------------------------------------------------------- page
 
 
+_SESSION_ROOT: list[Path] = []
+
+
+def session_root() -> Path:
+    """This process's temporary folder for the page's files: generated pieces, and Gradio's copies of uploads
+    and outputs (GRADIO_TEMP_DIR, unless set), so that `serve` deletes all of them when the app stops."""
+    if not _SESSION_ROOT:
+        _SESSION_ROOT.append(Path(tempfile.mkdtemp(prefix="dsmr-app-")))
+    return _SESSION_ROOT[0]
+
+
 def _gradio():
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home
+    os.environ.setdefault("GRADIO_TEMP_DIR", str(session_root() / "gradio"))  # read when gradio is imported
     try:
         import gradio as gr
     except ImportError as err:
@@ -226,7 +253,7 @@ def build_app(model=None, cache=None, device: str = "cpu", out_root=None, render
     generate` would)."""
     gr = _gradio()
     store = store if store is not None else ModelStore(device)
-    out_root = Path(out_root or tempfile.mkdtemp(prefix="dsmr-app-"))
+    out_root = Path(out_root or tempfile.mkdtemp(dir=session_root(), prefix="pieces-"))
     model = model if model is not None else default_model()
     pieces = cache_pieces(cache)
 
@@ -279,32 +306,45 @@ def build_app(model=None, cache=None, device: str = "cpu", out_root=None, render
                 prompt_seconds = gr.Slider(1, MAX_PROMPT_SECONDS, value=10, step=1,
                                            label="Seconds of the prompt to keep")
                 seconds = gr.Slider(2, MAX_SECONDS, value=30, step=1, label="Length of the piece (seconds)")
+                own = local_playing_settings(model)  # the model's own; again whenever the model changes
                 with gr.Row():
-                    own = local_sampling_defaults(model)  # the model's own; again whenever the model changes
-                    temperature = gr.Slider(0, 2, value=own["temperature"], step=0.05, label="Temperature")
+                    temperature = gr.Slider(0, playing.MAX_TEMPERATURE, value=own["temperature"], step=0.05,
+                                            label="Temperature")
                     top_p = gr.Slider(0.05, 1, value=own["top_p"], step=0.01, label="Top-p")
                 with gr.Row():
-                    seed = gr.Number(value=0, precision=0, label="Seed (same seed: same piece)")
+                    seed = gr.Number(value=None, precision=0, elem_id="seed",
+                                     label="Seed (empty: a new one each time, shown below; same seed: same piece)")
                     variations = gr.Slider(1, MAX_VARIATIONS, value=1, step=1, label="Variations")
                 with gr.Row():
                     min_pitch = gr.Slider(0, 127, value=playing.MIN_PITCH, step=1, label="Lowest pitch")
                     max_pitch = gr.Slider(0, 127, value=playing.MAX_PITCH, step=1, label="Highest pitch")
                 with gr.Row():
-                    max_note_seconds = gr.Slider(0, 30, value=playing.MAX_NOTE_SECONDS, step=0.5,
+                    max_note_seconds = gr.Slider(0, 30, value=own["max_note_seconds"], step=0.5,
+                                                 visible=own["limits_note_length"], elem_id="max-note-seconds",
                                                  label="Longest note (seconds; 0: no limit)")
-                    max_polyphony = gr.Slider(0, 32, value=playing.MAX_POLYPHONY, step=1,
+                    max_polyphony = gr.Slider(0, 32, value=own["max_polyphony"], step=1,
+                                              visible=own["limits_polyphony"], elem_id="max-polyphony",
                                               label="Most notes at once (0: no limit)")
                 button = gr.Button("Generate", variant="primary", elem_id="generate")
             with gr.Column(scale=2):
                 status, groups, audios, rolls, files = _result_column(gr, ready=bool(model))
-        model_box.blur(lambda ref: [local_sampling_defaults(ref)[k] for k in ("temperature", "top_p")],
-                       inputs=model_box, outputs=[temperature, top_p])
+        model_box.blur(_slider_updates, inputs=model_box, outputs=[temperature, top_p, max_note_seconds, max_polyphony])
         button.click(run, inputs=[model_box, upload, piece, prompt_seconds, seconds, temperature, top_p, seed,
                                   variations, min_pitch, max_pitch, max_note_seconds, max_polyphony],
                      outputs=[status] + groups + audios + rolls + files, api_name="generate",
                      concurrency_limit=1)
     demo.dsmr_out_root = out_root
     return demo
+
+
+def _slider_updates(ref) -> list:
+    """The sampling sliders for the model typed in the Model box (its own settings; limits it has no use for
+    hidden)."""
+    gr = _gradio()
+    own = local_playing_settings(ref)
+    return [gr.update(value=own["temperature"]), gr.update(value=own["top_p"]),
+            gr.update(value=own["max_note_seconds"], visible=own["limits_note_length"]),
+            gr.update(value=own["max_polyphony"], visible=own["limits_polyphony"])]
 
 
 def _result_column(gr, ready: bool):
@@ -349,15 +389,28 @@ def _num(value):
 
 def serve(model=None, host: str = "127.0.0.1", port: int = 7860, cache=None, device: str = "cpu",
           block: bool = True, render_audio: bool = True, store: ModelStore | None = None):
-    """Build the page and launch it; returns the Blocks (with `block=False` the server runs in a thread)."""
+    """Build the page and launch it; returns the Blocks (with `block=False` the server runs in a thread).
+    Blocking, it stops on Ctrl-C or SIGTERM, and every file the page made goes with it (`session_root`)."""
     import shutil
+    import signal
 
     demo = build_app(model, cache=cache, device=device, render_audio=render_audio, store=store)
     demo.queue(default_concurrency_limit=1)
+    previous = None
+    if block and threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _stop_on_sigterm)  # `kill` stops it like Ctrl-C
     try:
+        # quiet: dsmr prints the address itself, and no hint about public share links for a local tool
         demo.launch(server_name=host, server_port=port, prevent_thread_lock=not block, inbrowser=False,
-                    share=False, show_error=True, allowed_paths=[str(demo.dsmr_out_root)], quiet=not block)
+                    share=False, show_error=True, allowed_paths=[str(demo.dsmr_out_root)], quiet=True)
     finally:
-        if block:  # the server stopped (Ctrl-C): its generated files go with it
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+        if block:  # the server stopped: its files go with it
+            shutil.rmtree(session_root(), ignore_errors=True)
             shutil.rmtree(demo.dsmr_out_root, ignore_errors=True)
     return demo
+
+
+def _stop_on_sigterm(signum, frame):
+    raise KeyboardInterrupt
