@@ -16,8 +16,9 @@ For --prompts test pieces (seeded, each at least --seconds long) the model conti
   share of pieces whose window is in the prompt's key or a closely related one (Krumhansl-Schmuckler keys;
   key signatures at most one accidental apart), against the real continuations.
 
-Sampling, unless set: what `dsmr generate` plays with (the model's own temperature and top-p, the note
-guard's defaults for its encoding); `--max-note-seconds 0 --max-polyphony 0` samples without any guard.
+Sampling, unless set: what `dsmr generate` plays with (dsmr.generation.playing_sampling: the model's own
+temperature and top-p, the piano's keys, the note guard's defaults for its encoding);
+`--max-note-seconds 0 --max-polyphony 0` samples without any guard.
 Writes OUT/bench.json, OUT/bench.md (the tables) and OUT/bench.png, and the MIDI of every sample.
 
     .venv/bin/python benchmarks/bench_metrics.py MODEL --cache CACHE --out OUT [--prompts 32] [--from-nothing 16]
@@ -27,6 +28,7 @@ Writes OUT/bench.json, OUT/bench.md (the tables) and OUT/bench.png, and the MIDI
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import sys
@@ -71,18 +73,17 @@ def main() -> int:
     from dsmr.cache import TokenCache
     from dsmr.model import load_model
     from dsmr import playing
-    from dsmr.generation import SamplingConfig, generate, resolve_precision, with_precision
-    from dsmr.note_guard import guard_for
+    from dsmr.generation import generate, playing_sampling, resolve_precision, with_precision
 
     torch.set_num_threads(args.threads)
     model = load_model(args.model)
     tokenizer, segment_len = model.tokenizer, model.segment_len
     precision = resolve_precision(model, args.precision)  # "auto" resolved as dsmr generate does
     model = with_precision(model, precision)
-    chosen = playing.sampling_defaults(model.run_config, args.temperature, args.top_p)
-    args.temperature, args.top_p = chosen["temperature"], chosen["top_p"]
-    guard = guard_for(tokenizer, args.max_note_seconds, args.max_polyphony)
-    args.max_note_seconds, args.max_polyphony = guard["max_note_seconds"], guard["max_polyphony"]
+    own = playing_sampling(model, temperature=args.temperature, top_p=args.top_p,
+                           max_note_seconds=args.max_note_seconds, max_polyphony=args.max_polyphony,
+                           max_seconds=args.seconds, max_tokens=None, stop_at_eos=False)  # as dsmr generate
+
     cache = TokenCache(args.cache)
     if cache.tokenizer.config_hash() != tokenizer.config_hash():
         sys.exit(f"{args.cache} is not in {args.model}'s encoding")
@@ -95,10 +96,8 @@ def main() -> int:
     for folder in ("generated", "from-nothing", "real"):
         (args.out / folder).mkdir(parents=True, exist_ok=True)
 
-    def sampling(seed: int) -> SamplingConfig:
-        return SamplingConfig(temperature=args.temperature, top_p=args.top_p, seed=seed, max_seconds=args.seconds,
-                              max_tokens=None, stop_at_eos=False, max_note_seconds=args.max_note_seconds,
-                              max_polyphony=args.max_polyphony)
+    def sampling(seed: int):
+        return dataclasses.replace(own, seed=seed)
 
     start, events = time.perf_counter(), 0
     continued, real, scratch = [], [], []
@@ -135,8 +134,9 @@ def main() -> int:
     report.update(model=args.model, label=args.label or Path(args.model).name, precision=precision,
                   generated_events=events, generation_wall_s=wall, events_per_s=events / wall,
                   command="python " + " ".join(sys.argv), machine=platform.platform(),
-                  sampling={"temperature": args.temperature, "top_p": args.top_p,
-                            "max_note_seconds": args.max_note_seconds, "max_polyphony": args.max_polyphony})
+                  sampling={"temperature": own.temperature, "top_p": own.top_p,
+                            "max_note_seconds": own.max_note_seconds, "max_polyphony": own.max_polyphony,
+                            "min_pitch": playing.MIN_PITCH, "max_pitch": playing.MAX_PITCH})
     (args.out / "bench.json").write_text(json.dumps(report, indent=1))
     (args.out / "bench.md").write_text(markdown(report))
     plot(report, args.out / "bench.png")

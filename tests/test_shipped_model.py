@@ -58,3 +58,31 @@ def test_shipped_model_continues_a_midi_prompt_from_the_command_line(MODEL, tmp_
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
     assert 0 < report["tokens"] <= 64 and report["prompt_tokens"] > 0 and out.stat().st_size > 0
+
+
+def test_the_readme_snippet_plays_like_dsmr_generate_from_any_folder(tmp_path):
+    """The README's Python snippet, run from a folder outside the repository, finds the shipped model and
+    writes the notes `dsmr generate` writes for the same prompt, length, seed and samples."""
+    readme = (REPO / "README.md").read_text()
+    snippet = readme.split("```python\n", 1)[1].split("```", 1)[0]
+    assert "DSMR.from_pretrained(\"models/maestro-duration-small\")" in snippet and "playing_sampling" in snippet
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    prompt = tiny_midi(work / "my-piece.mid", n=40)  # 20 s of notes: the snippet keeps 10
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", snippet], cwd=work, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr
+    cli = subprocess.run([sys.executable, "-m", "dsmr", "generate", str(REPO / "models" / "maestro-duration-small"),
+                          "--prompt", str(prompt), "--prompt-seconds", "10", "--max-seconds", "30", "--seed", "1",
+                          "--num-samples", "2", "--out", str(tmp_path / "cli.mid"), "--no-progress"],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert cli.returncode == 0, cli.stderr
+    import symusic
+
+    def notes(path):
+        n = symusic.Score(str(path)).to("second").tracks[0].notes.numpy()
+        return list(zip(n["time"].round(3).tolist(), n["pitch"].tolist(), n["duration"].round(3).tolist()))
+
+    snippet_notes, cli_notes = notes(work / "continued.mid"), notes(tmp_path / "cli-1.mid")
+    assert len(snippet_notes) > 20 and snippet_notes == cli_notes

@@ -159,8 +159,7 @@ def generate_variations(loaded: Loaded, prompt_path, out_dir, *, prompt_seconds:
     summary}. DsmrError for bad input (non-MIDI prompt, no notes, settings out of range)."""
     import random
 
-    from dsmr.generation import SamplingConfig, generate, load_prompt, pitch_bans
-    from dsmr.note_guard import guard_for
+    from dsmr.generation import generate, load_prompt, playing_sampling
     from dsmr.render import find_fluidsynth, find_soundfont, plot_pianoroll, render_wav
 
     variations = int(variations)
@@ -188,10 +187,10 @@ def generate_variations(loaded: Loaded, prompt_path, out_dir, *, prompt_seconds:
     out_dir.mkdir(parents=True, exist_ok=True)
     results = []
     for k in range(variations):
-        sampling = SamplingConfig(temperature=float(temperature), top_p=float(top_p), seed=seed + k,
-                                  max_seconds=float(seconds), max_tokens=None, stop_at_eos=False,
-                                  banned_ids=pitch_bans(tokenizer, min_pitch, max_pitch),
-                                  **guard_for(tokenizer, max_note_seconds, max_polyphony))
+        sampling = playing_sampling(loaded.model, temperature=float(temperature), top_p=float(top_p),
+                                    max_note_seconds=max_note_seconds, max_polyphony=max_polyphony,
+                                    min_pitch=min_pitch, max_pitch=max_pitch, seed=seed + k,
+                                    max_seconds=float(seconds), max_tokens=None, stop_at_eos=False)
         if progress is not None:
             progress(k / variations, f"variation {k + 1} of {variations}: generating")
         result = generate(loaded.model, tokenizer, loaded.segment_len, prompt, sampling, progress=False)

@@ -58,6 +58,8 @@ def resolve_model_ref(ref, *, revision: str | None = None, cache_dir=None,
     huggingface_hub's cache is used first, and only it when offline (HF_HUB_OFFLINE=1 or
     `local_files_only`)."""
     path = Path(ref)
+    if not path.exists() and shipped_model(ref) is not None:
+        return shipped_model(ref)
     if path.exists() or not is_repo_id(ref) or path.parent.is_dir():
         return path  # a missing local path (its folder exists: "runs/typo"): the caller says "not found"
     try:
@@ -99,6 +101,21 @@ def read_model_config(ref, which: str = "best") -> dict:
 
     _, run_dir = resolve_weights(resolve_model_ref(ref), which)
     return read_config(run_dir)
+
+
+SHIPPED_MODELS = Path(__file__).resolve().parents[2] / "models"  # in a checkout of the repository
+
+
+def shipped_model(ref) -> Path | None:
+    """The folder of a model the repository ships, for `models/NAME` (or `NAME`) from any working folder;
+    None when `ref` names none of them (or dsmr is not installed from a checkout)."""
+    parts = Path(str(ref)).parts
+    if len(parts) == 2 and parts[0] == "models":
+        parts = parts[1:]
+    if len(parts) != 1 or parts[0] in (".", ".."):
+        return None
+    folder = SHIPPED_MODELS / parts[0]
+    return folder if (folder / CONFIG_FILE).is_file() else None
 
 
 def _rev(revision) -> str:

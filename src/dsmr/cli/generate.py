@@ -85,16 +85,14 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     _check_args(args)
-    import dataclasses
 
     import torch
 
     from dsmr import kernels
     from dsmr.model import load_model
     from dsmr.runtime import resolve_device
-    from dsmr.generation import (SamplingConfig, batch_summary, generate_batch, load_prompt, pitch_bans,
+    from dsmr.generation import (SamplingConfig, batch_summary, generate_batch, load_prompt, playing_sampling,
                                  resolve_precision, with_precision)
-    from dsmr.note_guard import guard_for
     from dsmr.render import find_fluidsynth, find_soundfont, plot_pianoroll, render_wav
 
     max_tokens = args.max_tokens if args.max_tokens is not None else (None if args.max_seconds else 2048)
@@ -121,9 +119,11 @@ def run(args: argparse.Namespace) -> int:
     precision = resolve_precision(model, args.precision)
     model = with_precision(model, precision)
 
-    sampling = dataclasses.replace(sampling, **playing.sampling_defaults(config, args.temperature, args.top_p))
-    sampling = dataclasses.replace(sampling, **guard_for(tokenizer, args.max_note_seconds, args.max_polyphony))
-    sampling = dataclasses.replace(sampling, banned_ids=pitch_bans(tokenizer, args.min_pitch, args.max_pitch))
+    sampling = playing_sampling(model, temperature=args.temperature, top_p=args.top_p,
+                                max_note_seconds=args.max_note_seconds, max_polyphony=args.max_polyphony,
+                                min_pitch=args.min_pitch, max_pitch=args.max_pitch, top_k=sampling.top_k,
+                                seed=sampling.seed, max_tokens=sampling.max_tokens, max_seconds=sampling.max_seconds,
+                                stop_at_eos=sampling.stop_at_eos)
 
     results = generate_batch(model, tokenizer, segment_len, prompt_ids, sampling, num_samples=args.num_samples,
                              progress=args.progress, compile=args.compile)

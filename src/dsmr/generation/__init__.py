@@ -12,10 +12,11 @@ from dsmr.generation.precision import (HalfWeightLinear, Int8WeightLinear, decod
                                        half_weight_model, int8_weight_model, resolve_precision, with_precision)
 from dsmr.generation.prompts import MusicClock, crop_seconds, load_prompt
 from dsmr.generation.sampling import (SamplingConfig, banned_mask, pitch_bans, pitch_range_bans, sample_next)
+from dsmr.generation.settings import playing_sampling
 
 __all__ = [
     "IncrementalDecoder", "compile_available", "FusedStep", "GenerationResult", "batch_summary", "generate",
     "generate_batch", "HalfWeightLinear", "Int8WeightLinear", "decoding_state_dtype", "default_cpu_precision",
     "half_weight_model", "int8_weight_model", "resolve_precision", "with_precision", "MusicClock", "crop_seconds", "load_prompt",
-    "SamplingConfig", "banned_mask", "pitch_bans", "pitch_range_bans", "sample_next",
+    "SamplingConfig", "banned_mask", "pitch_bans", "pitch_range_bans", "sample_next", "playing_sampling",
 ]
