@@ -255,3 +255,13 @@ def test_status_says_where_each_variant_stands(bach_cache, tmp_path, capsys):
     assert "validation PPL by step" in printed and "two-scale/0" in printed
     assert any(line.split()[:1] == ["25"] and "40.00" in line for line in printed.splitlines())
     assert cli_main(["study", "status", str(tmp_path)]) == 2  # not a study folder
+
+
+def test_study_list_aligns_its_columns(capsys):
+    from dsmr.cli import main
+
+    assert main(["study", "--list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("two-scale-curriculum ") for line in lines)  # the longest name
+    columns = {tuple(m.start() for m in list(re.finditer(r"\S+", line))[1:3]) for line in lines}
+    assert len(columns) == 1, lines  # the horizons and the descriptions start at the same place on every line

@@ -149,10 +149,11 @@ def run(args: argparse.Namespace) -> int:
     if args.list:
         from dsmr.train_config import make_run_schedule
 
-        for v in study.select_variants(cfg, args.variants):
-            train_cfg = study.train_config(cfg, v)
-            horizons = ",".join(map(str, make_run_schedule(train_cfg).horizons))
-            print(f"{v.name:<18} {horizons:<24} {v.description}")
+        rows = [(v, ",".join(map(str, make_run_schedule(study.train_config(cfg, v)).horizons)))
+                for v in study.select_variants(cfg, args.variants)]
+        name_width, horizon_width = (max(len(x) for x in column) + 2 for column in zip(*[(v.name, h) for v, h in rows]))
+        for v, horizons in rows:  # columns as wide as their longest entry
+            print(f"{v.name:<{name_width}}{horizons:<{horizon_width}}{v.description}")
         return 0
     if not args.cache or not args.out:
         raise DsmrError("give --cache and --out (or `dsmr study merge OUT DIR...`, `dsmr study status DIR...`)")
