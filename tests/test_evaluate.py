@@ -189,3 +189,15 @@ def test_eval_errors_are_one_line(bach_cache, tmp_path, capsys, request):
 
     code, _, err = run_cli(capsys, "train", "--cache", str(tmp_path / "missing"), "--out", str(tmp_path / "r2"))
     assert code == 2 and "no token cache" in err
+
+
+def test_the_report_says_per_note_and_never_prints_a_peak_of_zero():
+    from dsmr.evaluate import format_report
+
+    result = {"ppl": 10.0, "nll": math.log(10.0), "tokens": 4000, "pieces": 3, "tokens_per_s": 1000.0,
+              "device": "cpu", "peak_memory_bytes": 0, "memory_method": "cpu_rss_high_water_mark_rise",
+              "state_bytes": 2**20, "nll_by_position": [], "notes": 1000, "nll_per_note": 9.21}
+    text = format_report(result)
+    assert "per note: 9.2100 nats (1000 notes, 4.00 tokens per note)" in text
+    assert "0.0 MiB" not in text and "peak memory: no more than the process already held" in text
+    assert "peak memory: 3.0 MiB" in format_report({**result, "peak_memory_bytes": 3 * 2**20})

@@ -99,19 +99,28 @@ def test_export_round_trip_equal_logits(run_dir, tmp_path, capsys):
 
 
 def test_model_card_has_hub_metadata_and_figures(run_dir, tmp_path):
-    evals = [{"split": "test", "ppl": 5.25, "tokens": 1234, "pieces": 3}]
+    evals = [{"split": "test", "ppl": 5.25, "tokens": 1234, "pieces": 3, "notes": 300,
+              "nll_per_note": 1.658 * 1234 / 300}, {"split": "validation", "ppl": 5.0, "tokens": 5000, "pieces": 12}]
     export_run(run_dir, tmp_path / "m", evals=evals, name="someone/dsmr-maestro-small")
     card = (tmp_path / "m" / "README.md").read_text()
     header, body = card.split("---\n")[1], card.split("---\n", 2)[2]
     assert "license: cc-by-nc-sa-4.0" in header and "library_name: dsmr" in header
     assert "- symbolic-music" in header and "- piano" in header and "datasets:" not in header  # not a Hub id
     assert "CC BY-NC-SA 4.0" in body and "non-commercial" in body
-    for text in ("| test PPL (full pieces) | 5.250 (3 pieces, 1234 tokens) |", "| training steps (these weights) | 10 |",
-                 "| best validation PPL (step) | 4.482 (10) |", "| tokens trained on | 220 |",
+    for text in ("| test PPL (full pieces) | 5.250 (3 pieces, 1,234 tokens; only 3 pieces: a rough figure) |",
+                 "| test NLL per note (nats; compares across encodings) | 6.820 (300 notes) |",
+                 "| validation PPL (full pieces) | 5.000 (12 pieces, 5,000 tokens) |",
+                 "| validation PPL during training, over the validation split (these weights) | 4.482 |",
+                 "| training steps (these weights) | 10 |",
+                 "| best validation PPL during training, over the same pieces (step) | 4.482 (10) |",
+                 "| tokens trained on | 220 |",
                  "two-scale, horizons [16, 4]", "dsmr generate someone/dsmr-maestro-small"):
         assert text in body
     with pytest.raises(DsmrError, match="inherits its data's licence cc-by-nc-sa-4.0"):
         export_run(run_dir, tmp_path / "n", license="mit")
+    one = [{"split": "test", "ppl": 5.25, "tokens": 99, "pieces": 1}]
+    export_run(run_dir, tmp_path / "one", evals=one)
+    assert "(1 piece, 99 tokens; only 1 piece: a rough figure)" in (tmp_path / "one" / "README.md").read_text()
     # no repo id: the usage lines name the folder, never this machine's path
     export_run(run_dir, tmp_path / "local-model")
     card = (tmp_path / "local-model" / "README.md").read_text()

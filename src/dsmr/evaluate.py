@@ -105,8 +105,9 @@ def format_report(result: dict, title: str = "evaluation") -> str:
         + (f"\nper note: {result['nll_per_note']:.4f} nats ({result['notes']} notes, "
            f"{result['tokens'] / result['notes']:.2f} tokens per note)" if result.get("notes") else ""),
         f"speed: {result['tokens_per_s']:.0f} tokens/s on {result['device']}  "
-        f"peak memory: {result['peak_memory_bytes'] / mib:.1f} MiB ({result['memory_method']})  "
-        f"state: {result['state_bytes'] / mib:.2f} MiB per lane",
+        + (f"peak memory: {result['peak_memory_bytes'] / mib:.1f} MiB ({result['memory_method']})  "
+           if result["peak_memory_bytes"] else "peak memory: no more than the process already held  ")
+        + f"state: {result['state_bytes'] / mib:.2f} MiB per lane",
         "NLL by position in piece:",
     ]
     for b in result["nll_by_position"]:

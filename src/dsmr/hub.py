@@ -34,7 +34,8 @@ HUB_FILES = [CONFIG_FILE, MODEL_FILE, CARD_FILE]
 # Licences that a model inherits from its training data (Hub license identifiers).
 CORPUS_LICENSES = {"maestro": "cc-by-nc-sa-4.0"}
 CORPUS_NAMES = {"maestro": "MAESTRO v3.0.0 (Hawthorne et al., 2019)",
-                "bach": "Bach chorales (music21 corpus)"}
+                "bach": "Bach chorales (music21 corpus)", "folder": "a folder of MIDI files"}
+FEW_PIECES = 10  # a split figure over fewer pieces says so
 # Hub tags a card takes from its training corpus (besides the ones every dsmr model has).
 CORPUS_TAGS = {"maestro": ("piano", "classical-music", "maestro"), "bach": ("bach", "chorales", "classical-music")}
 MODEL_TAGS = ("symbolic-music", "midi", "music-generation", "recurrent-transformer", "dsmr")
@@ -208,7 +209,7 @@ def run_figures(run_dir, config: dict, step: int | None, evals=()) -> dict:
         if step is not None:
             at = [r for r in vals if r["step"] == step]
             if at:
-                figures["validation_ppl"] = at[-1]["val_ppl"]
+                figures["validation_ppl_in_training"] = at[-1]["val_ppl"]
     for result in evals:
         split = result.get("split", "eval")
         if result.get("ppl") is None:
@@ -216,11 +217,38 @@ def run_figures(run_dir, config: dict, step: int | None, evals=()) -> dict:
         figures[f"{split}_ppl"] = result["ppl"]
         figures[f"{split}_tokens"] = result.get("tokens")
         figures[f"{split}_pieces"] = result.get("pieces")
+        if result.get("nll_per_note") is not None:
+            figures[f"{split}_nll_per_note"] = result["nll_per_note"]
+            figures[f"{split}_notes"] = result.get("notes")
+    counts = _cache_counts(config.get("cache"))
+    if counts:
+        figures["train_pieces"] = counts.get("train")
+    val_pieces = (config.get("train") or {}).get("val_pieces")
+    if vals:
+        figures["validation_pieces_in_training"] = val_pieces or (counts or {}).get("validation")
     schedule = config.get("schedule") or {}
     figures["schedule"] = schedule.get("name")
     figures["horizons"] = list((config.get("model") or {}).get("horizons") or [])
     figures["segment_len"] = config.get("segment_len")
     return figures
+
+
+def _cache_counts(cache) -> dict | None:
+    """Pieces per split of the cache a run was trained from (its manifest), None where it is gone."""
+    if not cache:
+        return None
+    try:
+        manifest = json.loads((Path(cache) / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+    splits = manifest.get("splits")
+    if not isinstance(splits, dict):
+        return None
+    return {name: split.get("pieces") for name, split in splits.items() if isinstance(split, dict)}
+
+
+def _pieces(n) -> str:
+    return f"{n} piece" if n == 1 else f"{n} pieces"
 
 
 def model_card(config: dict, name: str, dtype: str, ref: str | None = None) -> str:
@@ -262,13 +290,28 @@ def model_card(config: dict, name: str, dtype: str, ref: str | None = None) -> s
 
     row("training steps (these weights)", figures.get("step"))
     row("tokens trained on", None if figures.get("train_tokens") is None else f"{figures['train_tokens']:,}")
-    row("validation PPL (these weights)", ppl(figures.get("validation_ppl")))
-    row("best validation PPL (step)", None if figures.get("best_validation_ppl") is None else
+    row("training pieces", figures.get("train_pieces"))
+    during = figures.get("validation_pieces_in_training")
+    during = f"the first {_pieces(during)} of the validation split" if during else "the validation split"
+    # (exports before the split evaluations had their own keys called it validation_ppl, without pieces)
+    in_training = figures.get("validation_ppl_in_training",
+                              None if "validation_pieces" in figures else figures.get("validation_ppl"))
+    row(f"validation PPL during training, over {during} (these weights)", ppl(in_training))
+    row(f"best validation PPL during training, over the same pieces (step)",
+        None if figures.get("best_validation_ppl") is None else
         f"{ppl(figures['best_validation_ppl'])} ({figures.get('best_validation_step')})")
-    for key in sorted(k for k in figures if k.endswith("_ppl") and k not in ("validation_ppl", "best_validation_ppl")):
+    splits = [k for k in figures if k.endswith("_ppl") and k != "best_validation_ppl"
+              and (k != "validation_ppl" or "validation_pieces" in figures)]
+    for key in sorted(splits, key=lambda k: (k != "validation_ppl", k)):  # validation first, then test
         split = key[:-4]
-        row(f"{split} PPL (full pieces)", f"{ppl(figures[key])} ({figures.get(split + '_pieces')} pieces, "
-                                          f"{figures.get(split + '_tokens')} tokens)")
+        pieces = figures.get(split + "_pieces")
+        few = (f"; only {_pieces(pieces)}: a rough figure" if isinstance(pieces, int) and pieces < FEW_PIECES
+               else "")
+        row(f"{split} PPL (full pieces)", f"{ppl(figures[key])} ({_pieces(pieces)}, "
+                                          f"{figures.get(split + '_tokens'):,} tokens{few})")
+        if figures.get(split + "_nll_per_note") is not None:
+            row(f"{split} NLL per note (nats; compares across encodings)",
+                f"{figures[split + '_nll_per_note']:.3f} ({figures.get(split + '_notes'):,} notes)")
     row("schedule", f"{figures.get('schedule')}, horizons {figures.get('horizons')}")
     row("segment length", figures.get("segment_len"))
     row("parameters", None if figures.get("parameters") is None else f"{figures['parameters']:,}")

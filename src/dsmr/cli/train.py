@@ -179,7 +179,9 @@ def run(args: argparse.Namespace) -> int:
     else:
         if result["ppl"] is not None:
             print(format_report(result, title=f"validation after {result['steps']} steps"))
+        peak = result.get("train_peak_memory_bytes") or 0
         print(f"train: loss {result['train_loss']:.4f}, {result['train_tokens_per_s']:.0f} tokens/s"
+              + (f", peak memory {peak / 2**20:.1f} MiB" if peak else "")
               if result["train_loss"] is not None else f"train: {result['steps']} steps")
         print(f"run folder: {result['run_dir']}")
     if result["interrupted"]:
