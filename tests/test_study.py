@@ -265,3 +265,41 @@ def test_study_list_aligns_its_columns(capsys):
     assert any(line.startswith("two-scale-curriculum ") for line in lines)  # the longest name
     columns = {tuple(m.start() for m in list(re.finditer(r"\S+", line))[1:3]) for line in lines}
     assert len(columns) == 1, lines  # the horizons and the descriptions start at the same place on every line
+
+
+def test_paired_differences_of_placements():
+    from dsmr.study.paired import comparisons, paired_difference, with_notes
+
+    diff = paired_difference({0: 15.0, 1: 15.5, 2: 15.2, 3: 15.1}, {0: 15.4, 1: 15.6, 2: 15.9, 3: 15.3, 4: 1.0})
+    assert diff["seeds"] == [0, 1, 2, 3] and diff["differences"] == pytest.approx([-0.4, -0.1, -0.7, -0.2])
+    assert diff["mean"] == pytest.approx(-0.35) and diff["same_sign"]
+    sd = (sum((x + 0.35) ** 2 for x in (-0.4, -0.1, -0.7, -0.2)) / 3) ** 0.5
+    assert diff["low"] == pytest.approx(-0.35 - 3.182 * sd / 2) and diff["high"] == pytest.approx(-0.35 + 3.182 * sd / 2)
+    assert diff["p_sign_flip"] == pytest.approx(2 / 16)  # all four the same sign: the smallest p four seeds give
+    mixed = paired_difference({0: 1.0, 1: 2.0}, {0: 2.0, 1: 1.0})
+    assert mixed["mean"] == 0 and mixed["p_sign_flip"] == 1.0 and not mixed["same_sign"]
+    assert paired_difference({0: 1.0}, {1: 1.0}) is None
+    one = paired_difference({0: 1.0}, {0: 0.5})
+    assert one["low"] is None and one["mean"] == 0.5
+    records = [{"variant": v, "seed": s, "val_all_ppl": p} for v, s, p in
+               [("two-scale", 0, 15.0), ("two-scale", 1, 15.5), ("uniform", 0, 15.2), ("uniform", 1, 15.1),
+                ("none", 0, 17.0)]]
+    rows = comparisons(records, "val_all_ppl")
+    assert [(r["a"], r["b"]) for r in rows] == [("two-scale", "uniform")]  # `none` shares no budget
+
+    class Cache:  # two validation pieces of 3 and 4 events, 2 and 1 of them notes
+        splits = ("validation",)
+
+        class tokenizer:
+            @staticmethod
+            def count_notes(pieces):
+                return 3
+
+        @staticmethod
+        def pieces(split):
+            return [[1, 2, 3], [1, 2, 3, 4]]
+
+    filled = with_notes([{"variant": "x", "seed": 0, "val_all_nll": 2.0, "val_all_tokens": 9},
+                         {"variant": "y", "seed": 0, "val_all_nll": 2.0, "val_all_tokens": 10}], Cache)
+    assert filled[0]["val_all_nll_per_note"] == pytest.approx(2.0 * 9 / 3) and filled[0]["val_all_notes"] == 3
+    assert "val_all_nll_per_note" not in filled[1]  # other tokens than the cache's split: not filled in

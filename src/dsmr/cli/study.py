@@ -56,6 +56,8 @@ def register(subparsers) -> None:
                                            "results, tables and figures.")
     merge.add_argument("out", metavar="OUT", help="the merged study folder")
     merge.add_argument("dirs", nargs="*", metavar="DIR", help="study folders to merge (one or more)")
+    add_token_cache(merge, help="the token cache the studies were evaluated on: results without per-note "
+                                "figures get them (notes counted from its validation and test splits)")
     add_json(merge, help="print the result rows as one JSON object on stdout", default=argparse.SUPPRESS)
     merge.set_defaults(func=run_merge)
     status = actions.add_parser("status", help="where each started variant stands: step, validation PPL so far, "
@@ -96,7 +98,12 @@ def run_merge(args: argparse.Namespace) -> int:
 
     if not args.dirs:
         raise DsmrError("use `dsmr study merge OUT DIR1 [DIR2 ...]`: give at least one study folder to merge")
-    records = study.merge_studies(args.out, args.dirs, command=_command())
+    cache = None
+    if args.cache:
+        from dsmr.cache import TokenCache
+
+        cache = TokenCache(args.cache)
+    records = study.merge_studies(args.out, args.dirs, command=_command(), cache=cache)
     return _print(args, study.summarize(records), args.out)
 
 

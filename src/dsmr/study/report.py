@@ -13,6 +13,7 @@ from dsmr.study.variants import (FIGURES_DIR, REFERENCE, RESULTS_DIR, RUNS_DIR, 
                                  fmt, read_json, default_variants, result_name)
 from dsmr.study.summary import mean, ratio, summarize
 from dsmr.study.figures import plot_all
+from dsmr.study.paired import comparison_table, with_notes
 
 
 def collect_results(study_dirs) -> list[dict]:
@@ -110,10 +111,13 @@ def _progress(run_dir: Path, steps: int | None, recent: int) -> dict:
             "hours_left": (steps - step) * seconds / span / 3600 if span and steps else None}
 
 
-def merge_studies(out_dir, study_dirs, command: str | None = None) -> list[dict]:
-    """Put the results of several study folders (e.g. one per variant or per seed) into `out_dir`."""
+def merge_studies(out_dir, study_dirs, command: str | None = None, cache=None) -> list[dict]:
+    """Put the results of several study folders (e.g. one per variant or per seed) into `out_dir`; with a
+    TokenCache `cache` (the one they were evaluated on), results without per-note figures get them."""
     out_dir = Path(out_dir)
     records = collect_results(study_dirs)
+    if cache is not None:
+        records = with_notes(records, cache)
     atomic_write_json(out_dir / STUDY_FILE, {"config": records[0].get("study_config"), "command": command,
                                              "merged_from": [str(d) for d in study_dirs]})
     for record in records:
@@ -125,7 +129,8 @@ def merge_studies(out_dir, study_dirs, command: str | None = None) -> list[dict]
 
 CSV_FIELDS = ("variant", "seed", "horizons", "budget", "context", "val_ppl", "val_nll", "val_tokens", "val_pieces",
               "val_all_ppl", "val_all_nll", "val_all_tokens", "val_all_pieces",
-              "test_ppl", "test_nll", "test_tokens", "test_pieces",
+              "test_ppl", "test_nll", "test_tokens", "test_pieces", "val_all_notes", "val_all_nll_per_note",
+              "test_notes", "test_nll_per_note",
               "train_tokens_per_s", "train_peak_memory_bytes", "state_bytes", "val_ppl_vs_full",
               "train_tokens_per_s_vs_full", "train_peak_memory_bytes_vs_full", "state_bytes_vs_full", "steps",
               "train_loss", "seconds", "device")
@@ -212,6 +217,11 @@ def results_markdown(records: list[dict], command: str | None = None, sources=No
               + (f" val PPL, all pieces / test PPL: the final model over all {first.get('val_all_pieces')} "
                  f"validation / {first.get('test_pieces')} test pieces." if with_test else ""), ""]
     lines += _position_table(records)
+    for key, label in (("val_all_ppl", "validation PPL over all pieces"), ("test_ppl", "test PPL over all pieces"),
+                       ("val_all_nll_per_note", "validation NLL per note (nats)"),
+                       ("test_nll_per_note", "test NLL per note (nats)")):
+        if len({r["seed"] for r in records if r.get(key) is not None}) > 1:
+            lines += comparison_table(records, key, label)
     lines += ["## Variants", ""]
     for row in rows:
         lines.append(f"- `{row['variant']}`: {row['description']}")
