@@ -119,6 +119,33 @@ class DurationTokenizer(PerformanceTokenizer):
         i = self._checked_id(i)
         return int(self._value_of_id[i]) / STEPS_PER_SECOND if self._kind_of_id[i] == _SHIFT else 0.0
 
+    # ---- writing notes one at a time (live input)
+
+    def velocity_of(self, i: int) -> int | None:
+        i = self._checked_id(i)
+        return int(self._velocity_of_bin[self._value_of_id[i]]) if self._kind_of_id[i] == _VELOCITY else None
+
+    def note_on_id(self, pitch: int) -> int | None:
+        """None: a note is written whole, with its length (`note_ids`)."""
+        return None
+
+    def note_off_id(self, pitch: int) -> int | None:
+        return None
+
+    def note_ids(self, pitch: int, steps: int) -> list[int]:
+        """NOTE and its length ids for a note of `steps` steps of 10 ms (at least one); [] outside the range."""
+        if not self.min_pitch <= pitch <= self.max_pitch:
+            return []
+        return [self.note_base + pitch - self.min_pitch] + self._length_ids(max(int(steps), 1))
+
+    def _length_ids(self, steps: int) -> list[int]:
+        whole, fine = divmod(steps - 1, FINE_STEPS)  # steps = 100 * whole + fine + 1
+        top = self.max_length_seconds
+        out = [self.seconds_base + top - 1] * (whole // top)
+        if whole % top:
+            out.append(self.seconds_base + whole % top - 1)
+        return out + [self.length_base + fine]
+
     # ---- encoding
 
     def encode(self, score: symusic.Score) -> np.ndarray:
@@ -143,12 +170,7 @@ class DurationTokenizer(PerformanceTokenizer):
                 out.append(self.velocity_base + b)
                 last_bin = b
             out.append(self.note_base + p - self.min_pitch)
-            whole, fine = divmod(steps - 1, FINE_STEPS)  # steps = 100 * whole + fine + 1
-            top = self.max_length_seconds
-            out.extend([self.seconds_base + top - 1] * (whole // top))
-            if whole % top:
-                out.append(self.seconds_base + whole % top - 1)
-            out.append(self.length_base + fine)
+            out.extend(self._length_ids(steps))
         return np.asarray(out, dtype=np.int64)
 
     # ---- decoding

@@ -406,6 +406,31 @@ class PerformanceTokenizer(_TokenizerBase):
             return (i - self.time_shift_base + 1) / STEPS_PER_SECOND
         return 0.0
 
+    # ---- writing events one at a time (live input; `encode` writes whole pieces)
+
+    def shift_ids(self, steps: int) -> list[int]:
+        """TIME_SHIFT ids that move the clock `steps` steps of 10 ms (longest shifts first); [] for 0."""
+        full, rest = divmod(max(int(steps), 0), self.max_shift_steps)
+        return [self.time_shift_base + self.max_shift_steps - 1] * full + ([self.time_shift_base + rest - 1] if rest else [])
+
+    def velocity_id(self, velocity: int) -> int:
+        """The VELOCITY id of a MIDI velocity (1..127)."""
+        return self.velocity_base + int(self._bin_of_velocity[int(np.clip(velocity, 0, 127))])
+
+    def velocity_of(self, i: int) -> int | None:
+        """The MIDI velocity a VELOCITY id sets (its bin's middle), else None."""
+        i = self._checked_id(i)
+        return int(self._velocity_of_bin[i - self.velocity_base]) if self.velocity_base <= i < self.velocity_base + \
+            self.velocity_bins else None
+
+    def note_on_id(self, pitch: int) -> int | None:
+        """The NOTE_ON id of a pitch (None outside the encoding's range)."""
+        return self.note_on_base + pitch - self.min_pitch if self.min_pitch <= pitch <= self.max_pitch else None
+
+    def note_off_id(self, pitch: int) -> int | None:
+        """The NOTE_OFF id of a pitch (None outside the encoding's range)."""
+        return self.note_off_base + pitch - self.min_pitch if self.min_pitch <= pitch <= self.max_pitch else None
+
     # ---- encoding
 
     def _merged_notes(self, score: symusic.Score) -> tuple[np.ndarray, ...]:

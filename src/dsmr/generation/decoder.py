@@ -115,6 +115,23 @@ class IncrementalDecoder:
             mine.copy_(theirs)
         self._sync_fill()
 
+    def snapshot(self) -> dict:
+        """A copy of the state (buffers, positions): `restore` returns to it, e.g. to take back events sampled
+        ahead of the clock that were never played."""
+        return {"keys": [k.clone() for k in self.keys], "values": [v.clone() for v in self.values],
+                "position": self.position, "seg_fill": self.seg_fill, "memory_fill": list(self.memory_fill),
+                "rope": tuple(t.clone() for t in self._rope)}
+
+    def restore(self, snapshot: dict) -> None:
+        """Return to a `snapshot` of this decoder."""
+        for mine, saved in zip((*self.keys, *self.values), (*snapshot["keys"], *snapshot["values"])):
+            mine.copy_(saved)
+        self.position, self.seg_fill = snapshot["position"], snapshot["seg_fill"]
+        self.memory_fill = list(snapshot["memory_fill"])
+        for mine, saved in zip(self._rope, snapshot["rope"]):
+            mine.copy_(saved)
+        self._sync_fill()
+
     def _segment_rope(self, start: int) -> tuple[Tensor, Tensor]:
         # One rotary table per segment instead of one per token: cos/sin [1, 1, T, head_dim].
         positions = torch.arange(start, start + self.segment_len, device=self.device)[None]

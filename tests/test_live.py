@@ -1,0 +1,175 @@
+"""The live engine on a simulated clock: a MAESTRO-like phrase as the player, the answer after the wait and
+never during the player's turn, takeover at once, every note ended, the same seed the same answers, and a
+bounded state over a simulated hour."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from dsmr.duration_encoding import DurationTokenizer
+from dsmr.errors import DsmrError
+from dsmr.generation import playing_sampling
+from dsmr.generation.live import LiveEngine, LiveSettings
+from dsmr.model import DSMR, DSMRConfig
+from dsmr.tokenizer import PerformanceTokenizer
+
+TICK = 0.002  # the simulated caller polls every 2 ms
+
+
+def tiny(tokenizer, seed: int = 0):
+    torch.manual_seed(seed)
+    model = DSMR(DSMRConfig(vocab_size=tokenizer.vocab_size, n_layers=2, d_model=32, n_heads=2,
+                            horizons=(64, 16))).eval()
+    model.tokenizer, model.run_config, model.segment_len = tokenizer, {}, 32
+    return model
+
+
+ENCODINGS = {"performance": PerformanceTokenizer(), "duration": DurationTokenizer()}
+
+
+@pytest.fixture(params=sorted(ENCODINGS))
+def model(request):
+    return tiny(ENCODINGS[request.param])
+
+
+def engine(model, seed=1, **settings):
+    sampling = playing_sampling(model, seed=seed, max_tokens=None, max_seconds=1e9)
+    return LiveEngine(model, sampling, LiveSettings(**settings))
+
+
+def phrase(start: float, n: int = 8, pitch: int = 60):
+    """(time, kind, pitch) of a phrase: n notes 0.25 s apart, each held 0.2 s."""
+    events = []
+    for i in range(n):
+        events += [(start + 0.25 * i, "on", pitch + (i * 4) % 12), (start + 0.25 * i + 0.2, "off", pitch + (i * 4) % 12)]
+    return sorted(events)
+
+
+def run(e, until: float, player=(), t: float = 0.0):
+    """Poll from `t` to `until`, playing `player`'s events at their times; returns what the engine sent."""
+    player, sent = list(player), []
+    while t < until:
+        while player and player[0][0] <= t:
+            when, kind, pitch = player.pop(0)
+            (e.note_on(when, pitch, 80) if kind == "on" else e.note_off(when, pitch))
+        sent += [(t, ev) for ev in e.poll(t)]
+        t = round(t + TICK, 6)
+    return sent
+
+
+def test_the_answer_comes_after_the_wait_and_never_during_the_players_turn(model):
+    e = engine(model, wait=0.6, answer_seconds=3.0)
+    played = phrase(0.0)
+    last = max(t for t, _, _ in played)
+    sent = run(e, 8.0, played)
+    ons = [ev for _, ev in sent if ev.kind == "on"]
+    assert ons, "the model answered"
+    assert min(ev.time for ev in ons) >= last + 0.6 - 1e-9  # not before the turn ended
+    assert all(abs(t - ev.time) <= 1e-9 + TICK for t, ev in sent)  # each sent when due, never late
+    assert max(ev.time for ev in ons) < last + 0.6 + 3.0 + 0.011  # within the answer's length
+    assert e.stats["late_dropped"] == 0 and e.stats["answers"] == 1 and not e.answering
+    _all_notes_end(sent)
+
+
+def _all_notes_end(sent):
+    sounding = set()
+    for _, ev in sent:
+        if ev.kind == "on":
+            assert ev.pitch not in sounding  # a re-strike ends the old note first
+            sounding.add(ev.pitch)
+        else:
+            sounding.discard(ev.pitch)
+    assert not sounding, f"notes left sounding: {sorted(sounding)}"
+
+
+def test_the_player_takes_over_at_once(model):
+    e = engine(model, wait=0.5, answer_seconds=20.0)
+    sent = run(e, 4.0, phrase(0.0))
+    assert e.answering
+    back = 4.0
+    e.note_on(back, 62, 90)
+    after = run(e, 6.0, [(4.5, "off", 62)], t=back)
+    model_ons_after = [ev for _, ev in after if ev.kind == "on"]
+    assert not model_ons_after or min(ev.time for ev in model_ons_after) >= 4.5 + 0.5, "no answer note once the player is back"
+    assert e.stats["takeovers"] == 1
+    # what sounded when the player came in ended right then; the answer that follows ends with stop()
+    _all_notes_end(sent + after + [(6.0, ev) for ev in e.stop(6.0)])
+    offs_at_takeover = [ev for _, ev in after if ev.kind == "off" and ev.time == back]
+    sounding_before = set()
+    for _, ev in sent:
+        (sounding_before.add if ev.kind == "on" else sounding_before.discard)(ev.pitch)
+    assert {ev.pitch for ev in offs_at_takeover} >= sounding_before
+    # the state went back to the answer's start and took in only what was heard
+    rec = e.recording()
+    assert [t.name for t in rec.tracks] == ["player", "model"] and rec.tracks[0].note_num() == 9
+
+
+def test_the_same_seed_gives_the_same_answers_and_another_seed_others(model):
+    def answers(seed):
+        return [(round(ev.time, 3), ev.kind, ev.pitch) for _, ev in run(engine(model, seed=seed, wait=0.5,
+                                                                              answer_seconds=3.0), 6.0, phrase(0.0))]
+
+    a = answers(5)
+    assert a == answers(5) and len(a) > 4
+    assert a != answers(6)
+
+
+def test_the_sustain_pedal_holds_the_players_notes():
+    e = engine(tiny(ENCODINGS["duration"]), wait=0.5)
+    e.control(0.0, 64, 127)
+    e.note_on(0.1, 60, 80)
+    e.note_off(0.3, 60)
+    assert not e.poll(2.0) and not e.answering  # the pedal is down: the note still sounds, no turn end
+    e.control(2.0, 64, 0)
+    run(e, 3.0, t=2.0)
+    onset, end = (np.frombuffer(c, dtype=np.float64) for c in e.record["player"][:2])
+    assert (onset[0], end[0]) == (10, 200)  # steps of 10 ms: held until the pedal lifted
+    assert e.stats["answers"] == 1
+
+
+def test_a_turn_controller_ends_the_turn_at_once():
+    e = engine(tiny(ENCODINGS["performance"]), wait=5.0, turn_cc=67)
+    e.note_on(0.0, 60, 80)
+    e.note_off(0.2, 60)
+    e.control(0.3, 67, 127)
+    assert e.answering
+    assert run(e, 1.5, t=0.3)
+
+
+def test_the_state_stays_bounded_over_a_simulated_hour():
+    """An hour of call and response (the player 2 s, the model 2 s): the decoder's state never grows, every
+    note ends, nothing is dropped."""
+    model = tiny(ENCODINGS["performance"])
+    e = engine(model, wait=0.3, answer_seconds=2.0)
+    start_bytes = e.state_bytes()
+    horizons = np.array(model.cfg.horizons) + model.segment_len
+    t, sent, turns = 0.0, [], 0
+    while t < 3600:
+        for when, kind, pitch in phrase(t, n=8):
+            (e.note_on(when, pitch, 70) if kind == "on" else e.note_off(when, pitch))
+        t0 = t + 2.0
+        # poll coarsely while nothing is due, finely around events (what a real loop does with next_due)
+        now = t0
+        while now < t0 + 2.8:
+            sent += e.poll(now)
+            due = e.next_due()
+            now = round(now + (0.001 if due is not None and due - now < 0.02 else 0.02), 6)
+        assert (np.array(e.decoder.filled()) <= horizons).all()
+        t, turns = now + 0.2, turns + 1
+    sent += e.stop(t)
+    assert e.state_bytes() == start_bytes and e.stats["answers"] == turns > 600
+    assert e.stats["late_dropped"] == 0
+    _all_notes_end([(None, ev) for ev in sent])
+    assert e.decoder.position > 25_000  # an hour of both parts went through the bounded state
+
+
+def test_bad_settings_and_encodings_are_refused():
+    with pytest.raises(DsmrError, match="wait must be > 0"):
+        LiveSettings(wait=0).validate()
+    from dsmr.encodings import make_tokenizer
+
+    remi = tiny(make_tokenizer("remi"))
+    with pytest.raises(DsmrError, match="performance or the duration encoding"):
+        LiveEngine(remi, playing_sampling(remi, max_tokens=10))
