@@ -173,3 +173,108 @@ def test_bad_settings_and_encodings_are_refused():
     remi = tiny(make_tokenizer("remi"))
     with pytest.raises(DsmrError, match="performance or the duration encoding"):
         LiveEngine(remi, playing_sampling(remi, max_tokens=10))
+
+
+# ------------------------------------------------------------------------------- real ports (JACK dummy)
+
+REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def jack_server():
+    """A JACK server of this test's own on the dummy backend (no sound card needed). Where JACK is installed
+    (CI installs it) a server that does not start fails the test; elsewhere the test skips, saying why."""
+    import os
+    import shutil
+    import subprocess
+    import time
+
+    pytest.importorskip("mido", reason='live MIDI needs mido and python-rtmidi (pip install "dsmr[live]")')
+    pytest.importorskip("rtmidi", reason='live MIDI needs python-rtmidi (pip install "dsmr[live]")')
+    if shutil.which("jackd") is None:
+        if os.environ.get("CI"):
+            pytest.fail("jackd is not installed (.ci/run installs Debian's jackd2)")
+        pytest.skip("jackd is not installed (apt-get install jackd2)")
+    name = f"dsmrtest{os.getpid()}"
+    server = subprocess.Popen(["jackd", "-n", name, "--no-realtime", "-d", "dummy", "-r", "48000", "-p", "128"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    old = os.environ.get("JACK_DEFAULT_SERVER")
+    os.environ["JACK_DEFAULT_SERVER"] = name
+    try:
+        import mido
+
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                mido.Backend("mido.backends.rtmidi/UNIX_JACK", load=True).get_input_names()
+                break
+            except Exception:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"the JACK dummy server did not start: {server.stderr.read()[-500:]}")
+                time.sleep(0.2)
+        yield name
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+        if old is None:
+            os.environ.pop("JACK_DEFAULT_SERVER", None)
+        else:
+            os.environ["JACK_DEFAULT_SERVER"] = old
+
+
+def test_dsmr_live_answers_a_phrase_through_jack_ports(jack_server, tmp_path):
+    """A phrase played into `dsmr live`'s virtual input comes back as an answer on its output after the
+    wait; Ctrl-C ends the session with every note ended and the recording written."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import mido
+
+    record = tmp_path / "session.mid"
+    proc = subprocess.Popen([sys.executable, "-m", "dsmr", "live", str(REPO / "models" / "maestro-duration-small"),
+                             "--api", "jack", "--virtual", "--wait", "0.4", "--answer-seconds", "2", "--seed", "1",
+                             "--record", str(record)], stderr=subprocess.PIPE, text=True, env=dict(os.environ))
+    try:
+        line = proc.stderr.readline()
+        assert "listening on" in line, line + proc.stderr.read() if proc.poll() is not None else line
+        midi = mido.Backend("mido.backends.rtmidi/UNIX_JACK", load=True)
+        sink = next(n for n in midi.get_output_names() if "dsmr in" in n)
+        source = next(n for n in midi.get_input_names() if "dsmr out" in n)
+        with midi.open_output(sink) as keys, midi.open_input(source) as ear:  # connected to dsmr's ports
+            start = time.monotonic()
+            for i, pitch in enumerate([60, 64, 67, 72, 67, 64]):
+                keys.send(mido.Message("note_on", note=pitch, velocity=80))
+                time.sleep(0.15)
+                keys.send(mido.Message("note_off", note=pitch, velocity=0))
+                phrase_end = time.monotonic()  # the last key up: the turn ends 0.4 s after it
+                time.sleep(0.1)
+            heard = []
+            while time.monotonic() < phrase_end + 3.5:
+                heard += [(time.monotonic(), m) for m in ear.iter_pending()]
+                time.sleep(0.002)
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(timeout=30) == 0, proc.stderr.read()
+            time.sleep(0.2)
+            heard += [(time.monotonic(), m) for m in ear.iter_pending()]
+        ons = [(t, m) for t, m in heard if m.type == "note_on" and m.velocity > 0]
+        assert ons, "no answer came back"
+        assert ons[0][0] >= phrase_end + 0.4 - 0.05, "the answer began before the player's turn was over"
+        sounding = set()
+        for _, m in heard:
+            if m.type == "note_on" and m.velocity > 0:
+                sounding.add(m.note)
+            elif m.type in ("note_off", "note_on"):
+                sounding.discard(m.note)
+        assert not sounding, f"notes left sounding after Ctrl-C: {sorted(sounding)}"
+        import symusic
+
+        tracks = {t.name: t.note_num() for t in symusic.Score(str(record)).tracks}
+        assert tracks["player"] == 6 and tracks["model"] >= 1
+        assert start < phrase_end
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

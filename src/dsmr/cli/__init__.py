@@ -14,7 +14,7 @@ import sys
 from dsmr.errors import DsmrError
 
 # Subcommand modules, in the order `dsmr --help` lists them.
-SUBCOMMANDS = ["data", "schedule", "train", "eval", "generate", "study", "export", "metrics", "app"]
+SUBCOMMANDS = ["data", "schedule", "train", "eval", "generate", "live", "study", "export", "metrics", "app"]
 
 
 class OneLineErrors(argparse.ArgumentParser):
