@@ -319,3 +319,69 @@ def test_the_page_opens_each_model_at_the_settings_dsmr_generate_plays_it_with(t
     assert cli["max_note_seconds"] == playing.MAX_NOTE_SECONDS  # maestro-small, the last of the two
     duration = read_model_config(REPO / "models" / "maestro-duration-small")
     assert guard_for(tokenizer_from_config(duration["tokenizer"]))["max_note_seconds"] == 10.0
+
+
+FAKE_MIDI = """
+window.__toSynth = [];
+const input = {id: "fake-in", name: "Fake Keyboard", onmidimessage: null};
+const output = {id: "fake-out", name: "Fake Synth", send: (data) => window.__toSynth.push(Array.from(data))};
+window.__keyboard = (bytes) => input.onmidimessage && input.onmidimessage({data: new Uint8Array(bytes)});
+navigator.requestMIDIAccess = () => Promise.resolve({inputs: new Map([["fake-in", input]]),
+                                                     outputs: new Map([["fake-out", output]]), onstatechange: null});
+"""
+
+
+@pytest.mark.skipif(_chromium() is None or shutil.which("chromedriver") is None,
+                    reason="no Chromium + chromedriver (apt-get install chromium chromium-driver)")
+def test_the_play_view_in_a_real_browser(server):
+    """Headless Chromium has no MIDI device: a fake Web MIDI keyboard is injected before the page loads. Its
+    notes and the on-screen piano's reach the server, the model's answer comes back, is drawn and goes to the
+    chosen MIDI output; the session saves as MIDI; another tab is a session of its own."""
+    webdriver = pytest.importorskip("selenium.webdriver", reason='selenium is not installed (pip install "dsmr[browser]")')
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = _chromium()
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1400,1100",
+                "--autoplay-policy=no-user-gesture-required"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
+    try:
+        driver.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": FAKE_MIDI})
+        driver.get(server)
+        wait = WebDriverWait(driver, 60)
+        wait.until(lambda d: d.find_elements(By.XPATH, "//button[@role='tab' and contains(., 'Play')]"))
+        driver.find_element(By.XPATH, "//button[@role='tab' and contains(., 'Play')]").click()
+        wait.until(lambda d: d.execute_script("return window.dsmrPlay && window.dsmrPlay.ready"))
+        Select(driver.find_element(By.ID, "dsmr-midi-out")).select_by_value("fake-out")
+        driver.execute_script("document.getElementById('dsmr-midi-out').dispatchEvent(new Event('change'))")
+        driver.execute_script("document.getElementById('dsmr-wait').value = '0.4';"
+                              "document.getElementById('dsmr-wait').dispatchEvent(new Event('change'))")
+        for pitch in (60, 64, 67):  # the fake MIDI keyboard
+            driver.execute_script(f"window.__keyboard([0x90, {pitch}, 90])")
+            time.sleep(0.15)
+            driver.execute_script(f"window.__keyboard([0x80, {pitch}, 0])")
+            time.sleep(0.05)
+        key = driver.find_element(By.CSS_SELECTOR, '#dsmr-play .key[data-pitch="72"]')  # and the on-screen piano
+        ActionChains(driver).click_and_hold(key).pause(0.2).release().perform()
+        assert driver.execute_script("return window.dsmrPlay.counts.player") == 4
+        WebDriverWait(driver, 30).until(lambda d: d.execute_script("return window.dsmrPlay.counts.model") > 0)
+        drawn = driver.execute_script("return window.dsmrPlay.notes.filter(n => n.part === 'model').length")
+        assert drawn > 0  # on the piano roll
+        WebDriverWait(driver, 10).until(lambda d: d.execute_script("return window.__toSynth.length") > 0)
+        assert driver.execute_script("return window.__toSynth[0][0]") == 0x90
+        driver.find_element(By.ID, "dsmr-save").click()
+        WebDriverWait(driver, 20).until(lambda d: d.execute_script("return window.dsmrPlay.savedBytes || 0") > 14)
+        # a second tab: its own session, which has heard nothing
+        driver.switch_to.new_window("tab")
+        driver.get(server)
+        wait.until(lambda d: d.find_elements(By.XPATH, "//button[@role='tab' and contains(., 'Play')]"))
+        driver.find_element(By.XPATH, "//button[@role='tab' and contains(., 'Play')]").click()
+        wait.until(lambda d: d.execute_script("return window.dsmrPlay && window.dsmrPlay.ready"))
+        time.sleep(2.0)
+        assert driver.execute_script("return window.dsmrPlay.counts.model") == 0
+    finally:
+        driver.quit()

@@ -291,42 +291,49 @@ def build_app(model=None, cache=None, device: str = "cpu", out_root=None, render
         return [summary_text(results, loaded)] + groups + audio + rolls + midis
 
     # Gradio keeps every upload and output in its cache: delete what is over an hour old, every 10 minutes
-    with gr.Blocks(title="dsmr: continue a piece", delete_cache=(600, 3600)) as demo:
-        gr.Markdown("# dsmr: continue a piece of music\nUpload a MIDI file (or pick a piece), choose how "
-                    "much of it to keep and how long the result should be, and press **Generate**.")
-        with gr.Row():
-            with gr.Column(scale=1):
-                model_box = gr.Textbox(label="Model (run folder, exported folder or Hub repo id)",
-                                       value=str(model) if model else "", placeholder=NO_MODEL_HELP)
-                upload = gr.File(label="Prompt: a MIDI file (optional)", file_types=[".mid", ".midi"],
-                                 type="filepath", elem_id="prompt-upload")
-                piece = gr.Dropdown(choices=pieces, value=None, label="...or a piece of the validation split",
-                                    visible=bool(pieces), allow_custom_value=False)
-                prompt_seconds = gr.Slider(1, MAX_PROMPT_SECONDS, value=10, step=1,
-                                           label="Seconds of the prompt to keep")
-                seconds = gr.Slider(2, MAX_SECONDS, value=30, step=1, label="Length of the piece (seconds)")
-                own = local_playing_settings(model)  # the model's own; again whenever the model changes
-                with gr.Row():
-                    temperature = gr.Slider(0, playing.MAX_TEMPERATURE, value=own["temperature"], step=0.05,
-                                            label="Temperature")
-                    top_p = gr.Slider(0.05, 1, value=own["top_p"], step=0.01, label="Top-p")
-                with gr.Row():
-                    seed = gr.Number(value=None, precision=0, elem_id="seed",
-                                     label="Seed (empty: a new one each time, shown below; same seed: same piece)")
-                    variations = gr.Slider(1, MAX_VARIATIONS, value=1, step=1, label="Variations")
-                with gr.Row():
-                    min_pitch = gr.Slider(0, 127, value=playing.MIN_PITCH, step=1, label="Lowest pitch")
-                    max_pitch = gr.Slider(0, 127, value=playing.MAX_PITCH, step=1, label="Highest pitch")
-                with gr.Row():
-                    max_note_seconds = gr.Slider(0, 30, value=own["max_note_seconds"], step=0.5,
-                                                 visible=own["limits_note_length"], elem_id="max-note-seconds",
-                                                 label="Longest note (seconds; 0: no limit)")
-                    max_polyphony = gr.Slider(0, 32, value=own["max_polyphony"], step=1,
-                                              visible=own["limits_polyphony"], elem_id="max-polyphony",
-                                              label="Most notes at once (0: no limit)")
-                button = gr.Button("Generate", variant="primary", elem_id="generate")
-            with gr.Column(scale=2):
-                status, groups, audios, rolls, files = _result_column(gr, ready=bool(model))
+    with gr.Blocks(title="dsmr: continue a piece, or play with it", delete_cache=(600, 3600)) as demo:
+        gr.Markdown("# dsmr: continue a piece of music, or play with it\n**Continue a piece**: upload a MIDI "
+                    "file (or pick a piece), choose how much of it to keep and how long the result should be, and "
+                    "press **Generate**. **Play**: a duet in real time on the on-screen piano, the computer "
+                    "keyboard or a MIDI keyboard.")
+        with gr.Tab("Continue a piece", id="continue"):
+            with gr.Row():
+                with gr.Column(scale=1):
+                    model_box = gr.Textbox(label="Model (run folder, exported folder or Hub repo id)",
+                                           value=str(model) if model else "", placeholder=NO_MODEL_HELP)
+                    upload = gr.File(label="Prompt: a MIDI file (optional)", file_types=[".mid", ".midi"],
+                                     type="filepath", elem_id="prompt-upload")
+                    piece = gr.Dropdown(choices=pieces, value=None, label="...or a piece of the validation split",
+                                        visible=bool(pieces), allow_custom_value=False)
+                    prompt_seconds = gr.Slider(1, MAX_PROMPT_SECONDS, value=10, step=1,
+                                               label="Seconds of the prompt to keep")
+                    seconds = gr.Slider(2, MAX_SECONDS, value=30, step=1, label="Length of the piece (seconds)")
+                    own = local_playing_settings(model)  # the model's own; again whenever the model changes
+                    with gr.Row():
+                        temperature = gr.Slider(0, playing.MAX_TEMPERATURE, value=own["temperature"], step=0.05,
+                                                label="Temperature")
+                        top_p = gr.Slider(0.05, 1, value=own["top_p"], step=0.01, label="Top-p")
+                    with gr.Row():
+                        seed = gr.Number(value=None, precision=0, elem_id="seed",
+                                         label="Seed (empty: a new one each time, shown below; same seed: same piece)")
+                        variations = gr.Slider(1, MAX_VARIATIONS, value=1, step=1, label="Variations")
+                    with gr.Row():
+                        min_pitch = gr.Slider(0, 127, value=playing.MIN_PITCH, step=1, label="Lowest pitch")
+                        max_pitch = gr.Slider(0, 127, value=playing.MAX_PITCH, step=1, label="Highest pitch")
+                    with gr.Row():
+                        max_note_seconds = gr.Slider(0, 30, value=own["max_note_seconds"], step=0.5,
+                                                     visible=own["limits_note_length"], elem_id="max-note-seconds",
+                                                     label="Longest note (seconds; 0: no limit)")
+                        max_polyphony = gr.Slider(0, 32, value=own["max_polyphony"], step=1,
+                                                  visible=own["limits_polyphony"], elem_id="max-polyphony",
+                                                  label="Most notes at once (0: no limit)")
+                    button = gr.Button("Generate", variant="primary", elem_id="generate")
+                with gr.Column(scale=2):
+                    status, groups, audios, rolls, files = _result_column(gr, ready=bool(model))
+        with gr.Tab("Play", id="play"):
+            from dsmr.app_play import play_view
+
+            play_view(gr)
         model_box.blur(_slider_updates, inputs=model_box, outputs=[temperature, top_p, max_note_seconds, max_polyphony])
         button.click(run, inputs=[model_box, upload, piece, prompt_seconds, seconds, temperature, top_p, seed,
                                   variations, min_pitch, max_pitch, max_note_seconds, max_polyphony],
@@ -393,6 +400,9 @@ def serve(model=None, host: str = "127.0.0.1", port: int = 7860, cache=None, dev
     import shutil
     import signal
 
+    from dsmr.app_play import add_play_route, page_head
+
+    store = store if store is not None else ModelStore(device)
     demo = build_app(model, cache=cache, device=device, render_audio=render_audio, store=store)
     demo.queue(default_concurrency_limit=1)
     previous = None
@@ -400,8 +410,15 @@ def serve(model=None, host: str = "127.0.0.1", port: int = 7860, cache=None, dev
         previous = signal.signal(signal.SIGTERM, _stop_on_sigterm)  # `kill` stops it like Ctrl-C
     try:
         # quiet: dsmr prints the address itself, and no hint about public share links for a local tool
-        demo.launch(server_name=host, server_port=port, prevent_thread_lock=not block, inbrowser=False,
-                    share=False, show_error=True, allowed_paths=[str(demo.dsmr_out_root)], quiet=True)
+        demo.launch(server_name=host, server_port=port, prevent_thread_lock=True, inbrowser=False,
+                    share=False, show_error=True, allowed_paths=[str(demo.dsmr_out_root)], quiet=True,
+                    head=page_head())
+        add_play_route(demo.app, store, model if model is not None else default_model())
+        if block:
+            try:
+                demo.block_thread()  # Ctrl-C or SIGTERM: it closes the server
+            except KeyboardInterrupt:  # one that arrived while it was closing
+                pass
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
@@ -412,4 +429,7 @@ def serve(model=None, host: str = "127.0.0.1", port: int = 7860, cache=None, dev
 
 
 def _stop_on_sigterm(signum, frame):
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: the server is closing
     raise KeyboardInterrupt
