@@ -5,7 +5,9 @@ each phrase the model answers for as long (`dsmr live`'s default), then the play
 loop is `dsmr.live_midi.run_duet`'s, with the player's events injected at their times instead of read from a
 port, and every answer event "sent" (its send time recorded) instead of written to one. Reported:
 
-* from the end of the player's turn (last key up + --wait) to the first answer note queued: p50, p99;
+* from the end of the player's turn (last key up + --wait) to the answer's first event sampled and queued
+  (a note, or the pause the model chose before one): p50, p99 -- what the computer adds; and, apart, the
+  model's own pause before its first note (music time);
 * each sent event's time against its scheduled time: p50, p99 (absolute);
 * note-ons dropped as late;
 * the process's RSS before and after, and over an hour of duet on a fast simulated clock (`--hour`: the same
@@ -72,7 +74,7 @@ def player_phrases(cache, seconds: float, minutes: float, seed: int):
 
 def real_time_duet(engine, phrases, wait: float, clock=time.monotonic) -> dict:
     """Play `phrases` against `engine` on the real clock; returns the latencies and send errors."""
-    latencies, errors = [], []
+    latencies, errors, pauses = [], [], []
     for phrase in phrases:
         start = clock() + 0.05
         events = sorted([(start + s, 1, p, v) for s, e, p, v in phrase] + [(start + e, 0, p, 0) for s, e, p, v in phrase])
@@ -85,9 +87,11 @@ def real_time_duet(engine, phrases, wait: float, clock=time.monotonic) -> dict:
                 engine.note_on(t, p, v) if on else engine.note_off(t, p)
             for event in engine.poll(clock()):
                 errors.append(clock() - event.time)
-            if not answer_seen and engine.answer_queued:
+            if not answer_seen and engine.answer_begun:
                 latencies.append(clock() - turn_end)
                 answer_seen = True
+            if answer_seen and len(pauses) < len(latencies) and engine.first_note_delay() is not None:
+                pauses.append(engine.first_note_delay())
             nxt = [events[0][0]] if events else []
             due = engine.next_due()
             if due is not None:
@@ -97,7 +101,7 @@ def real_time_duet(engine, phrases, wait: float, clock=time.monotonic) -> dict:
                 time.sleep(sleep)
             if not events and not engine.answering and answer_seen:
                 break
-    return {"latencies": latencies, "errors": errors}
+    return {"latencies": latencies, "errors": errors, "pauses": pauses}
 
 
 def simulated_hour(engine, phrases) -> dict:
@@ -178,6 +182,7 @@ def main() -> int:
         "turns": len(phrases), "answers": engine.stats["answers"], "late_dropped": engine.stats["late_dropped"],
         "sent": engine.stats["sent"], "busy_other_core": args.busy,
         "first_answer_latency_ms": {"p50": 1000 * pct(timing["latencies"], 50), "p99": 1000 * pct(timing["latencies"], 99)},
+        "model_pause_before_first_note_s": {"p50": pct(timing["pauses"], 50), "p90": pct(timing["pauses"], 90)},
         "send_error_ms": {"p50": 1000 * pct(timing["errors"], 50), "p99": 1000 * pct(timing["errors"], 99),
                           "max": 1000 * pct(timing["errors"], 100)},
         "rss_mb": {"start": rss0 / 2**20, "after_duet": rss1 / 2**20},

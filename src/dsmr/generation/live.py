@@ -242,6 +242,17 @@ class LiveEngine:
         """Whether the current answer has queued a note yet."""
         return self.answer is not None and bool(self.answer.notes)
 
+    @property
+    def answer_begun(self) -> bool:
+        """Whether the current answer has sampled its first event (a note, or the pause before one)."""
+        return self.answer is not None and self.answer.sampled > 0
+
+    def first_note_delay(self) -> Optional[float]:
+        """Seconds of music from the end of the turn to the current answer's first note (the model's own
+        pause; None before it has one)."""
+        a = self.answer
+        return None if a is None or not a.notes else (a.notes[0].onset - a.start_step) / STEPS_PER_SECOND
+
     def state_bytes(self) -> int:
         return self.decoder.state_bytes()
 
@@ -304,6 +315,7 @@ class LiveEngine:
             if self.guard is not None:
                 self.guard.update(token)
             self.logits = self.decoder.step(token)
+            a.sampled += 1
             self._hear_model(int(token[0]), now)
 
     def _hear_model(self, token: int, now: float) -> None:
@@ -498,6 +510,7 @@ class _Answer:
     clock: int = -1                   # the answer's clock in steps (set in __post_init__)
     velocity: int = 64
     done: bool = False
+    sampled: int = 0                  # events sampled so far
     sounding: dict = field(default_factory=dict)   # pitch -> _Note sampled and not yet ended (offs)
     notes: list = field(default_factory=list)      # every note the answer sampled
     note: Optional[list] = None                    # duration encoding: [pitch, onset, seconds] being written
