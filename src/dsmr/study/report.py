@@ -184,6 +184,9 @@ def results_markdown(records: list[dict], command: str | None = None, sources=No
         head += ["val PPL, all pieces"]
     if with_test:
         head += ["test PPL"]
+    with_notes = any(row["test_nll_per_note"] is not None for row in rows)
+    if with_notes:
+        head += ["val nats/note", "test nats/note"]
     head += ["train tok/s", "x full", "peak train MiB", "x full", "GPU MiB (analytic)", "x full", "state KiB/lane",
              "x full"]
     lines.append("| " + " | ".join(head) + " |")
@@ -198,6 +201,8 @@ def results_markdown(records: list[dict], command: str | None = None, sources=No
             cells += [fmt(row["val_all_ppl"])]
         if with_test:
             cells += [fmt(row["test_ppl"])]
+        if with_notes:
+            cells += [fmt(row["val_all_nll_per_note"]), fmt(row["test_nll_per_note"])]
         peak = row["train_peak_memory_bytes"]
         cells += [fmt(row["train_tokens_per_s"], ".0f"), fmt(row["train_tokens_per_s_vs_full"], ".2f"),
                   fmt(peak / mib if peak is not None else None, ".1f"),

@@ -25,6 +25,8 @@ def summarize(records: list[dict]) -> list[dict]:
             "val_all_ppl": mean(r.get("val_all_ppl") for r in runs),
             "val_all_ppl_runs": [r.get("val_all_ppl") for r in runs],
             "test_ppl": mean(r.get("test_ppl") for r in runs),
+            "val_all_nll_per_note": mean(r.get("val_all_nll_per_note") for r in runs),
+            "test_nll_per_note": mean(r.get("test_nll_per_note") for r in runs),
             "train_tokens_per_s": mean(r["train_tokens_per_s"] for r in runs),
             "train_peak_memory_bytes": mean(r["train_peak_memory_bytes"] for r in runs),
             "state_bytes": first["state_bytes"], "gpu_bytes": gpu_bytes(first),
