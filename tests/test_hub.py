@@ -112,7 +112,7 @@ def test_model_card_has_hub_metadata_and_figures(run_dir, tmp_path):
                  "| validation PPL (full pieces) | 5.000 (12 pieces, 5,000 tokens) |",
                  "| validation PPL during training, over the validation split (these weights) | 4.482 |",
                  "| training steps (these weights) | 10 |",
-                 "| best validation PPL during training, over the same pieces (step) | 4.482 (10) |",
+                 "| best validation PPL during training, over the validation split (step) | 4.482 (10) |",
                  "| tokens trained on | 220 |",
                  "two-scale, horizons [16, 4]", "dsmr generate someone/dsmr-maestro-small"):
         assert text in body

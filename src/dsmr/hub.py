@@ -297,7 +297,7 @@ def model_card(config: dict, name: str, dtype: str, ref: str | None = None) -> s
     in_training = figures.get("validation_ppl_in_training",
                               None if "validation_pieces" in figures else figures.get("validation_ppl"))
     row(f"validation PPL during training, over {during} (these weights)", ppl(in_training))
-    row(f"best validation PPL during training, over the same pieces (step)",
+    row(f"best validation PPL during training, over {during} (step)",
         None if figures.get("best_validation_ppl") is None else
         f"{ppl(figures['best_validation_ppl'])} ({figures.get('best_validation_step')})")
     splits = [k for k in figures if k.endswith("_ppl") and k != "best_validation_ppl"
