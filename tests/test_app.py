@@ -321,6 +321,18 @@ def test_the_page_opens_each_model_at_the_settings_dsmr_generate_plays_it_with(t
     assert guard_for(tokenizer_from_config(duration["tokenizer"]))["max_note_seconds"] == 10.0
 
 
+@pytest.fixture(scope="module")
+def shipped_server():
+    """The page with the shipped model, which answers a phrase with notes (a random tiny model may not)."""
+    pytest.importorskip("gradio", reason='gradio is not installed (pip install "dsmr[app]")')
+    from dsmr.app import serve
+
+    port = _free_port()
+    demo = serve(str(REPO / "models" / "maestro-duration-small"), host="127.0.0.1", port=port, block=False)
+    yield f"http://127.0.0.1:{port}/"
+    demo.close()
+
+
 FAKE_MIDI = """
 window.__toSynth = [];
 const input = {id: "fake-in", name: "Fake Keyboard", onmidimessage: null};
@@ -333,7 +345,7 @@ navigator.requestMIDIAccess = () => Promise.resolve({inputs: new Map([["fake-in"
 
 @pytest.mark.skipif(_chromium() is None or shutil.which("chromedriver") is None,
                     reason="no Chromium + chromedriver (apt-get install chromium chromium-driver)")
-def test_the_play_view_in_a_real_browser(server):
+def test_the_play_view_in_a_real_browser(shipped_server):
     """Headless Chromium has no MIDI device: a fake Web MIDI keyboard is injected before the page loads. Its
     notes and the on-screen piano's reach the server, the model's answer comes back, is drawn and goes to the
     chosen MIDI output; the session saves as MIDI; another tab is a session of its own."""
@@ -351,7 +363,7 @@ def test_the_play_view_in_a_real_browser(server):
     driver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
     try:
         driver.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": FAKE_MIDI})
-        driver.get(server)
+        driver.get(shipped_server)
         wait = WebDriverWait(driver, 60)
         wait.until(lambda d: d.find_elements(By.XPATH, "//button[@role='tab' and contains(., 'Play')]"))
         driver.find_element(By.XPATH, "//button[@role='tab' and contains(., 'Play')]").click()
@@ -377,7 +389,7 @@ def test_the_play_view_in_a_real_browser(server):
         WebDriverWait(driver, 20).until(lambda d: d.execute_script("return window.dsmrPlay.savedBytes || 0") > 14)
         # a second tab: its own session, which has heard nothing
         driver.switch_to.new_window("tab")
-        driver.get(server)
+        driver.get(shipped_server)
         wait.until(lambda d: d.find_elements(By.XPATH, "//button[@role='tab' and contains(., 'Play')]"))
         driver.find_element(By.XPATH, "//button[@role='tab' and contains(., 'Play')]").click()
         wait.until(lambda d: d.execute_script("return window.dsmrPlay && window.dsmrPlay.ready"))

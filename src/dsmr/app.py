@@ -29,13 +29,14 @@ NO_MODEL_HELP = ("No model loaded. Give one: `dsmr app RUN_OR_MODEL_FOLDER` (a r
 
 
 def default_model() -> Path | None:
-    """The shipped model: the first of DEFAULT_MODEL_DIRS under the current folder or the repository."""
-    repo = Path(__file__).resolve().parents[2]
-    for base in (Path.cwd(), repo):
-        for rel in DEFAULT_MODEL_DIRS:
-            if (base / rel / "config.json").is_file():
-                return base / rel
-    return None
+    """The shipped model: the first of DEFAULT_MODEL_DIRS under the current folder, else in the repository
+    (dsmr.hub.shipped_model)."""
+    from dsmr.hub import shipped_model
+
+    for rel in DEFAULT_MODEL_DIRS:
+        if (Path.cwd() / rel / "config.json").is_file():
+            return Path.cwd() / rel
+    return next((shipped_model(rel) for rel in DEFAULT_MODEL_DIRS if shipped_model(rel) is not None), None)
 
 
 @dataclass

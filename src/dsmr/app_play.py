@@ -22,6 +22,7 @@ from pathlib import Path
 
 from fastapi import WebSocket, WebSocketDisconnect  # at module level: FastAPI resolves the handler's annotation here
 
+from dsmr import playing
 from dsmr.errors import DsmrError
 
 PLAY_PATH = "/dsmr/play"
@@ -110,8 +111,8 @@ class _Session:
             self.engine.settings = settings
             if message.get("temperature") is not None:
                 temperature = float(message["temperature"])
-                if not 0 <= temperature <= 5:
-                    raise DsmrError(f"temperature must be between 0 and 5, got {temperature}")
+                if not 0 <= temperature <= playing.MAX_TEMPERATURE:
+                    raise DsmrError(f"temperature must be between 0 and {playing.MAX_TEMPERATURE:g}, got {temperature}")
                 self.engine.sampling = dataclasses.replace(self.engine.sampling, temperature=temperature)
         except (DsmrError, ValueError, TypeError) as err:
             self._replies.append({"type": "error", "message": str(err)})

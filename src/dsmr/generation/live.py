@@ -430,11 +430,7 @@ class LiveEngine:
             event = tok.note_on_id(pitch)
             if event is None:
                 return self._feed(ids)
-            v = tok.velocity_id(velocity)
-            if v != self.bin:
-                ids.append(v)
-                self.bin = v
-            ids.append(event)
+            ids += self._velocity_ids(velocity) + [event]
         else:
             event = tok.note_off_id(pitch)
             if event is not None:
@@ -448,12 +444,16 @@ class LiveEngine:
         self.fed_step = max(note.onset, self.fed_step)
         written = tok.note_ids(note.pitch, note.end - note.onset)
         if written:
-            v = tok.velocity_id(note.velocity)
-            if v != self.bin:
-                ids.append(v)
-                self.bin = v
-            ids += written
+            ids += self._velocity_ids(note.velocity) + written
         self._feed(ids)
+
+    def _velocity_ids(self, velocity: int) -> list[int]:
+        """The VELOCITY id a note needs before it: none when the stream's velocity bin is already its."""
+        v = self.tokenizer.velocity_id(velocity)
+        if v == self.bin:
+            return []
+        self.bin = v
+        return [v]
 
     def _flush_pending(self, force: bool = False) -> None:
         """Duration encoding: feed the player's notes whose lengths are known, in onset order (`force`: also
