@@ -60,7 +60,7 @@ def test_weights_and_the_deprecated_which(argv, capsys):
 
 def test_threads_is_one_convention():
     """--threads N: torch's CPU threads, 0 = one per idle core; the default is the command's (dsmr.cli.common)."""
-    defaults = {"train": 0, "eval": 0, "generate": 1, "study": 1, "app": 1}
+    defaults = {"train": 0, "eval": 0, "generate": 1, "live": 1, "study": 1, "app": 1}
     for name, p in _subparsers().items():
         action = _options(p).get("--threads")
         if action is None:
@@ -78,7 +78,7 @@ def test_precision_weights_and_json_are_one_convention():
 
     commands = _subparsers()
     with_precision = {name for name, p in commands.items() if "--precision" in _options(p)}
-    assert with_precision == {"eval", "generate", "app"}
+    assert with_precision == {"eval", "generate", "live", "app"}
     for name in with_precision:
         action = _options(commands[name])["--precision"]
         assert set(playing.PRECISIONS) <= set(action.choices), name

@@ -169,13 +169,19 @@ def test_resume_needs_the_same_number_of_processes(bach_cache, two_ranks, tmp_pa
 
 
 def test_cli_nproc_relaunches_through_torchrun_and_resumes_exactly(bach_cache, two_ranks, one_process, tmp_path):
-    run = tmp_path / "run"
-    shutil.copytree(two_ranks / "run", run)
     steps = json.loads((two_ranks / "result0.json").read_text())["steps"]
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1] / "src"))
-    cmd = [sys.executable, "-m", "dsmr", "train", "--nproc", "2", "--cache", str(bach_cache.path), "--out",
-           str(run), "--resume", "--epochs", "2", "--threads", "1", "--json", "--no-progress"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    for attempt in (1, 2):
+        run = tmp_path / f"run{attempt}"
+        shutil.copytree(two_ranks / "run", run)
+        cmd = [sys.executable, "-m", "dsmr", "train", "--nproc", "2", "--cache", str(bach_cache.path), "--out",
+               str(run), "--resume", "--epochs", "2", "--threads", "1", "--json", "--no-progress"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+        # as for the fixture: a worker killed by a signal inside gloo's C++ threads (SIGABRT, "terminate called
+        # without an active exception", seen on a loaded machine) gets one fresh try; anything else fails
+        if proc.returncode == 0 or attempt == 2 or "exitcode: -" not in proc.stderr:
+            break
+        warnings.warn(f"a DDP worker was killed by a signal; trying once more: {proc.stderr[-300:]}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])  # rank 0 alone prints
     assert len(proc.stdout.strip().splitlines()) == 1
