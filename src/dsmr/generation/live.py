@@ -18,6 +18,7 @@ Times are seconds on the caller's clock (say `time.monotonic()`); the encoding's
 from __future__ import annotations
 
 import copy
+import dataclasses
 import heapq
 from array import array
 from dataclasses import dataclass, field
@@ -103,7 +104,7 @@ class LiveEngine:
                                           state_dtype=decoding_state_dtype(model, False))
         seed = sampling.seed if seed is None else seed
         self.generator = torch.Generator(device=device).manual_seed(seed if seed is not None else 0)
-        self.banned = banned_mask(tok, dataclasses_replace_stop(sampling), device=device)[None]
+        self.banned = banned_mask(tok, dataclasses.replace(sampling, stop_at_eos=False), device=device)  # EOS banned: a duet never ends by itself[None]
         self.guard = make_guard(tok, 1, sampling.max_note_seconds, sampling.max_polyphony, device=device)
         self.start = start
         self.logits = self.decoder.feed(torch.tensor([[tok.bos_id]], device=device), last_only=True)
@@ -206,7 +207,7 @@ class LiveEngine:
             self.stats["sent"] += 1
             due.append(event)
         if self.answer is not None and self.answer.done and not self.queue:
-            self._end_answer()
+            self.answer = None
         return due
 
     def next_due(self) -> Optional[float]:
@@ -381,9 +382,6 @@ class LiveEngine:
         else:  # a length still being written: the note is cut where the answer ends
             a.note = None
 
-    def _end_answer(self) -> None:
-        self.answer = None
-
     def _take_over(self, t: float) -> None:
         """The player comes in at `t`: the answer stops, what was not played is taken back from the state, and
         the answer as heard goes in again (its notes cut at `t`)."""
@@ -518,9 +516,3 @@ class _Answer:
     def __post_init__(self):
         self.clock = self.start_step
 
-
-def dataclasses_replace_stop(sampling: SamplingConfig) -> SamplingConfig:
-    """The sampling with EOS banned: a duet never ends by itself."""
-    import dataclasses
-
-    return dataclasses.replace(sampling, stop_at_eos=False)
