@@ -84,6 +84,8 @@ def test_a_kill_at_any_point_of_a_save_leaves_a_resumable_run(bach_cache, refere
 KILL_SCRIPT = """
 import os, signal, sys
 from pathlib import Path
+import torch
+torch.set_num_threads(1)  # as the in-process reference trains (conftest): the same summation order
 import dsmr.atomic
 from dsmr.cache import TokenCache
 from dsmr.train import train
