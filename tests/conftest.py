@@ -102,10 +102,15 @@ def bach_cache(request, tmp_path_factory):
     return TokenCache(summary.cache)
 
 
-@pytest.fixture(scope="session", autouse=True)
+@pytest.fixture(autouse=True)
 def _one_torch_thread():
+    """Every test starts and ends with one torch thread: in-process CLI calls set the process's threads
+    (`--threads 0` picks one per idle core), and a module-scoped reference trained after such a test would
+    otherwise sum in another order than a subprocess does."""
     import torch
 
+    torch.set_num_threads(1)
+    yield
     torch.set_num_threads(1)
 
 
