@@ -29,9 +29,10 @@ def main() -> int:
     parser.add_argument("--limit", type=int, default=None, help="only the first N files (every split kept)")
     args = parser.parse_args()
 
-    from dsmr.cache_build import build_cache
-    from dsmr.corpora import limit_files, maestro_files
-    from dsmr.encodings import make_tokenizer
+    from dsmr.data.cache_build import build_cache
+    from dsmr.data.corpora import limit_files
+    from dsmr.data.maestro import maestro_files
+    from dsmr.data.tokenizers.registry import make_tokenizer
 
     files = limit_files(maestro_files(args.root), args.limit)
     size_mb = sum(f.path.stat().st_size for f in files) / 1e6

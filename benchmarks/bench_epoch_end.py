@@ -23,8 +23,8 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
 
-    from dsmr.cache import TokenCache
-    from dsmr.stream import PieceStream
+    from dsmr.data.cache import TokenCache
+    from dsmr.data.stream import PieceStream
 
     cache = TokenCache(args.cache)
     tok = cache.tokenizer

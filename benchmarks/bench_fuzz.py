@@ -89,7 +89,7 @@ def _worker(conn) -> None:
     import numpy as np
 
     from dsmr.errors import DsmrError
-    from dsmr.tokenizer import PerformanceTokenizer
+    from dsmr.data.tokenizers.performance import PerformanceTokenizer
 
     tok = PerformanceTokenizer()
     while True:
@@ -184,9 +184,9 @@ def main() -> int:
             print("  " + line)
 
         if not args.no_build:
-            from dsmr.cache_build import build_cache
-            from dsmr.corpora import folder_listing
-            from dsmr.tokenizer import PerformanceTokenizer
+            from dsmr.data.cache_build import build_cache
+            from dsmr.data.corpora import folder_listing
+            from dsmr.data.tokenizers.performance import PerformanceTokenizer
 
             before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
             t0 = time.perf_counter()

@@ -27,17 +27,17 @@ the dataset is present). With --checkpoint the generated music's own duration is
     # each run's share of the bound set by the machine's read bandwidth (weights + state read once per step)
     .venv/bin/python benchmarks/bench_generate.py --speed-only --precisions float16 --modes eager,compile --roofline
 
-    # a one-lane step's time: whole (fused int8 / float16, compiled, eager) against dsmr.kernels' products and
+    # a one-lane step's time: whole (fused int8 / float16, compiled, eager) against dsmr.backends.cpu.kernels' products and
     # attentions alone
     .venv/bin/python benchmarks/bench_generate.py --kernel-split
 
     # state bytes and per-event time after 10k and after 100k generated events, in one process
     .venv/bin/python benchmarks/bench_generate.py --flat 10000,100000 --modes fused --precisions int8
 
-Modes: `fused` (default) is what generate runs on a CPU: dsmr.kernels' whole-step op; `eager` runs
-PyTorch's decoding step (with dsmr.kernels' products and attention inside), `compile` compiles it first
+Modes: `fused` (default) is what generate runs on a CPU: dsmr.backends.cpu.kernels' whole-step op; `eager` runs
+PyTorch's decoding step (with dsmr.backends.cpu.kernels' products and attention inside), `compile` compiles it first
 (torch.compile; the warm-up is reported separately and not in events/s); `eager-pt` / `compile-pt` the
-same without dsmr.kernels (DSMR_KERNELS=0: PyTorch's kernels only); `before` runs the eager measurement with
+same without dsmr.backends.cpu.kernels (DSMR_KERNELS=0: PyTorch's kernels only); `before` runs the eager measurement with
 the `src/` tree of the commit given by --before (extracted with git archive), `before-fused` its fused step,
 for before/after ratios from one run. Precisions: float32, float16, int8 (int8 needs this tree: not with `before`).
 """
@@ -71,15 +71,15 @@ def worker(args) -> dict:
         import dsmr.generate as gen
     SamplingConfig, half_weight_model = gen.SamplingConfig, gen.half_weight_model
     try:
-        from dsmr.encodings import make_tokenizer
+        from dsmr.data.tokenizers.registry import make_tokenizer
     except ImportError:
-        from dsmr.tokenizer import make_tokenizer
+        from dsmr.data.tokenizers.performance import make_tokenizer
 
     torch.set_num_threads(args.threads)
     if args.checkpoint:
-        from dsmr.model import DSMR
+        from dsmr.sharing.loader import load_model
 
-        model = DSMR.from_pretrained(args.checkpoint)
+        model = load_model(args.checkpoint)
         tokenizer, segment_len = model.tokenizer, model.segment_len
         weights = f"checkpoint {args.checkpoint}"
     else:
@@ -111,7 +111,7 @@ def worker(args) -> dict:
     sampling_s = max(result.wall_seconds - result.prefill_seconds, 1e-9)
     return {**result.summary(), "weights": weights, "precision": args.precision, "threads": args.threads,
             "mode": args.mode, "num_samples": len(results), "source": gen.__file__,
-            "kernels": bool(getattr(sys.modules.get("dsmr.kernels"), "loaded", lambda: False)()),
+            "kernels": bool(getattr(sys.modules.get("dsmr.backends.cpu.kernels"), "loaded", lambda: False)()),
             "horizons": list(model.cfg.horizons), "segment_len": segment_len,
             "tokens_per_s": round(new_tokens / sampling_s, 1),  # all lanes together
             "tokens_per_s_per_sample": round(new_tokens / sampling_s / len(results), 1),
@@ -128,7 +128,7 @@ def default_model(vocab_size: int):
     """The default trainer size with random weights (seed 0): 6 layers, d_model 256, two-scale horizons."""
     import torch
 
-    from dsmr.model import DSMR, DSMRConfig
+    from dsmr.model.network import DSMR, DSMRConfig
 
     torch.manual_seed(0)
     return DSMR(DSMRConfig(vocab_size=vocab_size, n_layers=6, d_model=256, n_heads=4,
@@ -137,19 +137,19 @@ def default_model(vocab_size: int):
 
 def kernel_split(threads: int, steps: int = 300) -> None:
     """Where a one-lane float16 step's time goes: the whole eager, compiled and fused steps (and the fused one
-    with int8 weights), then dsmr.kernels' parts alone on the same weights and (prompt-filled) state: the 25
+    with int8 weights), then dsmr.backends.cpu.kernels' parts alone on the same weights and (prompt-filled) state: the 25
     products, the 6 attentions, both."""
     import torch
 
-    from dsmr import kernels
+    from dsmr.backends.cpu import kernels
     from dsmr.generation import IncrementalDecoder, decoding_state_dtype, half_weight_model, int8_weight_model
-    from dsmr.encodings import make_tokenizer
+    from dsmr.data.tokenizers.registry import make_tokenizer
 
     torch.set_num_threads(threads)
     base = default_model(make_tokenizer("performance").vocab_size)
     model = half_weight_model(base)
     if not kernels.loaded():
-        sys.exit(f"dsmr.kernels are not loaded here: {kernels.load_error() or 'DSMR_KERNELS=0'}")
+        sys.exit(f"dsmr.backends.cpu.kernels are not loaded here: {kernels.load_error() or 'DSMR_KERNELS=0'}")
     vocab = model.cfg.vocab_size
     prompt = torch.randint(3, vocab, (1, 2048), generator=torch.Generator().manual_seed(1))
     ids = torch.tensor([5])
@@ -199,7 +199,7 @@ def kernel_split(threads: int, steps: int = 300) -> None:
 def weight_bytes_per_step(model) -> int:
     """Bytes of weights one decoding step reads: every parameter and buffer once, except the embedding
     table, of which it reads one row (the whole table when it is also the output head)."""
-    # a packed copy of a weight (dsmr.kernels.pack_half) is read instead of the weight, not as well
+    # a packed copy of a weight (dsmr.backends.cpu.kernels.pack_half) is read instead of the weight, not as well
     buffers = [b for name, b in model.named_buffers() if not name.endswith((".packed", ".packed_scale"))]
     tensors = {id(t): t for t in (*model.parameters(), *buffers)}
     total = sum(t.numel() * t.element_size() for t in tensors.values())
@@ -220,7 +220,7 @@ def flat_worker(args) -> dict:
 
     from dsmr.generation import (IncrementalDecoder, SamplingConfig, banned_mask, decoding_state_dtype, half_weight_model,
                                sample_next)
-    from dsmr.encodings import make_tokenizer
+    from dsmr.data.tokenizers.registry import make_tokenizer
 
     torch.set_num_threads(args.threads)
     tokenizer = make_tokenizer("performance")
@@ -278,7 +278,7 @@ def spawn(tokens: int, precision: str, threads: int, prompt_tokens: int, checkpo
     if checkpoint:
         cmd += ["--checkpoint", checkpoint]
     env = dict(os.environ)
-    if mode.endswith("-pt"):  # the same code without dsmr.kernels: PyTorch's kernels only
+    if mode.endswith("-pt"):  # the same code without dsmr.backends.cpu.kernels: PyTorch's kernels only
         env["DSMR_KERNELS"] = "0"
     if mode.startswith("before"):  # the other commit's package first on the path, its kernels built apart
         env["PYTHONPATH"] = os.pathsep.join([str(before_src), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
@@ -293,7 +293,7 @@ def maestro_tokens_per_second(pieces: int = 40) -> tuple[float, str]:
     """Tokens per second of music in MAESTRO validation pieces (performance encoding)."""
     import csv
 
-    from dsmr.encodings import make_tokenizer
+    from dsmr.data.tokenizers.registry import make_tokenizer
 
     table = MAESTRO / "maestro-v3.0.0.csv"
     if not table.is_file():
@@ -317,9 +317,9 @@ def main() -> None:
     parser.add_argument("--precisions", default="float32,float16", help="precisions to time")
     parser.add_argument("--json-out", type=Path, help="also write all figures to this JSON file")
     parser.add_argument("--modes", default="fused",
-                        help="decoding step(s) to time: fused (dsmr.kernels' whole-step op, generate's default on "
-                             "a CPU), eager, compile (PyTorch's step with dsmr.kernels' ops), eager-pt, compile-pt "
-                             "(without dsmr.kernels), before, before-fused (the eager or fused step of the code of --before)")
+                        help="decoding step(s) to time: fused (dsmr.backends.cpu.kernels' whole-step op, generate's default on "
+                             "a CPU), eager, compile (PyTorch's step with dsmr.backends.cpu.kernels' ops), eager-pt, compile-pt "
+                             "(without dsmr.backends.cpu.kernels), before, before-fused (the eager or fused step of the code of --before)")
     parser.add_argument("--before", default="HEAD", help="git revision whose src/ the 'before' mode runs")
     parser.add_argument("--num-samples", type=int, default=1, help="lanes sampled together (batched generation)")
     parser.add_argument("--speed-tokens", type=int, help="new events per speed run (default 4000; 2000 --quick)")
@@ -330,7 +330,7 @@ def main() -> None:
                              "report the events/s that bandwidth allows, and each run's share of it")
     parser.add_argument("--kernel-split", action="store_true",
                         help="instead of the speed runs: a one-lane float16 step eager and compiled, and "
-                             "dsmr.kernels' products and attentions alone on the same weights and state")
+                             "dsmr.backends.cpu.kernels' products and attentions alone on the same weights and state")
     parser.add_argument("--window", type=int, default=1000, help="events per timing window of --flat")
     parser.add_argument("--progress-file", help="--flat: append 'events seconds' to this file after each window")
     # worker mode (internal)
@@ -465,7 +465,7 @@ def _extract_src(revision: str) -> Path:
 def _write(path: Path | None, rate: float, speed: list, memory: list) -> None:
     if path is None:
         return
-    from dsmr.atomic import atomic_write_json
+    from dsmr.core.atomic import atomic_write_json
 
     atomic_write_json(path, {"maestro_tokens_per_second": rate, "speed": speed, "memory": memory,
                              "load_average": os.getloadavg()[0], "when": time.strftime("%Y-%m-%d %H:%M:%S")})

@@ -2,7 +2,7 @@
 
 The player plays consecutive phrases of a test-split piece (`--phrase` seconds each) on the real clock; after
 each phrase the model answers for as long (`dsmr live`'s default), then the player plays the next one. The
-loop is `dsmr.live_midi.run_duet`'s, with the player's events injected at their times instead of read from a
+loop is `dsmr.generation.live.ports.run_duet`'s, with the player's events injected at their times instead of read from a
 port, and every answer event "sent" (its send time recorded) instead of written to one. Reported:
 
 * from the end of the player's turn (last key up + --wait) to the answer's first event sampled and queued
@@ -13,10 +13,18 @@ port, and every answer event "sent" (its send time recorded) instead of written 
 * the process's RSS before and after, and over an hour of duet on a fast simulated clock (`--hour`: the same
   engine, no sleeping), to show that nothing grows with the session.
 
+`--jack TURNS` measures instead the whole round trip through real MIDI ports: a JACK server of its own on the
+dummy backend, `dsmr live --api jack --virtual --record` in its own process, and a player client that plays
+TURNS phrases into dsmr's input and listens on its output. Reported per turn: from the end of the turn (the last
+key up sent + the wait) to the answer's first note-on received, minus the model's own pause before that note
+(read from the session's recording, 10-ms steps); and for every later note of an answer, the gap to the
+answer's first note as received against the same gap in the recording (jitter of sending and transport).
+
 `--busy` keeps the other core busy (a CPU-bound process) during the run. One torch thread, the model's own
 sampling, int8 weights where dsmr's kernels load (as `dsmr live`).
 
     .venv/bin/python benchmarks/bench_live.py [MODEL] --cache CACHE [--minutes 10] [--busy] [--hour] [--json OUT]
+    .venv/bin/python benchmarks/bench_live.py [MODEL] --cache CACHE --jack 20 [--busy] [--json OUT]
 """
 
 from __future__ import annotations
@@ -50,7 +58,7 @@ def _burn(stop):  # the competing process: one core of pure Python arithmetic
 def player_phrases(cache, seconds: float, minutes: float, seed: int):
     """Phrases of `seconds` from test pieces, in order, until `minutes` of the player's music: lists of
     (onset, end, pitch, velocity) starting at 0."""
-    from dsmr.metrics import note_arrays
+    from dsmr.evaluation.music_stats import note_arrays
 
     rng = np.random.default_rng(seed)
     tok = cache.tokenizer
@@ -127,6 +135,97 @@ def simulated_hour(engine, phrases) -> dict:
     return {"rss_before": before, "rss_after": rss_bytes(), "turns": turns, "positions": engine.decoder.position}
 
 
+def jack_round_trip(model: str, phrases, wait: float, seed: int, workdir: Path) -> dict:
+    """Play `phrases` into `dsmr live` through JACK dummy ports; latencies and jitter as received."""
+    import shutil
+    import signal
+    import subprocess
+
+    import mido
+    import symusic
+
+    if shutil.which("jackd") is None:
+        sys.exit("--jack needs jackd (apt-get install jackd2)")
+    name = f"dsmrbench{os.getpid()}"
+    env = dict(os.environ, JACK_DEFAULT_SERVER=name)
+    os.environ["JACK_DEFAULT_SERVER"] = name
+    server = subprocess.Popen(["jackd", "-n", name, "--no-realtime", "-d", "dummy", "-r", "48000", "-p", "128"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    record = workdir / "jack-session.mid"
+    live = None
+    try:
+        midi = mido.Backend("mido.backends.rtmidi/UNIX_JACK", load=True)
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                midi.get_input_names()
+                break
+            except Exception:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    sys.exit("the JACK dummy server did not start")
+                time.sleep(0.2)
+        live = subprocess.Popen([sys.executable, "-m", "dsmr", "live", model, "--api", "jack", "--virtual",
+                                 "--wait", str(wait), "--seed", str(seed), "--threads", "1", "--record", str(record)],
+                                stderr=subprocess.PIPE, text=True, env=env)
+        line = live.stderr.readline()
+        if "listening on" not in line:
+            sys.exit(f"dsmr live did not start: {line}{live.stderr.read() if live.poll() is not None else ''}")
+        sink = next(n for n in midi.get_output_names() if "dsmr in" in n)
+        source = next(n for n in midi.get_input_names() if "dsmr out" in n)
+        turns = []
+        with midi.open_output(sink) as keys, midi.open_input(source) as ear:
+            for phrase in phrases:
+                start = time.monotonic() + 0.05
+                events = sorted([(start + s, 1, p, v) for s, e, p, v in phrase]
+                                + [(start + e, 0, p, 0) for s, e, p, v in phrase])
+                for when, on, p, v in events:
+                    time.sleep(max(0.0, when - time.monotonic()))
+                    keys.send(mido.Message("note_on", note=p, velocity=v) if on else mido.Message("note_off", note=p))
+                turn_end = time.monotonic() + wait
+                heard, last = [], time.monotonic()
+                while time.monotonic() < turn_end + 1.0 or time.monotonic() - last < 1.0:
+                    for m in ear.iter_pending():
+                        last = time.monotonic()
+                        if m.type == "note_on" and m.velocity > 0:
+                            heard.append(last)
+                    if time.monotonic() > turn_end + 60:
+                        break
+                    time.sleep(0.0005)
+                turns.append({"turn_end": turn_end, "heard": heard})
+        live.send_signal(signal.SIGINT)
+        live.wait(timeout=60)
+    finally:
+        if live is not None and live.poll() is None:
+            live.kill()
+        server.terminate()
+        server.wait(timeout=10)
+    score = symusic.Score(str(record), ttype="second")
+    tracks = {t.name: t for t in score.tracks}
+    player = sorted(n.end for n in tracks["player"].notes)
+    player_starts = sorted(n.start for n in tracks["player"].notes)
+    model_onsets = sorted(n.start for n in tracks["model"].notes)
+    latencies, jitter = [], []
+    # each answer follows a phrase: its notes are the model's between that turn's end and the next phrase
+    k = 0
+    for i, turn in enumerate(turns):
+        k += len(phrases[i])
+        rec_end = player[k - 1] + wait  # the turn's end in the recording's time
+        nxt = player_starts[k] if k < len(player_starts) else float("inf")
+        onsets = [t for t in model_onsets if rec_end - 0.02 <= t < nxt]
+        heard = turn["heard"]
+        if not onsets or not heard:
+            continue
+        latencies.append(heard[0] - turn["turn_end"] - (onsets[0] - rec_end))
+        n = min(len(onsets), len(heard))
+        jitter += [(heard[j] - heard[0]) - (onsets[j] - onsets[0]) for j in range(1, n)]
+    return {"turns": len(turns), "turns_answered": len(latencies),
+            "round_trip_first_note_ms": {"p50": 1000 * pct(latencies, 50), "p99": 1000 * pct(latencies, 99),
+                                         "max": 1000 * pct(latencies, 100)},
+            "note_jitter_ms": {"p50": 1000 * pct(jitter, 50), "p99": 1000 * pct(jitter, 99),
+                               "max": 1000 * pct(jitter, 100), "notes": len(jitter)},
+            "resolution_ms": 10}
+
+
 def pct(values, q):
     return float(np.percentile(np.abs(values), q)) if len(values) else None
 
@@ -141,15 +240,17 @@ def main() -> int:
     p.add_argument("--busy", action="store_true", help="keep the other core busy meanwhile")
     p.add_argument("--hour", action="store_true", help="also an hour on a fast simulated clock (RSS)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--jack", type=int, metavar="TURNS", help="the round trip through JACK dummy ports instead")
     p.add_argument("--json", type=Path, help="write the figures here")
     args = p.parse_args()
 
     import torch
 
-    from dsmr.cache import TokenCache
+    from dsmr.data.cache import TokenCache
     from dsmr.generation import playing_sampling, with_precision
-    from dsmr.generation.live import LiveEngine, LiveSettings
-    from dsmr.model import load_model
+    from dsmr.generation.live.engine import LiveEngine
+    from dsmr.generation.live.events import LiveSettings
+    from dsmr.sharing.loader import load_model
 
     torch.set_num_threads(1)
     model = with_precision(load_model(args.model))
@@ -157,6 +258,23 @@ def main() -> int:
     if cache.tokenizer.config_hash() != model.tokenizer.config_hash():
         sys.exit(f"{args.cache} is not in {args.model}'s encoding")
     phrases = player_phrases(cache, args.phrase, args.minutes, args.seed)
+    if args.jack:
+        import tempfile
+
+        stop = multiprocessing.Event()
+        burner = multiprocessing.Process(target=_burn, args=(stop,), daemon=True) if args.busy else None
+        if burner is not None:
+            burner.start()
+        with tempfile.TemporaryDirectory() as tmp:
+            report = jack_round_trip(args.model, phrases[:args.jack], args.wait, args.seed, Path(tmp))
+        stop.set()
+        report |= {"model": args.model, "busy_other_core": args.busy, "command": "python " + " ".join(sys.argv),
+                   "machine": platform.platform(), "cpus": os.cpu_count()}
+        print(json.dumps(report, indent=1))
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(report, indent=1))
+        return 0
     sampling = playing_sampling(model, seed=args.seed, max_tokens=None, max_seconds=1e9, stop_at_eos=False)
 
     def make(start=0.0):

@@ -11,7 +11,7 @@ For --prompts test pieces (seeded, each at least --seconds long) the model conti
 * how each piece keeps its prompt: for pitch range, note density and polyphony, the median over pieces of
   |log(window / prompt)| for the 10 s right after the prompt and the last 10 s, against the same measured on
   the real continuations (0: the texture kept exactly);
-* whether it stays in the prompt's harmony (dsmr.harmony), for the same two windows: the mean cosine
+* whether it stays in the prompt's harmony (dsmr.evaluation.harmony), for the same two windows: the mean cosine
   similarity of the window's pitch-class profile (seconds each pitch class sounds) to the prompt's, and the
   share of pieces whose window is in the prompt's key or a closely related one (Krumhansl-Schmuckler keys;
   key signatures at most one accidental apart), against the real continuations.
@@ -58,7 +58,7 @@ def main() -> int:
     p.add_argument("--seconds", type=float, default=40.0, help="length of each piece, prompt included")
     p.add_argument("--min-notes", type=int, default=8, help="fewer notes after the prompt: near-empty")
     # unset, each is what `dsmr generate` plays with: the model's own temperature and top-p, the guard's defaults
-    p.add_argument("--temperature", type=float, help="default: the model's own (dsmr.playing.sampling_defaults)")
+    p.add_argument("--temperature", type=float, help="default: the model's own (dsmr.generation.defaults.sampling_defaults)")
     p.add_argument("--top-p", type=float, help="default: the model's own")
     p.add_argument("--max-note-seconds", type=float, help="the longest note (default: dsmr generate's; 0: off)")
     p.add_argument("--max-polyphony", type=int, help="the most notes at once (default: dsmr generate's; 0: off)")
@@ -70,9 +70,9 @@ def main() -> int:
 
     import torch
 
-    from dsmr.cache import TokenCache
-    from dsmr.model import load_model
-    from dsmr import playing
+    from dsmr.data.cache import TokenCache
+    from dsmr.sharing.loader import load_model
+    from dsmr.generation import defaults
     from dsmr.generation import generate, playing_sampling, resolve_precision, with_precision
 
     torch.set_num_threads(args.threads)
@@ -136,7 +136,7 @@ def main() -> int:
                   command="python " + " ".join(sys.argv), machine=platform.platform(),
                   sampling={"temperature": own.temperature, "top_p": own.top_p,
                             "max_note_seconds": own.max_note_seconds, "max_polyphony": own.max_polyphony,
-                            "min_pitch": playing.MIN_PITCH, "max_pitch": playing.MAX_PITCH})
+                            "min_pitch": defaults.MIN_PITCH, "max_pitch": defaults.MAX_PITCH})
     (args.out / "bench.json").write_text(json.dumps(report, indent=1))
     (args.out / "bench.md").write_text(markdown(report))
     plot(report, args.out / "bench.png")
@@ -165,7 +165,7 @@ def reference_windows(pieces, lengths, tokenizer, table, length, count, rng) -> 
 def features(scores, min_notes: int) -> tuple[list[dict], list[np.ndarray], int]:
     """Features of the scores with at least `min_notes` notes, every score's note lengths, and how many
     had fewer."""
-    from dsmr.metrics import note_arrays, piece_features
+    from dsmr.evaluation.music_stats import note_arrays, piece_features
 
     feats, durations, empty = [], [], 0
     for score in scores:
@@ -182,7 +182,7 @@ def keeping(pieces, prompt_seconds: float, seconds: float) -> dict:
     """Median |log(window / prompt)| of each KEEP_FEATURES feature, for the window right after the prompt
     and the last window of the piece."""
     from dsmr.errors import DsmrError
-    from dsmr.metrics import piece_features
+    from dsmr.evaluation.music_stats import piece_features
 
     spans = {"next 10 s": (prompt_seconds, prompt_seconds + KEEP_WINDOW), "last 10 s": (seconds - KEEP_WINDOW, seconds)}
     out = {}
@@ -203,7 +203,7 @@ def keeping(pieces, prompt_seconds: float, seconds: float) -> dict:
 
 
 def summarize(sets: dict, reference: list, continued: list, real: list, args, length: float) -> dict:
-    from dsmr.metrics import compare_sets, set_summary
+    from dsmr.evaluation.music_stats import compare_sets, set_summary
 
     ref_feats, ref_durations, _ = features(reference, 1)
     ref_notes = np.concatenate(ref_durations)
@@ -229,8 +229,8 @@ def summarize(sets: dict, reference: list, continued: list, real: list, args, le
 def harmony(pieces, prompt_seconds: float, seconds: float) -> dict:
     """For the window after the prompt and the last window: the mean pitch-class similarity to the prompt and
     the share of pieces in the prompt's key or a close one (an empty window: 0 and not kept)."""
-    from dsmr.harmony import estimate_key, key_relation, pitch_class_profile, profile_similarity
-    from dsmr.metrics import note_arrays
+    from dsmr.evaluation.harmony import estimate_key, key_relation, pitch_class_profile, profile_similarity
+    from dsmr.evaluation.music_stats import note_arrays
 
     def profile(score, a, b):
         n = note_arrays(window(score, a, b))

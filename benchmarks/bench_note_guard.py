@@ -22,15 +22,15 @@ def main() -> int:
     import numpy as np
     import torch
 
-    from dsmr import playing
-    from dsmr.cache import TokenCache
-    from dsmr.note_guard import NoteGuard
+    from dsmr.generation import defaults
+    from dsmr.data.cache import TokenCache
+    from dsmr.generation.note_guard import NoteGuard
 
     torch.set_num_threads(1)
     cache = TokenCache(args.cache)
     ids = np.concatenate([cache.piece(args.split, i) for i in range(cache.num_pieces(args.split))])[:args.events]
     tokens = [torch.tensor([int(t)]) for t in ids]
-    guard = NoteGuard(cache.tokenizer, 1, playing.MAX_NOTE_SECONDS, playing.MAX_POLYPHONY)
+    guard = NoteGuard(cache.tokenizer, 1, defaults.MAX_NOTE_SECONDS, defaults.MAX_POLYPHONY)
     best = {}
     for name in ("loop alone", "guard"):
         times = []
@@ -43,7 +43,7 @@ def main() -> int:
             times.append((time.perf_counter() - start) / len(tokens))
         best[name] = min(times)
     print(json.dumps({"events": len(tokens), "us_per_event": round((best["guard"] - best["loop alone"]) * 1e6, 1),
-                      "max_note_seconds": playing.MAX_NOTE_SECONDS, "max_polyphony": playing.MAX_POLYPHONY}))
+                      "max_note_seconds": defaults.MAX_NOTE_SECONDS, "max_polyphony": defaults.MAX_POLYPHONY}))
     return 0
 
 

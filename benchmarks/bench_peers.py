@@ -47,7 +47,7 @@ def train_worker(args) -> dict:
     B, T, M = args.batch, args.segment, args.memory
     ids = torch.randint(3, VOCAB, (B, T * (args.steps + 1)))
     if args.lib.startswith("dsmr"):
-        from dsmr.model import DSMR, DSMRConfig
+        from dsmr.model.network import DSMR, DSMRConfig
 
         model = DSMR(DSMRConfig(vocab_size=VOCAB, n_layers=6, d_model=256, n_heads=4, horizons=(M,) * 6,
                                 memory="hidden" if args.lib == "dsmr-hidden" else "kv"))
@@ -96,8 +96,8 @@ def generate_worker(args) -> dict:
     prompt = torch.randint(3, VOCAB, (1, args.prompt_tokens))
     if args.lib.startswith("dsmr"):
         from dsmr.generation import SamplingConfig, generate_batch, half_weight_model, int8_weight_model
-        from dsmr.model import DSMR, DSMRConfig
-        from dsmr.encodings import make_tokenizer
+        from dsmr.model.network import DSMR, DSMRConfig
+        from dsmr.data.tokenizers.registry import make_tokenizer
 
         tokenizer = make_tokenizer("performance")
         model = DSMR(DSMRConfig(vocab_size=tokenizer.vocab_size, n_layers=6, d_model=256, n_heads=4,
@@ -193,7 +193,7 @@ def main() -> None:
             print(f"{lib:>22} " + (f"failed: {r['error']}" if "error" in r else f"{r['tokens_per_s']:>8.0f} events/s"
                                    + (f"  (warm-up {r['warmup_seconds']:.0f} s)" if r.get("warmup_seconds") else "")))
     if args.json_out:
-        from dsmr.atomic import atomic_write_json
+        from dsmr.core.atomic import atomic_write_json
 
         atomic_write_json(args.json_out, {**figures, "load_average": os.getloadavg()[0],
                                           "when": time.strftime("%Y-%m-%d %H:%M:%S")})

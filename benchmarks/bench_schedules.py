@@ -11,7 +11,7 @@ The cache is built with `dsmr data build --corpus maestro --limit N` when --cach
 tokens/s counts real (non-padding) training targets per second of training steps, after the first
 --skip-steps steps (allocator and kernel warm-up); each schedule runs --repeats times, interleaved, and
 the fastest run is reported (other jobs on a shared machine only ever slow a run down). Peak memory: CUDA max_memory_allocated, or on CPU
-the rise of the process's peak resident memory during training (dsmr.runtime.PeakMemory).
+the rise of the process's peak resident memory during training (dsmr.core.runtime.PeakMemory).
 
 --mfu adds each schedule's model FLOP/s (benchmarks/machine_peak.py: forward + backward matmuls of the
 model per real training token) and its fraction of this machine's float32 matmul peak, measured in the
@@ -71,7 +71,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def ensure_cache(args) -> Path:
-    from dsmr.cache import TokenCache
+    from dsmr.data.cache import TokenCache
     from dsmr.errors import DsmrError
 
     try:
@@ -101,11 +101,11 @@ def run_worker(args) -> None:
     """Train one schedule and print its figures as JSON (runs in its own process)."""
     import torch
 
-    from dsmr.cache import TokenCache
-    from dsmr.runtime import resolve_device
-    from dsmr.train import train
-    from dsmr.train_config import TrainConfig, make_run_schedule
-    from dsmr.train_config import make_model_config
+    from dsmr.data.cache import TokenCache
+    from dsmr.core.runtime import resolve_device
+    from dsmr.training.trainer import train
+    from dsmr.training.config import TrainConfig, make_run_schedule
+    from dsmr.training.config import make_model_config
     from machine_peak import training_flops_per_token
 
     if args.threads:
@@ -150,7 +150,7 @@ def main(argv=None) -> int:
         run_worker(args)
         return 0
     args.cache = ensure_cache(args)
-    from dsmr.cache import TokenCache
+    from dsmr.data.cache import TokenCache
 
     summary = TokenCache(args.cache).summary()
     print(f"cache {args.cache}: {summary['pieces']['train']} train pieces, {summary['tokens']['train']:,} tokens")

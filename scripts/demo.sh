@@ -28,7 +28,7 @@ echo "== 4/4 continue a chorale the model has not trained on =="
 $DSMR data decode "$DIR/cache" --split validation --index 0 --out "$DIR/prompt.mid"
 # A WAV too when FluidSynth is installed (apt-get install fluidsynth fluid-soundfont-gm; brew install fluid-synth)
 WAV=()
-if .venv/bin/python -c "from dsmr.render import find_fluidsynth, find_soundfont; find_fluidsynth(); find_soundfont()" 2>/dev/null; then
+if .venv/bin/python -c "from dsmr.generation.render import find_fluidsynth, find_soundfont; find_fluidsynth(); find_soundfont()" 2>/dev/null; then
     WAV=(--wav "$DIR/generated.wav")
 else
     echo "(no WAV: FluidSynth or a General MIDI soundfont is missing; apt-get install fluidsynth fluid-soundfont-gm)"

@@ -47,7 +47,7 @@ def pytest_unconfigure(config):
 def have_audio() -> bool:
     """FluidSynth and a General MIDI soundfont are installed (WAV rendering works)."""
     from dsmr.errors import DsmrError
-    from dsmr.render import find_fluidsynth, find_soundfont
+    from dsmr.generation.render import find_fluidsynth, find_soundfont
 
     try:
         find_fluidsynth()
@@ -60,20 +60,18 @@ def have_audio() -> bool:
 def kernels_must_build() -> bool:
     """Where dsmr's CPU kernels can be built (an AVX2 CPU, a C++ compiler, not switched off), a failed build
     is a failure, not a skip: CI has both, and a broken kernel must not pass as "not built here"."""
-    from dsmr import kernels
-
+    from dsmr.backends.cpu import kernels
     return kernels.supported_cpu() and not kernels.disabled() and shutil.which("c++") is not None
 
 
 @pytest.fixture(scope="session")
 def kernels_built() -> bool:
     """Whether the kernels loaded; fails the test where they should have (kernels_must_build)."""
-    from dsmr import kernels
-
+    from dsmr.backends.cpu import kernels
     if kernels.load():
         return True
     if kernels_must_build():
-        pytest.fail(f"dsmr.kernels failed to build on a machine that can build them: {kernels.load_error()}")
+        pytest.fail(f"dsmr.backends.cpu.kernels failed to build on a machine that can build them: {kernels.load_error()}")
     return False
 
 
@@ -90,10 +88,10 @@ def bach_cache(request, tmp_path_factory):
 
     The chorale -> MIDI conversion is the slow part (~0.2 s a work); its output is kept in pytest's cache
     folder (.pytest_cache), so only the first run on a machine pays for it."""
-    from dsmr.cache import TokenCache
-    from dsmr.cache_build import build_cache
-    from dsmr.corpora import corpus_files
-    from dsmr.encodings import make_tokenizer
+    from dsmr.data.cache import TokenCache
+    from dsmr.data.cache_build import build_cache
+    from dsmr.data.corpora import corpus_files
+    from dsmr.data.tokenizers.registry import make_tokenizer
 
     midi_dir = request.config.cache.mkdir("dsmr-bach-midi")
     files, _ = corpus_files("bach", midi_dir, limit=48, progress=False)
@@ -116,9 +114,8 @@ def _one_torch_thread():
 
 @pytest.fixture
 def kernels_off():
-    """Decoding without dsmr.kernels (the PyTorch path), restored afterwards."""
-    from dsmr import kernels
-
+    """Decoding without dsmr.backends.cpu.kernels (the PyTorch path), restored afterwards."""
+    from dsmr.backends.cpu import kernels
     old = kernels.set_enabled(False)
     yield
     kernels.set_enabled(old)

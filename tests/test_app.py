@@ -12,14 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from dsmr.app import (MAX_SECONDS, NO_MODEL_HELP, ModelStore, cache_pieces, cache_prompt, check_request,
-                      generate_variations)
-from dsmr.checkpoint import save_checkpoint
+from dsmr.app.continuation import MAX_SECONDS, cache_pieces, cache_prompt, check_request, generate_variations
+from dsmr.app.models import NO_MODEL_HELP, ModelStore
+from dsmr.training.resume import save_checkpoint
 from dsmr.cli import main
 from dsmr.errors import DsmrError
-from dsmr.model import DSMR, DSMRConfig
+from dsmr.model.network import DSMR, DSMRConfig
 from conftest import have_audio
-from dsmr.encodings import make_tokenizer
+from dsmr.data.tokenizers.registry import make_tokenizer
 from tests.midi_factory import tiny_midi, write_midi_file
 
 REPO = Path(__file__).resolve().parents[1]
@@ -133,7 +133,7 @@ def _free_port() -> int:
 def server(run_dir):
     pytest.importorskip("gradio", reason='gradio is not installed (pip install "dsmr[app]")')
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
-    from dsmr.app import serve
+    from dsmr.app.page import serve
 
     port = _free_port()
     demo = serve(str(run_dir), host="127.0.0.1", port=port, block=False)
@@ -274,12 +274,13 @@ def test_upload_errors_name_the_users_file_and_old_outputs_are_removed(tmp_path)
     import os
     import time
 
-    from dsmr.app import _remove_old_outputs, _user_words
+    from dsmr.app.page import _remove_old_outputs
+    from dsmr.app.continuation import user_words
     from dsmr.errors import DsmrError
 
     upload = tmp_path / "gradio" / "abc123" / "my piece.mid"
     err = DsmrError(f"not a readable MIDI file: {upload} (its data is damaged or it is not MIDI: ...)")
-    assert _user_words(err, str(upload)) == "not a readable MIDI file: my piece.mid (its data is damaged or it " \
+    assert user_words(err, str(upload)) == "not a readable MIDI file: my piece.mid (its data is damaged or it " \
                                             "is not MIDI: ...)"
     old, new = tmp_path / "out" / "old", tmp_path / "out" / "new"
     old.mkdir(parents=True)
@@ -297,16 +298,16 @@ def test_the_page_opens_each_model_at_the_settings_dsmr_generate_plays_it_with(t
     slider (its notes carry their lengths); the performance model at 4 s and 8 notes; the seed empty (a new
     one each time)."""
     pytest.importorskip("gradio", reason='gradio is not installed (pip install "dsmr[app]")')
-    from dsmr import playing
-    from dsmr.app import build_app
-    from dsmr.hub import read_model_config
-    from dsmr.note_guard import guard_for
-    from dsmr.encodings import tokenizer_from_config
+    from dsmr.generation import defaults
+    from dsmr.app.page import build_app
+    from dsmr.sharing.hub import read_model_config
+    from dsmr.generation.note_guard import guard_for
+    from dsmr.data.tokenizers.registry import tokenizer_from_config
 
     for name in ("maestro-duration-small", "maestro-small"):
         folder = REPO / "models" / name
         config = read_model_config(folder)
-        cli = {**playing.sampling_defaults(config), **guard_for(tokenizer_from_config(config["tokenizer"]))}
+        cli = {**defaults.sampling_defaults(config), **guard_for(tokenizer_from_config(config["tokenizer"]))}
         demo = build_app(folder, out_root=tmp_path / name, render_audio=False)
         by_id = {b.elem_id: b for b in demo.blocks.values() if getattr(b, "elem_id", None)}
         sliders = {b.label: b for b in demo.blocks.values() if type(b).__name__ == "Slider"}
@@ -316,7 +317,7 @@ def test_the_page_opens_each_model_at_the_settings_dsmr_generate_plays_it_with(t
         if cli["max_polyphony"] is not None:
             assert by_id["max-polyphony"].value == cli["max_polyphony"]
         assert by_id["seed"].value is None
-    assert cli["max_note_seconds"] == playing.MAX_NOTE_SECONDS  # maestro-small, the last of the two
+    assert cli["max_note_seconds"] == defaults.MAX_NOTE_SECONDS  # maestro-small, the last of the two
     duration = read_model_config(REPO / "models" / "maestro-duration-small")
     assert guard_for(tokenizer_from_config(duration["tokenizer"]))["max_note_seconds"] == 10.0
 
@@ -325,7 +326,7 @@ def test_the_page_opens_each_model_at_the_settings_dsmr_generate_plays_it_with(t
 def shipped_server():
     """The page with the shipped model, which answers a phrase with notes (a random tiny model may not)."""
     pytest.importorskip("gradio", reason='gradio is not installed (pip install "dsmr[app]")')
-    from dsmr.app import serve
+    from dsmr.app.page import serve
 
     port = _free_port()
     demo = serve(str(REPO / "models" / "maestro-duration-small"), host="127.0.0.1", port=port, block=False)

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from dsmr.augment import Augmentation, PieceAugmenter, changed_score, draw_transposition, piece_rng
-from dsmr.duration_encoding import DurationTokenizer
-from dsmr.encodings import make_tokenizer
+from dsmr.data.augment import Augmentation, PieceAugmenter, changed_score, draw_transposition, piece_rng
+from dsmr.data.tokenizers.duration import DurationTokenizer
+from dsmr.data.tokenizers.registry import make_tokenizer
 from dsmr.errors import DsmrError
-from dsmr.stream import PieceStream
-from dsmr.tokenizer import PerformanceTokenizer
-from dsmr.train import train
+from dsmr.data.stream import PieceStream
+from dsmr.data.tokenizers.performance import PerformanceTokenizer
+from dsmr.training.trainer import train
 from tests.midi_factory import make_score
 from tests.test_train import RESUME_CFG, assert_same_run, interrupt_at, tiny
 

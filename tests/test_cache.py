@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 import symusic
 
-from dsmr.cache import MANIFEST, TokenCache, cache_name
-from dsmr.cache_build import build_cache
-from dsmr.corpora import SourceFile, maestro_files
+from dsmr.data.cache import MANIFEST, TokenCache, cache_name
+from dsmr.data.cache_build import build_cache
+from dsmr.data.sources import SourceFile
+from dsmr.data.maestro import maestro_files
 from dsmr.errors import DsmrError
-from dsmr.encodings import make_tokenizer
-from dsmr.tokenizer import PerformanceTokenizer
+from dsmr.data.tokenizers.registry import make_tokenizer
+from dsmr.data.tokenizers.performance import PerformanceTokenizer
 
 SOURCE = {"corpus": "folder", "root": "test"}
 

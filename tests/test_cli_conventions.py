@@ -71,19 +71,19 @@ def test_threads_is_one_convention():
 
 
 def test_precision_weights_and_json_are_one_convention():
-    """--precision takes dsmr.playing's choices everywhere; the commands that decode (generate, the app) default
+    """--precision takes dsmr.generation.defaults's choices everywhere; the commands that decode (generate, the app) default
     to the same; --weights and --json mean the same in every command that has them."""
-    from dsmr import playing
-    from dsmr.app import ModelStore
+    from dsmr.generation import defaults
+    from dsmr.app.models import ModelStore
 
     commands = _subparsers()
     with_precision = {name for name, p in commands.items() if "--precision" in _options(p)}
     assert with_precision == {"eval", "generate", "live", "app"}
     for name in with_precision:
         action = _options(commands[name])["--precision"]
-        assert set(playing.PRECISIONS) <= set(action.choices), name
-        assert action.default == ("float32" if name == "eval" else playing.PRECISION), name
-    assert ModelStore().precision == _options(commands["app"])["--precision"].default == playing.PRECISION
+        assert set(defaults.PRECISIONS) <= set(action.choices), name
+        assert action.default == ("float32" if name == "eval" else defaults.PRECISION), name
+    assert ModelStore().precision == _options(commands["app"])["--precision"].default == defaults.PRECISION
     for name in ("generate", "app", "eval", "export"):
         assert _options(commands[name])["--weights"].default == "best", name
     for name, p in commands.items():
@@ -121,7 +121,7 @@ def test_options_come_from_the_config_fields():
     import dataclasses
 
     from dsmr.study import SHARED_OPTIONS, StudyConfig
-    from dsmr.train_config import TrainConfig
+    from dsmr.training.config import TrainConfig
 
     train = _options(_subparsers()["train"])
     for field in dataclasses.fields(TrainConfig):
@@ -152,7 +152,7 @@ def test_threads_0_leaves_the_cores_other_work_keeps_busy(monkeypatch, capsys):
     crawls there), says so, and a torchrun launch shares the idle cores between its processes."""
     import torch
 
-    from dsmr import runtime
+    from dsmr.core import runtime
     from dsmr.cli.common import set_threads
 
     before = torch.get_num_threads()

@@ -16,20 +16,9 @@ from pathlib import Path
 import pytest
 import symusic
 
-from dsmr.corpora import (
-    SPLITS,
-    SourceFile,
-    bach_files,
-    corpus_files,
-    download_maestro,
-    folder_files,
-    folder_listing,
-    limit_files,
-    maestro_files,
-    maestro_listing,
-    split_by_hash,
-    split_counts,
-)
+from dsmr.data.sources import SPLITS, SourceFile
+from dsmr.data.corpora import bach_files, corpus_files, folder_files, folder_listing, limit_files, split_by_hash, split_counts
+from dsmr.data.maestro import download_maestro, maestro_files, maestro_listing
 from dsmr.errors import DsmrError
 from midi_factory import tiny_midi
 
@@ -258,7 +247,7 @@ def test_bach_converts_a_few_chorales_once(tmp_path):
 
 
 def test_bach_failures_are_reported_not_fatal(tmp_path, monkeypatch):
-    import dsmr.corpora as corpora
+    import dsmr.data.corpora as corpora
 
     names = corpora.bach_chorale_names()[:3]
     monkeypatch.setattr(corpora, "bach_chorale_names", lambda: names + ["bach/no-such-chorale"])

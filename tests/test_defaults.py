@@ -13,10 +13,10 @@ from dsmr.cli import build_parser
 from dsmr.cli import study as study_cli
 from dsmr.cli import train as train_cli
 from dsmr.errors import DsmrError
-from dsmr.model_config import LEGACY_DEFAULTS, DSMRConfig
+from dsmr.model.config import LEGACY_DEFAULTS, DSMRConfig
 from dsmr.study import PRESETS, StudyConfig, default_variants, preset_config, train_config
 from dsmr.study.variants import comparable
-from dsmr.train_config import TrainConfig, make_model_config
+from dsmr.training.config import TrainConfig, make_model_config
 
 VOCAB = 359
 
@@ -93,19 +93,19 @@ def test_the_package_exposes_its_main_names():
 def test_dsmr_generate_and_the_app_play_with_the_same_defaults_and_refuse_the_same_values():
     import inspect
 
-    from dsmr import playing
-    from dsmr.app import check_request, generate_variations
+    from dsmr.generation import defaults
+    from dsmr.app.continuation import check_request, generate_variations
 
     args = build_parser().parse_args(["generate", "R", "--out", "o.mid"])
     page = {k: p.default for k, p in inspect.signature(generate_variations).parameters.items()}
     for name in ("min_pitch", "max_pitch"):
-        assert getattr(args, name) == page[name] == getattr(playing, name.upper()), name
-    # temperature and top-p: None on both sides means the model's own (dsmr.playing.sampling_defaults)
+        assert getattr(args, name) == page[name] == getattr(defaults, name.upper()), name
+    # temperature and top-p: None on both sides means the model's own (dsmr.generation.defaults.sampling_defaults)
     assert args.temperature is None and page["temperature"] is None and args.top_p is None and page["top_p"] is None
-    # the guard: None on both sides means dsmr.playing's values (dsmr.note_guard.guard_for)
+    # the guard: None on both sides means dsmr.generation.defaults's values (dsmr.generation.note_guard.guard_for)
     assert args.max_note_seconds is None and page["max_note_seconds"] is None
     assert args.max_polyphony is None and page["max_polyphony"] is None
-    too_hot = playing.MAX_TEMPERATURE + 1
+    too_hot = defaults.MAX_TEMPERATURE + 1
     # (CLI options, the app's request: temperature, top-p, lowest and highest pitch), each refused by both
     for cli, page in [(["--temperature", str(too_hot)], (too_hot, 0.9, 21, 108)),
                       (["--temperature", "-0.5"], (-0.5, 0.9, 21, 108)),
@@ -123,18 +123,18 @@ def build_parser_refuses(argv) -> bool:
 
 
 def test_a_model_folder_names_its_own_temperature_and_top_p_and_bad_values_are_refused(tmp_path):
-    from dsmr import playing
-    from dsmr.app import local_playing_settings
+    from dsmr.generation import defaults
+    from dsmr.app.models import local_playing_settings
 
-    assert playing.sampling_defaults(None) == {"temperature": playing.TEMPERATURE, "top_p": playing.TOP_P}
+    assert defaults.sampling_defaults(None) == {"temperature": defaults.TEMPERATURE, "top_p": defaults.TOP_P}
     own = {"playing": {"temperature": 1.05}}
-    assert playing.sampling_defaults(own) == {"temperature": 1.05, "top_p": playing.TOP_P}
-    assert playing.sampling_defaults(own, temperature=0.7, top_p=0.5) == {"temperature": 0.7, "top_p": 0.5}
-    for bad in ({"temperature": "hot"}, {"top_p": 0}, {"temperature": playing.MAX_TEMPERATURE + 1}, [1.0]):
+    assert defaults.sampling_defaults(own) == {"temperature": 1.05, "top_p": defaults.TOP_P}
+    assert defaults.sampling_defaults(own, temperature=0.7, top_p=0.5) == {"temperature": 0.7, "top_p": 0.5}
+    for bad in ({"temperature": "hot"}, {"top_p": 0}, {"temperature": defaults.MAX_TEMPERATURE + 1}, [1.0]):
         with pytest.raises(DsmrError, match="playing"):
-            playing.sampling_defaults({"playing": bad})
+            defaults.sampling_defaults({"playing": bad})
     (tmp_path / "config.json").write_text(json.dumps(own))
     assert local_playing_settings(tmp_path)["temperature"] == 1.05
     missing = local_playing_settings(tmp_path / "missing")
-    assert {k: missing[k] for k in ("temperature", "top_p")} == playing.sampling_defaults(None)
+    assert {k: missing[k] for k in ("temperature", "top_p")} == defaults.sampling_defaults(None)
 

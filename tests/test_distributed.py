@@ -19,10 +19,10 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from dsmr.distributed import split_pieces, torchrun_command
+from dsmr.training.distributed import split_pieces, torchrun_command
 from dsmr.errors import DsmrError
-from dsmr.train import train
-from dsmr.train_config import TrainConfig
+from dsmr.training.trainer import train
+from dsmr.training.config import TrainConfig
 
 
 LANES = 2  # per rank
@@ -33,13 +33,14 @@ CFG = dict(layers=2, d_model=32, heads=2, segment=32, schedule="explicit", horiz
 
 
 def record_training(monkeypatch_setattr, rank: int, out: Path):
-    """Patch dsmr.train so that the run keeps its model and, for every piece its rows start, (batch, global
+    """Patch the trainer so that the run keeps its model and, for every piece its rows start, (batch, global
     lane, piece index): lanes take pieces in lane order, so sorting these gives the order they were handed out."""
-    import dsmr.train as T
+    import dsmr.training.inputs as inputs
+    import dsmr.training.trainer as T
 
     starts, models = [], []
 
-    class RecordingStream(T.PieceStream):
+    class RecordingStream(inputs.PieceStream):
         batches = 0
 
         def _next_batch(self):
@@ -57,7 +58,7 @@ def record_training(monkeypatch_setattr, rank: int, out: Path):
         models.append(real_model(cfg))
         return models[-1]
 
-    monkeypatch_setattr(T, "PieceStream", RecordingStream)
+    monkeypatch_setattr(inputs, "PieceStream", RecordingStream)
     monkeypatch_setattr(T, "DSMR", make_model)
 
     def save():
@@ -75,11 +76,11 @@ def first_epoch(*starts_of_ranks, n_pieces: int) -> list[list[int]]:
 
 def _worker(rank: int, world: int, rendezvous: str, cache_path: str, out: str, cfg: TrainConfig, record: str):
     """One rank: joins a group through a file (no port to race for) and trains in it, the way a caller
-    that initialized its own process group uses dsmr.train (torchrun's env:// path: the CLI test below)."""
+    that initialized its own process group uses dsmr.training.trainer (torchrun's env:// path: the CLI test below)."""
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    from dsmr.cache import TokenCache
+    from dsmr.data.cache import TokenCache
 
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
     save = record_training(setattr, rank, Path(record))

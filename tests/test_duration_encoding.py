@@ -6,11 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dsmr.duration_encoding import DurationTokenizer
+from dsmr.data.tokenizers.duration import DurationTokenizer
 from dsmr.errors import DsmrError
-from dsmr.metrics import note_arrays
-from dsmr.tokenizer import PerformanceTokenizer
-from dsmr.encodings import make_tokenizer, tokenizer_from_config
+from dsmr.evaluation.music_stats import note_arrays
+from dsmr.data.tokenizers.performance import PerformanceTokenizer
+from dsmr.data.tokenizers.registry import make_tokenizer, tokenizer_from_config
 from tests.midi_factory import make_score
 
 DUR = make_tokenizer("duration")

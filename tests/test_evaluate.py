@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from dsmr.cli import main
-from dsmr.evaluate import evaluate
-from dsmr.runtime import PeakMemory
-from dsmr.model import DSMR, DSMRConfig
+from dsmr.evaluation.perplexity import evaluate
+from dsmr.core.runtime import PeakMemory
+from dsmr.model.network import DSMR, DSMRConfig
 
 
 PAD, BOS, EOS = 0, 1, 2
@@ -82,16 +82,16 @@ def test_peak_memory_meters_nest():
 
 
 def test_runtime_helpers_keep_their_old_import_path():
-    import dsmr.evaluate as ev
-    import dsmr.runtime as rt
+    import dsmr.evaluation.perplexity as ev
+    import dsmr.core.runtime as rt
 
     assert (ev.PeakMemory, ev.resolve_device, ev.autocast, ev.state_bytes) == \
         (rt.PeakMemory, rt.resolve_device, rt.autocast, rt.state_bytes)
 
 
 def test_shared_loss_helpers():
-    from dsmr.losses import ppl_by_bucket, token_nll
-    from dsmr.stream import IGNORE_INDEX
+    from dsmr.model.losses import ppl_by_bucket, token_nll
+    from dsmr.data.stream import IGNORE_INDEX
 
     torch.manual_seed(0)
     logits = torch.randn(2, 3, 5)
@@ -167,9 +167,9 @@ def test_train_and_eval_commands_print_json(bach_cache, tmp_path, capsys):
 
 
 def test_eval_errors_are_one_line(bach_cache, tmp_path, capsys, request):
-    from dsmr.cache_build import build_cache
-    from dsmr.corpora import corpus_files
-    from dsmr.tokenizer import PerformanceTokenizer
+    from dsmr.data.cache_build import build_cache
+    from dsmr.data.corpora import corpus_files
+    from dsmr.data.tokenizers.performance import PerformanceTokenizer
 
     run = tmp_path / "run"
     assert run_cli(capsys, "train", "--cache", str(bach_cache.path), "--out", str(run), "--steps", "1", *TINY)[0] == 0
@@ -192,7 +192,7 @@ def test_eval_errors_are_one_line(bach_cache, tmp_path, capsys, request):
 
 
 def test_the_report_says_per_note_and_never_prints_a_peak_of_zero():
-    from dsmr.evaluate import format_report
+    from dsmr.evaluation.perplexity import format_report
 
     result = {"ppl": 10.0, "nll": math.log(10.0), "tokens": 4000, "pieces": 3, "tokens_per_s": 1000.0,
               "device": "cpu", "peak_memory_bytes": 0, "memory_method": "cpu_rss_high_water_mark_rise",

@@ -10,11 +10,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dsmr.checkpoint import read_config
+from dsmr.sharing.run_folder import read_config
 from dsmr.errors import DsmrError
-from dsmr.hub import read_model_config
-from dsmr.train import train
-from dsmr.train_config import FINE_TUNING_DEFAULTS, fine_tuning_config
+from dsmr.sharing.hub import read_model_config
+from dsmr.training.trainer import train
+from dsmr.training.config import FINE_TUNING_DEFAULTS, fine_tuning_config
 from tests.test_evaluate import TINY, run_cli
 from tests.test_train import assert_same_run, interrupt_at
 

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import symusic
 
-import dsmr.atomic
-from dsmr.atomic import atomic_path, atomic_write_bytes
+import dsmr.core.atomic
+from dsmr.core.atomic import atomic_path, atomic_write_bytes
 from dsmr.errors import DsmrError
-from dsmr.files import check_output_file
-from dsmr.tokenizer import write_midi
+from dsmr.core.files import check_output_file
+from dsmr.data.midi import write_midi
 
 
 def no_space(self, data):
@@ -39,12 +39,12 @@ def test_the_previous_file_survives_a_full_disk(tmp_path, monkeypatch):
 
 def test_a_c_writers_own_full_disk_message_becomes_an_oserror_naming_the_file(tmp_path, monkeypatch):
     out = tmp_path / "weights.safetensors"
-    monkeypatch.setattr(dsmr.atomic, "_disk_full", lambda folder: True)
+    monkeypatch.setattr(dsmr.core.atomic, "_disk_full", lambda folder: True)
     with pytest.raises(OSError, match=f"no space left on the device \\(writing {out}\\)") as caught:
         with atomic_path(out):
             raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
     assert caught.value.errno == errno.ENOSPC
-    monkeypatch.setattr(dsmr.atomic, "_disk_full", lambda folder: False)
+    monkeypatch.setattr(dsmr.core.atomic, "_disk_full", lambda folder: False)
     with pytest.raises(RuntimeError, match="enforce fail"):  # any other failure stays what it was
         with atomic_path(out):
             raise RuntimeError("[enforce fail at inline_container.cc:672]")

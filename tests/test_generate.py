@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from dsmr.checkpoint import save_checkpoint
+from dsmr.training.resume import save_checkpoint
 from dsmr.cli import main
 from dsmr.errors import DsmrError
 from dsmr.generation import (
@@ -30,8 +30,8 @@ from dsmr.generation import (
     sample_next,
     with_precision,
 )
-from dsmr.model import DSMR, DSMRConfig
-from dsmr.encodings import make_tokenizer
+from dsmr.model.network import DSMR, DSMRConfig
+from dsmr.data.tokenizers.registry import make_tokenizer
 from tests.midi_factory import make_score, score_notes, write_midi_file
 
 SEG = 8
@@ -299,7 +299,7 @@ def test_prompt_is_kept_and_continued(perf_model, perf_tok, tmp_path):
     assert result.prompt_seconds == pytest.approx(3.6)
     out = tmp_path / "out.mid"
     perf_tok.decode_to_file(result.ids, out)
-    from dsmr.tokenizer import load_midi
+    from dsmr.data.midi import load_midi
 
     notes = score_notes(load_midi(out))
     for start, end, pitch, _ in PROMPT_NOTES:  # every prompt note is in the output, same time and pitch
@@ -359,7 +359,7 @@ def test_cli_generates_midi_pianoroll_and_json(run_dir, tmp_path, capsys):
         assert key in report
     assert report["tokens"] == 150 and report["out"] == str(out) and report["prompt_seconds"] == 2.0
     assert png.stat().st_size > 1000
-    from dsmr.tokenizer import load_midi
+    from dsmr.data.midi import load_midi
 
     pitches = {p for _, _, p, _ in score_notes(load_midi(out))}
     assert pitches and min(pitches) >= 48 and max(pitches) <= 84
@@ -373,14 +373,13 @@ def test_cli_generates_midi_pianoroll_and_json(run_dir, tmp_path, capsys):
 
 
 def test_cli_plays_with_the_models_own_temperature_unless_told(run_dir, tmp_path, capsys):
-    from dsmr import playing
-
+    from dsmr.generation import defaults
     own = tmp_path / "own"
     shutil.copytree(run_dir, own)
     config = json.loads((own / "config.json").read_text())
     (own / "config.json").write_text(json.dumps(dict(config, playing={"temperature": 1.25, "top_p": 0.9})))
     base = ["--out", str(tmp_path / "x.mid"), "--max-tokens", "20", "--seed", "1", "--json", "--no-progress"]
-    for folder, extra, expected in [(run_dir, [], (playing.TEMPERATURE, playing.TOP_P)), (own, [], (1.25, 0.9)),
+    for folder, extra, expected in [(run_dir, [], (defaults.TEMPERATURE, defaults.TOP_P)), (own, [], (1.25, 0.9)),
                                     (own, ["--temperature", "0.7"], (0.7, 0.9))]:
         assert main(["generate", str(folder), *base, *extra]) == 0
         report = json.loads(capsys.readouterr().out)

@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from dsmr.checkpoint import save_checkpoint
+from dsmr.training.resume import save_checkpoint
 from dsmr.cli import main
 from dsmr.errors import DsmrError
 from dsmr.generation import (IncrementalDecoder, SamplingConfig, batch_summary, decoding_state_dtype, generate,
                            generate_batch, half_weight_model)
-from dsmr.model import DSMR, DSMRConfig
-from dsmr.tokenizer import PerformanceTokenizer
+from dsmr.model.network import DSMR, DSMRConfig
+from dsmr.data.tokenizers.performance import PerformanceTokenizer
 from tests.test_generate import SEG, perf_model, perf_tok, streaming_logits, tiny_model  # noqa: F401 (fixtures)
 
 
@@ -101,12 +101,11 @@ def test_float16_state_halves_the_bytes_and_keeps_the_logits():
     torch.testing.assert_close(stepped, expected[:, 5:], rtol=0, atol=2e-3)
     assert (stepped - expected[:, 5:]).abs().max() > 0  # it did round: the state is float16
     # generate_batch's choice: float16 for float16 weights where a kernel widens the state (compiled, or
-    # dsmr.kernels' attention); an eager PyTorch step would widen all of it every step
+    # dsmr.backends.cpu.kernels' attention); an eager PyTorch step would widen all of it every step
     half_model = half_weight_model(model)
     assert decoding_state_dtype(half_model, compile=True) == torch.float16
     assert decoding_state_dtype(model, compile=True) is None
-    from dsmr import kernels
-
+    from dsmr.backends.cpu import kernels
     old = kernels.set_enabled(False)
     try:
         assert decoding_state_dtype(half_model, compile=False) is None
@@ -131,7 +130,7 @@ def test_float16_state_saturates_instead_of_overflowing():
 
 def test_generate_batch_uses_the_float16_state_when_compiled(perf_model, perf_tok, monkeypatch, kernels_off):
     """compile=True with float16 weights: lanes get a float16 state, the prompt fed once in the same dtype
-    (the step itself runs eager here: compiling is tested above; without dsmr.kernels, so that the eager
+    (the step itself runs eager here: compiling is tested above; without dsmr.backends.cpu.kernels, so that the eager
     run keeps a float32 state to compare with)."""
     import dsmr.generation.decoder as decoder
 
@@ -182,3 +181,25 @@ def test_ctrl_c_while_sampling_keeps_what_was_generated(monkeypatch):
                                  stop_at_eos=False), num_samples=2, progress=False)
     assert [r.stop_reason for r in results] == ["interrupted", "interrupted"]
     assert [r.new_tokens for r in results] == [5, 5] and all(len(r.ids) == 7 for r in results)
+
+
+def test_the_model_brings_its_tokenizer_and_the_older_signature_still_works(perf_model, perf_tok):
+    """generate_batch(model, prompt, sampling): the tokenizer and segment length are the model's own (as
+    dsmr.load_model gives them); the older (model, tokenizer, segment_len, ...) gives the same pieces, with a
+    DeprecationWarning; a model without them is refused with a message that says what to give."""
+    import copy
+
+    sampling = SamplingConfig(seed=3, max_tokens=40, stop_at_eos=False)
+    with pytest.raises(DsmrError, match="give tokenizer= and segment_len="):
+        generate_batch(perf_model, [60], sampling, progress=False)
+    owned = copy.deepcopy(perf_model)
+    owned.tokenizer, owned.segment_len = perf_tok, SEG
+    new = generate_batch(owned, [perf_tok.note_on_id(60)], sampling, num_samples=2, progress=False)
+    with pytest.warns(DeprecationWarning, match="the model brings both"):
+        old = generate_batch(perf_model, perf_tok, SEG, [perf_tok.note_on_id(60)], sampling, num_samples=2,
+                             progress=False)
+    given = generate_batch(perf_model, [perf_tok.note_on_id(60)], sampling, num_samples=2, progress=False,
+                           tokenizer=perf_tok, segment_len=SEG)
+    assert [r.ids.tolist() for r in new] == [r.ids.tolist() for r in old] == [r.ids.tolist() for r in given]
+    with pytest.raises(TypeError, match="multiple values for argument 'sampling'"):
+        generate_batch(owned, [60], sampling, sampling=sampling)

@@ -19,15 +19,18 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dsmr.cache import MANIFEST, TokenCache
+from dsmr.data.cache import MANIFEST, TokenCache
 
-from dsmr.cache_build import build_cache
+from dsmr.data.cache_build import build_cache
 from dsmr.cli import main
-from dsmr.corpora import SourceFile, check_fractions, download_maestro, folder_listing
+from dsmr.data.sources import SourceFile
+from dsmr.data.corpora import check_fractions, folder_listing
+from dsmr.data.maestro import download_maestro
 from dsmr.errors import DsmrError
-from dsmr.files import read_regular
-from dsmr.encodings import make_tokenizer
-from dsmr.tokenizer import PerformanceTokenizer, load_midi
+from dsmr.core.files import read_regular
+from dsmr.data.tokenizers.registry import make_tokenizer
+from dsmr.data.tokenizers.performance import PerformanceTokenizer
+from dsmr.data.midi import load_midi
 from midi_factory import write_midi_file
 
 TOK = PerformanceTokenizer()

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from dsmr.model import load_model
+from dsmr.sharing.loader import load_model
 from dsmr.cli import main
 from dsmr.errors import DsmrError
 from tests.test_hub import _run
@@ -18,7 +18,7 @@ from tests.test_hub import _run
 
 @pytest.fixture()
 def folder(tmp_path):
-    from dsmr.encodings import make_tokenizer
+    from dsmr.data.tokenizers.registry import make_tokenizer
 
     return _run(tmp_path / "run", make_tokenizer("performance"))
 
@@ -109,14 +109,14 @@ def test_a_cache_without_checksums_or_with_a_bad_tokenizer_is_not_verified(bach_
 
 
 def test_a_train_section_with_words_for_numbers_is_refused():
-    from dsmr.train_config import TrainConfig
+    from dsmr.training.config import TrainConfig
 
     with pytest.raises(DsmrError, match="lr must be a number, got 'abc'"):
         TrainConfig.from_dict({"lr": "abc"}).validate()
 
 
 def test_a_damaged_midi_file_is_described_in_plain_words(tmp_path):
-    from dsmr.tokenizer import load_midi
+    from dsmr.data.midi import load_midi
 
     truncated = tmp_path / "cut.mid"
     truncated.write_bytes(b"MThd\x00\x00\x00\x06\x00\x01\x00\x01\x01\xe0MTrk\x00\x00\x10\x00\x90")

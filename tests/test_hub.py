@@ -12,15 +12,15 @@ import sys
 import pytest
 import torch
 
-from dsmr.checkpoint import save_checkpoint
-from dsmr.export import export_run
-from dsmr.model import load_model
+from dsmr.training.resume import save_checkpoint
+from dsmr.sharing.export import export_run
+from dsmr.sharing.loader import load_model
 from dsmr.cli import main
 from dsmr.errors import DsmrError
-from dsmr.hub import (is_repo_id, model_card,
+from dsmr.sharing.hub import (is_repo_id, model_card,
                       resolve_model_ref, save_pretrained)
-from dsmr.model import DSMR, DSMRConfig
-from dsmr.encodings import make_tokenizer
+from dsmr.model.network import DSMR, DSMRConfig
+from dsmr.data.tokenizers.registry import make_tokenizer
 from tests.midi_factory import tiny_midi
 
 SEG = 8
@@ -88,9 +88,9 @@ def test_export_round_trip_equal_logits(run_dir, tmp_path, capsys):
     assert config["figures"]["train_tokens"] == 220
 
     original = load_model(run_dir)  # best weights
-    for loaded in (load_model(out), load_model(str(out)), DSMR.from_pretrained(out)):
+    for loaded in (load_model(out), load_model(str(out)), load_model(out)):
         assert torch.equal(_logits(loaded), _logits(original))
-    model = DSMR.from_pretrained(out)
+    model = load_model(out)
     assert model.tokenizer == make_tokenizer("performance") and model.run_config["segment_len"] == SEG
     assert model.segment_len == SEG and DSMR(model.cfg).tokenizer is None  # a model built here comes with none
     # the latest weights instead of the best
@@ -156,7 +156,7 @@ def test_save_pretrained_api(tmp_path, tok):
     config = {"tokenizer": tok.config(), "tokenizer_hash": tok.config_hash(), "segment_len": SEG}
     save_pretrained(model, tmp_path / "p", config, card=model_card({**config, "model": model.cfg.to_dict()},
                                                                     name="p", dtype="float32"))
-    assert torch.equal(_logits(DSMR.from_pretrained(tmp_path / "p")), _logits(model))
+    assert torch.equal(_logits(load_model(tmp_path / "p")), _logits(model))
     with pytest.raises(DsmrError, match="segment_len"):
         save_pretrained(model, tmp_path / "q", {"tokenizer": tok.config()})
     with pytest.raises(DsmrError, match="dtype"):
@@ -201,11 +201,11 @@ def test_repo_id_from_the_local_hub_cache(run_dir, tmp_path):
     cache = tmp_path / "hf-cache"
     snapshot = _hub_cache(cache, "someone/dsmr-tiny", tmp_path / "exported")
     assert resolve_model_ref("someone/dsmr-tiny") == snapshot
-    model = DSMR.from_pretrained("someone/dsmr-tiny")
+    model = load_model("someone/dsmr-tiny")
     assert torch.equal(_logits(model), _logits(load_model(run_dir)))
     assert resolve_model_ref("someone/dsmr-tiny", revision=COMMIT) == snapshot
     with pytest.raises(DsmrError, match="not in the Hub cache .*offline.*HF_HUB_OFFLINE"):
-        DSMR.from_pretrained("someone/unknown-model")
+        load_model("someone/unknown-model")
     with pytest.raises(DsmrError, match="not in the Hub cache"):
         load_model("someone/dsmr-tiny-typo")
 
@@ -255,7 +255,7 @@ def test_push_offline_is_a_clear_error(run_dir, tmp_path, capsys):
 def test_push_without_a_token(run_dir, tmp_path, monkeypatch):
     from huggingface_hub import constants
 
-    from dsmr.hub import push_to_hub
+    from dsmr.sharing.hub import push_to_hub
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr("huggingface_hub.get_token", lambda: None)

@@ -1,4 +1,4 @@
-"""dsmr.kernels: the CPU kernels of one-token decoding against PyTorch's products and attention, the
+"""dsmr.backends.cpu.kernels: the CPU kernels of one-token decoding against PyTorch's products and attention, the
 decoder with and without them, and the fallback when they cannot be built."""
 
 from __future__ import annotations
@@ -11,19 +11,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dsmr import kernels
+from dsmr.backends.cpu import kernels
 from dsmr.generation import (FusedStep, IncrementalDecoder, Int8WeightLinear, decoding_state_dtype,
                            half_weight_model, int8_weight_model)
-from dsmr.model import DSMR, DSMRConfig
+from dsmr.model.network import DSMR, DSMRConfig
 from tests.test_generate import SEG, streaming_logits, tiny_model
 
-pytestmark = pytest.mark.skipif(not kernels.supported_cpu(), reason="dsmr.kernels need an x86-64 CPU with AVX2")
+pytestmark = pytest.mark.skipif(not kernels.supported_cpu(), reason="dsmr.backends.cpu.kernels need an x86-64 CPU with AVX2")
 
 
 @pytest.fixture(scope="module")
 def built(kernels_built):
     if not kernels_built:  # a machine that cannot build them (no AVX2 or no compiler): nothing to test
-        pytest.skip(f"dsmr.kernels cannot be built here: {kernels.load_error()}")
+        pytest.skip(f"dsmr.backends.cpu.kernels cannot be built here: {kernels.load_error()}")
 
 
 def test_pack_half_layout():

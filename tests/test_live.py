@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from dsmr.duration_encoding import DurationTokenizer
+from dsmr.data.tokenizers.duration import DurationTokenizer
 from dsmr.errors import DsmrError
 from dsmr.generation import playing_sampling
-from dsmr.generation.live import LiveEngine, LiveSettings
-from dsmr.model import DSMR, DSMRConfig
-from dsmr.tokenizer import PerformanceTokenizer
+from dsmr.generation.live.engine import LiveEngine
+from dsmr.generation.live.events import LiveSettings
+from dsmr.model.network import DSMR, DSMRConfig
+from dsmr.data.tokenizers.performance import PerformanceTokenizer
 
 TICK = 0.002  # the simulated caller polls every 2 ms
 
@@ -168,7 +169,7 @@ def test_the_state_stays_bounded_over_a_simulated_hour():
 def test_bad_settings_and_encodings_are_refused():
     with pytest.raises(DsmrError, match="wait must be > 0"):
         LiveSettings(wait=0).validate()
-    from dsmr.encodings import make_tokenizer
+    from dsmr.data.tokenizers.registry import make_tokenizer
 
     remi = tiny(make_tokenizer("remi"))
     with pytest.raises(DsmrError, match="performance or the duration encoding"):

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from dsmr.generation import IncrementalDecoder
-from dsmr.model import DSMR, DSMRConfig
-from dsmr.train import horizons_at
+from dsmr.model.network import DSMR, DSMRConfig
+from dsmr.training.optimization import horizons_at
 
 VOCAB = 37
 

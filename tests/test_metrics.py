@@ -1,4 +1,4 @@
-"""Music statistics (dsmr.metrics) and `dsmr metrics`: features checked by hand, OA/KL limits, the CLI."""
+"""Music statistics (dsmr.evaluation.music_stats) and `dsmr metrics`: features checked by hand, OA/KL limits, the CLI."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 
 from dsmr.cli import main
 from dsmr.errors import DsmrError
-from dsmr.metrics import compare_sets, crop, kde, overlap_and_kl, piece_features, set_summary
+from dsmr.evaluation.music_stats import compare_sets, crop, kde, overlap_and_kl, piece_features, set_summary
 from tests.midi_factory import make_score, make_track, write_midi_file
 
 # a C major chord for 1 s, then C5 alone for 1 s
@@ -138,7 +138,7 @@ def test_small_sets_and_uncropped_sets_of_other_lengths_are_warned_about():
 
 
 def test_keys_and_pitch_class_profiles_of_known_music():
-    from dsmr.harmony import (estimate_key, key_name, key_relation, pitch_class_profile, profile_similarity)
+    from dsmr.evaluation.harmony import (estimate_key, key_name, key_relation, pitch_class_profile, profile_similarity)
 
     def profile(pitches, lengths=None):
         pitches = np.array(pitches)

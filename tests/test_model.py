@@ -10,8 +10,10 @@ import torch
 import torch.nn.functional as F
 
 from dsmr.errors import DsmrError
-from dsmr.model import DSMR, DSMRConfig, LayerMemory, RotaryEmbedding, state_nbytes
-from dsmr.schedule import make_schedule
+from dsmr.model.network import DSMR, DSMRConfig
+from dsmr.model.memory import LayerMemory, state_nbytes
+from dsmr.model.attention import RotaryEmbedding
+from dsmr.model.schedule import make_schedule
 
 VOCAB = 37
 ATOL = 1e-5

@@ -8,10 +8,10 @@ import torch
 
 from dsmr.errors import DsmrError
 from dsmr.generation import SamplingConfig, generate_batch
-from dsmr.metrics import note_arrays
-from dsmr.model import DSMR, DSMRConfig
-from dsmr.note_guard import LengthGuard, NoteGuard, guard_for, make_guard
-from dsmr.encodings import make_tokenizer
+from dsmr.evaluation.music_stats import note_arrays
+from dsmr.model.network import DSMR, DSMRConfig
+from dsmr.generation.note_guard import LengthGuard, NoteGuard, guard_for, make_guard
+from dsmr.data.tokenizers.registry import make_tokenizer
 
 TOK = make_tokenizer("performance")
 ON, OFF = TOK.note_on_base, TOK.note_off_base
@@ -150,9 +150,8 @@ def test_the_length_guard_bans_only_lengths_that_would_carry_the_note_past_its_l
 
 
 def test_duration_models_get_the_longest_note_limit_by_default_and_keep_it():
-    from dsmr import playing
-
-    assert guard_for(DUR) == {"max_note_seconds": playing.MAX_NOTE_SECONDS_LENGTHS_AT_ONSET, "max_polyphony": None}
+    from dsmr.generation import defaults
+    assert guard_for(DUR) == {"max_note_seconds": defaults.MAX_NOTE_SECONDS_LENGTHS_AT_ONSET, "max_polyphony": None}
     assert guard_for(DUR, max_note_seconds=0) == {"max_note_seconds": None, "max_polyphony": None}
     torch.manual_seed(3)
     model = DSMR(DSMRConfig(vocab_size=DUR.vocab_size, n_layers=2, d_model=32, n_heads=2, horizons=(16, 4))).eval()

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from dsmr.errors import DsmrError
-from dsmr.render import find_fluidsynth, find_soundfont, plot_pianoroll, render_wav
+from dsmr.generation.render import find_fluidsynth, find_soundfont, plot_pianoroll, render_wav
 from conftest import have_audio
 from tests.midi_factory import make_score, write_midi_file
 
@@ -99,7 +99,7 @@ def test_soundfont_resolution(tmp_path, monkeypatch):
 
 
 def test_no_soundfont_anywhere(monkeypatch):
-    import dsmr.render as render
+    import dsmr.generation.render as render
 
     monkeypatch.delenv("DSMR_SOUNDFONT", raising=False)
     monkeypatch.setattr(render, "COMMON_SOUNDFONTS", ("/nonexistent/a.sf2",))
@@ -142,7 +142,7 @@ def test_a_long_piece_is_drawn_in_rows_of_readable_width(tmp_path):
     import symusic
     from PIL import Image
 
-    from dsmr.render import plot_pianoroll
+    from dsmr.generation.render import plot_pianoroll
 
     score = symusic.Score(1000)  # 120 qpm: 1000 ticks = 0.5 s
     track = symusic.Track()

@@ -16,12 +16,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import dsmr.atomic
-from dsmr.checkpoint import load_trainer_state, weights_step
-from dsmr.model import load_model
+import dsmr.core.atomic
+from dsmr.sharing.run_folder import weights_step
+from dsmr.training.resume import load_trainer_state
+from dsmr.sharing.loader import load_model
 from dsmr.cli import main
 from dsmr.errors import DsmrError
-from dsmr.train import train
+from dsmr.training.trainer import train
 from test_train import tiny
 
 SAVE_CFG = dict(steps=6, save_every=1, log_every=1, val_pieces=1)
@@ -61,7 +62,7 @@ def kill_after_rename(monkeypatch, n: int) -> list[str]:
         if len(done) == n:
             raise Killed(Path(dst).name)
 
-    monkeypatch.setattr(dsmr.atomic.os, "replace", replace)
+    monkeypatch.setattr(dsmr.core.atomic.os, "replace", replace)
     return done
 
 
@@ -86,10 +87,10 @@ import os, signal, sys
 from pathlib import Path
 import torch
 torch.set_num_threads(1)  # as the in-process reference trains (conftest): the same summation order
-import dsmr.atomic
-from dsmr.cache import TokenCache
-from dsmr.train import train
-from dsmr.train_config import TrainConfig
+import dsmr.core.atomic
+from dsmr.data.cache import TokenCache
+from dsmr.training.trainer import train
+from dsmr.training.config import TrainConfig
 real = os.replace
 def replace(src, dst):
     real(src, dst)
@@ -98,7 +99,7 @@ def replace(src, dst):
         seen.write_text(seen.read_text() + "x" if seen.exists() else "x")
         if seen.read_text() == "xx":  # the second save: right after the state is renamed, before the weights
             os.kill(os.getpid(), signal.SIGKILL)
-dsmr.atomic.os.replace = replace
+dsmr.core.atomic.os.replace = replace
 cfg = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in eval(sys.argv[3]).items()})
 train(cfg, TokenCache(sys.argv[1]), sys.argv[2], progress=False)
 """

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from dsmr.cli import main
 from dsmr.errors import DsmrError
-from dsmr.schedule import Schedule, make_schedule
+from dsmr.model.schedule import Schedule, make_schedule
 
 
 def test_two_scale_paper_setting():
@@ -61,7 +61,7 @@ def test_state_bytes():
 
 
 def test_schedule_state_bytes_equals_the_model_config_under_its_assumptions():
-    from dsmr.model import DSMRConfig
+    from dsmr.model.network import DSMRConfig
 
     s = make_schedule("two-scale", 6, budget=2560, long_layers=2, short=128)
     cfg = DSMRConfig(vocab_size=40, n_layers=6, d_model=256, n_heads=4, horizons=s.horizons, memory="kv")  # width 256

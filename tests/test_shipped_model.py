@@ -14,7 +14,7 @@ import pytest
 
 from conftest import REPO
 from dsmr.generation import SamplingConfig, generate
-from dsmr.model import DSMR
+from dsmr.sharing.loader import load_model
 from midi_factory import tiny_midi
 
 MODELS = [REPO / "models" / name for name in ("maestro-duration-small", "maestro-small")]
@@ -28,7 +28,7 @@ def MODEL(request):
 
 
 def test_shipped_model_loads_and_its_card_tells_what_it_is(MODEL):
-    model = DSMR.from_pretrained(MODEL)
+    model = load_model(MODEL)
     config = json.loads((MODEL / "config.json").read_text())
     assert model.cfg.to_dict() == config["model"] and any(config["model"]["horizons"])
     assert (MODEL / "model.safetensors").stat().st_size <= 10 * 2**20
@@ -40,9 +40,8 @@ def test_shipped_model_loads_and_its_card_tells_what_it_is(MODEL):
 
 
 def test_shipped_model_generates_music(MODEL):
-    model = DSMR.from_pretrained(MODEL)
-    result = generate(model, model.tokenizer, model.segment_len,
-                      sampling=SamplingConfig(seed=0, max_tokens=96, stop_at_eos=False), progress=False)
+    model = load_model(MODEL)
+    result = generate(model, sampling=SamplingConfig(seed=0, max_tokens=96, stop_at_eos=False), progress=False)
     assert result.new_tokens == 96
     score = model.tokenizer.decode(result.ids)
     assert sum(len(track.notes) for track in score.tracks) > 0
@@ -65,7 +64,7 @@ def test_the_readme_snippet_plays_like_dsmr_generate_from_any_folder(tmp_path):
     writes the notes `dsmr generate` writes for the same prompt, length, seed and samples."""
     readme = (REPO / "README.md").read_text()
     snippet = readme.split("```python\n", 1)[1].split("```", 1)[0]
-    assert "DSMR.from_pretrained(\"models/maestro-duration-small\")" in snippet and "playing_sampling" in snippet
+    assert "load_model(\"models/maestro-duration-small\")" in snippet and "playing_sampling" in snippet
     work = tmp_path / "elsewhere"
     work.mkdir()
     prompt = tiny_midi(work / "my-piece.mid", n=40)  # 20 s of notes: the snippet keeps 10

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dsmr.errors import DsmrError
-from dsmr.stream import IGNORE_INDEX, ExcerptStream, PieceStream
+from dsmr.data.stream import IGNORE_INDEX, ExcerptStream, PieceStream
 
 PAD, BOS, EOS = 0, 1, 2
 

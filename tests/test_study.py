@@ -20,7 +20,7 @@ from dsmr.study import run as study_run
 from dsmr.cli import main as cli_main
 from dsmr.errors import DsmrError
 from dsmr.study import StudyConfig, default_variants
-from dsmr.train_config import make_run_schedule
+from dsmr.training.config import make_run_schedule
 
 
 # A study small enough for the test suite: every variant trains a few steps of a 2-layer model.
@@ -174,8 +174,8 @@ def test_final_evaluation_and_recipe_options_reach_the_table(bach_cache, tmp_pat
 def test_epochs_train_every_variant_for_whole_passes(bach_cache, tmp_path):
     """--epochs N: the steps of N passes of the full-piece lanes over the training split, the same count
     `dsmr train --epochs N` trains for those lanes, segment and seed; recorded in study.json."""
-    from dsmr.train import total_steps, training_stream
-    from dsmr.train_config import TrainConfig
+    from dsmr.training.inputs import total_steps, training_stream
+    from dsmr.training.config import TrainConfig
 
     cfg = StudyConfig(**dict(TINY, batch_size=8, segment=64, epochs=1, eval_every=1000, val_pieces=1))
     steps = study.epoch_steps(bach_cache, cfg)

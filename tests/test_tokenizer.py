@@ -15,9 +15,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dsmr.errors import DsmrError
-from dsmr.encodings import make_tokenizer, tokenizer_from_config
-from dsmr.miditok_encoding import MidiTokTokenizer
-from dsmr.tokenizer import PerformanceTokenizer, Tokenizer, load_midi
+from dsmr.data.tokenizers.registry import make_tokenizer, tokenizer_from_config
+from dsmr.data.tokenizers.miditok_bridge import MidiTokTokenizer
+from dsmr.data.tokenizers.performance import PerformanceTokenizer
+from dsmr.data.tokenizers.base import Tokenizer
+from dsmr.data.midi import load_midi
 from midi_factory import clean_notes, make_score, make_track, notes, pedals, score_notes, write_midi_file
 
 STEP = 0.01
@@ -545,7 +547,7 @@ def test_miditok_trained_tokenizer(tmp_path):
 def test_a_velocity_decodes_to_the_middle_of_its_bin():
     """magenta's binning: bin b holds velocities 1 + b*size .. (b+1)*size and decodes to 1 + b*size + size//2
     (clipped to 127), so a round trip keeps the bin and lands in its middle, not at its edge."""
-    from dsmr.tokenizer import PerformanceTokenizer
+    from dsmr.data.tokenizers.performance import PerformanceTokenizer
     from tests.midi_factory import make_score
 
     for bins in (32, 8):

@@ -13,14 +13,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dsmr.checkpoint import check_tokenizer, load_trainer_state, read_config, save_weights
-from dsmr.model import load_model
+from dsmr.sharing.run_folder import check_tokenizer, read_config, save_weights
+from dsmr.training.resume import load_trainer_state
+from dsmr.sharing.loader import load_model
 from dsmr.errors import DsmrError
-from dsmr.model import DSMR, DSMRConfig
-from dsmr.stream import IGNORE_INDEX, PieceStream
-from dsmr.tokenizer import PerformanceTokenizer
-from dsmr.train import train
-from dsmr.train_config import TrainConfig
+from dsmr.model.network import DSMR, DSMRConfig
+from dsmr.data.stream import IGNORE_INDEX, PieceStream
+from dsmr.data.tokenizers.performance import PerformanceTokenizer
+from dsmr.training.trainer import train
+from dsmr.training.config import TrainConfig
 
 
 def tiny(**overrides) -> TrainConfig:
@@ -132,7 +133,7 @@ def test_a_run_that_died_before_its_first_save_can_be_resumed(bach_cache, uninte
     # a validation at step 2 writes config.json and best.safetensors; the first resumable save would be at 100
     cfg = tiny(**dict(RESUME_CFG, eval_every=2, save_every=100))
     run = tmp_path / "died"
-    from dsmr.run_log import MetricsLog
+    from dsmr.training.run_log import MetricsLog
 
     real_log = MetricsLog.log
 
@@ -177,7 +178,8 @@ def test_checkpoint_of_another_config_is_a_clear_error(bach_cache, uninterrupted
     _, _ = model.tokenizer, model.run_config
     save_weights(model, run / "model.safetensors", step=3)
     state = load_trainer_state(run)
-    from dsmr.checkpoint import resume_weights, weights_step
+    from dsmr.sharing.run_folder import weights_step
+    from dsmr.training.resume import resume_weights
     resume_weights(model, run, state)
     assert weights_step(run / "model.safetensors") == state["step"]
     # a trainer state saved before states held weights must agree with model.safetensors
@@ -189,7 +191,7 @@ def test_checkpoint_of_another_config_is_a_clear_error(bach_cache, uninterrupted
 
 
 def test_a_failed_save_leaves_the_previous_resumable_pair(uninterrupted, tmp_path, monkeypatch):
-    import dsmr.checkpoint as checkpoint
+    import dsmr.training.resume as checkpoint
 
     run = tmp_path / "copy"
     shutil.copytree(uninterrupted, run)
@@ -321,8 +323,8 @@ def test_a_run_folder_from_before_the_recipe_options_loads_and_resumes(bach_cach
 
 
 def test_the_gate_choices_of_the_options_are_the_models():
-    from dsmr.model_config import GATES
-    from dsmr.train_config import GATE_KINDS
+    from dsmr.model.config import GATES
+    from dsmr.training.config import GATE_KINDS
 
     assert GATE_KINDS == GATES
 
@@ -330,7 +332,7 @@ def test_the_gate_choices_of_the_options_are_the_models():
 def test_initial_weights_scale_with_width_unless_given():
     """--init-std defaults to 1 / sqrt(d_model) (0.02 is GPT-2's value for width 768); a given value wins, and
     the model's weights are drawn with it."""
-    from dsmr.train_config import make_model_config
+    from dsmr.training.config import make_model_config
 
     for d_model in (64, 256):
         cfg = make_model_config(TrainConfig(d_model=d_model, heads=4), vocab_size=50)
@@ -342,8 +344,8 @@ def test_initial_weights_scale_with_width_unless_given():
 
 
 def test_a_diverging_run_stops_with_an_error_and_keeps_its_last_good_checkpoint(bach_cache, tmp_path, monkeypatch):
-    import dsmr.train as train_module
-    from dsmr.train import TrainingDiverged
+    import dsmr.training.trainer as train_module
+    from dsmr.training.optimization import TrainingDiverged
 
     # an update that throws a weight to 1e12 in the first step (finite loss, finite gradients): not saved
     real_clip = torch.nn.utils.clip_grad_norm_
@@ -402,13 +404,13 @@ def test_a_run_folder_has_one_writer(bach_cache, tmp_path, monkeypatch):
     import subprocess
     import sys
 
-    from dsmr.run_lock import LOCK_FILE
+    from dsmr.training.run_lock import LOCK_FILE
 
     run = tmp_path / "run"
     train(tiny(steps=2, save_every=1), bach_cache, run, progress=False)
     holder = subprocess.Popen([sys.executable, "-c", f"""
 import time
-from dsmr.run_lock import run_folder_writer
+from dsmr.training.run_lock import run_folder_writer
 with run_folder_writer({str(run)!r}):
     print("held", flush=True)
     time.sleep(60)

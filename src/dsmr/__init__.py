@@ -6,22 +6,29 @@ The names most programs need, importable from the package itself (loaded on firs
     from dsmr import DSMR, DSMRConfig, make_schedule, make_tokenizer, TokenCache, TrainConfig
     from dsmr import SamplingConfig, generate_batch, load_model
 
-The training loop, evaluation and generation of one piece are functions of the modules of the same name
-(`dsmr.train.train`, `dsmr.evaluate.evaluate`, `dsmr.generation.generate`).
+The package is laid out by stage (docs/architecture.md): `core` (files, options, devices), `data` (MIDI,
+tokenizers, corpora, the token cache, lanes), `backends` (CPU kernels), `model`, `evaluation`, `sharing` (run
+and model folders, the loader, the Hub), `training`, `generation` (sampling, the note guard, rendering, the
+live duet), then `study`, `app` and `cli`. The training loop, evaluation and generation of one piece:
+`dsmr.training.trainer.train`, `dsmr.evaluation.perplexity.evaluate`, `dsmr.generation.generate`. Module
+paths of dsmr 0.1 (`dsmr.tokenizer`, `dsmr.train`, ...) still import, with a DeprecationWarning (dsmr._moved).
 """
 
 from __future__ import annotations
 
 import importlib
 
+from dsmr import _moved
+
 __version__ = "0.1.0"
+_moved.install()
 
 # name -> the module that defines it
 _API = {
-    "DSMR": "dsmr.model", "DSMRConfig": "dsmr.model_config", "make_schedule": "dsmr.schedule",
-    "Schedule": "dsmr.schedule", "make_tokenizer": "dsmr.encodings", "TokenCache": "dsmr.cache",
-    "build_cache": "dsmr.cache_build", "TrainConfig": "dsmr.train_config", "SamplingConfig": "dsmr.generation",
-    "generate_batch": "dsmr.generation", "load_model": "dsmr.model", "NoteGuard": "dsmr.note_guard",
+    "DSMR": "dsmr.model.network", "DSMRConfig": "dsmr.model.config", "make_schedule": "dsmr.model.schedule",
+    "Schedule": "dsmr.model.schedule", "make_tokenizer": "dsmr.data.tokenizers.registry", "TokenCache": "dsmr.data.cache",
+    "build_cache": "dsmr.data.cache_build", "TrainConfig": "dsmr.training.config", "SamplingConfig": "dsmr.generation",
+    "generate_batch": "dsmr.generation", "load_model": "dsmr.sharing.loader", "NoteGuard": "dsmr.generation.note_guard",
     "StudyConfig": "dsmr.study", "run_study": "dsmr.study", "DsmrError": "dsmr.errors",
 }
 __all__ = ["__version__", *_API]

@@ -27,7 +27,6 @@ class OneLineErrors(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     from dsmr import __version__
-
     parser = OneLineErrors(
         prog="dsmr",
         description="Depth-Structured Music Recurrence: full-piece symbolic music modeling.",

@@ -38,20 +38,21 @@ def run(args: argparse.Namespace) -> int:
     if not 0 < args.port < 65536:
         raise DsmrError(f"--port must be 1..65535, got {args.port}")
     print("dsmr app: loading Gradio...", file=sys.stderr, flush=True)
-    from dsmr.app import _gradio, default_model, serve
+    from dsmr.app.page import _gradio, serve
+    from dsmr.app.models import default_model
 
     _gradio()  # says how to install Gradio before anything else
-    from dsmr.runtime import resolve_device
+    from dsmr.core.runtime import resolve_device
 
     device = str(resolve_device(args.device))  # auto -> cuda if available, else cpu
     set_threads(args.threads)
     cache = None
     if args.cache:
-        from dsmr.cache import TokenCache
+        from dsmr.data.cache import TokenCache
 
         cache = TokenCache(args.cache)
     model = args.model or default_model()
-    from dsmr.app import ModelStore
+    from dsmr.app.models import ModelStore
 
     store = ModelStore(device, precision=args.precision, weights=args.weights)
     if model is not None:

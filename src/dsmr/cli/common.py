@@ -1,5 +1,5 @@
 """Options every command spells the same way: --weights, --device, --threads, --no-progress (and old
-spellings); and `add_options`, which builds command-line options from config dataclass fields (dsmr.options).
+spellings); and `add_options`, which builds command-line options from config dataclass fields (dsmr.core.options).
 
 Standard library only (keeps `dsmr --help` fast). An old spelling keeps working for one release and
 prints a deprecation message on stderr when used.
@@ -11,7 +11,7 @@ import argparse
 import dataclasses
 import sys
 
-from dsmr.options import bounded
+from dsmr.core.options import bounded
 
 WEIGHTS = ("best", "latest")
 
@@ -39,7 +39,7 @@ def add_weights(parser, help: str = "which weights of a run folder: best validat
 
 def add_device(parser, help: str = "auto (cuda if available, else cpu), cpu, cuda, cuda:1, ... (default auto)"
                ) -> None:
-    """--device, default auto (dest `device`; resolve with dsmr.runtime.resolve_device)."""
+    """--device, default auto (dest `device`; resolve with dsmr.core.runtime.resolve_device)."""
     parser.add_argument("--device", default="auto", help=help)
 
 
@@ -55,12 +55,11 @@ def add_token_cache(parser, required: bool = False, help: str = "token cache fol
 
 
 def add_precision(parser, choices=None, default: str | None = None, help: str | None = None) -> None:
-    """--precision (dest `precision`): how decoding keeps the projection weights (dsmr.playing.PRECISIONS, and
+    """--precision (dest `precision`): how decoding keeps the projection weights (dsmr.generation.defaults.PRECISIONS, and
     "auto", the default, where the command decodes)."""
-    from dsmr import playing
-
-    choices = choices or ("auto", *playing.PRECISIONS)
-    parser.add_argument("--precision", choices=choices, default=default or playing.PRECISION, help=help or (
+    from dsmr.generation import defaults
+    choices = choices or ("auto", *defaults.PRECISIONS)
+    parser.add_argument("--precision", choices=choices, default=default or defaults.PRECISION, help=help or (
         "the projection weights: float16 (about 2x float32's speed on a CPU, logits within float16 rounding) "
         "or int8 with a scale per row (about 2x float16's speed on a CPU whose cache cannot hold float16's; "
         "+0.02%% validation perplexity on the shipped model). auto (default): int8 on a CPU where dsmr's "
@@ -74,7 +73,7 @@ def add_no_progress(parser, help: str = "no progress bar on stderr") -> None:
 
 def add_threads(parser, default: int = 0, help: str = "") -> None:
     """--threads N (dest `threads`): torch's CPU threads in this process (intra-op); 0 = as many as the machine
-    has idle cores (dsmr.runtime.idle_threads). The default differs by command (apply with set_threads): 0 for
+    has idle cores (dsmr.core.runtime.idle_threads). The default differs by command (apply with set_threads): 0 for
     train and eval; 1 for generate (one-token steps are too small to share) and for each study variant."""
     default_text = "the idle cores" if default == 0 else str(default)
     parser.add_argument("--threads", type=bounded(int, 0, 1024), default=default, metavar="N",
@@ -93,7 +92,7 @@ def set_threads(threads: int | None, say: str | None = None) -> int:
     import torch
 
     if not threads:
-        from dsmr.runtime import idle_threads, usable_cores
+        from dsmr.core.runtime import idle_threads, usable_cores
 
         threads, busy = idle_threads(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
         if say:
@@ -104,7 +103,7 @@ def set_threads(threads: int | None, say: str | None = None) -> int:
 
 
 def add_options(parser, config_cls, names, given_only: bool = False) -> None:
-    """Add the options of the dataclass `config_cls` named `names` (fields made with dsmr.options.option),
+    """Add the options of the dataclass `config_cls` named `names` (fields made with dsmr.core.options.option),
     each into the dest of its field's name.
 
     `given_only`: every option defaults to None, so that the caller can tell the options given from the

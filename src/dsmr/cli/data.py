@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from dsmr.cli.common import add_json, add_no_progress
-from dsmr.corpora import CORPORA  # standard library only: keeps `dsmr --help` fast
+from dsmr.data.corpora import CORPORA
 
 
 def register(subparsers) -> None:
@@ -116,11 +116,11 @@ def _parse_fractions(text: str) -> tuple[float, ...]:
 
 
 def _build(args: argparse.Namespace) -> int:
-    from dsmr.cache import default_cache_root, default_workers
-    from dsmr.cache_build import build_cache, default_limits
-    from dsmr.corpora import check_fractions, corpus_files
+    from dsmr.data.cache import default_cache_root, default_workers
+    from dsmr.data.cache_build import build_cache, default_limits
+    from dsmr.data.corpora import check_fractions, corpus_files
     from dsmr.errors import DsmrError
-    from dsmr.encodings import make_tokenizer
+    from dsmr.data.tokenizers.registry import make_tokenizer
 
     if args.workers is not None and args.workers < 1:
         raise DsmrError(f"--workers must be at least 1, got {args.workers}")
@@ -162,7 +162,7 @@ def _build(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
-    from dsmr.cache import TokenCache
+    from dsmr.data.cache import TokenCache
 
     cache = TokenCache(args.cache)
     summary = cache.summary()
@@ -177,9 +177,9 @@ def _info(args: argparse.Namespace) -> int:
 def _decode(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from dsmr.cache import TokenCache
+    from dsmr.data.cache import TokenCache
 
-    from dsmr.files import check_output_file
+    from dsmr.core.files import check_output_file
 
     check_output_file(args.out, "--out")
     cache = TokenCache(args.cache)
@@ -192,8 +192,9 @@ def _decode(args: argparse.Namespace) -> int:
 
 
 def _download(args: argparse.Namespace) -> int:
-    from dsmr.cache import default_cache_root
-    from dsmr.corpora import MAESTRO_SHA256, MAESTRO_SIZE, MAESTRO_URL, download_maestro
+    from dsmr.data.cache import default_cache_root
+    from dsmr.data.maestro import MAESTRO_SHA256
+    from dsmr.data.maestro import MAESTRO_SIZE, MAESTRO_URL, download_maestro
     from dsmr.errors import DsmrError
 
     if args.url is None:
@@ -212,7 +213,7 @@ def _download(args: argparse.Namespace) -> int:
 
 def format_summary(summary: dict) -> str:
     """A readable table of pieces and tokens per split, then the skipped files (at most 20)."""
-    from dsmr.files import printable
+    from dsmr.core.files import printable
 
     lines = [printable(f"cache      {summary['cache']}")]
     if summary.get("tokenizer"):

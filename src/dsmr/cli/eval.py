@@ -8,8 +8,8 @@ import math
 
 from dsmr.cli.common import (add_device, add_json, add_no_progress, add_precision, add_threads, add_token_cache,
                              add_weights)
-from dsmr.options import bounded
-from dsmr.playing import PRECISIONS
+from dsmr.core.options import bounded
+from dsmr.generation.defaults import PRECISIONS
 
 
 def register(subparsers) -> None:
@@ -39,13 +39,13 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dsmr.cache import TokenCache
-    from dsmr.checkpoint import check_tokenizer
-    from dsmr.model import load_model
+    from dsmr.data.cache import TokenCache
+    from dsmr.sharing.run_folder import check_tokenizer
+    from dsmr.sharing.loader import load_model
     from dsmr.cli.common import set_threads
     from dsmr.errors import DsmrError
-    from dsmr.evaluate import evaluate, format_report
-    from dsmr.runtime import resolve_device
+    from dsmr.evaluation.perplexity import evaluate, format_report
+    from dsmr.core.runtime import resolve_device
 
     for name in ("batch_size", "segment", "max_pieces"):
         value = getattr(args, name)

@@ -36,8 +36,8 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dsmr.export import export_run
-    from dsmr.hub import CARD_FILE, CONFIG_FILE, EXPORT_FORMAT, MODEL_FILE, is_repo_id, push_to_hub
+    from dsmr.sharing.export import export_run
+    from dsmr.sharing.hub import CARD_FILE, CONFIG_FILE, EXPORT_FORMAT, MODEL_FILE, is_repo_id, push_to_hub
 
     if args.push is not None and not is_repo_id(args.push):
         raise DsmrError(f"--push {args.push!r}: a Hub repo id is owner/name")

@@ -9,8 +9,8 @@ from pathlib import Path
 
 from dsmr.cli.common import add_device, add_json, add_no_progress, add_precision, add_threads, add_weights, set_threads
 from dsmr.errors import DsmrError  # standard library only: keeps `dsmr --help` fast
-from dsmr import playing
-from dsmr.options import bounded
+from dsmr.generation import defaults
+from dsmr.core.options import bounded
 
 
 def register(subparsers) -> None:
@@ -23,6 +23,13 @@ def register(subparsers) -> None:
                         help="a run folder (uses best.safetensors, else model.safetensors), an exported "
                         "model folder (dsmr export), a Hub repo id (owner/name) or a .safetensors file")
     parser.add_argument("--out", type=Path, required=True, metavar="FILE.mid", help="MIDI file to write")
+    _add_prompt_and_length(parser)
+    _add_sampling(parser)
+    _add_outputs_and_runtime(parser)
+    parser.set_defaults(func=run)
+
+
+def _add_prompt_and_length(parser) -> None:
     prompt = parser.add_argument_group("prompt")
     prompt.add_argument("--prompt", type=Path, metavar="FILE.mid", help="MIDI file to continue (default: start from nothing)")
     prompt.add_argument("--prompt-seconds", type=bounded(float, 0.01, 21600.0), metavar="S", help="use only the first S seconds of the prompt")
@@ -36,31 +43,38 @@ def register(subparsers) -> None:
                         help="end the piece where the model ends it (its end-of-piece event), which may be before "
                              "the length asked; by default the end-of-piece event is never sampled, so you get "
                              "the length you asked for (as in `dsmr app`)")
-    length.add_argument("--ignore-eos", action="store_true", help=argparse.SUPPRESS)  # the default now
+    # the default now; still accepted so that older command lines run
+    length.add_argument("--ignore-eos", action="store_true", help=argparse.SUPPRESS)
+
+
+def _add_sampling(parser) -> None:
     sampling = parser.add_argument_group("sampling")
-    sampling.add_argument("--temperature", type=bounded(float, 0.0, playing.MAX_TEMPERATURE), metavar="T",
+    sampling.add_argument("--temperature", type=bounded(float, 0.0, defaults.MAX_TEMPERATURE), metavar="T",
                           help="higher: more adventurous, lower: safer; 0 picks the most likely event "
-                               f"(default: the model's own, from its config.json, else {playing.TEMPERATURE:g})")
+                               f"(default: the model's own, from its config.json, else {defaults.TEMPERATURE:g})")
     sampling.add_argument("--top-k", type=bounded(int, 0, 10**6), default=0, metavar="K", help="sample among the K most likely events (0: all)")
     sampling.add_argument("--top-p", type=bounded(float, 1e-6, 1.0), metavar="P",
                           help="sample among the most likely events that make up probability P (default: the "
-                               f"model's own, else {playing.TOP_P:g}; 1: all)")
+                               f"model's own, else {defaults.TOP_P:g}; 1: all)")
     sampling.add_argument("--seed", type=bounded(int, 0, 2**63 - 1), metavar="N", help="random seed: the same seed gives the same piece")
-    sampling.add_argument("--min-pitch", type=bounded(int, 0, 127), default=playing.MIN_PITCH, metavar="PITCH",
-                          help=f"never start a note below this MIDI pitch (default {playing.MIN_PITCH}: the piano's "
+    sampling.add_argument("--min-pitch", type=bounded(int, 0, 127), default=defaults.MIN_PITCH, metavar="PITCH",
+                          help=f"never start a note below this MIDI pitch (default {defaults.MIN_PITCH}: the piano's "
                                "lowest key)")
-    sampling.add_argument("--max-pitch", type=bounded(int, 0, 127), default=playing.MAX_PITCH, metavar="PITCH",
-                          help=f"never start a note above this MIDI pitch (default {playing.MAX_PITCH}: the piano's "
+    sampling.add_argument("--max-pitch", type=bounded(int, 0, 127), default=defaults.MAX_PITCH, metavar="PITCH",
+                          help=f"never start a note above this MIDI pitch (default {defaults.MAX_PITCH}: the piano's "
                                "highest)")
     guard = parser.add_argument_group("note guard (no note can hang: in encodings whose notes end with a "
                                       "NOTE_OFF, such as the performance encoding, both limits; in encodings that "
                                       "give each note its length, the longest note)")
     guard.add_argument("--max-note-seconds", type=bounded(float, 0.0, 3600.0), metavar="S",
-                       help=f"no note longer than S seconds (default {playing.MAX_NOTE_SECONDS:g} with NOTE_OFFs, "
-                            f"{playing.MAX_NOTE_SECONDS_LENGTHS_AT_ONSET:g} with lengths at the onset; 0: no limit)")
+                       help=f"no note longer than S seconds (default {defaults.MAX_NOTE_SECONDS:g} with NOTE_OFFs, "
+                            f"{defaults.MAX_NOTE_SECONDS_LENGTHS_AT_ONSET:g} with lengths at the onset; 0: no limit)")
     guard.add_argument("--max-polyphony", type=bounded(int, 0, 128), metavar="N",
-                       help=f"start no note while N notes sound (NOTE_OFF encodings; default {playing.MAX_POLYPHONY}; "
+                       help=f"start no note while N notes sound (NOTE_OFF encodings; default {defaults.MAX_POLYPHONY}; "
                             "0: no limit)")
+
+
+def _add_outputs_and_runtime(parser) -> None:
     outputs = parser.add_argument_group("outputs")
     outputs.add_argument("--wav", type=Path, metavar="FILE.wav", help="also render a WAV with FluidSynth")
     outputs.add_argument("--soundfont", type=Path, metavar="FILE.sf2",
@@ -80,7 +94,6 @@ def register(subparsers) -> None:
                               "reported separately). On a CPU with float16/int8 weights, where dsmr's fused "
                               "kernel runs the step (faster, nothing to compile), this has no effect")
     add_weights(runtime)
-    parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -88,12 +101,12 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from dsmr import kernels
-    from dsmr.model import load_model
-    from dsmr.runtime import resolve_device
+    from dsmr.backends.cpu import kernels
+    from dsmr.sharing.loader import load_model
+    from dsmr.core.runtime import resolve_device
     from dsmr.generation import (SamplingConfig, batch_summary, generate_batch, load_prompt, playing_sampling,
                                  resolve_precision, with_precision)
-    from dsmr.render import find_fluidsynth, find_soundfont, plot_pianoroll, render_wav
+    from dsmr.generation.render import find_fluidsynth, find_soundfont
 
     max_tokens = args.max_tokens if args.max_tokens is not None else (None if args.max_seconds else 2048)
     # temperature and top-p are settled once the model (and its own defaults) is loaded
@@ -125,44 +138,54 @@ def run(args: argparse.Namespace) -> int:
                                 seed=sampling.seed, max_tokens=sampling.max_tokens, max_seconds=sampling.max_seconds,
                                 stop_at_eos=sampling.stop_at_eos)
 
-    results = generate_batch(model, tokenizer, segment_len, prompt_ids, sampling, num_samples=args.num_samples,
+    results = generate_batch(model, prompt_ids, sampling, num_samples=args.num_samples,
                              progress=args.progress, compile=args.compile)
     runtime = {"temperature": sampling.temperature, "top_p": sampling.top_p,
                "max_note_seconds": sampling.max_note_seconds, "max_polyphony": sampling.max_polyphony,
                "precision": precision, "device": str(device), "threads": torch.get_num_threads(),
                "kernels": kernels.loaded(),
                "segment_len": segment_len, "horizons": list(model.cfg.horizons)}
-    samples = []
-    for result in results:
-        paths = {key: _numbered(path, result.sample_index, len(results))
-                 for key, path in (("out", args.out), ("wav", args.wav), ("pianoroll", args.pianoroll))
-                 if path is not None}
-        tokenizer.decode_to_file(result.ids, paths["out"])
-        report = {**result.summary(), "out": str(paths["out"])}
-        if "wav" in paths:
-            report["wav"] = str(render_wav(paths["out"], paths["wav"], args.soundfont))
-        if "pianoroll" in paths:
-            boundary = result.prompt_seconds if prompt_ids is not None else None
-            report["pianoroll"] = str(plot_pianoroll(paths["out"], paths["pianoroll"], boundary_seconds=boundary,
-                                                     title=paths["out"].name))
-        samples.append(report)
+    samples = [_write_sample(result, args, tokenizer, prompt_ids is not None, len(results)) for result in results]
     if len(results) == 1:
         report = {**samples[0], **runtime}
     else:
         report = {**batch_summary(results), **runtime, "samples": samples}
-    for sample in samples:
-        if sample["warning"]:
-            print(f"dsmr generate: warning: {sample['out']}: {sample['warning']}", file=sys.stderr)
-    if args.json:
-        print(json.dumps(report))
-    elif len(results) == 1:
-        _print_summary(report)
-    else:
-        _print_batch_summary(report)
+    _say(report, samples, args.json)
     if any(r.stop_reason == "interrupted" for r in results):
         print("dsmr generate: interrupted; what was generated so far is written", file=sys.stderr)
         return 130
     return 0
+
+
+def _say(report: dict, samples: list[dict], as_json: bool) -> None:
+    """Print the warnings, then the report (JSON, or a summary of one sample or of the batch)."""
+    for sample in samples:
+        if sample["warning"]:
+            print(f"dsmr generate: warning: {sample['out']}: {sample['warning']}", file=sys.stderr)
+    if as_json:
+        print(json.dumps(report))
+    elif len(samples) == 1:
+        _print_summary(report)
+    else:
+        _print_batch_summary(report)
+
+
+def _write_sample(result, args: argparse.Namespace, tokenizer, prompted: bool, count: int) -> dict:
+    """Write one sample's MIDI (and its WAV and piano roll where asked); its report."""
+    from dsmr.generation.render import plot_pianoroll, render_wav
+
+    paths = {key: _numbered(path, result.sample_index, count)
+             for key, path in (("out", args.out), ("wav", args.wav), ("pianoroll", args.pianoroll))
+             if path is not None}
+    tokenizer.decode_to_file(result.ids, paths["out"])
+    report = {**result.summary(), "out": str(paths["out"])}
+    if "wav" in paths:
+        report["wav"] = str(render_wav(paths["out"], paths["wav"], args.soundfont))
+    if "pianoroll" in paths:
+        boundary = result.prompt_seconds if prompted else None
+        report["pianoroll"] = str(plot_pianoroll(paths["out"], paths["pianoroll"], boundary_seconds=boundary,
+                                                 title=paths["out"].name))
+    return report
 
 
 def _numbered(path: Path, index: int, count: int) -> Path:
@@ -174,7 +197,7 @@ def _numbered(path: Path, index: int, count: int) -> Path:
 
 def _check_args(args) -> None:
     """What the options' ranges (options.bounded: finite numbers, seeds, counts) cannot say alone."""
-    from dsmr.files import check_output_file
+    from dsmr.core.files import check_output_file
 
     for option, path in (("--out", args.out), ("--wav", args.wav), ("--pianoroll", args.pianoroll)):
         if path is not None:

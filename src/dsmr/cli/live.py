@@ -6,9 +6,9 @@ import argparse
 import json
 import sys
 
-from dsmr import playing
+from dsmr.generation import defaults
 from dsmr.cli.common import add_device, add_precision, add_threads, add_weights, set_threads
-from dsmr.options import bounded
+from dsmr.core.options import bounded
 
 
 def register(subparsers) -> None:
@@ -37,7 +37,7 @@ def register(subparsers) -> None:
     turn.add_argument("--latency-ms", type=bounded(float, 0.0, 2000.0), default=0.0, metavar="MS",
                       help="the output device's latency: events are sent this much early (default 0)")
     s = p.add_argument_group("sampling (default: the model's own settings, as dsmr generate plays it)")
-    s.add_argument("--temperature", type=bounded(float, 0.0, playing.MAX_TEMPERATURE), metavar="T")
+    s.add_argument("--temperature", type=bounded(float, 0.0, defaults.MAX_TEMPERATURE), metavar="T")
     s.add_argument("--top-p", type=bounded(float, 1e-6, 1.0), metavar="P")
     s.add_argument("--max-note-seconds", type=bounded(float, 0.0, 3600.0), metavar="S",
                    help="no answer note longer than S seconds (default: the encoding's; 0: no limit)")
@@ -54,26 +54,27 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dsmr import live_midi
+    from dsmr.generation.live import ports
     from dsmr.errors import DsmrError
 
-    midi = live_midi.backend(args.api)
+    midi = ports.backend(args.api)
     if args.list_ports:
-        ports = live_midi.list_ports(midi)
+        names = ports.list_ports(midi)
         for kind in ("inputs", "outputs"):
-            print(f"{kind}: " + (", ".join(ports[kind]) or "none"))
+            print(f"{kind}: " + (", ".join(names[kind]) or "none"))
         return 0
     if args.record:
-        from dsmr.files import check_output_file
+        from dsmr.core.files import check_output_file
 
         check_output_file(args.record, "--record")
     import time
 
-    from dsmr.app import default_model
+    from dsmr.app.models import default_model
     from dsmr.generation import playing_sampling, with_precision
-    from dsmr.generation.live import LiveEngine, LiveSettings
-    from dsmr.model import load_model
-    from dsmr.runtime import resolve_device
+    from dsmr.generation.live.engine import LiveEngine
+    from dsmr.generation.live.events import LiveSettings
+    from dsmr.sharing.loader import load_model
+    from dsmr.core.runtime import resolve_device
 
     ref = args.model or default_model()
     if ref is None:
@@ -85,17 +86,17 @@ def run(args: argparse.Namespace) -> int:
                                 max_note_seconds=args.max_note_seconds, max_polyphony=args.max_polyphony,
                                 seed=args.seed, max_tokens=None, max_seconds=1e9, stop_at_eos=False)
     settings = LiveSettings(wait=args.wait, answer_seconds=args.answer_seconds, turn_cc=args.turn_cc)
-    inport, outport = live_midi.open_ports(midi, args.inport, args.outport, args.virtual)
+    inport, outport = ports.open_ports(midi, args.inport, args.outport, args.virtual)
     engine = LiveEngine(model, sampling, settings, start=time.monotonic())
     print(f"dsmr live: {ref} listening on {inport.name}, answering on {outport.name} (your turn ends after "
           f"{args.wait:g} s of silence; Ctrl-C stops)", file=sys.stderr, flush=True)
     try:
-        live_midi.run_duet(engine, inport, outport, latency=args.latency_ms / 1000)
+        ports.run_duet(engine, inport, outport, latency=args.latency_ms / 1000)
     finally:
         inport.close()
         outport.close()
         if args.record:
-            from dsmr.tokenizer import write_midi
+            from dsmr.data.midi import write_midi
 
             write_midi(engine.recording(), args.record)
         stats = dict(engine.stats, record=args.record)

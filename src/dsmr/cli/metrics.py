@@ -38,8 +38,8 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dsmr.cache import TokenCache
-    from dsmr.metrics import (default_set_name, features_of_cache, features_of_files, format_report,
+    from dsmr.data.cache import TokenCache
+    from dsmr.evaluation.music_stats import (default_set_name, features_of_cache, features_of_files, format_report,
                               metrics_report, midi_files, plot_report)
 
     if args.max_pieces is not None and args.max_pieces < 1:

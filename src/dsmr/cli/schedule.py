@@ -1,7 +1,7 @@
 """`dsmr schedule show`: print a horizon schedule as a table (or JSON), optionally as a bar figure.
 
 Its schedule options, and their defaults (the paper's main setting: 6 layers, two-scale, budget
-2560 = 2 x 1024 + 4 x 128), are dsmr train's: both are built from dsmr.train_config.TrainConfig.
+2560 = 2 x 1024 + 4 x 128), are dsmr train's: both are built from dsmr.training.config.TrainConfig.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from dsmr.errors import DsmrError
 
 def schedule_from_args(args: argparse.Namespace, n_layers: int):
     """The Schedule the parsed options describe (DsmrError when inconsistent)."""
-    from dsmr.schedule import make_schedule
+    from dsmr.model.schedule import make_schedule
 
     return make_schedule(
         args.schedule,
@@ -32,7 +32,7 @@ def schedule_from_args(args: argparse.Namespace, n_layers: int):
 
 def register(subparsers) -> None:
     from dsmr.cli.common import add_options
-    from dsmr.train_config import SCHEDULE_OPTIONS, TrainConfig
+    from dsmr.training.config import SCHEDULE_OPTIONS, TrainConfig
 
     parser = subparsers.add_parser("schedule", help="inspect horizon schedules and their state size",
                                    description="Inspect horizon schedules and their recurrent-state size.")
@@ -88,7 +88,7 @@ def plot_schedule(schedule, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from dsmr.atomic import atomic_path
+    from dsmr.core.atomic import atomic_path
 
     fmt = path.suffix.lstrip(".").lower()
     figure = plt.figure(figsize=(5.0, 3.2))

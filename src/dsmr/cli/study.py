@@ -100,7 +100,7 @@ def run_merge(args: argparse.Namespace) -> int:
         raise DsmrError("use `dsmr study merge OUT DIR1 [DIR2 ...]`: give at least one study folder to merge")
     cache = None
     if args.cache:
-        from dsmr.cache import TokenCache
+        from dsmr.data.cache import TokenCache
 
         cache = TokenCache(args.cache)
     records = study.merge_studies(args.out, args.dirs, command=_command(), cache=cache)
@@ -109,7 +109,6 @@ def run_merge(args: argparse.Namespace) -> int:
 
 def run_status(args: argparse.Namespace) -> int:
     from dsmr import study
-
     rows = study.study_status(args.dirs)
     if getattr(args, "json", False):
         print(json.dumps({"status": rows}))
@@ -150,11 +149,10 @@ def run(args: argparse.Namespace) -> int:
     from dsmr.cli.common import set_threads
     from dsmr.errors import DsmrError
     from dsmr import study
-
     cfg = _config(args)
     cfg.validate()
     if args.list:
-        from dsmr.train_config import make_run_schedule
+        from dsmr.training.config import make_run_schedule
 
         rows = [(v, ",".join(map(str, make_run_schedule(study.train_config(cfg, v)).horizons)))
                 for v in study.select_variants(cfg, args.variants)]

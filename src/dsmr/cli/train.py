@@ -1,8 +1,8 @@
 """`dsmr train`: train a DSMR model on a token cache into a run folder (see docs/training.md).
 
-Every option is a field of dsmr.train_config.TrainConfig, with its default and help, so
+Every option is a field of dsmr.training.config.TrainConfig, with its default and help, so
 `dsmr train --cache DIR --out RUN` alone trains a small two-scale model. With --resume the run's saved
-config is the base and only the options given on the command line change it (dsmr.checkpoint refuses
+config is the base and only the options given on the command line change it (dsmr.training.resume refuses
 changes that would alter what the model computes).
 
 `--nproc N` re-launches the same command through torch.distributed.run (torchrun) with N processes
@@ -17,7 +17,7 @@ import os
 import sys
 
 from dsmr.cli.common import add_json, add_no_progress, add_options, add_threads, add_token_cache, set_threads
-from dsmr.options import bounded
+from dsmr.core.options import bounded
 
 # Options of the launcher itself: not passed on to the processes it starts.
 _LAUNCH_OPTIONS = ("nproc", "nnodes", "node_rank", "master_addr", "master_port")
@@ -25,8 +25,7 @@ _PARSER: argparse.ArgumentParser | None = None  # the train parser, to rebuild a
 
 
 def register(subparsers) -> None:
-    from dsmr import train_config as T
-
+    from dsmr.training import config as T
     p = subparsers.add_parser(
         "train", help="train a DSMR model (full-piece streaming) into a run folder",
         description="Train a DSMR model on the train split of a token cache, streaming whole pieces "
@@ -67,7 +66,7 @@ def _explicit_options(args: argparse.Namespace) -> dict:
     """The TrainConfig options given on the command line."""
     import dataclasses
 
-    from dsmr.train_config import TrainConfig
+    from dsmr.training.config import TrainConfig
 
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
              if getattr(args, f.name, None) is not None}
@@ -87,9 +86,9 @@ def _check_values(args: argparse.Namespace) -> None:
     import math
 
     from dsmr.errors import DsmrError
-    from dsmr.files import check_output_folder
+    from dsmr.core.files import check_output_folder
 
-    from dsmr.train_config import TrainConfig
+    from dsmr.training.config import TrainConfig
 
     floats = [f.name for f in dataclasses.fields(TrainConfig) if f.type == "float"]
     for name in floats:
@@ -128,7 +127,7 @@ def relaunch_argv(args: argparse.Namespace, parser: argparse.ArgumentParser | No
 
 
 def _launch(args: argparse.Namespace) -> int:
-    from dsmr.distributed import launch, launched_by_torchrun, torchrun_command
+    from dsmr.training.distributed import launch, launched_by_torchrun, torchrun_command
     from dsmr.errors import DsmrError
 
     if launched_by_torchrun():
@@ -142,11 +141,11 @@ def run(args: argparse.Namespace) -> int:
     import dataclasses
     from pathlib import Path
 
-    from dsmr.cache import TokenCache
-    from dsmr.checkpoint import read_config
-    from dsmr.evaluate import format_report
-    from dsmr.train import train
-    from dsmr.train_config import TrainConfig
+    from dsmr.data.cache import TokenCache
+    from dsmr.sharing.run_folder import read_config
+    from dsmr.evaluation.perplexity import format_report
+    from dsmr.training.trainer import train
+    from dsmr.training.config import TrainConfig
 
     if args.nproc is not None:
         return _launch(args)
@@ -165,8 +164,8 @@ def run(args: argparse.Namespace) -> int:
         base = TrainConfig.from_dict(read_config(Path(args.out))["train"])
         cfg = dataclasses.replace(base, **given)
     elif args.init_from is not None:
-        from dsmr.hub import read_model_config
-        from dsmr.train_config import fine_tuning_config
+        from dsmr.sharing.hub import read_model_config
+        from dsmr.training.config import fine_tuning_config
 
         cfg = fine_tuning_config(read_model_config(args.init_from), given, args.init_from)
     else:

@@ -2,21 +2,42 @@
 
 `loop` samples pieces (`generate`, `generate_batch`) through an `IncrementalDecoder` (`decoder`: fixed-size
 key/value buffers, the model's own block), with the options of `sampling` and the prompts of `prompts`; on a
-CPU, `precision` keeps the projections in float16 or int8 and `fused` runs such a model's whole one-token
-step in one C++ call (dsmr.kernels)."""
+CPU, `precision` keeps the projections in float16 or int8 and dsmr.backends.cpu runs such a model's whole
+one-token step in one C++ call. `defaults` holds the settings a model plays with when none are given and
+`settings.playing_sampling` resolves them; `note_guard` keeps notes from hanging; `render` writes WAV and
+piano rolls; `live` is the duet engine and its MIDI ports.
 
-from dsmr.generation.decoder import IncrementalDecoder, compile_available
-from dsmr.generation.fused import FusedStep
-from dsmr.generation.loop import GenerationResult, batch_summary, generate, generate_batch
-from dsmr.generation.precision import (HalfWeightLinear, Int8WeightLinear, decoding_state_dtype, default_cpu_precision,
-                                       half_weight_model, int8_weight_model, resolve_precision, with_precision)
-from dsmr.generation.prompts import MusicClock, crop_seconds, load_prompt
-from dsmr.generation.sampling import (SamplingConfig, banned_mask, pitch_bans, pitch_range_bans, sample_next)
-from dsmr.generation.settings import playing_sampling
+The names below load on first use, so that the torch-free modules of this package (`defaults`) import
+without torch.
+"""
 
-__all__ = [
-    "IncrementalDecoder", "compile_available", "FusedStep", "GenerationResult", "batch_summary", "generate",
-    "generate_batch", "HalfWeightLinear", "Int8WeightLinear", "decoding_state_dtype", "default_cpu_precision",
-    "half_weight_model", "int8_weight_model", "resolve_precision", "with_precision", "MusicClock", "crop_seconds", "load_prompt",
-    "SamplingConfig", "banned_mask", "pitch_bans", "pitch_range_bans", "sample_next", "playing_sampling",
-]
+from __future__ import annotations
+
+import importlib
+
+# name -> the module that defines it
+_API = {
+    **dict.fromkeys(("IncrementalDecoder", "compile_available"), "dsmr.generation.decoder"),
+    "FusedStep": "dsmr.backends.cpu.fused",
+    **dict.fromkeys(("GenerationResult", "batch_summary", "generate", "generate_batch"), "dsmr.generation.loop"),
+    **dict.fromkeys(("decoding_state_dtype", "default_cpu_precision", "half_weight_model", "int8_weight_model",
+                     "resolve_precision", "with_precision"), "dsmr.generation.precision"),
+    **dict.fromkeys(("HalfWeightLinear", "Int8WeightLinear"), "dsmr.backends.cpu.quantized"),
+    **dict.fromkeys(("MusicClock", "crop_seconds", "load_prompt"), "dsmr.generation.prompts"),
+    **dict.fromkeys(("SamplingConfig", "banned_mask", "pitch_bans", "pitch_range_bans", "sample_next"),
+                    "dsmr.generation.sampling"),
+    "playing_sampling": "dsmr.generation.settings",
+}
+__all__ = list(_API)
+
+
+def __getattr__(name: str):
+    if name in _API:
+        value = getattr(importlib.import_module(_API[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'dsmr.generation' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -17,10 +17,11 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from dsmr import kernels
+from dsmr.backends.cpu import kernels
 from dsmr.errors import DsmrError
-from dsmr.generation.fused import FusedStep
-from dsmr.model import BlockMemory, attention_mask
+from dsmr.backends.cpu.fused import FusedStep
+from dsmr.model.memory import BlockMemory
+from dsmr.model.attention import attention_mask
 
 
 class IncrementalDecoder:
@@ -36,8 +37,8 @@ class IncrementalDecoder:
 
     `state_dtype`: the keys' and values' dtype (default the model's); attention runs in the model's dtype.
 
-    `fused`: where dsmr.kernels can run the model (a CPU model made by `half_weight_model` or
-    `int8_weight_model`, see dsmr.generation.fused), a step is one call of its whole-step op, which needs no
+    `fused`: where dsmr.backends.cpu.kernels can run the model (a CPU model made by `half_weight_model` or
+    `int8_weight_model`, see dsmr.backends.cpu.fused), a step is one call of its whole-step op, which needs no
     compiling and is faster than the compiled step; `compile` then has no effect. The op reads the
     weights and gates as they are when the decoder is made. `step_kind` says which step runs, and
     `fused_unavailable` why the fused one does not (empty when it does, or when it was not asked for).
@@ -56,7 +57,7 @@ class IncrementalDecoder:
         if model.training and cfg.dropout > 0:
             raise DsmrError("IncrementalDecoder: the model is in training mode with dropout: call model.eval()")
         if param.device.type == "cpu":
-            kernels.load()  # the one-token attention (and half_linear) of dsmr.kernels; built once per machine
+            kernels.load()  # the one-token attention (and half_linear) of dsmr.backends.cpu.kernels; built once per machine
         self.model = model
         self.device = param.device
         self.dtype = param.dtype
@@ -82,7 +83,7 @@ class IncrementalDecoder:
 
     @property
     def step_kind(self) -> str:
-        """The one-token step in use: "fused" (dsmr.kernels' whole-step op), "compiled" or "eager"."""
+        """The one-token step in use: "fused" (dsmr.backends.cpu.kernels' whole-step op), "compiled" or "eager"."""
         return "fused" if self._fused is not None else "compiled" if self.compiled else "eager"
 
     # ---- state
@@ -255,7 +256,7 @@ class _ChunkMemory(BlockMemory):
 class _StepMemory(BlockMemory):
     """One token per lane with static shapes (the same graph for every step, eager or compiled): its key and
     value go to slot memory + t of the whole buffer, which is attended with the later slots masked. A float16
-    state is widened inside the attention kernels (dsmr.kernels' or inductor's), never stored."""
+    state is widened inside the attention kernels (dsmr.backends.cpu.kernels' or inductor's), never stored."""
 
     def __init__(self, keys: Tensor, values: Tensor, t: Tensor, memory: Tensor):
         self.keys, self.values, self.t, self.memory = keys, values, t, memory

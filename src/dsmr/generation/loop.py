@@ -20,7 +20,7 @@ from dsmr.generation.decoder import IncrementalDecoder, compile_available
 from dsmr.generation.precision import decoding_state_dtype
 from dsmr.generation.prompts import MusicClock
 from dsmr.generation.sampling import SamplingConfig, banned_mask, sample_next
-from dsmr.note_guard import LengthGuard, NoteGuard, make_guard
+from dsmr.generation.note_guard import LengthGuard, NoteGuard, make_guard
 
 
 @dataclass
@@ -96,30 +96,75 @@ def batch_summary(results: Sequence[GenerationResult]) -> dict:
             "seeds": [r.seed for r in results]}
 
 
-def generate(model, tokenizer, segment_len: int, prompt_ids: Optional[Sequence[int]] = None,
-             sampling: SamplingConfig = SamplingConfig(), progress: bool = True, compile=False,
-             fused: bool = True) -> GenerationResult:
+def generate(model, *args, **kwargs) -> GenerationResult:
     """Sample one piece: BOS, the prompt's events, then new events until EOS or a limit.
 
-    Runs where the model is; the model is put in eval mode. The same seed on the same device gives the
-    same piece. `compile`: True compiles the decoding step (paid once per process, `warmup_seconds`),
-    "auto" where `compile_available`. `fused`: dsmr.kernels' whole-step op where it can run the model
-    (`IncrementalDecoder`); it then replaces the compiled step.
+        generate(model, prompt_ids=None, sampling=SamplingConfig(), progress=True, compile=False, fused=True)
+
+    `model` comes from `dsmr.load_model` and brings its tokenizer and segment length (a model built in code
+    takes `tokenizer=` and `segment_len=`). Runs where the model is; the model is put in eval mode. The same
+    seed on the same device gives the same piece. `compile`: True compiles the decoding step (paid once per
+    process, `warmup_seconds`), "auto" where `compile_available`. `fused`: dsmr.backends.cpu.kernels'
+    whole-step op where it can run the model (`IncrementalDecoder`); it then replaces the compiled step.
+    The older `generate(model, tokenizer, segment_len, prompt_ids, ...)` still works, with a warning.
     """
-    return generate_batch(model, tokenizer, segment_len, prompt_ids, sampling, 1, progress, compile, fused)[0]
+    tokenizer, segment_len, given = _model_parts(model, args, kwargs, "generate", _ONE)
+    return _generate_batch(model, tokenizer, segment_len, num_samples=1, **given)[0]
 
 
-def generate_batch(model, tokenizer, segment_len: int, prompt_ids: Optional[Sequence[int]] = None,
-                   sampling: SamplingConfig = SamplingConfig(), num_samples: int = 1, progress: bool = True,
-                   compile=False, fused: bool = True) -> list[GenerationResult]:
-    """Sample `num_samples` continuations of one prompt together, as lanes of one decoder: the prompt is
-    fed once, each lane draws from its own seed (`sampling.seed + i`, recorded in its result) and stops at
-    its own EOS or limit; the batch ends when every lane has stopped. Lanes that stopped keep running
-    (their events are discarded) until the last one ends.
+def generate_batch(model, *args, **kwargs) -> list[GenerationResult]:
+    """Sample `num_samples` continuations of one prompt together, as lanes of one decoder:
 
-    The same seed and `num_samples` on the same device give the same pieces.
+        generate_batch(model, prompt_ids=None, sampling=SamplingConfig(), num_samples=1, progress=True,
+                       compile=False, fused=True)
+
+    The prompt is fed once, each lane draws from its own seed (`sampling.seed + i`, recorded in its result)
+    and stops at its own EOS or limit; the batch ends when every lane has stopped. Lanes that stopped keep
+    running (their events are discarded) until the last one ends. The same seed and `num_samples` on the
+    same device give the same pieces. `model`, `tokenizer=`, `segment_len=` as in `generate`.
     """
-    from dsmr.runtime import PeakMemory
+    tokenizer, segment_len, given = _model_parts(model, args, kwargs, "generate_batch", _BATCH)
+    return _generate_batch(model, tokenizer, segment_len, **given)
+
+
+# the parameters after the model, in order
+_ONE = ("prompt_ids", "sampling", "progress", "compile", "fused")
+_BATCH = ("prompt_ids", "sampling", "num_samples", "progress", "compile", "fused")
+
+
+def _model_parts(model, args: tuple, kwargs: dict, name: str, order: tuple) -> tuple:
+    """(tokenizer, segment_len, the other arguments by name): the model's own unless given; the older
+    positional form `(model, tokenizer, segment_len, ...)` is taken with a DeprecationWarning."""
+    import warnings
+
+    tokenizer, segment_len = kwargs.pop("tokenizer", None), kwargs.pop("segment_len", None)
+    if args and hasattr(args[0], "vocab_size") and hasattr(args[0], "decode"):  # a tokenizer: the older form
+        warnings.warn(f"{name}(model, tokenizer, segment_len, ...) is deprecated: the model brings both "
+                      f"(dsmr.load_model), or give tokenizer= and segment_len=", DeprecationWarning, stacklevel=3)
+        tokenizer, args = args[0], args[1:]
+        if args:
+            segment_len, args = args[0], args[1:]
+    if len(args) > len(order):
+        raise TypeError(f"{name}() takes at most {len(order) + 1} positional arguments")
+    for key, value in zip(order, args):
+        if key in kwargs:
+            raise TypeError(f"{name}() got multiple values for argument {key!r}")
+        kwargs[key] = value
+    unknown = set(kwargs) - set(order)
+    if unknown:
+        raise TypeError(f"{name}() got an unexpected keyword argument {sorted(unknown)[0]!r}")
+    tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
+    segment_len = segment_len if segment_len is not None else getattr(model, "segment_len", None)
+    if tokenizer is None or segment_len is None:
+        raise DsmrError(f"{name}: the model has no tokenizer or segment length (a model from dsmr.load_model "
+                        f"has both); give tokenizer= and segment_len=")
+    return tokenizer, segment_len, kwargs
+
+
+def _generate_batch(model, tokenizer, segment_len: int, prompt_ids: Optional[Sequence[int]] = None,
+                    sampling: SamplingConfig = SamplingConfig(), num_samples: int = 1, progress: bool = True,
+                    compile=False, fused: bool = True) -> list[GenerationResult]:
+    from dsmr.core.runtime import PeakMemory
 
     prompt = _checked_prompt(model, tokenizer, prompt_ids, sampling, num_samples)
     device = model.embedding.weight.device

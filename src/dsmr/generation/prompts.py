@@ -30,7 +30,7 @@ def crop_seconds(score, seconds: float):
 def load_prompt(path, tokenizer, seconds: Optional[float] = None) -> np.ndarray:
     """Event ids of a MIDI prompt (optionally only its first `seconds`); DsmrError when it is missing,
     not MIDI, or has nothing the tokenizer can encode."""
-    from dsmr.tokenizer import load_midi
+    from dsmr.data.midi import load_midi
 
     score = load_midi(path)
     where = f"prompt {path}"

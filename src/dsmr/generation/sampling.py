@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from dsmr.errors import DsmrError
-from dsmr.note_guard import check_guard_options
+from dsmr.generation.note_guard import check_guard_options
 
 
 @dataclass
@@ -24,7 +24,7 @@ class SamplingConfig:
     max_seconds: Optional[float] = None  # stop once the piece (prompt included) is this long
     stop_at_eos: bool = True       # False: EOS is banned and the piece goes on until a limit
     banned_ids: Sequence[int] = ()  # events never sampled (BOS and PAD never are)
-    # the note guard (dsmr.note_guard; encodings with NOTE_OFF events): no note longer than this, no more
+    # the note guard (dsmr.generation.note_guard; encodings with NOTE_OFF events): no note longer than this, no more
     # notes sounding at once than that; either one turns the guard on
     max_note_seconds: Optional[float] = None
     max_polyphony: Optional[int] = None

@@ -7,14 +7,14 @@ writes the comparison: results.csv, results.md and matplotlib figures.
 A study folder holds:
 
     study.json               the shared options (StudyConfig), the variants and the command
-    runs/NAME/               each variant's run folder (dsmr.train; resumable)
+    runs/NAME/               each variant's run folder (dsmr.training.trainer; resumable)
     results/NAME-seedS.json  each finished variant: its horizons, validation and training figures, its
                              curves (validation PPL, loss, gates over steps) and the environment it ran in
     results.csv, results.md, figures/*.png
 
 A variant with a result file is finished and never trained again; an interrupted one resumes from its last
 checkpoint. Each variant trains in a fresh Python process by default, because the CPU peak-memory meter
-is the rise of the process's peak RSS (dsmr.runtime.PeakMemory), which memory kept from an earlier
+is the rise of the process's peak RSS (dsmr.core.runtime.PeakMemory), which memory kept from an earlier
 variant would hide. `variants` may name a subset, so a study can be spread over processes or machines and
 put together with `merge_studies`.
 """

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dsmr.atomic import atomic_path
+from dsmr.core.atomic import atomic_path
 from dsmr.study.summary import summarize
 
 

@@ -7,7 +7,7 @@ import json
 import math
 from pathlib import Path
 
-from dsmr.atomic import atomic_write_json, atomic_write_text
+from dsmr.core.atomic import atomic_write_json, atomic_write_text
 from dsmr.errors import DsmrError
 from dsmr.study.variants import (FIGURES_DIR, REFERENCE, RESULTS_DIR, RUNS_DIR, STUDY_FILE, StudyConfig, comparable,
                                  fmt, read_json, default_variants, result_name)
@@ -86,7 +86,7 @@ def _planned_steps(spec_path: Path, run_dir: Path) -> int | None:
 
 def _progress(run_dir: Path, steps: int | None, recent: int) -> dict:
     """An unfinished run's last step, validation curve, speed and training time left, from metrics.jsonl."""
-    from dsmr.checkpoint import TRAINER_STATE_FILE
+    from dsmr.sharing.run_folder import TRAINER_STATE_FILE
 
     records = []
     metrics = run_dir / "metrics.jsonl"
@@ -162,8 +162,6 @@ def results_markdown(records: list[dict], command: str | None = None, sources=No
     seeds = sorted({r["seed"] for r in records})
     first = records[0]
     cfg = first.get("study_config", {})
-    env = first.get("environment", {})
-    mib = 1024 * 1024
     lines = ["# Schedule study: results", ""]
     lines += [f"{len(rows)} variants, seeds {', '.join(map(str, seeds))}. Model: {cfg.get('layers')} layers, "
               f"d_model {cfg.get('d_model')}, {cfg.get('heads')} heads"
@@ -174,6 +172,32 @@ def results_markdown(records: list[dict], command: str | None = None, sources=No
               f"{cfg.get('batch_size')} lanes, {cfg.get('steps')} steps, lr {cfg.get('lr')}. Validation: "
               + (f"{first['val_pieces']} validation pieces (the first of the split, each in full; "
                  f"{first['val_tokens']:,} tokens)." if first.get("val_pieces") else "none."), ""]
+    with_test = any(row["test_ppl"] is not None for row in rows)
+    lines += _main_table(rows, seeds)
+    lines += ["", "val PPL: exp(mean NLL per token) over every token of the validation pieces, streamed with "
+              "each variant's own schedule (the excerpt baseline: non-overlapping windows of its context). "
+              "Mean over seeds. train tok/s: real training targets per second of training steps. Peak train "
+              f"memory: {first.get('train_memory_method')}, measured in a fresh process per variant. State: "
+              "the recurrent memory of one lane in fp32 as trained (budget x 2 x heads x head dim for keys + "
+              "values, budget x d_model for hidden memory; x 4 bytes). GPU MiB (analytic): the activations "
+              "a training step keeps for its backward pass plus the state of every lane, at bf16, logits left "
+              "out (DSMRConfig.training_bytes): what the schedule costs on a GPU, computed, not measured."
+              + (f" val PPL, all pieces / test PPL: the final model over all {first.get('val_all_pieces')} "
+                 f"validation / {first.get('test_pieces')} test pieces." if with_test else ""), ""]
+    lines += _position_table(records)
+    for key, label in (("val_all_ppl", "validation PPL over all pieces"), ("test_ppl", "test PPL over all pieces"),
+                       ("val_all_nll_per_note", "validation NLL per note (nats)"),
+                       ("test_nll_per_note", "test NLL per note (nats)")):
+        if len({r["seed"] for r in records if r.get(key) is not None}) > 1:
+            lines += comparison_table(records, key, label)
+    lines += _variants_figures_and_commands(records, rows, command, sources, figures)
+    return "\n".join(lines)
+
+
+def _main_table(rows: list[dict], seeds: list) -> list[str]:
+    """The results table: one row per variant (means over seeds), the columns the records have figures for."""
+    mib = 1024 * 1024
+    lines = []
     ppl_head = "val PPL" + (f" (seed {' / '.join(map(str, seeds))})" if len(seeds) > 1 else "")
     head = ["variant", "horizons (layer 0..L-1)", "budget", "val PPL", "x full"]
     with_test = any(row["test_ppl"] is not None for row in rows)
@@ -211,22 +235,14 @@ def results_markdown(records: list[dict], command: str | None = None, sources=No
                   fmt(row["gpu_bytes_vs_full"], ".2f"),
                   fmt(row["state_bytes"] / 1024, ".0f"), fmt(row["state_bytes_vs_full"], ".2f")]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "val PPL: exp(mean NLL per token) over every token of the validation pieces, streamed with "
-              "each variant's own schedule (the excerpt baseline: non-overlapping windows of its context). "
-              "Mean over seeds. train tok/s: real training targets per second of training steps. Peak train "
-              f"memory: {first.get('train_memory_method')}, measured in a fresh process per variant. State: "
-              "the recurrent memory of one lane in fp32 as trained (budget x 2 x heads x head dim for keys + "
-              "values, budget x d_model for hidden memory; x 4 bytes). GPU MiB (analytic): the activations "
-              "a training step keeps for its backward pass plus the state of every lane, at bf16, logits left "
-              "out (DSMRConfig.training_bytes): what the schedule costs on a GPU, computed, not measured."
-              + (f" val PPL, all pieces / test PPL: the final model over all {first.get('val_all_pieces')} "
-                 f"validation / {first.get('test_pieces')} test pieces." if with_test else ""), ""]
-    lines += _position_table(records)
-    for key, label in (("val_all_ppl", "validation PPL over all pieces"), ("test_ppl", "test PPL over all pieces"),
-                       ("val_all_nll_per_note", "validation NLL per note (nats)"),
-                       ("test_nll_per_note", "test NLL per note (nats)")):
-        if len({r["seed"] for r in records if r.get(key) is not None}) > 1:
-            lines += comparison_table(records, key, label)
+    return lines
+
+
+def _variants_figures_and_commands(records, rows, command, sources, figures) -> list[str]:
+    """The variants described, the figures, the commands that reproduce the study and its environment."""
+    first = records[0]
+    env = first.get("environment", {})
+    lines = []
     lines += ["## Variants", ""]
     for row in rows:
         lines.append(f"- `{row['variant']}`: {row['description']}")
@@ -243,7 +259,7 @@ def results_markdown(records: list[dict], command: str | None = None, sources=No
         f"{k} {v}" for k, v in env.items() if k in ("dsmr", "torch", "python", "device", "gpu", "cpu_count",
                                                      "usable_cpus", "torch_threads", "platform", "git_commit")),
               ""]
-    return "\n".join(lines)
+    return lines
 
 
 def _position_table(records: list[dict]) -> list[str]:

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from dsmr import __version__
-from dsmr.atomic import atomic_write_json
+from dsmr.core.atomic import atomic_write_json
 from dsmr.errors import DsmrError
 from dsmr.study.variants import (RESULTS_DIR, RUNS_DIR, STUDY_FILE, StudyConfig, comparable, fmt, read_json, say,
                                  default_variants, result_name, select_variants,
@@ -26,7 +26,7 @@ def environment(device: str = "cpu") -> dict:
     """What the figures were measured on: enough to reproduce (and to judge) them."""
     import torch
 
-    from dsmr.runtime import resolve_device
+    from dsmr.core.runtime import resolve_device
 
     resolved = resolve_device(device)
     env = {
@@ -62,10 +62,10 @@ def run_variant(spec: dict) -> dict:
     Runs in the worker process (or in-process with fresh_process=False)."""
     import torch
 
-    from dsmr.cache import TokenCache
-    from dsmr.checkpoint import TRAINER_STATE_FILE
-    from dsmr.train import train
-    from dsmr.train_config import TrainConfig, make_model_config, make_run_schedule
+    from dsmr.data.cache import TokenCache
+    from dsmr.sharing.run_folder import TRAINER_STATE_FILE
+    from dsmr.training.trainer import train
+    from dsmr.training.config import TrainConfig, make_model_config, make_run_schedule
 
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
@@ -107,10 +107,10 @@ def run_variant(spec: dict) -> dict:
 def _final_evaluation(spec: dict, train_cfg, run_dir: Path) -> dict:
     """The final model over the whole validation split (when training validated on a subset) and the whole
     test split: val_all_* and test_* fields of the result."""
-    from dsmr.cache import TokenCache
-    from dsmr.model import load_model
-    from dsmr.evaluate import evaluate
-    from dsmr.runtime import resolve_device
+    from dsmr.data.cache import TokenCache
+    from dsmr.sharing.loader import load_model
+    from dsmr.evaluation.perplexity import evaluate
+    from dsmr.core.runtime import resolve_device
 
     cache = TokenCache(spec["cache"])
     model = load_model(run_dir, device=str(resolve_device(train_cfg.device)), which="latest")
@@ -157,7 +157,7 @@ def run_study(cache, out_dir, cfg: StudyConfig | None = None, variants: list[str
     Returns the result records of the selected variants. A variant with a result file from the same
     options is reused; one trained with other options is refused (DsmrError): use another folder.
     """
-    from dsmr.cache import TokenCache
+    from dsmr.data.cache import TokenCache
 
     cfg = cfg or StudyConfig()
     cfg.validate()
@@ -198,8 +198,8 @@ def run_study(cache, out_dir, cfg: StudyConfig | None = None, variants: list[str
 def epoch_steps(cache, cfg: StudyConfig) -> int:
     """Optimizer steps of `cfg.epochs` passes over the training split: the full batches of the refilling
     full-piece lanes every variant reads: `dsmr train --epochs`'s count for the same lanes and seed."""
-    from dsmr.train import training_stream
-    from dsmr.train_config import TrainConfig
+    from dsmr.training.inputs import training_stream
+    from dsmr.training.config import TrainConfig
 
     lanes = TrainConfig(batch_size=cfg.batch_size, segment=cfg.segment, seed=cfg.seed)
     return training_stream(lanes, cache.pieces("train"), cache.tokenizer).steps_for_epochs(cfg.epochs)

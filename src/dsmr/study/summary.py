@@ -4,7 +4,7 @@ from __future__ import annotations
 
 
 from dsmr.errors import DsmrError
-from dsmr.model_config import DSMRConfig
+from dsmr.model.config import DSMRConfig
 from dsmr.study.variants import REFERENCE
 
 

@@ -11,11 +11,11 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 from pathlib import Path
 
-from dsmr.configs import dataclass_from_dict
+from dsmr.core.configs import dataclass_from_dict
 from dsmr.errors import DsmrError
-from dsmr.model_config import MEMORIES, fan_in_std, recipe_default
-from dsmr.options import option, out_of_bounds, wrong_types
-from dsmr.train_config import TrainConfig
+from dsmr.model.config import MEMORIES, fan_in_std, recipe_default
+from dsmr.core.options import option, out_of_bounds, wrong_types
+from dsmr.training.config import TrainConfig
 
 
 STUDY_FILE = "study.json"
@@ -152,7 +152,7 @@ class Variant:
 
 def default_variants(cfg: StudyConfig) -> list[Variant]:
     """The variants of the study, `full` (the reference) first and the excerpt baseline last."""
-    from dsmr.schedule import make_schedule
+    from dsmr.model.schedule import make_schedule
 
     L = cfg.layers
     two_scale = make_schedule("two-scale", L, budget=cfg.budget, long_layers=cfg.long_layers, short=cfg.short)
@@ -207,7 +207,7 @@ def select_variants(cfg: StudyConfig, names: list[str] | None) -> list[Variant]:
 
 def train_config(cfg: StudyConfig, variant: Variant):
     """The TrainConfig of `variant`: the shared options, then the variant's own."""
-    from dsmr.train_config import TrainConfig
+    from dsmr.training.config import TrainConfig
 
     base = dict(layers=cfg.layers, d_model=cfg.d_model, heads=cfg.heads, head_dim=cfg.head_dim,
                 tie_embeddings=cfg.tie_embeddings, init_std=cfg.resolved_init_std, memory=cfg.memory, segment=cfg.segment,

@@ -1,0 +1,1 @@
+"""Backends the model calls into where they are faster than plain PyTorch."""
