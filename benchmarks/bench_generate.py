@@ -128,7 +128,7 @@ def default_model(vocab_size: int):
     """The default trainer size with random weights (seed 0): 6 layers, d_model 256, two-scale horizons."""
     import torch
 
-    from dsmr.model.network import DSMR, DSMRConfig
+    from dsmr.model import DSMR, DSMRConfig
 
     torch.manual_seed(0)
     return DSMR(DSMRConfig(vocab_size=vocab_size, n_layers=6, d_model=256, n_heads=4,

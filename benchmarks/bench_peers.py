@@ -47,7 +47,7 @@ def train_worker(args) -> dict:
     B, T, M = args.batch, args.segment, args.memory
     ids = torch.randint(3, VOCAB, (B, T * (args.steps + 1)))
     if args.lib.startswith("dsmr"):
-        from dsmr.model.network import DSMR, DSMRConfig
+        from dsmr.model import DSMR, DSMRConfig
 
         model = DSMR(DSMRConfig(vocab_size=VOCAB, n_layers=6, d_model=256, n_heads=4, horizons=(M,) * 6,
                                 memory="hidden" if args.lib == "dsmr-hidden" else "kv"))
@@ -96,7 +96,7 @@ def generate_worker(args) -> dict:
     prompt = torch.randint(3, VOCAB, (1, args.prompt_tokens))
     if args.lib.startswith("dsmr"):
         from dsmr.generation import SamplingConfig, generate_batch, half_weight_model, int8_weight_model
-        from dsmr.model.network import DSMR, DSMRConfig
+        from dsmr.model import DSMR, DSMRConfig
         from dsmr.data.tokenizers.registry import make_tokenizer
 
         tokenizer = make_tokenizer("performance")

@@ -83,7 +83,7 @@ def run_variant(name: str, cache: str, out: Path, steps: int, seed: int) -> None
 
 
 def _parameters(run_dir: Path) -> int:
-    from dsmr.model.network import DSMR, DSMRConfig
+    from dsmr.model import DSMR, DSMRConfig
 
     config = json.loads((run_dir / "config.json").read_text())
     return DSMR(DSMRConfig.from_dict(config["model"])).num_parameters()

@@ -17,7 +17,7 @@ from dsmr.app.models import NO_MODEL_HELP, ModelStore
 from dsmr.training.resume import save_checkpoint
 from dsmr.cli import main
 from dsmr.errors import DsmrError
-from dsmr.model.network import DSMR, DSMRConfig
+from dsmr.model import DSMR, DSMRConfig
 from conftest import have_audio
 from dsmr.data.tokenizers.registry import make_tokenizer
 from tests.midi_factory import tiny_midi, write_midi_file

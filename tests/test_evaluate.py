@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from dsmr.cli import main
 from dsmr.evaluation.perplexity import evaluate
 from dsmr.core.runtime import PeakMemory
-from dsmr.model.network import DSMR, DSMRConfig
+from dsmr.model import DSMR, DSMRConfig
 
 
 PAD, BOS, EOS = 0, 1, 2

@@ -30,7 +30,7 @@ from dsmr.generation import (
     sample_next,
     with_precision,
 )
-from dsmr.model.network import DSMR, DSMRConfig
+from dsmr.model import DSMR, DSMRConfig
 from dsmr.data.tokenizers.registry import make_tokenizer
 from tests.midi_factory import make_score, score_notes, write_midi_file
 

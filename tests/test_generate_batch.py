@@ -15,7 +15,7 @@ from dsmr.cli import main
 from dsmr.errors import DsmrError
 from dsmr.generation import (IncrementalDecoder, SamplingConfig, batch_summary, decoding_state_dtype, generate,
                            generate_batch, half_weight_model)
-from dsmr.model.network import DSMR, DSMRConfig
+from dsmr.model import DSMR, DSMRConfig
 from dsmr.data.tokenizers.performance import PerformanceTokenizer
 from tests.test_generate import SEG, perf_model, perf_tok, streaming_logits, tiny_model  # noqa: F401 (fixtures)
 

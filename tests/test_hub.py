@@ -19,7 +19,7 @@ from dsmr.cli import main
 from dsmr.errors import DsmrError
 from dsmr.sharing.hub import (is_repo_id, model_card,
                       resolve_model_ref, save_pretrained)
-from dsmr.model.network import DSMR, DSMRConfig
+from dsmr.model import DSMR, DSMRConfig
 from dsmr.data.tokenizers.registry import make_tokenizer
 from tests.midi_factory import tiny_midi
 

@@ -13,7 +13,7 @@ from dsmr.errors import DsmrError
 from dsmr.generation import playing_sampling
 from dsmr.generation.live.engine import LiveEngine
 from dsmr.generation.live.events import LiveSettings
-from dsmr.model.network import DSMR, DSMRConfig
+from dsmr.model import DSMR, DSMRConfig
 from dsmr.data.tokenizers.performance import PerformanceTokenizer
 
 TICK = 0.002  # the simulated caller polls every 2 ms

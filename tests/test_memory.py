@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from dsmr.generation import IncrementalDecoder
-from dsmr.model.network import DSMR, DSMRConfig
+from dsmr.model import DSMR, DSMRConfig
 from dsmr.training.optimization import horizons_at
 
 VOCAB = 37

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from dsmr.errors import DsmrError
-from dsmr.model.network import DSMR, DSMRConfig
+from dsmr.model import DSMR, DSMRConfig
 from dsmr.model.memory import LayerMemory, state_nbytes
 from dsmr.model.attention import RotaryEmbedding
 from dsmr.model.schedule import make_schedule

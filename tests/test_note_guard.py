@@ -9,7 +9,7 @@ import torch
 from dsmr.errors import DsmrError
 from dsmr.generation import SamplingConfig, generate_batch
 from dsmr.evaluation.music_stats import note_arrays
-from dsmr.model.network import DSMR, DSMRConfig
+from dsmr.model import DSMR, DSMRConfig
 from dsmr.generation.note_guard import LengthGuard, NoteGuard, guard_for, make_guard
 from dsmr.data.tokenizers.registry import make_tokenizer
 

@@ -61,7 +61,7 @@ def test_state_bytes():
 
 
 def test_schedule_state_bytes_equals_the_model_config_under_its_assumptions():
-    from dsmr.model.network import DSMRConfig
+    from dsmr.model.config import DSMRConfig
 
     s = make_schedule("two-scale", 6, budget=2560, long_layers=2, short=128)
     cfg = DSMRConfig(vocab_size=40, n_layers=6, d_model=256, n_heads=4, horizons=s.horizons, memory="kv")  # width 256

@@ -17,7 +17,7 @@ from dsmr.sharing.run_folder import check_tokenizer, read_config, save_weights
 from dsmr.training.resume import load_trainer_state
 from dsmr.sharing.loader import load_model
 from dsmr.errors import DsmrError
-from dsmr.model.network import DSMR, DSMRConfig
+from dsmr.model import DSMR, DSMRConfig
 from dsmr.data.stream import IGNORE_INDEX, PieceStream
 from dsmr.data.tokenizers.performance import PerformanceTokenizer
 from dsmr.training.trainer import train

@@ -120,8 +120,7 @@ def run(args: argparse.Namespace) -> int:
     set_threads(args.threads)
 
     model = load_model(args.checkpoint, device=device, which=args.weights)
-    tokenizer, config, segment_len = model.tokenizer, model.run_config, model.segment_len
-    _check_run_tokenizer(args.checkpoint, config, tokenizer)
+    tokenizer = model.tokenizer
     # the prompt before the kernels: a bad prompt is refused at once, not after a build of the kernels
     prompt_ids = None if args.prompt is None else load_prompt(args.prompt, tokenizer, args.prompt_seconds)
     if prompt_ids is not None and args.max_seconds is not None:
@@ -144,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
                "max_note_seconds": sampling.max_note_seconds, "max_polyphony": sampling.max_polyphony,
                "precision": precision, "device": str(device), "threads": torch.get_num_threads(),
                "kernels": kernels.loaded(),
-               "segment_len": segment_len, "horizons": list(model.cfg.horizons)}
+               "segment_len": model.segment_len, "horizons": list(model.cfg.horizons)}
     samples = [_write_sample(result, args, tokenizer, prompt_ids is not None, len(results)) for result in results]
     if len(results) == 1:
         report = {**samples[0], **runtime}
@@ -214,16 +213,6 @@ def _check_args(args) -> None:
         raise DsmrError("--out, --wav and --pianoroll must be different files")
     if args.prompt is not None and args.prompt.resolve() in outputs:
         raise DsmrError(f"--prompt {args.prompt} is also an output file: it would be overwritten")
-
-
-def _check_run_tokenizer(checkpoint, config: dict, tokenizer) -> None:
-    """The tokenizer rebuilt from config.json must be the one recorded at training time."""
-    want = config.get("tokenizer_hash")
-    have = tokenizer.config_hash()
-    if want is not None and want != have:
-        raise DsmrError(
-            f"{checkpoint}: config.json's tokenizer (hash {have[:12]}) is not the one the model was trained "
-            f"with (hash {want[:12]}): restore the run's original config.json, or retrain with this tokenizer")
 
 
 def _print_summary(report: dict) -> None:

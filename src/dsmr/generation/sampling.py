@@ -3,7 +3,6 @@ Python API), the events never drawn (`banned_mask`, pitch ranges), and one draw 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -11,6 +10,7 @@ import torch
 from torch import Tensor
 
 from dsmr.errors import DsmrError
+from dsmr.generation import defaults
 from dsmr.generation.note_guard import check_guard_options
 
 
@@ -35,8 +35,8 @@ class SamplingConfig:
 
     def validate(self, vocab_size: Optional[int] = None) -> None:
         problems = []
-        if not self.temperature >= 0 or not math.isfinite(self.temperature):
-            problems.append(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 <= self.temperature <= defaults.MAX_TEMPERATURE:  # the bound of the CLI and the page too
+            problems.append(f"temperature must be in [0, {defaults.MAX_TEMPERATURE:g}], got {self.temperature}")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
             problems.append(f"top_k must be an integer >= 0, got {self.top_k!r}")
         if not 0 < self.top_p <= 1:

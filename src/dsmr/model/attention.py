@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dsmr.backends.cpu import kernels
-from dsmr.model.config import DSMRConfig  # noqa: F401  (re-exported: `from dsmr.model.network import DSMRConfig`)
+from dsmr.model.config import DSMRConfig
 
 
 # Bias of a hard-closed STE gate: exp(-1000) underflows to exactly 0, so the memory is dropped, yet the

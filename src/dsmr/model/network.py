@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from dsmr.errors import DsmrError
-from dsmr.model.config import DSMRConfig  # noqa: F401  (re-exported: `from dsmr.model.network import DSMRConfig`)
+from dsmr.model.config import DSMRConfig
 from dsmr.model.attention import MemoryAttention, RotaryEmbedding
 from dsmr.model.memory import BlockMemory, LayerMemory, SegmentMemory, State, _Segment
 

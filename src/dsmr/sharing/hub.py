@@ -23,9 +23,10 @@ from pathlib import Path
 
 from dsmr.core.atomic import atomic_write_json, atomic_write_text
 from dsmr.errors import DsmrError
+from dsmr.sharing.run_folder import (CONFIG_FILE, LATEST_FILE, METRICS_FILE, first_line, read_config, resolve_weights,
+                                     save_weights)
 
-MODEL_FILE = "model.safetensors"
-CONFIG_FILE = "config.json"
+MODEL_FILE = LATEST_FILE  # an exported folder holds the latest weights file of a run folder only
 CARD_FILE = "README.md"
 EXPORT_FORMAT = "dsmr-model"
 DTYPES = ("float32", "float16")
@@ -87,7 +88,7 @@ def resolve_model_ref(ref, *, revision: str | None = None, cache_dir=None,
                         f"(or it is private: log in with `hf auth login`)") from err
     except (EntryNotFoundError, HfHubHTTPError, OSError) as err:
         raise DsmrError(f"{ref}: no such local path, and the Hub repo could not be downloaded "
-                        f"({type(err).__name__}: {_first_line(err)})") from err
+                        f"({first_line(err)})") from err
     folder = Path(folder)
     if not (folder / CONFIG_FILE).is_file() or not (folder / MODEL_FILE).is_file():
         raise DsmrError(f"Hub repo '{ref}'{_rev(revision)} ({folder}) has no {CONFIG_FILE} and {MODEL_FILE}: "
@@ -98,8 +99,6 @@ def resolve_model_ref(ref, *, revision: str | None = None, cache_dir=None,
 def read_model_config(ref, which: str = "best") -> dict:
     """config.json of a model reference (a run or model folder, a weights file, a Hub repo id), without
     loading its weights."""
-    from dsmr.sharing.run_folder import read_config, resolve_weights
-
     _, run_dir = resolve_weights(resolve_model_ref(ref), which)
     return read_config(run_dir)
 
@@ -123,11 +122,6 @@ def _rev(revision) -> str:
     return f" at revision {revision!r}" if revision else ""
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
-
 # ------------------------------------------------------------------------------------- loading, saving
 
 
@@ -137,7 +131,6 @@ def save_pretrained(model, out, config: dict, *, dtype: str = "float32", card: s
     model.safetensors in `dtype` and, when given, README.md. Returns the folder."""
     import torch
 
-    from dsmr.sharing.run_folder import save_weights
 
     if dtype not in DTYPES:
         raise DsmrError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -186,7 +179,6 @@ def license_for(corpus: str | None, license: str | None) -> str:
 def run_figures(run_dir, config: dict, step: int | None, evals=()) -> dict:
     """Figures for the model card: steps and tokens trained, validation PPL (metrics.jsonl), the PPL of
     every `dsmr eval --json` result given, and the schedule."""
-    from dsmr.sharing.run_folder import METRICS_FILE
 
     figures: dict = {"step": step}
     records = []
@@ -353,8 +345,7 @@ def push_to_hub(folder, repo_id: str, *, private: bool = False, token: str | Non
         commit = api.upload_folder(repo_id=repo_id, folder_path=str(folder), allow_patterns=HUB_FILES,
                                    commit_message="dsmr export")
     except Exception as err:  # network errors come as several types (httpx, OSError, HfHubHTTPError)
-        raise DsmrError(f"could not push {folder} to the Hub repo {repo_id} ({type(err).__name__}: "
-                        f"{_first_line(err)}); the exported folder is complete, retry with "
+        raise DsmrError(f"could not push {folder} to the Hub repo {repo_id} ({first_line(err)}); the exported folder is complete, retry with "
                         f"`hf upload {repo_id} {folder}`") from err
     return getattr(commit, "repo_url", None) or f"https://huggingface.co/{repo_id}"
 

@@ -33,6 +33,11 @@ def load_model(ref, device="cpu", *, which: str = "best", revision: Optional[str
     model = DSMR(model_cfg)
     run_folder.load_weights(model, weights)
     tokenizer = tokenizer_from_config(config["tokenizer"])
+    recorded = config.get("tokenizer_hash")
+    if recorded is not None and recorded != tokenizer.config_hash():  # every user of the model gets this check
+        raise DsmrError(f"{where}: its tokenizer (hash {tokenizer.config_hash()[:12]}) is not the one the model was "
+                        f"trained with (hash {recorded[:12]}): restore the run's original config.json, or retrain "
+                        f"with this tokenizer")
     if tokenizer.vocab_size != model.cfg.vocab_size:
         raise DsmrError(f"{where}: tokenizer vocabulary {tokenizer.vocab_size} != model vocab_size "
                         f"{model.cfg.vocab_size}")
