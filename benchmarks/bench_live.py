@@ -86,7 +86,8 @@ def real_time_duet(engine, phrases, wait: float, clock=time.monotonic) -> dict:
     for phrase in phrases:
         start = clock() + 0.05
         events = sorted([(start + s, 1, p, v) for s, e, p, v in phrase] + [(start + e, 0, p, 0) for s, e, p, v in phrase])
-        turn_end = max(t for t, *_ in events) + wait
+        last_event = max(t for t, *_ in events)
+        turn_end = last_event + wait
         answer_seen = False
         while events or engine.answering or clock() < turn_end + 0.5:
             now = clock()
@@ -95,7 +96,9 @@ def real_time_duet(engine, phrases, wait: float, clock=time.monotonic) -> dict:
                 engine.note_on(t, p, v) if on else engine.note_off(t, p)
             for event in engine.poll(clock()):
                 errors.append(clock() - event.time)
-            if not answer_seen and engine.answer_begun:
+            # the answer to the whole phrase (a pause inside a phrase longer than the wait ends the turn there
+            # too; the player's next note takes over that answer, counted in the engine's takeovers)
+            if not answer_seen and not events and engine.answer_begun and engine.answer_started >= last_event:
                 latencies.append(clock() - turn_end)
                 answer_seen = True
             if answer_seen and len(pauses) < len(latencies) and engine.first_note_delay() is not None:
@@ -164,12 +167,16 @@ def jack_round_trip(model: str, phrases, wait: float, seed: int, workdir: Path) 
                 if server.poll() is not None or time.monotonic() > deadline:
                     sys.exit("the JACK dummy server did not start")
                 time.sleep(0.2)
-        live = subprocess.Popen([sys.executable, "-m", "dsmr", "live", model, "--api", "jack", "--virtual",
-                                 "--wait", str(wait), "--seed", str(seed), "--threads", "1", "--record", str(record)],
-                                stderr=subprocess.PIPE, text=True, env=env)
-        line = live.stderr.readline()
-        if "listening on" not in line:
-            sys.exit(f"dsmr live did not start: {line}{live.stderr.read() if live.poll() is not None else ''}")
+        log = workdir / "live.stderr"  # a file, not a pipe: a pipe nobody reads fills up and blocks dsmr live
+        with open(log, "w") as err:
+            live = subprocess.Popen([sys.executable, "-m", "dsmr", "live", model, "--api", "jack", "--virtual",
+                                     "--wait", str(wait), "--seed", str(seed), "--threads", "1",
+                                     "--record", str(record)], stderr=err, text=True, env=env)
+        deadline = time.monotonic() + 120
+        while "listening on" not in log.read_text():
+            if live.poll() is not None or time.monotonic() > deadline:
+                sys.exit(f"dsmr live did not start: {log.read_text()[-2000:]}")
+            time.sleep(0.1)
         sink = next(n for n in midi.get_output_names() if "dsmr in" in n)
         source = next(n for n in midi.get_input_names() if "dsmr out" in n)
         turns = []
@@ -178,9 +185,11 @@ def jack_round_trip(model: str, phrases, wait: float, seed: int, workdir: Path) 
                 start = time.monotonic() + 0.05
                 events = sorted([(start + s, 1, p, v) for s, e, p, v in phrase]
                                 + [(start + e, 0, p, 0) for s, e, p, v in phrase])
+                first_sent = None
                 for when, on, p, v in events:
                     time.sleep(max(0.0, when - time.monotonic()))
                     keys.send(mido.Message("note_on", note=p, velocity=v) if on else mido.Message("note_off", note=p))
+                    first_sent = first_sent or time.monotonic()
                 turn_end = time.monotonic() + wait
                 heard, last = [], time.monotonic()
                 while time.monotonic() < turn_end + 1.0 or time.monotonic() - last < 1.0:
@@ -191,7 +200,7 @@ def jack_round_trip(model: str, phrases, wait: float, seed: int, workdir: Path) 
                     if time.monotonic() > turn_end + 60:
                         break
                     time.sleep(0.0005)
-                turns.append({"turn_end": turn_end, "heard": heard})
+                turns.append({"turn_end": turn_end, "heard": heard, "first_sent": first_sent})
         live.send_signal(signal.SIGINT)
         live.wait(timeout=60)
     finally:
@@ -201,21 +210,17 @@ def jack_round_trip(model: str, phrases, wait: float, seed: int, workdir: Path) 
         server.wait(timeout=10)
     score = symusic.Score(str(record), ttype="second")
     tracks = {t.name: t for t in score.tracks}
-    player = sorted(n.end for n in tracks["player"].notes)
-    player_starts = sorted(n.start for n in tracks["player"].notes)
     model_onsets = sorted(n.start for n in tracks["model"].notes)
+    # the recording's clock starts with the session: align it on the player's first note as sent
+    offset = turns[0]["first_sent"] - min(n.start for n in tracks["player"].notes)
     latencies, jitter = [], []
-    # each answer follows a phrase: its notes are the model's between that turn's end and the next phrase
-    k = 0
-    for i, turn in enumerate(turns):
-        k += len(phrases[i])
-        rec_end = player[k - 1] + wait  # the turn's end in the recording's time
-        nxt = player_starts[k] if k < len(player_starts) else float("inf")
-        onsets = [t for t in model_onsets if rec_end - 0.02 <= t < nxt]
+    for turn in turns:
+        rec_end = turn["turn_end"] - offset  # the turn's end on the recording's clock
+        onsets = [t for t in model_onsets if rec_end - 0.02 <= t < rec_end + 60]
         heard = turn["heard"]
         if not onsets or not heard:
             continue
-        latencies.append(heard[0] - turn["turn_end"] - (onsets[0] - rec_end))
+        latencies.append(heard[0] - turn["turn_end"] - max(0.0, onsets[0] - rec_end))
         n = min(len(onsets), len(heard))
         jitter += [(heard[j] - heard[0]) - (onsets[j] - onsets[0]) for j in range(1, n)]
     return {"turns": len(turns), "turns_answered": len(latencies),
@@ -297,9 +302,12 @@ def main() -> int:
         burner.join(timeout=5)
     report = {
         "model": args.model, "minutes_played": len(phrases) * args.phrase / 60, "duet_seconds": wall,
-        "turns": len(phrases), "answers": engine.stats["answers"], "late_dropped": engine.stats["late_dropped"],
+        "turns": len(phrases), "answers": engine.stats["answers"], "takeovers": engine.stats["takeovers"],
+        "late_dropped": engine.stats["late_dropped"],
         "sent": engine.stats["sent"], "busy_other_core": args.busy,
-        "first_answer_latency_ms": {"p50": 1000 * pct(timing["latencies"], 50), "p99": 1000 * pct(timing["latencies"], 99)},
+        "first_answer_latency_ms": {"p50": 1000 * pct(timing["latencies"], 50), "p99": 1000 * pct(timing["latencies"], 99),
+                                    "max": 1000 * pct(timing["latencies"], 100),
+                                    "each": [round(1000 * x, 2) for x in timing["latencies"]]},
         "model_pause_before_first_note_s": {"p50": pct(timing["pauses"], 50), "p90": pct(timing["pauses"], 90)},
         "send_error_ms": {"p50": 1000 * pct(timing["errors"], 50), "p99": 1000 * pct(timing["errors"], 99),
                           "max": 1000 * pct(timing["errors"], 100)},

@@ -31,7 +31,7 @@ from dsmr.core.files import read_regular
 from dsmr.data.tokenizers.registry import make_tokenizer
 from dsmr.data.tokenizers.performance import PerformanceTokenizer
 from dsmr.data.midi import load_midi
-from midi_factory import write_midi_file
+from tests.midi_factory import write_midi_file
 
 TOK = PerformanceTokenizer()
 
@@ -175,7 +175,7 @@ def test_file_size_limit(tmp_path):
 def _seed_midi() -> bytes:
     import symusic
 
-    from midi_factory import make_score
+    from tests.midi_factory import make_score
 
     score = make_score([(i * 0.13, i * 0.13 + 0.4, 40 + (7 * i) % 40, 30 + i) for i in range(24)],
                        pedals=[(0.5, 1.5), (2.0, None)])

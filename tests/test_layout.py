@@ -132,3 +132,11 @@ def test_help_needs_no_torch():
         proc = subprocess.run([sys.executable, "-c", BLOCK_TORCH, *args], capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, f"dsmr {' '.join(args)}: {proc.stderr[-2000:]}"
         assert "usage: dsmr" in proc.stdout, proc.stdout
+
+
+def test_tests_are_laid_out_like_the_source():
+    """Each folder of tests/ is named after the stage of src/dsmr/ it tests (cross-cutting tests stay at the top)."""
+    tests = Path(__file__).resolve().parent
+    stages = {p.name for p in (SRC / "dsmr").iterdir() if p.is_dir() and (p / "__init__.py").exists()}
+    folders = {p.name for p in tests.iterdir() if p.is_dir() and not p.name.startswith((".", "__"))}
+    assert folders and folders <= stages, f"test folders without a stage of the same name: {sorted(folders - stages)}"

@@ -74,6 +74,7 @@ class LiveEngine(StateFeeding):
         self._order = 0
         self.stats = {"answers": 0, "takeovers": 0, "late_dropped": 0, "sent": 0}
         self.record = {"player": [array("d") for _ in range(4)], "model": [array("d") for _ in range(4)]}
+        self._warm_up()
 
     # ------------------------------------------------------------------------------------------- player
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from dsmr.generation.live.events import Note
+from dsmr.generation.sampling import sample_next
 
 
 class StateFeeding:
@@ -64,3 +65,13 @@ class StateFeeding:
         self.logits = self.decoder.feed(torch.tensor([ids], device=self.decoder.device), last_only=True)
         if self.guard is not None:
             self.guard.feed(ids)
+
+    def _warm_up(self) -> None:
+        """A few sampling steps on a copy of the state, so that the first answer does not pay what torch and
+        the kernels pay on first use. The engine's generator, guard and state are untouched."""
+        saved, generator = self.decoder.snapshot(), torch.Generator(device=self.decoder.device).manual_seed(0)
+        logits = self.logits
+        for _ in range(self.settings.steps_per_poll):
+            ban = self.banned if self.guard is None else self.banned | self.guard.banned()
+            logits = self.decoder.step(sample_next(logits, self.sampling, generator, ban))
+        self.decoder.restore(saved)

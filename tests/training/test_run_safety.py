@@ -23,7 +23,7 @@ from dsmr.sharing.loader import load_model
 from dsmr.cli import main
 from dsmr.errors import DsmrError
 from dsmr.training.trainer import train
-from test_train import tiny
+from tests.training.test_train import tiny
 
 SAVE_CFG = dict(steps=6, save_every=1, log_every=1, val_pieces=1)
 

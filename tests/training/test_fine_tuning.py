@@ -15,10 +15,10 @@ from dsmr.errors import DsmrError
 from dsmr.sharing.hub import read_model_config
 from dsmr.training.trainer import train
 from dsmr.training.config import FINE_TUNING_DEFAULTS, fine_tuning_config
-from tests.test_evaluate import TINY, run_cli
-from tests.test_train import assert_same_run, interrupt_at
+from tests.evaluation.test_evaluate import TINY, run_cli
+from tests.training.test_train import assert_same_run, interrupt_at
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

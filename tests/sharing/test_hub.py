@@ -220,7 +220,7 @@ def test_repo_id_rules(tmp_path):
         with pytest.raises(DsmrError, match="checkpoint not found: runs/typo"):
             load_model("runs/typo")
     finally:
-        os.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        os.chdir(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 
 def test_cli_generate_and_eval_from_a_repo_id_offline(run_dir, tmp_path, bach_cache):

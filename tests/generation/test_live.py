@@ -178,7 +178,7 @@ def test_bad_settings_and_encodings_are_refused():
 
 # ------------------------------------------------------------------------------- real ports (JACK dummy)
 
-REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
+REPO = __import__("pathlib").Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from dsmr.backends.cpu import kernels
 from dsmr.generation import (FusedStep, IncrementalDecoder, Int8WeightLinear, decoding_state_dtype,
                            half_weight_model, int8_weight_model)
 from dsmr.model import DSMR, DSMRConfig
-from tests.test_generate import SEG, streaming_logits, tiny_model
+from tests.generation.test_generate import SEG, streaming_logits, tiny_model
 
 pytestmark = pytest.mark.skipif(not kernels.supported_cpu(), reason="dsmr.backends.cpu.kernels need an x86-64 CPU with AVX2")
 

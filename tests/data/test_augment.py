@@ -17,7 +17,7 @@ from dsmr.data.stream import PieceStream
 from dsmr.data.tokenizers.performance import PerformanceTokenizer
 from dsmr.training.trainer import train
 from tests.midi_factory import make_score
-from tests.test_train import RESUME_CFG, assert_same_run, interrupt_at, tiny
+from tests.training.test_train import RESUME_CFG, assert_same_run, interrupt_at, tiny
 
 NOTES = [(0.0, 0.5, 60, 80), (0.5, 1.0, 64, 64), (0.5, 2.0, 67, 100), (2.0, 2.25, 72, 40)]
 

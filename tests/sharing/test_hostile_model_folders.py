@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from dsmr.sharing.loader import load_model
 from dsmr.cli import main
 from dsmr.errors import DsmrError
-from tests.test_hub import _run
+from tests.sharing.test_hub import _run
 
 
 @pytest.fixture()

@@ -17,7 +17,7 @@ from dsmr.generation import (IncrementalDecoder, SamplingConfig, batch_summary, 
                            generate_batch, half_weight_model)
 from dsmr.model import DSMR, DSMRConfig
 from dsmr.data.tokenizers.performance import PerformanceTokenizer
-from tests.test_generate import SEG, perf_model, perf_tok, streaming_logits, tiny_model  # noqa: F401 (fixtures)
+from tests.generation.test_generate import SEG, perf_model, perf_tok, streaming_logits, tiny_model  # noqa: F401 (fixtures)
 
 
 @pytest.fixture(autouse=True)

@@ -171,7 +171,7 @@ def test_resume_needs_the_same_number_of_processes(bach_cache, two_ranks, tmp_pa
 
 def test_cli_nproc_relaunches_through_torchrun_and_resumes_exactly(bach_cache, two_ranks, one_process, tmp_path):
     steps = json.loads((two_ranks / "result0.json").read_text())["steps"]
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1] / "src"))
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2] / "src"))
     for attempt in (1, 2):
         run = tmp_path / f"run{attempt}"
         shutil.copytree(two_ranks / "run", run)

@@ -11,7 +11,7 @@ import pytest
 import symusic
 
 from dsmr.cli import main
-from midi_factory import tiny_midi
+from tests.midi_factory import tiny_midi
 
 
 @pytest.fixture()

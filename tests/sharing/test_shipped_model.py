@@ -15,7 +15,7 @@ import pytest
 from conftest import REPO
 from dsmr.generation import SamplingConfig, generate
 from dsmr.sharing.loader import load_model
-from midi_factory import tiny_midi
+from tests.midi_factory import tiny_midi
 
 MODELS = [REPO / "models" / name for name in ("maestro-duration-small", "maestro-small")]
 

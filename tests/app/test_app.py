@@ -22,7 +22,7 @@ from conftest import have_audio
 from dsmr.data.tokenizers.registry import make_tokenizer
 from tests.midi_factory import tiny_midi, write_midi_file
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SCREENSHOT = REPO / "docs" / "app.png"  # rewritten only with DSMR_UPDATE_SCREENSHOT=1
 
 

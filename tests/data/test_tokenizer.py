@@ -20,7 +20,7 @@ from dsmr.data.tokenizers.miditok_bridge import MidiTokTokenizer
 from dsmr.data.tokenizers.performance import PerformanceTokenizer
 from dsmr.data.tokenizers.base import Tokenizer
 from dsmr.data.midi import load_midi
-from midi_factory import clean_notes, make_score, make_track, notes, pedals, score_notes, write_midi_file
+from tests.midi_factory import clean_notes, make_score, make_track, notes, pedals, score_notes, write_midi_file
 
 STEP = 0.01
 EPS = 1e-4  # float32 seconds

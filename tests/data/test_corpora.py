@@ -20,7 +20,7 @@ from dsmr.data.sources import SPLITS, SourceFile
 from dsmr.data.corpora import bach_files, corpus_files, folder_files, folder_listing, limit_files, split_by_hash, split_counts
 from dsmr.data.maestro import download_maestro, maestro_files, maestro_listing
 from dsmr.errors import DsmrError
-from midi_factory import tiny_midi
+from tests.midi_factory import tiny_midi
 
 COLUMNS = ["canonical_composer", "canonical_title", "split", "year", "midi_filename", "audio_filename", "duration"]
 
