@@ -242,7 +242,7 @@ class LiveEngine(StateFeeding):
         return min(max(phrase, s.min_answer_seconds), s.max_answer_seconds)
 
     def _begin_answer(self, now: float) -> None:
-        step = self._step(now + self.settings.answer_lead)
+        step = self._step(now)
         for note in self.held.values():  # the pedal or a key still down (a controller ended the turn)
             if self.kind == "lengths":
                 note.end = note.end or max(step, note.onset + 1)  # its length so far, the best estimate now
@@ -259,7 +259,7 @@ class LiveEngine(StateFeeding):
     def _sample_ahead(self, now: float) -> None:
         a = self.answer
         horizon = self._step(now + self.settings.lookahead)
-        for _ in range(self.settings.steps_per_poll if a.sampled else self.settings.first_poll_steps):
+        for _ in range(self.settings.steps_per_poll):
             if a.done or a.clock >= horizon:
                 return
             ban = self.banned
