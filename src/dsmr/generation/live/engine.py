@@ -310,14 +310,11 @@ class LiveEngine(StateFeeding):
                 self._end_pending_note(now, complete=True)
 
     def _end_pending_note(self, now: float, complete: bool) -> None:
-        """Duration encoding: queue the note being written, with its length, or (its length cut short by another
-        event) with its whole seconds so far and one step, as `DurationTokenizer.decode` reads it."""
-        a = self.answer
-        p, onset, secs = a.note
-        a.note = None
-        steps = round(secs * STEPS_PER_SECOND) + (0 if complete else 1)
-        self._model_on(p, onset, a.velocity, now)
-        self._model_off(p, onset + max(1, steps))
+        """Duration encoding: queue the note being written with its length (cut short by another event: its
+        whole seconds so far and one step, as `DurationTokenizer.decode` reads it)."""
+        (p, onset, secs), self.answer.note = self.answer.note, None
+        self._model_on(p, onset, self.answer.velocity, now)
+        self._model_off(p, onset + max(1, round(secs * STEPS_PER_SECOND) + (0 if complete else 1)))
 
     def _model_on(self, pitch: int, step: int, velocity: int, now: float) -> None:
         a = self.answer
@@ -390,8 +387,6 @@ class LiveEngine(StateFeeding):
     def _next_order(self) -> int:
         self._order += 1
         return self._order
-
-    # ------------------------------------------------------------------------------------------- record
 
     def _record(self, part: str, note: Note) -> None:
         for column, value in zip(self.record[part], (note.onset, note.end, note.pitch, note.velocity)):
