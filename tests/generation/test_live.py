@@ -279,3 +279,22 @@ def test_dsmr_live_answers_a_phrase_through_jack_ports(jack_server, tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_the_duration_answer_plays_the_notes_its_events_decode_to(seed):
+    """An untrained model writes events out of grammar (a time shift between a NOTE and its length): the engine
+    reads them as the tokenizer does, so each note is queued at its onset, never late, with the length decode
+    gives it."""
+    m = tiny(ENCODINGS["duration"], seed=seed)
+    e = engine(m, seed=seed, wait=0.6, answer_seconds=10.0)
+    heard, hear = [], e._hear_model
+    e._hear_model = lambda token, now: (heard.append(token), hear(token, now))[1]
+    run(e, 40.0, phrase(0.0))
+    assert e.stats["answers"] == 1 and e.stats["late_dropped"] == 0 and not e.answering
+    decoded = m.tokenizer.decode(heard).tracks[0].notes
+    want = sorted((round(n.start * 100), round(n.duration * 100), n.pitch) for n in decoded)
+    played = e.recording().tracks[1].notes
+    first = min(round(n.start * 100) for n in played)  # the answer's clock against the session's
+    got = sorted((round(n.start * 100) - first + want[0][0], round(n.duration * 100), n.pitch) for n in played)
+    assert len(want) > 3 and got == want

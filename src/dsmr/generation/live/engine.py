@@ -242,7 +242,7 @@ class LiveEngine(StateFeeding):
         return min(max(phrase, s.min_answer_seconds), s.max_answer_seconds)
 
     def _begin_answer(self, now: float) -> None:
-        step = self._step(now)
+        step = self._step(now + self.settings.answer_lead)
         for note in self.held.values():  # the pedal or a key still down (a controller ended the turn)
             if self.kind == "lengths":
                 note.end = note.end or max(step, note.onset + 1)  # its length so far, the best estimate now
@@ -259,7 +259,7 @@ class LiveEngine(StateFeeding):
     def _sample_ahead(self, now: float) -> None:
         a = self.answer
         horizon = self._step(now + self.settings.lookahead)
-        for _ in range(self.settings.steps_per_poll):
+        for _ in range(self.settings.steps_per_poll if a.sampled else self.settings.first_poll_steps):
             if a.done or a.clock >= horizon:
                 return
             ban = self.banned
@@ -276,6 +276,8 @@ class LiveEngine(StateFeeding):
     def _hear_model(self, token: int, now: float) -> None:
         """Turn one sampled event into queued notes on the answer's clock."""
         a, tok = self.answer, self.tokenizer
+        if a.note is not None and tok.length_seconds(token) is None:
+            self._end_pending_note(now, complete=False)  # as the tokenizer reads a NOTE whose length never came
         seconds = tok.event_seconds(token) or 0.0
         if seconds:
             a.clock += round(seconds * STEPS_PER_SECOND)
@@ -305,10 +307,14 @@ class LiveEngine(StateFeeding):
         elif length is not None and a.note is not None:
             a.note[2] += length[0]
             if length[1]:  # the length is complete: the note is known whole
-                p, onset, secs = a.note
-                a.note = None
-                self._model_on(p, onset, a.velocity, now)
-                self._model_off(p, onset + max(1, round(secs * STEPS_PER_SECOND)))
+                self._end_pending_note(now, complete=True)
+
+    def _end_pending_note(self, now: float, complete: bool) -> None:
+        """Duration encoding: queue the note being written with its length (cut short by another event: its
+        whole seconds so far and one step, as `DurationTokenizer.decode` reads it)."""
+        (p, onset, secs), self.answer.note = self.answer.note, None
+        self._model_on(p, onset, self.answer.velocity, now)
+        self._model_off(p, onset + max(1, round(secs * STEPS_PER_SECOND) + (0 if complete else 1)))
 
     def _model_on(self, pitch: int, step: int, velocity: int, now: float) -> None:
         a = self.answer
@@ -381,8 +387,6 @@ class LiveEngine(StateFeeding):
     def _next_order(self) -> int:
         self._order += 1
         return self._order
-
-    # ------------------------------------------------------------------------------------------- record
 
     def _record(self, part: str, note: Note) -> None:
         for column, value in zip(self.record[part], (note.onset, note.end, note.pitch, note.velocity)):

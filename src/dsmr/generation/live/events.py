@@ -22,6 +22,9 @@ class LiveSettings:
     late_tolerance: float = 0.01         # a note-on later than this is dropped
     turn_cc: Optional[int] = None        # a controller whose press (value >= 64) ends the turn at once
     steps_per_poll: int = 32             # sampling steps one `poll` may take (keeps the caller's loop responsive)
+    first_poll_steps: int = 4            # ...and the first poll of an answer: its first event is queued at once
+    answer_lead: float = 0.03            # the answer's clock starts this long after the turn ends, so that its
+                                         # first notes are sampled before they are due (never dropped as late)
 
     def validate(self) -> None:
         problems = []
@@ -31,6 +34,8 @@ class LiveSettings:
         if self.answer_seconds is not None and not self.answer_seconds > 0:
             problems.append(f"answer_seconds must be > 0 (or None: as long as the player's phrase), got "
                             f"{self.answer_seconds}")
+        if not 0 <= self.answer_lead <= 1:
+            problems.append(f"answer_lead must be in [0, 1] seconds, got {self.answer_lead}")
         if not self.late_tolerance >= 0:
             problems.append(f"late_tolerance must be >= 0, got {self.late_tolerance}")
         if self.turn_cc is not None and not 0 <= self.turn_cc <= 127:
