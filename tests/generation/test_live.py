@@ -107,6 +107,29 @@ def test_the_player_takes_over_at_once(model):
     assert [t.name for t in rec.tracks] == ["player", "model"] and rec.tracks[0].note_num() == 9
 
 
+def test_the_answer_is_ready_when_the_turn_ends_and_undone_if_the_player_plays_on(model):
+    """The answer is sampled in the last `prepare_ahead` seconds of the wait, so its first events are queued
+    when the turn ends; a note played in that time undoes it completely: the duet goes on exactly as with an
+    engine that never prepared."""
+    played = phrase(0.0)
+    last = max(t for t, _, _ in played)
+    e = engine(model, wait=0.6, answer_seconds=3.0)
+    run(e, last + 0.55, played)  # 0.05 s before the turn ends
+    assert not e.answering and e.answer.sampled > 0  # begun, not yet the model's turn
+    assert e.next_due() is None or e.next_due() >= last + 0.6  # nothing due before the turn ends
+    again = [(last + 0.56, "on", 70), (last + 0.8, "off", 70)]  # the player plays on after all
+
+    def duet(prepare_ahead):
+        e = engine(model, wait=0.6, answer_seconds=6.0, prepare_ahead=prepare_ahead)
+        sent = run(e, 12.0, played + again)
+        return e, [(round(t, 3), ev.kind, ev.pitch, ev.velocity) for t, ev in sent]
+
+    (prepared, sent), (plain, sent_plain) = duet(0.1), duet(0.0)
+    assert sent == sent_plain and len(sent) >= 2
+    assert prepared.stats == plain.stats and prepared.stats["answers"] == 1 and prepared.stats["takeovers"] == 0
+    assert min(t for t, kind, _, _ in sent if kind == "on") >= last + 0.8 + 0.6 - 1e-9  # after the new turn's end
+
+
 def test_the_same_seed_gives_the_same_answers_and_another_seed_others(model):
     def answers(seed):
         return [(round(ev.time, 3), ev.kind, ev.pitch) for _, ev in run(engine(model, seed=seed, wait=0.5,

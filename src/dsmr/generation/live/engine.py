@@ -5,7 +5,9 @@ each note-on and note-off as it arrives, in the duration encoding each note once
 onset order) -- so the model is always up to date and the past is never encoded again. When the player's
 turn ends (`wait` seconds with no key down and nothing played, or a chosen controller), the model answers
 from everything played so far by both parts: it samples ahead of the clock, at most `lookahead` seconds,
-into a queue of timestamped notes that `poll` hands out when they are due. A note-on that would go out more
+into a queue of timestamped notes that `poll` hands out when they are due. The answer is begun
+`prepare_ahead` seconds before the silence would end the turn, so its first notes are already queued when
+it does; a note played meanwhile undoes it (state, sampler and all). A note-on that would go out more
 than `late_tolerance` late is dropped and counted (never sent late in a burst), and its note-off with it;
 every note the engine started is ended. The player can take over at any moment: the answer stops at once
 (its sounding notes end), the state returns to the answer's start and takes in the answer as it was
@@ -23,7 +25,6 @@ import heapq
 from array import array
 from typing import Optional
 
-import numpy as np
 import torch
 
 from dsmr.errors import DsmrError
@@ -32,7 +33,7 @@ from dsmr.generation.precision import decoding_state_dtype
 from dsmr.generation.sampling import SamplingConfig, banned_mask, sample_next
 from dsmr.generation.note_guard import has_note_lengths, has_note_offs, make_guard
 from dsmr.data.tokenizers.base import STEPS_PER_SECOND
-from dsmr.generation.live.events import LiveSettings, Note, NoteEvent, Answer
+from dsmr.generation.live.events import LiveSettings, Note, NoteEvent, Answer, session_score
 from dsmr.generation.live.feeding import StateFeeding
 
 SUSTAIN = 64  # the sustain pedal's controller
@@ -97,6 +98,8 @@ class LiveEngine(StateFeeding):
             self.pending.append(note)
 
     def note_off(self, t: float, pitch: int) -> None:
+        if self.answer is not None and self.answer.provisional:
+            self._take_over(t)  # the silence was not over: the answer begun for it is undone
         self.last_activity = t
         note = self.held.get(pitch)
         if note is None:
@@ -108,6 +111,8 @@ class LiveEngine(StateFeeding):
         self._end_player_note(note, self._step(t))
 
     def control(self, t: float, number: int, value: int) -> None:
+        if number in (SUSTAIN, self.settings.turn_cc) and self.answer is not None and self.answer.provisional:
+            self._take_over(t)  # the pedal holds the turn open, or the controller ends it now
         if number == SUSTAIN:
             down = value >= 64
             if self.pedal and not down:  # the pedal lifts: the notes it held end now
@@ -134,10 +139,13 @@ class LiveEngine(StateFeeding):
     def poll(self, now: float) -> list[NoteEvent]:
         """Advance to `now`: end the player's turn when it is over, sample the answer ahead of the clock, and
         return the events due to be sent now (late note-ons dropped)."""
-        if self.answer is None and self._turn_over(now):
-            self._begin_answer(now)
-        if self.answer is not None:
-            self._sample_ahead(now)
+        if self.answer is None and self._turn_over(now, ahead=self.settings.prepare_ahead):
+            turn_end = self.last_activity + self.settings.wait
+            self._begin_answer(max(now, turn_end), provisional=now < turn_end)
+        a = self.answer
+        if a is not None:
+            a.provisional = a.provisional and now < a.start
+            self._sample_ahead(max(now, a.start))
         due = []
         while self.queue and self.queue[0].time <= now:
             event = heapq.heappop(self.queue)
@@ -160,7 +168,7 @@ class LiveEngine(StateFeeding):
                 self._record("model", note)
             self.stats["sent"] += 1
             due.append(event)
-        if self.answer is not None and self.answer.done and not self.queue:
+        if self.answer is not None and self.answer.done and not self.queue and not self.answer.provisional:
             self.answer = None
         return due
 
@@ -185,54 +193,43 @@ class LiveEngine(StateFeeding):
 
     @property
     def answering(self) -> bool:
-        return self.answer is not None
+        """Whether the model has the turn (an answer begun ahead of the turn's end does not count yet)."""
+        return self.answer is not None and not self.answer.provisional
 
     @property
     def answer_started(self) -> Optional[float]:
         """When the current answer's turn began (None: listening)."""
-        return self.answer.start if self.answer is not None else None
+        return self.answer.start if self.answering else None
 
     @property
     def answer_queued(self) -> bool:
         """Whether the current answer has queued a note yet."""
-        return self.answer is not None and bool(self.answer.notes)
+        return self.answering and bool(self.answer.notes)
 
     @property
     def answer_begun(self) -> bool:
         """Whether the current answer has sampled its first event (a note, or the pause before one)."""
-        return self.answer is not None and self.answer.sampled > 0
+        return self.answering and self.answer.sampled > 0
 
     def first_note_delay(self) -> Optional[float]:
         """Seconds of music from the end of the turn to the current answer's first note (the model's own
         pause; None before it has one)."""
         a = self.answer
-        return None if a is None or not a.notes else (a.notes[0].onset - a.start_step) / STEPS_PER_SECOND
+        return None if not self.answering or not a.notes else (a.notes[0].onset - a.start_step) / STEPS_PER_SECOND
 
     def state_bytes(self) -> int:
         return self.decoder.state_bytes()
 
     def recording(self):
         """The session so far as a symusic Score (seconds): the player's notes and the model's, two tracks."""
-        import symusic
-
-        score = symusic.Score(480, ttype="second")
-        score.tempos.append(symusic.Tempo(0.0, qpm=120.0, ttype="second"))
-        for name, program in (("player", 0), ("model", 0)):
-            onset, end, pitch, velocity = (np.frombuffer(a, dtype=np.float64) for a in self.record[name])
-            track = symusic.Track(name, program=program, ttype="second")
-            if onset.size:
-                track.notes = symusic.Note.from_numpy(
-                    (onset / STEPS_PER_SECOND).astype(np.float32), ((end - onset) / STEPS_PER_SECOND).astype(np.float32),
-                    pitch.astype(np.int8), velocity.astype(np.int8), ttype="second")
-                track.notes.sort()
-            score.tracks.append(track)
-        return score
+        return session_score(self.record)
 
     # ------------------------------------------------------------------------------------ turn taking
 
-    def _turn_over(self, now: float) -> bool:
+    def _turn_over(self, now: float, ahead: float = 0.0) -> bool:
+        """Whether the player's silence has lasted the wait (`ahead`: or will, that many seconds from now)."""
         return (self.phrase_start is not None and not self.held and not self.pedal
-                and now - self.last_activity >= self.settings.wait)
+                and now - self.last_activity >= self.settings.wait - ahead)
 
     def _answer_length(self, now: float) -> float:
         s = self.settings
@@ -241,18 +238,22 @@ class LiveEngine(StateFeeding):
         phrase = (self.last_activity or now) - (self.phrase_start or now)
         return min(max(phrase, s.min_answer_seconds), s.max_answer_seconds)
 
-    def _begin_answer(self, now: float) -> None:
+    def _begin_answer(self, now: float, provisional: bool = False) -> None:
+        """The model's turn from `now` (`provisional`: the turn ends at `now`, still to come, unless the player
+        plays first; its first events are sampled meanwhile, so the turn's end costs no computing)."""
         step = self._step(now + self.settings.answer_lead)
         for note in self.held.values():  # the pedal or a key still down (a controller ended the turn)
             if self.kind == "lengths":
                 note.end = note.end or max(step, note.onset + 1)  # its length so far, the best estimate now
         self._flush_pending(force=True)
+        before = dict(decoder=self.decoder.snapshot(), guard=copy.deepcopy(self.guard), logits=self.logits.clone(),
+                      bin=self.bin, fed_step=self.fed_step, phrase_start=self.phrase_start,
+                      generator=self.generator.get_state())
         self._feed(self.tokenizer.shift_ids(step - self.fed_step))
         self.fed_step = step
         self.answer = Answer(start=now, start_step=step, end_step=step + round(self._answer_length(now) * 100),
-                              snapshot=self.decoder.snapshot(), guard=copy.deepcopy(self.guard),
-                              logits=self.logits.clone(), bin=self.bin,
-                              velocity=self.tokenizer.velocity_of(self.bin) if self.bin is not None else 64)
+                             before=before, provisional=provisional,
+                             velocity=self.tokenizer.velocity_of(self.bin) if self.bin is not None else 64)
         self.phrase_start = None
         self.stats["answers"] += 1
 
@@ -352,21 +353,17 @@ class LiveEngine(StateFeeding):
             note.end = min(note.end if note.end is not None else step, step)
         self.queue = self._silence_model(t)  # nothing of the answer after t: only the note-offs of what sounds
         heapq.heapify(self.queue)
-        self.decoder.restore(a.snapshot)
-        self.guard, self.logits, self.bin, self.fed_step = a.guard, a.logits, a.bin, a.start_step
+        b = a.before
+        self.decoder.restore(b["decoder"])
+        self.guard, self.logits, self.bin, self.fed_step = b["guard"], b["logits"], b["bin"], b["fed_step"]
         self._replay(heard)
         self.answer = None
-        self.stats["takeovers"] += 1
-
-    def _replay(self, notes: list[Note]) -> None:
-        """Feed the model's notes as they sounded, in the stream's own encoding."""
-        if self.kind == "lengths":
-            for note in sorted(notes, key=lambda n: (n.onset, n.pitch)):
-                self._feed_note(note)
-            return
-        events = sorted([(n.onset, 1, n.pitch, n.velocity) for n in notes] + [(n.end, 0, n.pitch, 0) for n in notes])
-        for step, is_on, pitch, velocity in events:
-            self._feed_event(step, "on" if is_on else "off", pitch, velocity)
+        if a.provisional:  # begun ahead of a turn's end that did not come: as if it never was
+            self.generator.set_state(b["generator"])
+            self.phrase_start = b["phrase_start"]
+            self.stats["answers"] -= 1
+        else:
+            self.stats["takeovers"] += 1
 
     def _silence_model(self, t: float) -> list[NoteEvent]:
         """Note-offs at `t` for every model note that went out and has not ended (each cut there)."""

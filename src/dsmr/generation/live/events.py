@@ -7,8 +7,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-import torch
-
 from dsmr.errors import DsmrError
 
 
@@ -25,6 +23,8 @@ class LiveSettings:
     first_poll_steps: int = 4            # ...and the first poll of an answer: its first event is queued at once
     answer_lead: float = 0.03            # the answer's clock starts this long after the turn ends, so that its
                                          # first notes are sampled before they are due (never dropped as late)
+    prepare_ahead: float = 0.1           # the answer is begun (sampled ahead, nothing sent) this long before the
+                                         # silence would end the turn; the player's next note undoes it
 
     def validate(self) -> None:
         problems = []
@@ -34,8 +34,9 @@ class LiveSettings:
         if self.answer_seconds is not None and not self.answer_seconds > 0:
             problems.append(f"answer_seconds must be > 0 (or None: as long as the player's phrase), got "
                             f"{self.answer_seconds}")
-        if not 0 <= self.answer_lead <= 1:
-            problems.append(f"answer_lead must be in [0, 1] seconds, got {self.answer_lead}")
+        for name in ("answer_lead", "prepare_ahead"):
+            if not 0 <= getattr(self, name) <= 1:
+                problems.append(f"{name} must be in [0, 1] seconds, got {getattr(self, name)}")
         if not self.late_tolerance >= 0:
             problems.append(f"late_tolerance must be >= 0, got {self.late_tolerance}")
         if self.turn_cc is not None and not 0 <= self.turn_cc <= 127:
@@ -70,10 +71,9 @@ class Answer:
     start: float                      # when the turn ended (caller's clock)
     start_step: int
     end_step: int
-    snapshot: dict                    # the decoder at the answer's start (a takeover returns to it)
-    guard: object
-    logits: torch.Tensor
-    bin: Optional[int]
+    before: dict                      # the stream before the answer (decoder, guard, logits, bin, fed_step,
+                                      # phrase_start, generator): a takeover returns to it
+    provisional: bool = False         # begun before the turn's end: nothing of it goes out until `start`
     clock: int = -1                   # the answer's clock in steps (set in __post_init__)
     velocity: int = 64
     done: bool = False
@@ -84,3 +84,25 @@ class Answer:
 
     def __post_init__(self):
         self.clock = self.start_step
+
+
+def session_score(record: dict):
+    """A session's notes (`LiveEngine.record`: per part, columns onset, end, pitch, velocity in 10-ms steps)
+    as a symusic Score in seconds, one track per part."""
+    import numpy as np
+    import symusic
+
+    from dsmr.data.tokenizers.base import STEPS_PER_SECOND
+
+    score = symusic.Score(480, ttype="second")
+    score.tempos.append(symusic.Tempo(0.0, qpm=120.0, ttype="second"))
+    for name in ("player", "model"):
+        onset, end, pitch, velocity = (np.frombuffer(a, dtype=np.float64) for a in record[name])
+        track = symusic.Track(name, program=0, ttype="second")
+        if onset.size:
+            track.notes = symusic.Note.from_numpy(
+                (onset / STEPS_PER_SECOND).astype(np.float32), ((end - onset) / STEPS_PER_SECOND).astype(np.float32),
+                pitch.astype(np.int8), velocity.astype(np.int8), ttype="second")
+            track.notes.sort()
+        score.tracks.append(track)
+    return score

@@ -59,6 +59,16 @@ class StateFeeding:
                 continue
             self._feed_note(note)
 
+    def _replay(self, notes: list[Note]) -> None:
+        """Feed the model's notes as they sounded, in the stream's own encoding."""
+        if self.kind == "lengths":
+            for note in sorted(notes, key=lambda n: (n.onset, n.pitch)):
+                self._feed_note(note)
+            return
+        events = sorted([(n.onset, 1, n.pitch, n.velocity) for n in notes] + [(n.end, 0, n.pitch, 0) for n in notes])
+        for step, is_on, pitch, velocity in events:
+            self._feed_event(step, "on" if is_on else "off", pitch, velocity)
+
     def _feed(self, ids: list[int]) -> None:
         if not ids:
             return
