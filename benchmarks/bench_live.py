@@ -5,9 +5,10 @@ each phrase the model answers for as long (`dsmr live`'s default), then the play
 loop is `dsmr.generation.live.ports.run_duet`'s, with the player's events injected at their times instead of read from a
 port, and every answer event "sent" (its send time recorded) instead of written to one. Reported:
 
-* from the end of the player's turn (last key up + --wait) to the answer's first event sampled and queued
-  (a note, or the pause the model chose before one): p50, p99 -- what the computer adds; and, apart, the
-  model's own pause before its first note (music time);
+* from the end of the player's turn (last key up + --wait) to the engine's answer begun with its first event
+  sampled and queued (a note, or the pause the model chose before one; the engine samples them in the
+  wait's last `prepare_ahead` seconds, so this is the loop's reaction): p50, p99 -- what the computer adds;
+  and, apart, the model's own pause before its first note (music time);
 * each sent event's time against its scheduled time: p50, p99 (absolute);
 * note-ons dropped as late;
 * the process's RSS before and after, and over an hour of duet on a fast simulated clock (`--hour`: the same
