@@ -117,6 +117,7 @@ def test_the_answer_is_ready_when_the_turn_ends_and_undone_if_the_player_plays_o
     run(e, last + 0.55, played)  # 0.05 s before the turn ends
     assert not e.answering and e.answer.sampled > 0  # begun, not yet the model's turn
     assert e.next_due() is None or e.next_due() >= last + 0.6  # nothing due before the turn ends
+    assert e.stop(last + 0.55) == [] and e.stats["answers"] == 0  # stopped then: no answer was given
     again = [(last + 0.56, "on", 70), (last + 0.8, "off", 70)]  # the player plays on after all
 
     def duet(prepare_ahead):

@@ -183,6 +183,8 @@ class LiveEngine(StateFeeding):
         for event in offs:
             self._record("model", self.sounding.pop(event.pitch))
         self.queue.clear()
+        if self.answer is not None and self.answer.provisional:
+            self.stats["answers"] -= 1  # begun ahead of a turn's end that never came
         self.answer = None
         step = self._step(now)
         for note in list(self.held.values()):
