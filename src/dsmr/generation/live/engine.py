@@ -182,9 +182,9 @@ class LiveEngine(StateFeeding):
         offs = self._silence_model(now)
         for event in offs:
             self._record("model", self.sounding.pop(event.pitch))
-        self.queue.clear()
         if self.answer is not None and self.answer.provisional:
-            self.stats["answers"] -= 1  # begun ahead of a turn's end that never came
+            self._take_over(now)  # begun ahead of a turn's end that never came: undone, not counted
+        self.queue.clear()
         self.answer = None
         step = self._step(now)
         for note in list(self.held.values()):
